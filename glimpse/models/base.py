@@ -1,0 +1,174 @@
+"""The family-agnostic model driver: vision encode -> embedding merge -> M-RoPE -> decoder -> logits.
+
+A family module (glm4v.py, qwen2_5_vl.py) subclasses `VisionLanguageModel` and supplies
+the vision tower, the decoder and its position rule; this file turns those into the small
+public API: `compute_logits` (one sequence, every position) and `greedy` (plain KV cache).
+Inputs use the HF processor's key names so processor output can be passed straight in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glimpse.models.layers import ContiguousKVCache, KVCache
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class MultimodalInputs:
+    """One sequence's media tensors, in the HF processor's layout."""
+
+    pixel_values: torch.Tensor | None = None  # [N_patches, C*Tp*P*P]
+    image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None  # [num_videos, 3]
+    second_per_grid_ts: torch.Tensor | None = None  # [num_videos] (Qwen2.5-VL only)
+
+
+class VisionLanguageModel(nn.Module):
+    """Base class; families implement the abstract hooks below.
+
+    Parameter names follow HF's current layout (`model.visual.*`, `model.language_model.*`,
+    `lm_head.*`) so that loading is a direct name match.
+    """
+
+    family: str = ""
+
+    # ---- hooks a family implements -------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N_patches, C*Tp*P*P], [num_images, 3] -> [sum(t*h*w/m^2), hidden] in item order."""
+        raise NotImplementedError
+
+    def encode_videos(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mm_token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [T] int: 0 text, 1 image embedding slot, 2 video embedding slot."""
+        raise NotImplementedError
+
+    def mrope_positions(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> tuple[torch.Tensor, int]:
+        """[T] ids -> ([3, T] positions, mrope_delta) for the whole prompt."""
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """[T, hidden] embeddings, [3, T] positions -> [T, hidden] final-normed hidden states."""
+        raise NotImplementedError
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_decoder_layers(self) -> int:
+        raise NotImplementedError
+
+    # ---- shared driver ------------------------------------------------------------
+    def embed_multimodal(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> torch.Tensor:
+        """Token embeddings with each placeholder slot replaced by its vision embedding, in order."""
+        embeds = self.embed_tokens(input_ids)
+        types = self.mm_token_types(input_ids)
+        for kind, pixels, grid, encode in (
+            (IMAGE, mm.pixel_values, mm.image_grid_thw, self.encode_images),
+            (VIDEO, mm.pixel_values_videos, mm.video_grid_thw, self.encode_videos),
+        ):
+            slots = types == kind
+            n_slots = int(slots.sum())
+            if pixels is None:
+                if n_slots:
+                    raise ValueError(f"prompt has {n_slots} {_kind_name(kind)} placeholder tokens but no pixels")
+                continue
+            feats = encode(pixels, grid)
+            if feats.shape[0] != n_slots:
+                raise ValueError(
+                    f"{_kind_name(kind)} placeholders ({n_slots} tokens) do not match the "
+                    f"{feats.shape[0]} embeddings of the given grids"
+                )
+            embeds[slots] = feats.to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def compute_logits(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position of one sequence: [T] (or [1, T]) ids -> [T, vocab] float32."""
+        input_ids = _flat_ids(input_ids, self.device)
+        mm = self._mm(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts)
+        embeds = self.embed_multimodal(input_ids, mm)
+        positions, _ = self.mrope_positions(input_ids, mm)
+        hidden = self.decode(embeds, positions.to(self.device), ContiguousKVCache(self.num_decoder_layers))
+        return self.lm_logits(hidden).float()
+
+    @torch.inference_mode()
+    def greedy(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> list[int]:
+        """Greedy decoding with a plain KV cache; returns only the new token ids."""
+        input_ids = _flat_ids(input_ids, self.device)
+        mm = self._mm(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts)
+        kv = ContiguousKVCache(self.num_decoder_layers)
+        embeds = self.embed_multimodal(input_ids, mm)
+        positions, delta = self.mrope_positions(input_ids, mm)
+        hidden = self.decode(embeds, positions.to(self.device), kv)
+        out: list[int] = []
+        next_id = int(self.lm_logits(hidden[-1:]).argmax(-1))
+        while True:
+            out.append(next_id)
+            if len(out) >= max_new_tokens or next_id in eos_token_ids:
+                return out
+            pos = kv.seq_len + delta
+            positions = torch.full((3, 1), pos, dtype=torch.long, device=self.device)
+            ids = torch.tensor([next_id], device=self.device)
+            hidden = self.decode(self.embed_tokens(ids), positions, kv)
+            next_id = int(self.lm_logits(hidden).argmax(-1))
+
+    # ---- helpers ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _mm(self, pv, igrid, pvv, vgrid, spg) -> MultimodalInputs:
+        dev = self.device
+        return MultimodalInputs(
+            pixel_values=None if pv is None else pv.to(dev),
+            image_grid_thw=None if igrid is None else igrid.to(dev).long(),
+            pixel_values_videos=None if pvv is None else pvv.to(dev),
+            video_grid_thw=None if vgrid is None else vgrid.to(dev).long(),
+            second_per_grid_ts=None if spg is None else torch.as_tensor(spg, dtype=torch.float32),
+        )
+
+
+def _flat_ids(input_ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"compute_logits takes one sequence, got a batch of {ids.shape[0]}")
+        ids = ids[0]
+    return ids.to(device)
+
+
+def _kind_name(kind: int) -> str:
+    return {IMAGE: "image", VIDEO: "video"}[kind]
