@@ -1,0 +1,173 @@
+"""Weight loading: HF checkpoint folder -> a family model with every tensor accounted for.
+
+Reads a single safetensors file or an indexed set of shards, renames the older HF layout
+(`model.*` / `visual.*`) to the current one (`model.language_model.*` / `model.visual.*`),
+casts to the requested dtype and assigns into a model built on the meta device. A missing,
+unexpected, duplicated, mis-shaped, truncated or corrupt tensor is a `CheckpointError`
+that names it; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from glimpse.config import ModelConfig, load_config
+from glimpse.errors import CheckpointError
+from glimpse.models.base import VisionLanguageModel
+
+_MODEL_CLASSES = {"glm4v": ("glimpse.models.glm4v", "Glm4vModel"), "qwen2_5_vl": ("glimpse.models.qwen2_5_vl", "Qwen2_5_VLModel")}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadReport:
+    """Which file each checkpoint tensor came from (checkpoint name -> file), and how it was renamed."""
+
+    source: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+
+
+def model_class(config: ModelConfig) -> type[VisionLanguageModel]:
+    module, name = _MODEL_CLASSES[config.family]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    load_format: str = "auto",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **model_kwargs,
+) -> VisionLanguageModel:
+    """Build the family model for `path` and fill its weights.
+
+    load_format: "auto"/"safetensors" reads the folder's safetensors; "dummy" makes seeded
+    random weights from config.json alone (for benchmarks without weights).
+    model_kwargs go to the family class (e.g. `video_position_rule` for Qwen2.5-VL).
+    """
+    config = load_config(path)
+    torch_dtype = resolve_dtype(dtype)
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format {load_format!r} is not supported; use auto, safetensors or dummy")
+    with torch.device("meta"):
+        model = model_class(config)(config.hf_config, **model_kwargs)
+    if load_format == "dummy":
+        _fill_dummy(model, config, seed, torch_dtype, device)
+    else:
+        load_weights(model, config.path, torch_dtype, device)
+    model.glimpse_config = config
+    return model.eval()
+
+
+def load_weights(
+    model: VisionLanguageModel, path: Path, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> LoadReport:
+    """Read every tensor of the folder into `model` (built on meta); returns where each came from."""
+    expected = dict(model.state_dict())
+    tied = _tied_names(model)
+    for name in tied:
+        expected.pop(name, None)
+    report = LoadReport()
+    state: dict[str, torch.Tensor] = {}
+    for file, names in _checkpoint_files(path).items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys()) if names is None else names
+                for key in keys:
+                    target = current_name(key)
+                    if key in report.source:
+                        raise CheckpointError(f"tensor {key} appears in both {report.source[key]} and {file.name}")
+                    if target not in expected:
+                        raise CheckpointError(
+                            f"{file.name}: unexpected tensor {key} (no parameter {target} in {type(model).__name__})"
+                        )
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[target].shape):
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(expected[target].shape)}"
+                        )
+                    state[target] = tensor.to(device=device, dtype=dtype)
+                    report.source[key] = file.name
+                    if target != key:
+                        report.renamed[key] = target
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{file} is truncated or corrupt: {e}") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise CheckpointError(f"{path}: missing tensors: {shown}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return report
+
+
+def current_name(name: str) -> str:
+    """Older HF layout -> current: `model.X` -> `model.language_model.X`, `visual.X` -> `model.visual.X`."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + name[len("model.") :]
+    return name
+
+
+def _tied_names(model: VisionLanguageModel) -> set[str]:
+    cfg = getattr(model, "config", None)
+    tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    return {"lm_head.weight"} if tie else set()
+
+
+def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
+    """safetensors files to read -> the tensor names the index assigns them (None: all)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        files: dict[Path, list[str] | None] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(path / fname, []).append(name)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index.name} names {file.name}, which is not in {path}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return {single: None}
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path} has no safetensors weights (use load_format='dummy' for random weights)")
+    return dict.fromkeys(found)
+
+
+def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtype: torch.dtype, device) -> None:
+    from glimpse.testing.checkpoints import _init_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = config.hf_config.get_text_config().hidden_size
+    state = {}
+    for name, p in sorted(model.state_dict().items()):
+        if name in _tied_names(model):
+            continue
+        state[name] = _init_tensor(name, tuple(p.shape), gen, hidden).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if _tied_names(model):
+        model.tie_weights()

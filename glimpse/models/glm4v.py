@@ -1,0 +1,480 @@
+"""Steps 5-8 for the GLM-V family: glm4v (GLM-4.1V), glm46v (GLM-4.6V-Flash) and glmga, dense GLM4 text tower.
+
+Vision encoder: pixel_values [N_patches, C*Tp*P*P] + grid_thw [items, 3] -> [N_patches / m^2, H_text],
+every frame (t row) being its own attention segment. Decoder: inputs_embeds [T, H] + M-RoPE
+positions [3, T] -> final-normed hidden [T, H] -> logits [T, vocab]. Parameter names equal HF
+5.23's state dict (`model.visual.*`, `model.language_model.*`, `lm_head.weight`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glimpse.errors import CheckpointError, InvalidInputError, PromptError
+from glimpse.models.base import MultimodalInputs, VisionLanguageModel
+from glimpse.models.layers import KVCache, RMSNorm, rotate_half, rotate_interleaved, segment_attention
+from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
+
+# ----------------------------------------------------------------------------------------
+# Family check: which HF configs this file serves
+# ----------------------------------------------------------------------------------------
+
+MODEL_TYPES = ("glm4v", "glm46v", "glmga")
+DENSE_TEXT_TYPES = ("glm4v_text",)
+
+
+def check_config(config) -> None:
+    """Refuse configs this file cannot run exactly, naming the key to look at."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"config.model_type {model_type!r} is not served by glm4v.py (serves {MODEL_TYPES})")
+    text_type = getattr(config.text_config, "model_type", None)
+    if text_type not in DENSE_TEXT_TYPES:
+        raise CheckpointError(
+            f"{model_type}: text_config.model_type {text_type!r} is not supported yet "
+            f"(only the dense {DENSE_TEXT_TYPES} tower; GLM-4.5V/4.6V MoE towers come later)"
+        )
+    tc = config.text_config
+    rope = tc.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{model_type}: text rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    rd = text_rotary_dim(tc)
+    section = list(rope.get("mrope_section", [8, 12, 12]))
+    if sum(section) * 2 != rd:
+        raise CheckpointError(
+            f"{model_type}: text_config.rope_parameters.mrope_section {section} sums to {sum(section)} but the "
+            f"rotary dim is {rd} (head_dim {head_dim} x partial_rotary_factor "
+            f"{rope.get('partial_rotary_factor', 1.0)}); GLM-4.1V checkpoints set partial_rotary_factor 0.5"
+        )
+    if getattr(tc, "head_dim", None) not in (None, head_dim):
+        raise CheckpointError(
+            f"{model_type}: text_config.head_dim {tc.head_dim} != hidden_size/num_attention_heads {head_dim}; "
+            "HF's glm4v attention ignores head_dim, so such a checkpoint has no defined behaviour"
+        )
+    rope_v = config.vision_config.rope_parameters or {}
+    if rope_v.get("rope_type", "axial") != "axial":
+        raise CheckpointError(f"{model_type}: vision rope_type {rope_v.get('rope_type')!r} is not supported")
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "silu":
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    raise CheckpointError(f"hidden_act {name!r} is not supported (supported: 'silu', 'gelu')")
+
+
+# ----------------------------------------------------------------------------------------
+# Per-grid tables (pure functions of the grid, safe to cache by (h, w))
+# ----------------------------------------------------------------------------------------
+
+
+def merge_order_coords(h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) patch coordinates of one frame [h*w] each, in the processor's merge-block order."""
+    ys = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
+    xs = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+    # rows of pixel_values walk (block row, block col, in-block row, in-block col)
+    return ys.permute(0, 2, 1, 3).reshape(-1), xs.permute(0, 2, 1, 3).reshape(-1)
+
+
+def vision_rotary_cos_sin(h: int, w: int, merge: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary tables of one frame, fp32 [h*w, head_dim]: angles [y*inv, x*inv, y*inv, x*inv]."""
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+    ys, xs = merge_order_coords(h, w, merge)
+    angles = torch.cat([ys[:, None].float() * inv_freq, xs[:, None].float() * inv_freq], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def bicubic_axis_matrix(size: int, side: int) -> torch.Tensor:
+    """fp32 [size, side] resampling matrix equal to HF's `F.grid_sample(bicubic, border, align_corners=False)`.
+
+    Row i holds the Keys (a=-0.75) weights of output cell i over the `side` table cells; taps
+    past the border are clamped onto the edge cell (weights from the unclamped distance), as
+    grid_sample's border padding does. Arithmetic follows HF's normalisation and grid_sample's
+    unnormalisation step by step in fp32.
+    """
+    coord = ((torch.arange(size) + 0.5) / float(size)) * 2 - 1  # HF's grid value in [-1, 1]
+    src = ((coord + 1) * side - 1) / 2  # grid_sample's source pixel
+    base = torch.floor(src)
+    t = src - base
+    a = -0.75
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    t2 = 1 - t
+    weights = torch.stack([far(t + 1), near(t), near(t2), far(t2 + 1)], dim=1)
+    taps = (base.long()[:, None] + torch.arange(-1, 3)).clamp(0, side - 1)
+    return torch.zeros(size, side).scatter_add_(1, taps, weights)
+
+
+def frame_segments(grid_thw: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens int32 [frames+1]: one attention segment of h*w patches per frame of every item."""
+    seqlens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# Vision tower
+# ----------------------------------------------------------------------------------------
+
+
+class Glm4vVisionPatchEmbed(nn.Module):
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.patch_shape = (vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size)
+        kernel = self.patch_shape[1:]
+        self.proj = nn.Conv3d(vc.in_channels, vc.hidden_size, kernel_size=kernel, stride=kernel)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.to(self.proj.weight.dtype).view(-1, *self.patch_shape)
+        return self.proj(x).view(x.shape[0], -1)
+
+
+class Glm4vVisionEmbeddings(nn.Module):
+    """Learned S x S position table, resampled bicubically to each frame's (h, w) grid in fp32."""
+
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.side = vc.image_size // vc.patch_size
+        self.merge = vc.spatial_merge_size
+        self.position_embedding = nn.Embedding(self.side * self.side, vc.hidden_size)
+
+    def forward(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        weight = self.position_embedding.weight
+        table = weight.float().view(self.side, self.side, -1)  # [y, x, C]
+        m, per_item, done = self.merge, [], {}
+        for t, h, w in grid_thw.tolist():
+            if (h, w) not in done:
+                wy = bicubic_axis_matrix(h, self.side).to(table.device)
+                wx = bicubic_axis_matrix(w, self.side).to(table.device)
+                along_x = torch.matmul(wx, table)  # [S, w, C]
+                grid = (wy @ along_x.flatten(1)).view(h, w, -1)
+                grid = grid.view(h // m, m, w // m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+                done[(h, w)] = grid.to(weight.dtype)
+            per_item.append(done[(h, w)].repeat(t, 1))
+        return x + torch.cat(per_item).to(x.device)
+
+
+class Glm4vVisionAttention(nn.Module):
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.num_heads = vc.num_heads
+        self.qkv = nn.Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
+        self.proj = nn.Linear(vc.hidden_size, vc.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
+        q, k = _vision_rotary(q, cos, sin), _vision_rotary(k, cos, sin)
+        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
+
+
+def _vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotation over the full head dim, in fp32 as HF does, cast back to x's dtype."""
+    xf = x.float()
+    return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
+
+
+class Glm4vVisionMlp(nn.Module):
+    """SwiGLU whose width is out_hidden_size (not intermediate_size), no bias."""
+
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(vc.hidden_size, vc.out_hidden_size, bias=False)
+        self.up_proj = nn.Linear(vc.hidden_size, vc.out_hidden_size, bias=False)
+        self.down_proj = nn.Linear(vc.out_hidden_size, vc.hidden_size, bias=False)
+        self.act = activation(vc.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Glm4vVisionBlock(nn.Module):
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
+        self.norm2 = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
+        self.attn = Glm4vVisionAttention(vc)
+        self.mlp = Glm4vVisionMlp(vc)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class Glm4vVisionPatchMerger(nn.Module):
+    """proj -> LayerNorm -> exact GELU -> SwiGLU (context width = vision intermediate_size)."""
+
+    def __init__(self, dim: int, context_dim: int, hidden_act: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim)
+        self.gate_proj = nn.Linear(dim, context_dim, bias=False)
+        self.up_proj = nn.Linear(dim, context_dim, bias=False)
+        self.down_proj = nn.Linear(context_dim, dim, bias=False)
+        self.act = activation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Glm4vVisionModel(nn.Module):
+    """[N_patches, C*Tp*P*P] + grid_thw [items, 3] -> [N_patches / m^2, out_hidden_size]."""
+
+    def __init__(self, vc) -> None:
+        super().__init__()
+        self.merge = vc.spatial_merge_size
+        self.head_dim = vc.hidden_size // vc.num_heads
+        self.theta = float((vc.rope_parameters or {}).get("rope_theta", 10000.0))
+        self.patch_embed = Glm4vVisionPatchEmbed(vc)
+        self.post_conv_layernorm = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
+        self.embeddings = Glm4vVisionEmbeddings(vc)
+        self.blocks = nn.ModuleList(Glm4vVisionBlock(vc) for _ in range(vc.depth))
+        self.post_layernorm = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
+        self.downsample = nn.Conv2d(vc.hidden_size, vc.out_hidden_size, kernel_size=self.merge, stride=self.merge)
+        self.merger = Glm4vVisionPatchMerger(vc.out_hidden_size, vc.intermediate_size, vc.hidden_act)
+
+    def rotary(self, grid_thw: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin, done = [], [], {}
+        for t, h, w in grid_thw.tolist():
+            if (h, w) not in done:
+                done[(h, w)] = vision_rotary_cos_sin(h, w, self.merge, self.head_dim, self.theta)
+            c, s = done[(h, w)]
+            cos.append(c.repeat(t, 1))
+            sin.append(s.repeat(t, 1))
+        return torch.cat(cos).to(device), torch.cat(sin).to(device)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid_thw = grid_thw.cpu()
+        x = self.post_conv_layernorm(self.patch_embed(pixel_values))
+        x = self.embeddings(x, grid_thw)
+        cos, sin = self.rotary(grid_thw, x.device)
+        cu_seqlens = frame_segments(grid_thw).to(x.device)
+        for block in self.blocks:
+            x = block(x, cu_seqlens, cos, sin)
+        x = self.post_layernorm(x)
+        # rows 4i..4i+3 are one merge block in (row, col) order, i.e. the 2x2 conv window
+        x = x.view(-1, self.merge, self.merge, x.shape[-1]).permute(0, 3, 1, 2)
+        x = self.downsample(x).flatten(1)
+        return self.merger(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Text decoder (GLM4: sandwich norms, q/k/v bias, partial interleaved M-RoPE, fused gate_up)
+# ----------------------------------------------------------------------------------------
+
+
+def text_rotary_dim(tc) -> int:
+    rope = tc.rope_parameters or {}
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return int(head_dim * rope.get("partial_rotary_factor", 1.0))
+
+
+def mrope_cos_sin(
+    positions: torch.Tensor, theta: float, rotary_dim: int, mrope_section: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[3, T] positions -> cos, sin [T, rotary_dim] in `dtype` (angles in fp32, cast like HF).
+
+    Frequency chunk i (sizes `mrope_section`) takes its angle from axis i % 3 (t, h, w); each
+    frequency then covers one interleaved pair (2j, 2j+1).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
+    angles = positions[..., None].float() * inv_freq  # [3, T, rd/2]
+    axis = torch.repeat_interleave(torch.arange(len(mrope_section)) % 3, torch.tensor(mrope_section))
+    angles = angles.gather(0, axis.to(positions.device).expand(1, angles.shape[1], -1))[0]
+    angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_text_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; rotate the first cos.shape[-1] dims GPT-J style, pass the rest through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    rot = rot * cos[:, None] + rotate_interleaved(rot) * sin[:, None]
+    return torch.cat([rot, rest], dim=-1)
+
+
+class Glm4vTextAttention(nn.Module):
+    def __init__(self, tc, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = tc.hidden_size // tc.num_attention_heads
+        q_out = tc.num_attention_heads * self.head_dim
+        kv_out = tc.num_key_value_heads * self.head_dim
+        # HF hard-codes the q/k/v bias for this tower (attention_bias is not read)
+        self.q_proj = nn.Linear(tc.hidden_size, q_out, bias=True)
+        self.k_proj = nn.Linear(tc.hidden_size, kv_out, bias=True)
+        self.v_proj = nn.Linear(tc.hidden_size, kv_out, bias=True)
+        self.o_proj = nn.Linear(q_out, tc.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, -1, self.head_dim)
+        k = self.k_proj(x).view(t, -1, self.head_dim)
+        v = self.v_proj(x).view(t, -1, self.head_dim)
+        q, k = apply_text_rotary(q, cos, sin), apply_text_rotary(k, cos, sin)
+        return self.o_proj(kv.attend(self.layer_idx, q, k, v).reshape(t, -1))
+
+
+class Glm4vTextMLP(nn.Module):
+    """Fused gate_up_proj: first half gate, second half up; down(up * act(gate))."""
+
+    def __init__(self, tc) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(tc.hidden_size, 2 * tc.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(tc.intermediate_size, tc.hidden_size, bias=False)
+        self.act = activation(tc.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.act(gate))
+
+
+def make_text_mlp(tc, layer_idx: int) -> nn.Module:
+    """The seam for MoE towers (glm4v_moe_text): dense layers and routed-expert layers differ only here."""
+    del layer_idx  # dense towers use one MLP shape for every layer
+    return Glm4vTextMLP(tc)
+
+
+class Glm4vTextDecoderLayer(nn.Module):
+    def __init__(self, tc, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Glm4vTextAttention(tc, layer_idx)
+        self.mlp = make_text_mlp(tc, layer_idx)
+        eps = tc.rms_norm_eps
+        self.input_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+        self.post_self_attn_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+        self.post_mlp_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, kv))
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Glm4vTextModel(nn.Module):
+    """inputs_embeds [T, H] + positions [3, T] -> final-normed hidden [T, H]."""
+
+    def __init__(self, tc) -> None:
+        super().__init__()
+        rope = tc.rope_parameters or {}
+        self.theta = float(rope.get("rope_theta", 10000.0))
+        self.rotary_dim = text_rotary_dim(tc)
+        self.mrope_section = list(rope.get("mrope_section", [8, 12, 12]))
+        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
+        self.layers = nn.ModuleList(Glm4vTextDecoderLayer(tc, i) for i in range(tc.num_hidden_layers))
+        self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        cos, sin = mrope_cos_sin(positions, self.theta, self.rotary_dim, self.mrope_section, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------
+# The family model: hooks for base.VisionLanguageModel
+# ----------------------------------------------------------------------------------------
+
+
+class Glm4vBackbone(nn.Module):
+    """Holds `visual` and `language_model` so parameter names read `model.visual.*`, `model.language_model.*`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.visual = Glm4vVisionModel(config.vision_config)
+        self.language_model = Glm4vTextModel(config.text_config)
+
+
+class Glm4vModel(VisionLanguageModel):
+    """GLM-4.1V / GLM-4.6V-Flash / GLMGA from the HF top-level config (Glm4vConfig, Glm46VConfig, GlmgaConfig)."""
+
+    family = "glm4v"
+    model_types = MODEL_TYPES
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        check_config(config)
+        vc, tc = config.vision_config, config.text_config
+        if vc.out_hidden_size != tc.hidden_size:
+            raise CheckpointError(
+                f"vision_config.out_hidden_size {vc.out_hidden_size} != text_config.hidden_size {tc.hidden_size}"
+            )
+        self.image_token_id = int(config.image_token_id)
+        self.video_start_token_id = int(config.video_start_token_id)
+        self.video_end_token_id = int(config.video_end_token_id)
+        self.vocab_size = tc.vocab_size
+        self.spatial_merge_size = vc.spatial_merge_size
+        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        self.model = Glm4vBackbone(config)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    # ---- vision ------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N_patches, C*Tp*P*P], [num_images, 3] -> [sum(t*h*w/m^2), hidden] in item order."""
+        self._check_pixels(pixel_values, grid_thw, "image")
+        return self.model.visual(pixel_values, grid_thw)
+
+    def encode_videos(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Like encode_images; each of a video's t frames is a separate (1, h, w) attention segment."""
+        self._check_pixels(pixel_values, grid_thw, "video")
+        return self.model.visual(pixel_values, grid_thw)
+
+    def _check_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str) -> None:
+        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+            raise InvalidInputError(f"{kind}_grid_thw must have shape [num_{kind}s, 3], got {tuple(grid_thw.shape)}")
+        m = self.spatial_merge_size
+        for i, (t, h, w) in enumerate(grid_thw.tolist()):
+            if t < 1 or h < 1 or w < 1 or h % m or w % m:
+                raise InvalidInputError(
+                    f"{kind} {i}: grid_thw ({t}, {h}, {w}) needs t >= 1 and h, w positive multiples of "
+                    f"spatial_merge_size {m}"
+                )
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.dim() != 2 or tuple(pixel_values.shape) != (expected, self.patch_dim):
+            raise InvalidInputError(
+                f"{kind} pixel_values has shape {tuple(pixel_values.shape)}, but {kind}_grid_thw needs "
+                f"({expected}, {self.patch_dim}) (sum of t*h*w patches, C*Tp*P*P values each)"
+            )
+
+    # ---- positions -----------------------------------------------------------------------
+    def mm_token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return glm_mm_token_types(input_ids, self.image_token_id, self.video_start_token_id, self.video_end_token_id)
+
+    def mrope_positions(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> tuple[torch.Tensor, int]:
+        positions, delta = glm_mrope_positions(
+            self.mm_token_types(input_ids), mm.image_grid_thw, mm.video_grid_thw, self.spatial_merge_size
+        )
+        return positions, int(delta)
+
+    # ---- decoder ---------------------------------------------------------------------------
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0]
+            raise PromptError(f"token id {int(bad)} is outside the vocabulary [0, {self.vocab_size})")
+        return self.model.language_model.embed_tokens(input_ids)
+
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        return self.model.language_model(inputs_embeds, positions, kv)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return len(self.model.language_model.layers)

@@ -1,0 +1,5 @@
+"""Test tooling that ships with glimpse: the checkpoint factory."""
+
+from glimpse.testing.checkpoints import FAMILIES, SIZES, make_checkpoint
+
+__all__ = ["FAMILIES", "SIZES", "make_checkpoint"]

@@ -1,0 +1,374 @@
+"""The checkpoint factory: complete, offline HF checkpoint folders of the real architectures.
+
+`make_checkpoint(family, size, path, seed)` writes config.json, seeded random safetensors
+(optionally sharded, in float32/bfloat16/float16, in the current or the older HF naming
+scheme), a trained byte-level BPE tokenizer holding every special token the family needs,
+a chat template modelled on the real one, processor configs naming the real HF processor
+classes, and generation_config.json. HF's AutoProcessor and AutoModelForImageTextToText
+load every folder it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from glimpse.testing.tokenizer import GLM41V_TEMPLATE, GLM46V_TEMPLATE, QWEN25VL_TEMPLATE, build_tokenizer
+
+FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl")
+SIZES = ("tiny", "small")
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+GLM_SPECIAL = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+    "<|image|>", "<|video|>",
+]  # fmt: skip
+GLM_ADDED = ["<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>",
+             "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+             "<tool_response>", "</tool_response>"]  # fmt: skip
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+QWEN_ADDED = ["<tool_call>", "</tool_call>"]
+
+
+@dataclass(frozen=True)
+class _Dims:
+    vocab: int
+    v_hidden: int
+    v_depth: int
+    v_heads: int
+    v_inter: int
+    image_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    inter: int
+    mrope_section: tuple[int, int, int]
+    image_max_tokens: int  # processor ceiling per image (keeps CPU tests and benches quick)
+    video_max_tokens: int  # processor ceiling per video (GLM) / per frame-pair (Qwen)
+
+
+_DIMS = {
+    ("glm", "tiny"): _Dims(640, 32, 2, 2, 64, 112, 128, 2, 4, 2, 256, (2, 3, 3), 64, 160),
+    ("glm", "small"): _Dims(4096, 384, 8, 6, 1536, 336, 768, 12, 12, 4, 2048, (4, 6, 6), 1024, 2048),
+    ("qwen", "tiny"): _Dims(640, 64, 4, 2, 96, 0, 128, 2, 4, 2, 256, (4, 6, 6), 64, 32),
+    ("qwen", "small"): _Dims(4096, 384, 8, 6, 1024, 0, 768, 12, 12, 2, 2048, (8, 12, 12), 1024, 256),
+}
+
+
+def make_checkpoint(
+    family: str,
+    size: str,
+    path: str | Path,
+    seed: int = 0,
+    *,
+    dtype: str = "float32",
+    shards: int = 1,
+    legacy_names: bool = False,
+) -> Path:
+    """Write a complete HF checkpoint folder for `family` at `size` into `path` and return it.
+
+    dtype: the on-disk dtype (float32, bfloat16, float16). shards > 1 writes
+    `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. legacy_names
+    writes the older HF layout (`model.*` text tower, `visual.*` vision tower).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    is_qwen = family == "qwen2_5_vl"
+    dims = _DIMS[("qwen" if is_qwen else "glm", size)]
+
+    special, added = (QWEN_SPECIAL, QWEN_ADDED) if is_qwen else (GLM_SPECIAL, GLM_ADDED)
+    tok = build_tokenizer(dims.vocab, special, added)
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in special + added}
+    vocab_size = tok.get_vocab_size()
+
+    config = _qwen_config(dims, ids, vocab_size) if is_qwen else _glm_config(family, dims, ids, vocab_size)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config(is_qwen, ids))
+    _write_tokenizer_files(out, family, ids)
+    for name, cfg in _processor_configs(family, dims).items():
+        _write_json(out / name, cfg)
+
+    tensors = _random_weights(config, seed, getattr(torch, dtype))
+    if legacy_names:
+        tensors = {_legacy_name(k): v for k, v in tensors.items()}
+    _save_shards(out, tensors, shards)
+    return out
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+
+def _glm_config(family: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
+    model_type = {"glm4v": "glm4v", "glm46v": "glm46v", "glm46v_flash": "glm4v", "glmga": "glmga"}[family]
+    arch = "Glm4vForConditionalGeneration" if model_type == "glm4v" else "Glm46VForConditionalGeneration"
+    head_dim = d.hidden // d.heads
+    text = {
+        "model_type": "glm4v_text",
+        "vocab_size": vocab,
+        "hidden_size": d.hidden,
+        "intermediate_size": d.inter,
+        "num_hidden_layers": d.layers,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "attention_bias": True,
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": list(d.mrope_section),
+        },
+    }
+    assert sum(d.mrope_section) * 2 == int(head_dim * 0.5), "mrope_section must cover rotary_dim/2"
+    vision = {
+        "model_type": "glm4v_vision",
+        "depth": d.v_depth,
+        "hidden_size": d.v_hidden,
+        "num_heads": d.v_heads,
+        "intermediate_size": d.v_inter,
+        "out_hidden_size": d.hidden,
+        "image_size": d.image_size,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "in_channels": 3,
+        "rms_norm_eps": 1e-5,
+        "attention_bias": False,
+        "hidden_act": "silu",
+    }
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": ids["<|image|>"],
+        "video_token_id": ids["<|video|>"],
+        "image_start_token_id": ids["<|begin_of_image|>"],
+        "image_end_token_id": ids["<|end_of_image|>"],
+        "video_start_token_id": ids["<|begin_of_video|>"],
+        "video_end_token_id": ids["<|end_of_video|>"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "5.23.0",
+    }
+
+
+def _qwen_config(d: _Dims, ids: dict[str, int], vocab: int) -> dict:
+    head_dim = d.hidden // d.heads
+    assert sum(d.mrope_section) * 2 == head_dim, "mrope_section must cover head_dim/2"
+    text = {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": vocab,
+        "hidden_size": d.hidden,
+        "intermediate_size": d.inter,
+        "num_hidden_layers": d.layers,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(d.mrope_section)},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "tie_word_embeddings": True,
+    }
+    vision = {
+        "model_type": "qwen2_5_vl",
+        "depth": d.v_depth,
+        "hidden_size": d.v_hidden,
+        "num_heads": d.v_heads,
+        "intermediate_size": d.v_inter,
+        "out_hidden_size": d.hidden,
+        "hidden_act": "silu",
+        "in_chans": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [d.v_depth // 2 - 1, d.v_depth - 1],
+        "tokens_per_second": 2,
+    }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "5.23.0",
+    }
+
+
+def _generation_config(is_qwen: bool, ids: dict[str, int]) -> dict:
+    if is_qwen:
+        eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"],
+                "do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
+    eos = [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
+    return {"eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
+            "temperature": 1.0, "top_p": 0.0001, "top_k": 2}  # fmt: skip
+
+
+# ---- tokenizer and processor files -------------------------------------------------------------
+
+
+def _write_tokenizer_files(out: Path, family: str, ids: dict[str, int]) -> None:
+    is_qwen = family == "qwen2_5_vl"
+    template = QWEN25VL_TEMPLATE if is_qwen else (GLM41V_TEMPLATE if family == "glm4v" else GLM46V_TEMPLATE)
+    (out / "chat_template.jinja").write_text(template)
+    if is_qwen:
+        cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "unk_token": None, "bos_token": None, "model_max_length": 32768, "errors": "replace",
+               "add_prefix_space": False, "split_special_tokens": False}  # fmt: skip
+    else:
+        cfg = {"tokenizer_class": "TokenizersBackend", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "model_max_length": 32768, "padding_side": "left", "clean_up_tokenization_spaces": False,
+               "do_lower_case": False, "remove_space": False}  # fmt: skip
+    cfg["chat_template"] = template
+    _write_json(out / "tokenizer_config.json", cfg)
+    _write_json(out / "special_tokens_map.json", {"eos_token": cfg["eos_token"], "pad_token": cfg["pad_token"]})
+
+
+def _processor_configs(family: str, d: _Dims) -> dict[str, dict]:
+    """preprocessor_config.json, video_preprocessor_config.json, processor_config.json."""
+    common = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3,
+              "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}  # fmt: skip
+    if family == "qwen2_5_vl":
+        image = {**common, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                 "min_pixels": 3136, "max_pixels": 784 * d.image_max_tokens,
+                 "size": {"shortest_edge": 3136, "longest_edge": 784 * d.image_max_tokens}}  # fmt: skip
+        video = {**common, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                 "size": {"shortest_edge": 3136, "longest_edge": 784 * d.video_max_tokens},
+                 "min_frames": 4, "max_frames": 768, "do_sample_frames": False}  # fmt: skip
+        return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
+                "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"}}  # fmt: skip
+    proc = "Glm4vProcessor" if family == "glm4v" else "Glm46VProcessor"
+    img_cls = {"glm4v": "Glm4vImageProcessor", "glmga": "GlmgaImageProcessor"}.get(family, "Glm46VImageProcessor")
+    vid_cls = {"glm4v": "Glm4vVideoProcessor", "glmga": "GlmgaVideoProcessor"}.get(family, "Glm46VVideoProcessor")
+    # GLM sizes are pixel *areas* over the (2-frame) temporal patch: tokens = area / (2 * 784).
+    image = {**common, "image_processor_type": img_cls, "processor_class": proc,
+             "size": {"shortest_edge": 12544, "longest_edge": 2 * 784 * d.image_max_tokens}}  # fmt: skip
+    video = {**common, "video_processor_type": vid_cls, "processor_class": proc, "do_sample_frames": True,
+             "size": {"shortest_edge": 12544, "longest_edge": 2 * 784 * d.video_max_tokens}, "fps": 2}  # fmt: skip
+    if family == "glm4v":
+        video["max_duration"] = 300
+    if family == "glmga":
+        image["patch_expand_factor"] = video["patch_expand_factor"] = 1
+        video["max_frames"] = 640
+    return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
+            "processor_config.json": {"processor_class": proc}}  # fmt: skip
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+
+def hf_parameter_shapes(config_dict: dict) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor HF's model class saves for this config (meta device, no memory)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**config_dict)
+    cls = getattr(transformers, config_dict["architectures"][0])
+    with torch.device("meta"):
+        model = cls(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config_dict.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _random_weights(config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded weights with real margins: unit-scale embeddings, fan-in scaled linears, norms near 1.
+
+    A plain std-0.02 init makes a random model repeat one token from the first step, which
+    hides KV-cache bugs; scaling the head and q/k projections keeps greedy choices decisive.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = config["text_config"]["hidden_size"]
+    tensors = {}
+    for name, shape in sorted(hf_parameter_shapes(config).items()):
+        tensors[name] = _init_tensor(name, shape, gen, hidden).to(dtype).contiguous()
+    return tensors
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden: int) -> torch.Tensor:
+    def normal(std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std
+
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = any(k in name for k in ("norm", "ln_q")) and "proj" not in name.rsplit(".", 2)[-2]
+    if is_norm or name.endswith("post_projection_norm.weight"):
+        return 1.0 + normal(0.1) if leaf == "weight" else normal(0.02)
+    if leaf == "bias":
+        return normal(0.02)
+    if "embed_tokens" in name:
+        return normal(1.0)
+    if "position_embedding" in name:
+        return normal(0.5)
+    if name == "lm_head.weight":
+        return normal(2.0 / math.sqrt(hidden))
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    std = 1.0 / math.sqrt(fan_in)
+    if any(k in name for k in ("q_proj", "k_proj")):
+        std *= 2.0  # sharper attention patterns than a plain fan-in init
+    return normal(std)
+
+
+def _legacy_name(name: str) -> str:
+    """Current HF layout -> the older one (`model.*` text, `visual.*` vision)."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.visual."):
+        return "visual." + name[len("model.visual.") :]
+    return name
+
+
+def _save_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    meta = {"format": "pt"}
+    if shards <= 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        return
+    names = list(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per = math.ceil(len(names) / shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
+        save_file(part, str(out / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(part, fname))
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny checkpoints made once per session, and the real test media."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from glimpse.testing import make_checkpoint
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+IMAGES = MEDIA / "images"
+VIDEOS = MEDIA / "videos"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(family) -> path of a tiny float32 checkpoint, made once per session."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_checkpoint(family, "tiny", tmp_path_factory.mktemp(family), seed=0)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
