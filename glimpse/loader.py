@@ -129,9 +129,7 @@ def current_name(name: str) -> str:
 
 
 def _tied_names(model: VisionLanguageModel) -> set[str]:
-    cfg = getattr(model, "config", None)
-    tie = bool(getattr(cfg, "tie_word_embeddings", False))
-    return {"lm_head.weight"} if tie else set()
+    return set(model.tied_weight_names())
 
 
 def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:

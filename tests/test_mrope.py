@@ -16,8 +16,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import Glm4vConfig, Glm4vModel, Glm4vProcessor, Qwen2_5_VLConfig, Qwen2_5_VLModel
-from transformers import Qwen2_5_VLProcessor
+from transformers import (
+    Glm4vConfig,
+    Glm4vModel,
+    Glm4vProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLProcessor,
+)
 
 from glimpse.errors import PromptError
 from glimpse.models.mrope import (
@@ -38,7 +44,9 @@ TINY_TEXT = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
     num_key_value_heads=1,
 )  # fmt: skip
-TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, spatial_merge_size=M)
+TINY_VISION = dict(
+    depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, spatial_merge_size=M
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,9 @@ def hf_glm_types(ids: torch.Tensor) -> torch.Tensor:
 
 def hf_qwen_types(ids: torch.Tensor) -> torch.Tensor:
     stub = SimpleNamespace(image_token_ids=[Q_IMAGE], video_token_ids=[Q_VIDEO], audio_token_ids=[])
-    return torch.tensor(Qwen2_5_VLProcessor.create_mm_token_type_ids(stub, [ids.tolist()])[0], dtype=torch.long)
+    return torch.tensor(
+        Qwen2_5_VLProcessor.create_mm_token_type_ids(stub, [ids.tolist()])[0], dtype=torch.long
+    )
 
 
 def hf_glm_positions(model, types, image_grid, video_grid) -> tuple[torch.Tensor, int]:
@@ -220,8 +230,10 @@ def test_qwen_temporal_scale_is_float32_like_hf(qwen_hf):
     grid, spg = torch.tensor([[t, 2, 2]]), torch.tensor([2 / 25])
     assert int(25 * (spg.item() * 2)) == 3  # the float64 product really does truncate differently
     for rule in ("hf", "reference"):
-        pos, _ = qwen_mrope_positions(types, None, grid, spg, 2, M, video_rule=rule)
+        pos, delta = qwen_mrope_positions(types, None, grid, spg, 2, M, video_rule=rule)
         assert int(pos[0, 1 + 25]) == 1 + 4
+    assert pos[:, -1].tolist() == [1 + 4 + 1] * 3  # reference: text resumes after the float32 maximum
+    assert_same((pos, delta), qwen_oracle(types, None, grid, spg, 2, "reference"))
     hf = hf_qwen_positions(qwen_hf(2), types, None, grid, spg)
     assert_same(qwen_mrope_positions(types, None, grid, spg, 2, M, video_rule="hf"), hf)
 
@@ -273,9 +285,7 @@ def test_glm_random_prompts_match_hf(glm_hf, items, tail):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    items=_items(max_t=6), tail=st.integers(0, 4), tps=st.sampled_from([1, 2, 4, 25]), data=st.data()
-)
+@given(items=_items(max_t=6), tail=st.integers(0, 4), tps=st.sampled_from([1, 2, 4, 25]), data=st.data())
 def test_qwen_random_prompts_match_hf_and_reference(qwen_hf, items, tail, tps, data):
     ids, image_grid, video_grid = build_qwen(_segments(items, tail))
     if len(ids) == 0:
@@ -345,11 +355,26 @@ IMG = torch.tensor([[1, 4, 4]])  # 4 slots
 @pytest.mark.parametrize(
     "types,image_grid,video_grid,match",
     [
-        ([0, 1, 1, 1, 1, 0, 1, 1, 1, 1], IMG, None, "2 image placeholder runs but there are 1"),  # more groups
-        ([0, 1, 1, 1, 1, 0], torch.tensor([[1, 4, 4], [1, 2, 2]]), None, "1 image placeholder runs"),  # fewer
-        ([0, 2, 2, 2, 2], IMG, None, "1 video placeholder runs but there are 0"),  # no grid at all
+        (
+            [0, 1, 1, 1, 1, 0, 1, 1, 1, 1],
+            IMG,
+            None,
+            r"2 image placeholder run\(s\) but there are 1",
+        ),  # more groups
+        (
+            [0, 1, 1, 1, 1, 0],
+            torch.tensor([[1, 4, 4], [1, 2, 2]]),
+            None,
+            r"1 image placeholder run\(s\)",
+        ),  # fewer
+        ([0, 2, 2, 2, 2], None, None, r"1 video placeholder run\(s\) but there are 0"),  # no grid at all
         ([0, 1, 1, 1, 0], IMG, None, "image 0 .* needs 4 placeholder tokens .* token 1 has 3"),
-        ([1] * 8, torch.tensor([[1, 4, 4], [1, 4, 4]]), None, "1 image placeholder runs"),  # touching images
+        (
+            [1] * 8,
+            torch.tensor([[1, 4, 4], [1, 4, 4]]),
+            None,
+            r"1 image placeholder run\(s\)",
+        ),  # touching images
         ([0, 1, 1, 1, 1], torch.tensor([[1, 3, 4]]), None, r"image_grid_thw\[0\] .* multiples"),
         ([0, 1], torch.tensor([[0, 2, 2]]), None, r">= 1"),
         ([0, 3, 0], None, None, r"mm_token_types\[1\] = 3"),
@@ -370,7 +395,7 @@ def test_glm_frame_errors_name_the_frame():
     with pytest.raises(PromptError, match=r"video 0 frame 1 .* needs 4 .* token 6 has 3"):
         glm_mrope_positions(types, None, torch.tensor([[2, 4, 4]]), M)
     # frames not separated by text merge into one run: 1 run for 2 frames
-    with pytest.raises(PromptError, match="1 video placeholder runs but there are 2 video frames"):
+    with pytest.raises(PromptError, match=r"1 video placeholder run\(s\) but there are 2 video frame"):
         glm_mrope_positions(torch.tensor([0] + [2] * 8), None, torch.tensor([[2, 4, 4]]), M)
 
 

@@ -16,7 +16,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_qwen
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from glimpse.errors import InvalidInputError
-from glimpse.models.qwen2_5_vl import Qwen2_5_VLModel, checkpoint_name, vision_plan
+from glimpse.models.qwen2_5_vl import Qwen2_5_VLModel, vision_plan
 
 IMAGE, VIDEO, V_START, V_END = 290, 291, 292, 293
 ROW = 3 * 2 * 14 * 14  # C * Tp * P * P
@@ -52,8 +52,10 @@ def make_hf(config: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VLForConditional
                 p.normal_(0, 0.1)
             elif "embed_tokens" in name:
                 p.normal_(0, 1.0)
+            elif name == "lm_head.weight":
+                p.normal_(0, 3 * p[0].numel() ** -0.5)  # logits std ~3: clear top-2 margins
             else:
-                p.normal_(0, p[0].numel() ** -0.5)
+                p.normal_(0, 0.7 * p[0].numel() ** -0.5)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf
@@ -286,18 +288,27 @@ def our_greedy(model, ids, images, video, spg, n):
     return model.greedy(ids, n, **kw)
 
 
-def test_greedy_matches_hf_generate_hf_rule(pair):
-    _, hf, _, ours_hf_rule = pair
-    ids, images, video, spg = _video_case("image+video")
-    ref = hf_generate(hf, ids, images, video, spg, 16)[0, len(ids):].tolist()
-    assert our_greedy(ours_hf_rule, ids, images, video, spg, 16) == ref
-
-
-def test_greedy_matches_hf_generate_reference_rule(pair, reference_rule_hf):
-    _, hf, ours, _ = pair
-    ids, images, video, spg = _video_case("image+video")
-    ref = hf_generate(hf, ids, images, video, spg, 16)[0, len(ids):].tolist()
+def _check_greedy(hf, ours, name):
+    ids, images, video, spg = _video_case(name)
+    out = hf_generate(hf, ids, images, video, spg, 16, output_logits=True, return_dict_in_generate=True)
+    ref = out.sequences[0, len(ids):].tolist()
     assert our_greedy(ours, ids, images, video, spg, 16) == ref
+    # HF's decode steps place token i at i + rope_delta; over the whole sequence glimpse's prompt
+    # rule must give the same logits, so the delta agrees with where text continues after the prompt.
+    full = our_logits(ours, out.sequences[0], images, video, spg)[len(ids) - 1 : -1]
+    torch.testing.assert_close(full, torch.cat(out.logits).float(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(VIDEO_CASES))
+def test_greedy_matches_hf_generate_hf_rule(pair, name):
+    _, hf, _, ours_hf_rule = pair
+    _check_greedy(hf, ours_hf_rule, name)
+
+
+@pytest.mark.parametrize("name", list(VIDEO_CASES))
+def test_greedy_matches_hf_generate_reference_rule(pair, name, reference_rule_hf):
+    _, hf, ours, _ = pair
+    _check_greedy(hf, ours, name)
 
 
 # ---- tied embeddings and the loader's path --------------------------------------------------
@@ -322,51 +333,43 @@ def test_tied_embeddings_meta_build_and_assign():
     torch.testing.assert_close(our_logits(ours, ids, images), hf_logits(hf, ids, images), atol=1e-3, rtol=0)
 
 
-def test_checkpoint_name_maps_original_layout():
-    assert checkpoint_name("visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
-    assert checkpoint_name("model.layers.3.mlp.up_proj.weight") == "model.language_model.layers.3.mlp.up_proj.weight"
-    assert checkpoint_name("model.embed_tokens.weight") == "model.language_model.embed_tokens.weight"
-    assert checkpoint_name("model.language_model.norm.weight") == "model.language_model.norm.weight"
-    assert checkpoint_name("model.visual.merger.mlp.0.bias") == "model.visual.merger.mlp.0.bias"
-    assert checkpoint_name("lm_head.weight") == "lm_head.weight"
-
-
-# ---- bf16 -----------------------------------------------------------------------------------
-
-# Both sides run bf16 with the same casting points (fp32 RMSNorm statistics, fp32 vision rotary,
-# bf16 text rotary tables, bf16 matmuls), but sum orders differ (patch embed as one matmul vs
-# Conv3d, batched vs per-window SDPA, GQA by repeat). Each differing op can move a bf16 value by
-# about one ulp (2^-8 relative); through 4 vision blocks, the merger, 2 decoder layers and
-# lm_head this reaches a few ulps of the logits' magnitude (|logit| up to ~8 here, ulp 2^-5).
-BF16_LOGIT_TOL = 0.25
+# ---- bf16 ----------------------------------------------------------------------------------
+# Tolerance: glimpse and HF both evaluate the same fp32 function in bf16 with the same casting
+# points, but with different sum orders (patch embed as one matmul vs Conv3d, batched vs
+# per-window SDPA, GQA by repeat), so neither is "the" bf16 answer. If glimpse is as accurate as
+# HF, each lies within E = max|HF_bf16 - HF_fp32| of the fp32 logits, hence within 2E of each
+# other (triangle inequality). E is measured on the same prompt, so the bound tracks the model.
 
 
 @pytest.fixture(scope="module")
-def bf16_pair(pair):
-    config, hf, ours, _ = pair
+def bf16_case(pair):
+    config, hf, _, _ = pair
     hf16 = make_hf(config).to(torch.bfloat16)
     ours16 = make_ours(make_hf(config), config).to(torch.bfloat16)
-    return hf16, ours16
+    ids, images, video, spg = _video_case("image+video")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_qwen.Qwen2_5_VLModel, "get_rope_index", reference_get_rope_index)
+        hf_error = (hf_logits(hf16, ids, images, video, spg) - hf_logits(hf, ids, images, video, spg)).abs().max()
+    return hf16, ours16, 2 * float(hf_error)
 
 
-def test_bf16_logits_close(bf16_pair, reference_rule_hf):
-    hf16, ours16 = bf16_pair
-    ids, images, video, spg = _video_case("video")
+def test_bf16_logits_close(bf16_case, reference_rule_hf):
+    hf16, ours16, tol = bf16_case
+    ids, images, video, spg = _video_case("image+video")
     ref = hf_logits(hf16, ids, images, video, spg)
     got = our_logits(ours16, ids, images, video, spg)
     assert got.dtype == torch.float32
-    print("bf16 max diff", (got - ref).abs().max().item(), "max |logit|", ref.abs().max().item())
-    torch.testing.assert_close(got, ref, atol=BF16_LOGIT_TOL, rtol=0)
+    assert 0 < tol < 0.25 * float(ref.std()), "HF's own bf16 error should be a small fraction of the logits"
+    torch.testing.assert_close(got, ref, atol=tol, rtol=0)
 
 
-def test_bf16_greedy_until_hf_margin_is_small(bf16_pair, reference_rule_hf):
-    hf16, ours16 = bf16_pair
+def test_bf16_greedy_until_hf_margin_is_small(bf16_case, reference_rule_hf):
+    hf16, ours16, tol = bf16_case
     ids, images, video, spg = _video_case("image+video")
     out = hf_generate(hf16, ids, images, video, spg, 16, output_logits=True, return_dict_in_generate=True)
     ref = out.sequences[0, len(ids):].tolist()
     top2 = torch.stack([step[0].float().topk(2).values for step in out.logits])
-    small = (top2[:, 0] - top2[:, 1] < BF16_LOGIT_TOL).nonzero()
+    small = (top2[:, 0] - top2[:, 1] < tol).nonzero()
     upto = int(small[0]) if len(small) else len(ref)
-    got = our_greedy(ours16, ids, images, video, spg, 16)
-    assert got[:upto] == ref[:upto]
-    assert upto >= 4, "the test prompt should give several confident steps"
+    assert upto >= 8, "the test model should give several confident steps, or the check says little"
+    assert our_greedy(ours16, ids, images, video, spg, 16)[:upto] == ref[:upto]

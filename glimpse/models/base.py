@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glimpse.errors import PromptError
 from glimpse.models.layers import ContiguousKVCache, KVCache
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -68,6 +69,13 @@ class VisionLanguageModel(nn.Module):
     def num_decoder_layers(self) -> int:
         raise NotImplementedError
 
+    def tied_weight_names(self) -> dict[str, str]:
+        """Parameters that share another's tensor (absent from checkpoints): name -> source name."""
+        return {}
+
+    def tie_weights(self) -> None:
+        """Re-share tied parameters after loading assigned new tensors."""
+
     # ---- shared driver ------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> torch.Tensor:
         """Token embeddings with each placeholder slot replaced by its vision embedding, in order."""
@@ -81,11 +89,14 @@ class VisionLanguageModel(nn.Module):
             n_slots = int(slots.sum())
             if pixels is None:
                 if n_slots:
-                    raise ValueError(f"prompt has {n_slots} {_kind_name(kind)} placeholder tokens but no pixels")
+                    raise PromptError(
+                        f"the prompt has {n_slots} {_kind_name(kind)} placeholder tokens but no "
+                        f"{_kind_name(kind)} pixels were given"
+                    )
                 continue
             feats = encode(pixels, grid)
             if feats.shape[0] != n_slots:
-                raise ValueError(
+                raise PromptError(
                     f"{_kind_name(kind)} placeholders ({n_slots} tokens) do not match the "
                     f"{feats.shape[0]} embeddings of the given grids"
                 )
@@ -165,7 +176,7 @@ def _flat_ids(input_ids, device) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
-            raise ValueError(f"compute_logits takes one sequence, got a batch of {ids.shape[0]}")
+            raise PromptError(f"compute_logits takes one sequence, got a batch of {ids.shape[0]}")
         ids = ids[0]
     return ids.to(device)
 

@@ -421,8 +421,20 @@ class Glm4vModel(VisionLanguageModel):
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         self.model = Glm4vBackbone(config)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share `lm_head.weight` with the input embeddings when the config ties them.
+
+        Tied checkpoints omit `lm_head.weight`; the loader calls this again after assigning weights.
+        """
+        if self.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def tied_weight_names(self) -> dict[str, str]:
+        """{name that may be absent from the checkpoint: name it shares storage with}."""
+        return {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
     # ---- vision ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -464,9 +476,13 @@ class Glm4vModel(VisionLanguageModel):
 
     # ---- decoder ---------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0]
-            raise PromptError(f"token id {int(bad)} is outside the vocabulary [0, {self.vocab_size})")
+        outside = (input_ids < 0) | (input_ids >= self.vocab_size)
+        if bool(outside.any()):  # one host sync; nn.Embedding would raise a bare IndexError
+            i = int(outside.nonzero()[0])
+            raise PromptError(
+                f"token {i} has id {int(input_ids[i])}, outside the vocabulary [0, {self.vocab_size}) "
+                "(text_config.vocab_size)"
+            )
         return self.model.language_model.embed_tokens(input_ids)
 
     def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Step 7 of the data path: M-RoPE position ids for one prompt, as pure tensor functions.
+"""Step 7 of the data path: M-RoPE position ids for one prompt, as pure functions.
 
 `*_mm_token_types` map `[T]` input_ids to `[T]` int64 modality types (0 text, 1 image, 2 video);
 `glm_mrope_positions` / `qwen_mrope_positions` map those types plus `grid_thw` rows to
 `([3, T] int64 positions, mrope_delta)`; `decode_positions` gives `[3, n]` ids after the prompt.
-Spec: parity-spec §3.4 and §4. Runs are found with diff/nonzero; nothing loops per token or per group.
+Spec: parity-spec §3.4 and §4. Runs are found with diff/flatnonzero; nothing loops per token or group.
 """
 
 from __future__ import annotations
@@ -11,10 +11,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from glimpse.errors import PromptError
+
+# The per-token work runs in NumPy on zero-copy views of the CPU tensors: it is single-threaded,
+# whereas torch's intra-op-parallel CPU kernels (nonzero above all) stall for milliseconds when the
+# cores are shared with other work, which is most of the cost at 128k tokens.
 
 _KIND = {1: "image", 2: "video"}
 
@@ -27,17 +32,20 @@ def glm_mm_token_types(
 ) -> Tensor:
     """[T] ids -> [T] int64. GLM uses `<|image|>` for both media; it is a video slot inside
     `<|begin_of_video|> … <|end_of_video|>` (HF: cumsum(start) > cumsum(end) at that position)."""
-    ids = _as_ids(input_ids)
-    inside_video = torch.cumsum(ids == video_start_token_id, 0) > torch.cumsum(ids == video_end_token_id, 0)
-    types = (ids == image_token_id).to(torch.int64)
-    return types + (types & inside_video.to(torch.int64))
+    ids = _as_ids(input_ids, "input_ids")
+    opened = np.cumsum(ids == video_start_token_id)
+    closed = np.cumsum(ids == video_end_token_id)
+    types = (ids == image_token_id).astype(np.int64)
+    types += types * (opened > closed)
+    return torch.from_numpy(types)
 
 
 def qwen_mm_token_types(input_ids: Tensor, image_token_id: int, video_token_id: int) -> Tensor:
     """[T] ids -> [T] int64: 1 for `<|image_pad|>`, 2 for `<|video_pad|>`, 0 otherwise."""
-    ids = _as_ids(input_ids)
-    types = (ids == image_token_id).to(torch.int64)
-    return torch.where(ids == video_token_id, 2, types)
+    ids = _as_ids(input_ids, "input_ids")
+    types = (ids == image_token_id).astype(np.int64)
+    types[ids == video_token_id] = 2
+    return torch.from_numpy(types)
 
 
 # ---- prompt positions (§4.1, §4.2) ---------------------------------------------------------
@@ -58,13 +66,13 @@ def glm_mrope_positions(
     m = _check_merge(spatial_merge_size)
     images = _check_grid(image_grid_thw, "image_grid_thw", m)
     videos = _check_grid(video_grid_thw, "video_grid_thw", m)
-    frame_video = torch.repeat_interleave(torch.arange(len(videos)), videos[:, 0])
-    frames = videos[frame_video].clone()
+    frame_video = np.repeat(np.arange(len(videos)), videos[:, 0])  # video index of each frame
+    frames = videos[frame_video]
     frames[:, 0] = 1
     groups = _Groups.find(types)
     thw = groups.attach_grids(images, frames, m, frame_of=(videos, frame_video))
-    t_off, y, x, hw_max = _offsets(groups, thw, m)
-    return _assemble(types.numel(), groups, t_off, y, x, advance=hw_max)
+    k, y, x, hw_max = _offsets(groups, thw, m)
+    return _assemble(len(types), groups, k, y, x, advance=hw_max)
 
 
 def qwen_mrope_positions(
@@ -85,8 +93,8 @@ def qwen_mrope_positions(
     """
     if video_rule not in ("reference", "hf"):
         raise PromptError(f"video_rule must be 'reference' or 'hf', got {video_rule!r}")
-    if not (isinstance(tokens_per_second, (int, float)) and math.isfinite(tokens_per_second)) or (
-        tokens_per_second < 0
+    if not isinstance(tokens_per_second, (int, float)) or not (
+        math.isfinite(tokens_per_second) and tokens_per_second >= 0
     ):
         raise PromptError(
             f"tokens_per_second must be a finite number >= 0, got {tokens_per_second!r} "
@@ -96,45 +104,28 @@ def qwen_mrope_positions(
     m = _check_merge(spatial_merge_size)
     images = _check_grid(image_grid_thw, "image_grid_thw", m)
     videos = _check_grid(video_grid_thw, "video_grid_thw", m)
-    # HF multiplies tokens_per_second by one element of second_per_grid_ts (or by the int 1 when
-    # it is absent); the same multiply on the whole vector keeps HF's result dtype per video.
-    if second_per_grid_ts is None:
-        spg = torch.ones(len(videos), dtype=torch.int64)
-    else:
-        spg = torch.as_tensor(second_per_grid_ts).reshape(-1)
-        if spg.numel() != len(videos):
-            raise PromptError(
-                f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {len(videos)} "
-                "videos; pass one entry per video"
-            )
-        bad = ~torch.isfinite(spg.double()) | (spg < 0)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise PromptError(f"second_per_grid_ts[{i}] = {spg[i].item()} must be a finite number >= 0")
-    time_interval = tokens_per_second * spg
+    time_interval = _time_interval(second_per_grid_ts, tokens_per_second, len(videos))
 
     groups = _Groups.find(types)
     thw = groups.attach_grids(images, videos, m)
     t_off, y, x, hw_max = _offsets(groups, thw, m)
-    is_video_tok = groups.token_kind == 2
-    if bool(is_video_tok.any()):
-        # Video group g is the (g - #images before it)-th video; same float op as HF, per token.
-        video_of_group = torch.cumsum(groups.kind == 2, 0) - 1
-        ti_tok = time_interval[video_of_group[groups.token_group[is_video_tok]]]
-        k = t_off[is_video_tok]
-        t_off[is_video_tok] = (k.to(ti_tok.dtype) * ti_tok).long()
+    video_of_group = np.cumsum(groups.kind == 2) - 1
+    video_tok = np.flatnonzero(groups.token_kind == 2)
+    if len(video_tok):
+        ti = time_interval[torch.from_numpy(video_of_group[groups.token_group[video_tok]])]
+        t_off[video_tok] = _scaled(t_off[video_tok], ti)
     if video_rule == "hf":
         advance = hw_max
     else:
-        # max over the group of (t, y, x) offsets + 1; t offsets grow with k, so the last frame holds it.
-        last_t = thw[:, 0] - 1
-        t_max = last_t.clone()
-        vid = groups.kind == 2
-        if bool(vid.any()):
-            ti_g = time_interval[torch.cumsum(vid, 0)[vid] - 1]
-            t_max[vid] = (last_t[vid].to(ti_g.dtype) * ti_g).long()
-        advance = torch.maximum(hw_max, t_max + 1)
-    return _assemble(types.numel(), groups, t_off, y, x, advance=advance)
+        # max over the group of its (t, y, x) offsets, + 1; t grows with k, so the last frame holds it
+        t_max = thw[:, 0] - 1
+        is_video = groups.kind == 2
+        if is_video.any():
+            t_max[is_video] = _scaled(
+                t_max[is_video], time_interval[torch.from_numpy(video_of_group[is_video])]
+            )
+        advance = np.maximum(hw_max, t_max + 1)
+    return _assemble(len(types), groups, t_off, y, x, advance=advance)
 
 
 def decode_positions(num_computed_tokens: int, num_new: int, mrope_delta: int) -> Tensor:
@@ -152,114 +143,155 @@ def decode_positions(num_computed_tokens: int, num_new: int, mrope_delta: int) -
 
 
 class _Groups:
-    """The vision groups of one prompt: maximal runs of equal non-zero type (HF's groupby)."""
+    """The vision groups of one prompt: maximal runs of equal non-zero type (HF's groupby).
 
-    def __init__(self, start: Tensor, length: Tensor, kind: Tensor) -> None:
-        self.start, self.length, self.kind = start, length, kind  # [G] each
-        g = torch.arange(len(start))
-        self.token_group = torch.repeat_interleave(g, length)  # [Nv]: group of each vision token
-        first = torch.cumsum(length, 0) - length
-        self.token_local = torch.arange(len(self.token_group)) - first[self.token_group]  # [Nv]
+    Per group [G]: `start`, `length`, `kind`. Per vision token [Nv], in prompt order:
+    `token_group`, `token_local` (index inside its group), `token_kind`.
+    """
+
+    def __init__(self, start: np.ndarray, length: np.ndarray, kind: np.ndarray, last_text: int) -> None:
+        self.start, self.length, self.kind = start, length, kind
+        self.last_text = last_text  # index of the last text token, -1 if none
+        self.token_group = np.repeat(np.arange(len(start)), length)
+        self.token_local = np.arange(len(self.token_group)) - np.repeat(np.cumsum(length) - length, length)
         self.token_kind = kind[self.token_group]
 
     @classmethod
-    def find(cls, types: Tensor) -> _Groups:
-        n = types.numel()
-        change = torch.nonzero(types[1:] != types[:-1]).reshape(-1) + 1
-        run_start = torch.cat([torch.zeros(1, dtype=torch.int64), change])
-        run_end = torch.cat([change, torch.tensor([n])])
+    def find(cls, types: np.ndarray) -> _Groups:
+        n = len(types)
+        change = np.flatnonzero(types[1:] != types[:-1]) + 1
+        run_start = np.concatenate(([0], change))
+        run_end = np.concatenate((change, [n]))
         run_kind = types[run_start]
         vision = run_kind != 0
-        return cls(run_start[vision], (run_end - run_start)[vision], run_kind[vision])
+        text_ends = run_end[~vision]
+        last_text = int(text_ends[-1]) - 1 if len(text_ends) else -1
+        return cls(run_start[vision], (run_end - run_start)[vision], run_kind[vision], last_text)
 
     def attach_grids(
-        self, images: Tensor, videos: Tensor, m: int, frame_of: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
+        self, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None = None
+    ) -> np.ndarray:
         """Give each group its grid row in document order -> [G, 3]; refuse any count or size mismatch.
 
         `frame_of=(video_grid_thw, video index of each frame)`: `videos` are GLM frames (t=1 rows),
         and messages name the frame.
         """
-        thw = torch.empty(len(self.kind), 3, dtype=torch.int64)
+        thw = np.empty((len(self.kind), 3), dtype=np.int64)
         for kind, grids in ((1, images), (2, videos)):
             is_kind = self.kind == kind
             count = int(is_kind.sum())
             unit = "frame" if kind == 2 and frame_of is not None else _KIND[kind]
             if count != len(grids):
-                what = "video frames (sum of t over video_grid_thw)" if unit == "frame" else f"{unit} grids"
+                what = (
+                    "video frame(s) (sum of t over video_grid_thw)" if unit == "frame" else f"{unit} grid(s)"
+                )
                 raise PromptError(
-                    f"the prompt has {count} {_KIND[kind]} placeholder runs but there are {len(grids)} "
-                    f"{what}; every {unit} needs exactly one unbroken run of placeholder tokens, "
-                    "and every run needs a media item"
+                    f"the prompt has {count} {_KIND[kind]} placeholder run(s) but there are {len(grids)} "
+                    f"{what}; every {unit} needs exactly one unbroken run of placeholder tokens "
+                    "(text between runs of the same kind), and every run needs a media item"
                 )
             thw[is_kind] = grids
         expected = thw[:, 0] * (thw[:, 1] // m) * (thw[:, 2] // m)
-        bad = expected != self.length
-        if bool(bad.any()):
-            self._refuse_length(int(bad.nonzero()[0]), int(expected[bad][0]), thw, m, frame_of)
+        bad = np.flatnonzero(expected != self.length)
+        if len(bad):
+            self._refuse_length(int(bad[0]), int(expected[bad[0]]), thw, m, frame_of)
         return thw
 
-    def _refuse_length(self, g: int, expected: int, thw: Tensor, m: int, frame_of: tuple | None) -> None:
+    def _refuse_length(self, g: int, expected: int, thw: np.ndarray, m: int, frame_of: tuple | None) -> None:
         kind = int(self.kind[g])
         item = int((self.kind[: g + 1] == kind).sum()) - 1
-        grid = thw[g].tolist()
         if kind == 2 and frame_of is not None:
             videos, frame_video = frame_of
             v = int(frame_video[item])
             frame = item - int((frame_video < v).sum())
             name = f"video {v} frame {frame} (video_grid_thw {videos[v].tolist()}, per frame h*w/m²)"
         else:
-            name = f"{_KIND[kind]} {item} ({_KIND[kind]}_grid_thw {grid}, t*h*w/m²)"
+            name = f"{_KIND[kind]} {item} ({_KIND[kind]}_grid_thw {thw[g].tolist()}, t*h*w/m²)"
         raise PromptError(
             f"{name} needs {expected} placeholder tokens with spatial_merge_size {m}, but its run "
             f"starting at token {int(self.start[g])} has {int(self.length[g])}"
         )
 
 
-def _offsets(groups: _Groups, thw: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per vision token: frame index k (t-major), row y, column x; per group max(H, W)."""
+def _offsets(groups: _Groups, thw: np.ndarray, m: int) -> tuple[np.ndarray, ...]:
+    """Per vision token [Nv]: frame index k (t-major order), row y, column x; per group [G] max(H, W)."""
     h, w = thw[:, 1] // m, thw[:, 2] // m
     hw_tok = (h * w)[groups.token_group]
     w_tok = w[groups.token_group]
-    local = groups.token_local
-    k = torch.div(local, hw_tok, rounding_mode="floor")
-    rem = local - k * hw_tok
-    y = torch.div(rem, w_tok, rounding_mode="floor")
-    return k, y, rem - y * w_tok, torch.maximum(h, w)
+    k, rem = np.divmod(groups.token_local, hw_tok)
+    y, x = np.divmod(rem, w_tok)
+    return k, y, x, np.maximum(h, w)
+
+
+def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, num_videos: int) -> Tensor:
+    """[num_videos] tokens_per_second * second_per_grid_ts, with HF's operands and so HF's dtype.
+
+    HF multiplies by one element of `second_per_grid_ts`, or by the int 1 when it is absent; the
+    same multiply on the whole vector gives the same value and dtype per video.
+    """
+    if second_per_grid_ts is None:
+        return tokens_per_second * torch.ones(num_videos, dtype=torch.int64)
+    spg = torch.as_tensor(second_per_grid_ts).cpu().reshape(-1)
+    if spg.numel() != num_videos:
+        raise PromptError(
+            f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {num_videos} "
+            "videos; pass one entry per video"
+        )
+    bad = (~torch.isfinite(spg.double()) | (spg < 0)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise PromptError(f"second_per_grid_ts[{i}] = {spg[i].item()} must be a finite number >= 0")
+    return tokens_per_second * spg
+
+
+def _scaled(k: np.ndarray, time_interval: Tensor) -> np.ndarray:
+    """trunc(k * time_interval) elementwise, k cast to the interval's dtype first, exactly as HF's
+    `(arange(t) * time_interval).long()` rounds (float32 for a float32 second_per_grid_ts)."""
+    return (torch.from_numpy(k).to(time_interval.dtype) * time_interval).long().numpy()
 
 
 def _assemble(
-    n: int, groups: _Groups, t_off: Tensor, y: Tensor, x: Tensor, advance: Tensor
+    n: int, groups: _Groups, t_off: np.ndarray, y: np.ndarray, x: np.ndarray, advance: np.ndarray
 ) -> tuple[Tensor, int]:
     """Text token i sits at i + (advance - length summed over earlier groups); vision tokens at s_g + offsets."""
-    gap = advance - groups.length  # how far each group moves the running start beyond its length
-    step = torch.zeros(n + 1, dtype=torch.int64)
-    step.index_add_(0, groups.start + groups.length, gap)
-    base = torch.arange(n, dtype=torch.int64)
-    base += torch.cumsum(step[:n], 0)
-    positions = base.expand(3, n).contiguous()
+    gap = advance - groups.length  # how far each group moves the running start beyond its own length
+    step = np.zeros(n + 1, dtype=np.int64)
+    step[groups.start + groups.length] = gap  # group ends are distinct
+    positions = np.empty((3, n), dtype=np.int64)
+    np.cumsum(step[:n], out=positions[0])
+    positions[0] += np.arange(n)
+    positions[1:] = positions[0]
+    # Text positions strictly increase (every group advances s by >= 1), so the last one is their max.
+    top = int(positions[0, groups.last_text]) if groups.last_text >= 0 else -1
     if len(groups.token_group):
-        group_s = groups.start + torch.cumsum(gap, 0) - gap  # running start s of each group
-        s = group_s[groups.token_group]
-        index = groups.start[groups.token_group] + groups.token_local
-        positions[:, index] = s + torch.stack([t_off, y, x])
-    return positions, int(positions.max()) + 1 - n
+        group_s = groups.start + np.cumsum(gap) - gap  # running start s of each group
+        vision = group_s[groups.token_group] + np.stack([t_off, y, x])
+        positions[:, groups.start[groups.token_group] + groups.token_local] = vision
+        top = max(top, int(vision.max()))
+    return torch.from_numpy(positions), top + 1 - n
 
 
-def _as_ids(input_ids: Tensor) -> Tensor:
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 1:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise PromptError(f"input_ids must be a 1-D tensor [T] for one sequence, got {shape}")
-    return input_ids.cpu()
+def _as_ids(tensor: Tensor, name: str) -> np.ndarray:
+    """[T] integer tensor -> [T] int64 ndarray (a view when already int64 on CPU)."""
+    if (
+        not isinstance(tensor, Tensor)
+        or tensor.dim() != 1
+        or tensor.is_floating_point()
+        or tensor.is_complex()
+    ):
+        what = (
+            f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, Tensor) else type(tensor).__name__
+        )
+        raise PromptError(f"{name} must be a 1-D integer tensor [T] for one sequence, got {what}")
+    return tensor.detach().cpu().to(torch.int64).numpy()
 
 
-def _check_types(mm_token_types: Tensor) -> Tensor:
-    types = _as_ids(mm_token_types).to(torch.int64)
-    if types.numel() == 0:
+def _check_types(mm_token_types: Tensor) -> np.ndarray:
+    types = _as_ids(mm_token_types, "mm_token_types")
+    if len(types) == 0:
         raise PromptError("the prompt has no tokens; M-RoPE positions need at least one")
-    bad = (types < 0) | (types > 2)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+    if types.min() < 0 or types.max() > 2:
+        i = int(np.flatnonzero((types < 0) | (types > 2))[0])
         raise PromptError(f"mm_token_types[{i}] = {int(types[i])}; allowed are 0 text, 1 image, 2 video")
     return types
 
@@ -270,19 +302,19 @@ def _check_merge(spatial_merge_size: int) -> int:
     return spatial_merge_size
 
 
-def _check_grid(grid_thw: Tensor | None, name: str, m: int) -> Tensor:
-    """None or [N, 3] positive ints with h, w divisible by m -> [N, 3] int64 CPU."""
+def _check_grid(grid_thw: Tensor | None, name: str, m: int) -> np.ndarray:
+    """None or [N, 3] positive ints with h, w divisible by m -> [N, 3] int64 ndarray."""
     if grid_thw is None:
-        return torch.empty(0, 3, dtype=torch.int64)
+        return np.empty((0, 3), dtype=np.int64)
     grid = torch.as_tensor(grid_thw)
     if grid.dim() != 2 or grid.shape[1] != 3 or grid.is_floating_point() or grid.is_complex():
         raise PromptError(
             f"{name} must be an integer tensor [N, 3] of (t, h, w), got {tuple(grid.shape)} {grid.dtype}"
         )
-    grid = grid.cpu().to(torch.int64)
-    bad = (grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+    grid = grid.cpu().to(torch.int64).numpy()
+    bad = np.flatnonzero((grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1))
+    if len(bad):
+        i = int(bad[0])
         raise PromptError(
             f"{name}[{i}] = {grid[i].tolist()}: t, h, w must be >= 1 and h, w multiples of "
             f"spatial_merge_size {m}"

@@ -8,7 +8,6 @@ Parameter names equal HF 5.23's state-dict names (`model.visual.*`, `model.langu
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +31,6 @@ def _activation(name: str, where: str):
     if name not in _ACTIVATIONS:
         raise CheckpointError(f"{where}.hidden_act={name!r} is not supported; known: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
-
-
-# ---- weight names --------------------------------------------------------------------
-
-
-def checkpoint_name(name: str) -> str:
-    """Map an original Qwen2.5-VL checkpoint tensor name to this module's (= HF 5.23's) name.
-
-    Original checkpoints store `visual.*` and `model.{embed_tokens,layers,norm}.*`; names already
-    in the HF 5.23 layout pass through unchanged.
-    """
-    if name.startswith("visual."):
-        return "model." + name
-    return re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", name)
 
 
 # ---- vision metadata: pure functions of the grid (cacheable by grid) ---------------------
@@ -218,7 +203,9 @@ class Qwen2_5_VisionTower(nn.Module):
         self.blocks = nn.ModuleList(Qwen2_5_VisionBlock(vc) for _ in range(vc.depth))
         self.merger = Qwen2_5_VisionMerger(vc.hidden_size, vc.out_hidden_size, vc.spatial_merge_size)
 
-    def check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str) -> tuple:
+    def check_inputs(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str
+    ) -> tuple[tuple[int, int, int], ...]:
         """Validate the processor output; returns the grids as a hashable tuple of (t, h, w)."""
         row = self.in_channels * self.temporal_patch_size * self.patch_size**2
         if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:

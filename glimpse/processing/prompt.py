@@ -1,0 +1,96 @@
+"""Step 3: prompt expansion. A prompt holding one marker per media item -> token ids with each
+marker replaced by the family's exact token run, plus where every item's embedding slots sit.
+
+GLM image: `<|image|>` -> `<|image|>` x n.   GLM video: `<|video|>` -> per temporal frame
+`<|begin_of_image|> <|image|> x n <|end_of_image|> TS`.  Qwen: `<|image_pad|>` / `<|video_pad|>`
+x n. Markers are special tokens, so tokenizing the text between them piece by piece equals
+HF's tokenization of the whole expanded string (special tokens split the text first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from glimpse.errors import PromptError
+
+
+@dataclass(frozen=True)
+class PlaceholderTokens:
+    """The marker strings and ids of one checkpoint, read from its tokenizer and config."""
+
+    image_marker: str  # "<|image|>" / "<|image_pad|>"
+    video_marker: str  # "<|video|>" / "<|video_pad|>"
+    image_token_id: int  # id written into every image embedding slot
+    video_token_id: int  # id of video slots (GLM: the image token id; Qwen: <|video_pad|>)
+    frame_start_id: int | None = None  # GLM <|begin_of_image|>
+    frame_end_id: int | None = None  # GLM <|end_of_image|>
+
+
+@dataclass(frozen=True)
+class MediaPlacement:
+    """Where one media item's embedding slots sit in the final input_ids.
+
+    spans: [(start, end)] token index ranges holding its embedding slots (one per frame for
+    GLM video, one for everything else); num_tokens = sum of span lengths = embeddings it needs.
+    """
+
+    kind: str  # "image" | "video"
+    index: int  # position among items of its kind
+    spans: tuple[tuple[int, int], ...]
+    num_tokens: int
+
+
+def expand_prompt(
+    text: str,
+    tokenizer,
+    tokens: PlaceholderTokens,
+    image_tokens: list[int],
+    video_frames: list[tuple[int, list[str]]],
+) -> tuple[list[int], list[MediaPlacement]]:
+    """Tokenize `text`, expanding each media marker in document order.
+
+    image_tokens[i]: embedding count of image i. video_frames[j]: (tokens per temporal frame,
+    the timestamp text of each temporal frame) for GLM; for Qwen the list of timestamps is
+    empty and the count is the video's total. Raises PromptError when the number of markers
+    and items differ.
+    """
+    pattern = "(" + "|".join(re.escape(m) for m in (tokens.image_marker, tokens.video_marker)) + ")"
+    pieces = re.split(pattern, text)
+    n_img = pieces.count(tokens.image_marker)
+    n_vid = pieces.count(tokens.video_marker)
+    if n_img != len(image_tokens) or n_vid != len(video_frames):
+        raise PromptError(
+            f"the prompt has {n_img} image and {n_vid} video placeholders but {len(image_tokens)} images "
+            f"and {len(video_frames)} videos were given; each item needs exactly one placeholder "
+            f"({tokens.image_marker} / {tokens.video_marker}) in document order"
+        )
+    ids: list[int] = []
+    placements: list[MediaPlacement] = []
+    counters = {"image": 0, "video": 0}
+    for piece in pieces:
+        if piece == tokens.image_marker:
+            i = counters["image"]
+            n = image_tokens[i]
+            placements.append(MediaPlacement("image", i, ((len(ids), len(ids) + n),), n))
+            ids.extend([tokens.image_token_id] * n)
+            counters["image"] += 1
+        elif piece == tokens.video_marker:
+            j = counters["video"]
+            per_frame, stamps = video_frames[j]
+            spans = []
+            if stamps:  # GLM: one image-like run per temporal frame, then its timestamp text
+                for ts in stamps:
+                    ids.append(tokens.frame_start_id)
+                    spans.append((len(ids), len(ids) + per_frame))
+                    ids.extend([tokens.video_token_id] * per_frame)
+                    ids.append(tokens.frame_end_id)
+                    ids.extend(tokenizer.encode(ts, add_special_tokens=False))
+            else:
+                spans.append((len(ids), len(ids) + per_frame))
+                ids.extend([tokens.video_token_id] * per_frame)
+            placements.append(MediaPlacement("video", j, tuple(spans), sum(e - s for s, e in spans)))
+            counters["video"] += 1
+        elif piece:
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+    return ids, placements
