@@ -8,7 +8,7 @@ positions [3, T] -> final-normed hidden [T, H] -> logits [T, vocab]. Parameter n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
-from glimpse.models.layers import KVCache, RMSNorm, rotate_half, rotate_interleaved, segment_attention
+from glimpse.models.layers import KVCache, RMSNorm, rotate_half, rotate_interleaved
 from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
+from glimpse.vision.attention import pad_offsets, varlen_attention
 
 # ----------------------------------------------------------------------------------------
 # Family check: which HF configs this file serves
@@ -142,7 +143,7 @@ class Glm4vVisionPatchEmbed(nn.Module):
 
 
 class Glm4vVisionEmbeddings(nn.Module):
-    """Learned S x S position table, resampled bicubically to each frame's (h, w) grid in fp32."""
+    """Learned S x S position table, resampled bicubically to a frame's (h, w) grid in fp32."""
 
     def __init__(self, vc) -> None:
         super().__init__()
@@ -150,20 +151,17 @@ class Glm4vVisionEmbeddings(nn.Module):
         self.merge = vc.spatial_merge_size
         self.position_embedding = nn.Embedding(self.side * self.side, vc.hidden_size)
 
-    def forward(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def frame_table(self, h: int, w: int) -> torch.Tensor:
+        """[h*w, C] position embeddings of one frame in merge-block order, in the table's dtype."""
         weight = self.position_embedding.weight
         table = weight.float().view(self.side, self.side, -1)  # [y, x, C]
-        m, per_item, done = self.merge, [], {}
-        for t, h, w in grid_thw.tolist():
-            if (h, w) not in done:
-                wy = bicubic_axis_matrix(h, self.side).to(table.device)
-                wx = bicubic_axis_matrix(w, self.side).to(table.device)
-                along_x = torch.matmul(wx, table)  # [S, w, C]
-                grid = (wy @ along_x.flatten(1)).view(h, w, -1)
-                grid = grid.view(h // m, m, w // m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
-                done[(h, w)] = grid.to(weight.dtype)
-            per_item.append(done[(h, w)].repeat(t, 1))
-        return x + torch.cat(per_item).to(x.device)
+        wy = bicubic_axis_matrix(h, self.side).to(table.device)
+        wx = bicubic_axis_matrix(w, self.side).to(table.device)
+        along_x = torch.matmul(wx, table)  # [S, w, C]
+        grid = (wy @ along_x.flatten(1)).view(h, w, -1)
+        m = self.merge
+        grid = grid.view(h // m, m, w // m, m, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+        return grid.to(weight.dtype)
 
 
 class Glm4vVisionAttention(nn.Module):
@@ -177,7 +175,8 @@ class Glm4vVisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
         q, k = _vision_rotary(q, cos, sin), _vision_rotary(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
+        out = varlen_attention(q, k, v, cu_seqlens, n)  # every segment fits in the n rows
+        return self.proj(out.reshape(n, -1))
 
 
 def _vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -246,22 +245,50 @@ class Glm4vVisionModel(nn.Module):
         self.downsample = nn.Conv2d(vc.hidden_size, vc.out_hidden_size, kernel_size=self.merge, stride=self.merge)
         self.merger = Glm4vVisionPatchMerger(vc.out_hidden_size, vc.intermediate_size, vc.hidden_act)
 
-    def rotary(self, grid_thw: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin, done = [], [], {}
-        for t, h, w in grid_thw.tolist():
-            if (h, w) not in done:
-                done[(h, w)] = vision_rotary_cos_sin(h, w, self.merge, self.head_dim, self.theta)
-            c, s = done[(h, w)]
-            cos.append(c.repeat(t, 1))
-            sin.append(s.repeat(t, 1))
-        return torch.cat(cos).to(device), torch.cat(sin).to(device)
+    # The tower runs in two parts: per-batch metadata from the grids alone (built from
+    # per-frame-size tables that a runner caches), then `forward_static`, whose shapes depend
+    # only on the row count, so one compiled graph serves every batch padded to a budget.
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        grid_thw = grid_thw.cpu()
-        x = self.post_conv_layernorm(self.patch_embed(pixel_values))
-        x = self.embeddings(x, grid_thw)
-        cos, sin = self.rotary(grid_thw, x.device)
-        cu_seqlens = frame_segments(grid_thw).to(x.device)
+    def frame_tables(self, h: int, w: int) -> dict[str, torch.Tensor]:
+        """Tables of one (1, h, w) frame: pos_embeds [h*w, C] (weight dtype), cos/sin fp32 [h*w, D]."""
+        cos, sin = vision_rotary_cos_sin(h, w, self.merge, self.head_dim, self.theta)
+        dev = self.embeddings.position_embedding.weight.device
+        return {"pos_embeds": self.embeddings.frame_table(h, w), "cos": cos.to(dev), "sin": sin.to(dev)}
+
+    def batch_metadata(
+        self,
+        grids: Sequence[tuple[int, int, int]],
+        tables: Mapping[tuple[int, int], dict[str, torch.Tensor]],
+        capacity_patches: int | None = None,
+        capacity_frames: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`forward_static`'s keyword inputs for items laid out back to back in `grids` order.
+
+        With capacities, pos_embeds/cos/sin get zero rows up to `capacity_patches` and cu_seqlens
+        repeats its last offset up to `capacity_frames` segments (padded rows sit in no segment).
+        """
+        rows = {key: [tables[(h, w)][key].repeat(t, 1) for t, h, w in grids] for key in ("pos_embeds", "cos", "sin")}
+        cu_seqlens = frame_segments(torch.tensor(grids, dtype=torch.long).view(-1, 3))
+        n = int(cu_seqlens[-1])
+        if capacity_patches is not None:
+            for key, parts in rows.items():
+                parts.append(parts[0].new_zeros(capacity_patches - n, parts[0].shape[1]))
+        if capacity_frames is not None:
+            cu_seqlens = pad_offsets(cu_seqlens, capacity_frames + 1)
+        meta = {key: torch.cat(parts) for key, parts in rows.items()}
+        meta["cu_seqlens"] = cu_seqlens.to(meta["cos"].device)
+        return meta
+
+    def forward_static(
+        self,
+        pixel_values: torch.Tensor,
+        pos_embeds: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """[N, C*Tp*P*P] plus `batch_metadata` -> [N / m^2, out_hidden]; N a multiple of m^2."""
+        x = self.post_conv_layernorm(self.patch_embed(pixel_values)) + pos_embeds
         for block in self.blocks:
             x = block(x, cu_seqlens, cos, sin)
         x = self.post_layernorm(x)
@@ -269,6 +296,12 @@ class Glm4vVisionModel(nn.Module):
         x = x.view(-1, self.merge, self.merge, x.shape[-1]).permute(0, 3, 1, 2)
         x = self.downsample(x).flatten(1)
         return self.merger(x)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grids = [tuple(g) for g in grid_thw.tolist()]
+        tables = {(h, w): self.frame_tables(h, w) for _, h, w in grids}
+        meta = self.batch_metadata(grids, tables)
+        return self.forward_static(pixel_values, **{k: v.to(pixel_values.device) for k, v in meta.items()})
 
 
 # ----------------------------------------------------------------------------------------

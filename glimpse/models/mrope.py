@@ -69,10 +69,8 @@ def glm_mrope_positions(
     frame_video = np.repeat(np.arange(len(videos)), videos[:, 0])  # video index of each frame
     frames = videos[frame_video]
     frames[:, 0] = 1
-    groups = _Groups.find(types)
-    thw = groups.attach_grids(images, frames, m, frame_of=(videos, frame_video))
-    k, y, x, hw_max = _offsets(groups, thw, m)
-    return _assemble(len(types), groups, k, y, x, advance=hw_max)
+    groups = _Groups(types, images, frames, m, frame_of=(videos, frame_video))
+    return groups.assemble(groups.k, advance=groups.hw_max)
 
 
 def qwen_mrope_positions(
@@ -105,27 +103,21 @@ def qwen_mrope_positions(
     images = _check_grid(image_grid_thw, "image_grid_thw", m)
     videos = _check_grid(video_grid_thw, "video_grid_thw", m)
     time_interval = _time_interval(second_per_grid_ts, tokens_per_second, len(videos))
+    groups = _Groups(types, images, videos, m)
+    if not len(videos):
+        return groups.assemble(groups.k, advance=groups.hw_max)
 
-    groups = _Groups.find(types)
-    thw = groups.attach_grids(images, videos, m)
-    t_off, y, x, hw_max = _offsets(groups, thw, m)
-    video_of_group = np.cumsum(groups.kind == 2) - 1
-    video_tok = np.flatnonzero(groups.token_kind == 2)
-    if len(video_tok):
-        ti = time_interval[torch.from_numpy(video_of_group[groups.token_group[video_tok]])]
-        t_off[video_tok] = _scaled(t_off[video_tok], ti)
+    is_video = groups.kind == 2
+    video_of_group = torch.from_numpy(np.cumsum(is_video) - 1)
+    video_tok = np.repeat(is_video, groups.length)
+    t_off = groups.k.copy()
+    t_off[video_tok] = _scaled(t_off[video_tok], time_interval[video_of_group[groups.token_group[video_tok]]])
     if video_rule == "hf":
-        advance = hw_max
-    else:
-        # max over the group of its (t, y, x) offsets, + 1; t grows with k, so the last frame holds it
-        t_max = thw[:, 0] - 1
-        is_video = groups.kind == 2
-        if is_video.any():
-            t_max[is_video] = _scaled(
-                t_max[is_video], time_interval[torch.from_numpy(video_of_group[is_video])]
-            )
-        advance = np.maximum(hw_max, t_max + 1)
-    return _assemble(len(types), groups, t_off, y, x, advance=advance)
+        return groups.assemble(t_off, advance=groups.hw_max)
+    # max over the group of its (t, y, x) offsets, + 1; t grows with k, so the last frame holds it
+    t_max = groups.thw[:, 0] - 1
+    t_max[is_video] = _scaled(t_max[is_video], time_interval[video_of_group[is_video]])
+    return groups.assemble(t_off, advance=np.maximum(groups.hw_max, t_max + 1))
 
 
 def decode_positions(num_computed_tokens: int, num_new: int, mrope_delta: int) -> Tensor:
@@ -143,35 +135,45 @@ def decode_positions(num_computed_tokens: int, num_new: int, mrope_delta: int) -
 
 
 class _Groups:
-    """The vision groups of one prompt: maximal runs of equal non-zero type (HF's groupby).
+    """The vision groups of one prompt, matched to their grid rows, and each vision token's place.
 
-    Per group [G]: `start`, `length`, `kind`. Per vision token [Nv], in prompt order:
-    `token_group`, `token_local` (index inside its group), `token_kind`.
+    A group is a maximal run of equal non-zero type (HF's groupby). Per group [G]: `start`,
+    `length`, `kind`, `thw`, `hw_max` = max(H, W). Per vision token [Nv], in prompt order: `index`
+    (its place in the prompt), `token_group`, and its offsets `k` (frame), `y` (row), `x` (column).
     """
 
-    def __init__(self, start: np.ndarray, length: np.ndarray, kind: np.ndarray, last_text: int) -> None:
-        self.start, self.length, self.kind = start, length, kind
-        self.last_text = last_text  # index of the last text token, -1 if none
-        self.token_group = np.repeat(np.arange(len(start)), length)
-        self.token_local = np.arange(len(self.token_group)) - np.repeat(np.cumsum(length) - length, length)
-        self.token_kind = kind[self.token_group]
-
-    @classmethod
-    def find(cls, types: np.ndarray) -> _Groups:
+    def __init__(
+        self, types: np.ndarray, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None = None
+    ) -> None:
         n = len(types)
-        change = np.flatnonzero(types[1:] != types[:-1]) + 1
-        run_start = np.concatenate(([0], change))
-        run_end = np.concatenate((change, [n]))
+        edges = np.flatnonzero(types[1:] != types[:-1]) + 1
+        run_start = np.concatenate(([0], edges))
+        run_end = np.concatenate((edges, [n]))
         run_kind = types[run_start]
+        if run_kind.min() < 0 or run_kind.max() > 2:  # every run holds one value, so this checks all
+            i = int(run_start[(run_kind < 0) | (run_kind > 2)][0])
+            raise PromptError(f"mm_token_types[{i}] = {int(types[i])}; allowed are 0 text, 1 image, 2 video")
         vision = run_kind != 0
-        text_ends = run_end[~vision]
-        last_text = int(text_ends[-1]) - 1 if len(text_ends) else -1
-        return cls(run_start[vision], (run_end - run_start)[vision], run_kind[vision], last_text)
+        text_end = run_end[~vision]
+        self.n = n
+        self.last_text = int(text_end[-1]) - 1 if len(text_end) else -1  # -1: no text at all
+        self.start, self.kind = run_start[vision], run_kind[vision]
+        self.length = run_end[vision] - self.start
+        self.thw = self._match_grids(images, videos, m, frame_of)
 
-    def attach_grids(
-        self, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None = None
+        h, w = self.thw[:, 1] // m, self.thw[:, 2] // m
+        self.hw_max = np.maximum(h, w)
+        self.token_group = np.repeat(np.arange(len(self.start)), self.length)
+        first = np.cumsum(self.length) - self.length  # each group's first token among the vision tokens
+        local = np.arange(len(self.token_group)) - first[self.token_group]
+        self.index = self.start[self.token_group] + local
+        self.k, rem = np.divmod(local, (h * w)[self.token_group])
+        self.y, self.x = np.divmod(rem, w[self.token_group])
+
+    def _match_grids(
+        self, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None
     ) -> np.ndarray:
-        """Give each group its grid row in document order -> [G, 3]; refuse any count or size mismatch.
+        """Grid row of each group in document order -> [G, 3]; refuse any count or size mismatch.
 
         `frame_of=(video_grid_thw, video index of each frame)`: `videos` are GLM frames (t=1 rows),
         and messages name the frame.
@@ -180,8 +182,8 @@ class _Groups:
         for kind, grids in ((1, images), (2, videos)):
             is_kind = self.kind == kind
             count = int(is_kind.sum())
-            unit = "frame" if kind == 2 and frame_of is not None else _KIND[kind]
             if count != len(grids):
+                unit = "frame" if kind == 2 and frame_of is not None else _KIND[kind]
                 what = (
                     "video frame(s) (sum of t over video_grid_thw)" if unit == "frame" else f"{unit} grid(s)"
                 )
@@ -212,15 +214,26 @@ class _Groups:
             f"starting at token {int(self.start[g])} has {int(self.length[g])}"
         )
 
-
-def _offsets(groups: _Groups, thw: np.ndarray, m: int) -> tuple[np.ndarray, ...]:
-    """Per vision token [Nv]: frame index k (t-major order), row y, column x; per group [G] max(H, W)."""
-    h, w = thw[:, 1] // m, thw[:, 2] // m
-    hw_tok = (h * w)[groups.token_group]
-    w_tok = w[groups.token_group]
-    k, rem = np.divmod(groups.token_local, hw_tok)
-    y, x = np.divmod(rem, w_tok)
-    return k, y, x, np.maximum(h, w)
+    def assemble(self, t_off: np.ndarray, advance: np.ndarray) -> tuple[Tensor, int]:
+        """-> ([3, T] positions, delta). `t_off` [Nv]: each vision token's t offset; `advance` [G]: how
+        far each group moves the running start s. Text token i sits at i plus (advance - length)
+        summed over the groups before it; a vision token at its group's s plus (t_off, y, x)."""
+        n = self.n
+        gap = advance - self.length
+        step = np.ones(n + 1, dtype=np.int64)  # base = cumsum of steps: 1 per token, + gap after a group
+        step[0] = 0
+        step[self.start + self.length] += gap  # group ends are distinct
+        positions = np.empty((3, n), dtype=np.int64)
+        np.cumsum(step[:n], out=positions[0])
+        positions[1:] = positions[0]
+        # Text positions strictly increase (every group advances s by >= 1): the last is their max.
+        top = int(positions[0, self.last_text]) if self.last_text >= 0 else -1
+        if len(self.index):
+            vision = np.stack((t_off, self.y, self.x))
+            vision += (self.start + np.cumsum(gap) - gap)[self.token_group]  # + running start s
+            positions[:, self.index] = vision
+            top = max(top, int(vision.max()))
+        return torch.from_numpy(positions), top + 1 - n
 
 
 def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, num_videos: int) -> Tensor:
@@ -237,10 +250,10 @@ def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, 
             f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {num_videos} "
             "videos; pass one entry per video"
         )
-    bad = (~torch.isfinite(spg.double()) | (spg < 0)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise PromptError(f"second_per_grid_ts[{i}] = {spg[i].item()} must be a finite number >= 0")
+    values = spg.double().numpy()
+    if not (np.isfinite(values).all() and (values >= 0).all()):
+        i = int(np.flatnonzero(~(np.isfinite(values) & (values >= 0)))[0])
+        raise PromptError(f"second_per_grid_ts[{i}] = {values[i]} must be a finite number >= 0")
     return tokens_per_second * spg
 
 
@@ -248,27 +261,6 @@ def _scaled(k: np.ndarray, time_interval: Tensor) -> np.ndarray:
     """trunc(k * time_interval) elementwise, k cast to the interval's dtype first, exactly as HF's
     `(arange(t) * time_interval).long()` rounds (float32 for a float32 second_per_grid_ts)."""
     return (torch.from_numpy(k).to(time_interval.dtype) * time_interval).long().numpy()
-
-
-def _assemble(
-    n: int, groups: _Groups, t_off: np.ndarray, y: np.ndarray, x: np.ndarray, advance: np.ndarray
-) -> tuple[Tensor, int]:
-    """Text token i sits at i + (advance - length summed over earlier groups); vision tokens at s_g + offsets."""
-    gap = advance - groups.length  # how far each group moves the running start beyond its own length
-    step = np.zeros(n + 1, dtype=np.int64)
-    step[groups.start + groups.length] = gap  # group ends are distinct
-    positions = np.empty((3, n), dtype=np.int64)
-    np.cumsum(step[:n], out=positions[0])
-    positions[0] += np.arange(n)
-    positions[1:] = positions[0]
-    # Text positions strictly increase (every group advances s by >= 1), so the last one is their max.
-    top = int(positions[0, groups.last_text]) if groups.last_text >= 0 else -1
-    if len(groups.token_group):
-        group_s = groups.start + np.cumsum(gap) - gap  # running start s of each group
-        vision = group_s[groups.token_group] + np.stack([t_off, y, x])
-        positions[:, groups.start[groups.token_group] + groups.token_local] = vision
-        top = max(top, int(vision.max()))
-    return torch.from_numpy(positions), top + 1 - n
 
 
 def _as_ids(tensor: Tensor, name: str) -> np.ndarray:
@@ -290,9 +282,6 @@ def _check_types(mm_token_types: Tensor) -> np.ndarray:
     types = _as_ids(mm_token_types, "mm_token_types")
     if len(types) == 0:
         raise PromptError("the prompt has no tokens; M-RoPE positions need at least one")
-    if types.min() < 0 or types.max() > 2:
-        i = int(np.flatnonzero((types < 0) | (types > 2))[0])
-        raise PromptError(f"mm_token_types[{i}] = {int(types[i])}; allowed are 0 text, 1 image, 2 video")
     return types
 
 
@@ -312,9 +301,8 @@ def _check_grid(grid_thw: Tensor | None, name: str, m: int) -> np.ndarray:
             f"{name} must be an integer tensor [N, 3] of (t, h, w), got {tuple(grid.shape)} {grid.dtype}"
         )
     grid = grid.cpu().to(torch.int64).numpy()
-    bad = np.flatnonzero((grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1))
-    if len(bad):
-        i = int(bad[0])
+    if grid.size and (grid.min() < 1 or (grid[:, 1:] % m).any()):
+        i = int(np.flatnonzero((grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1))[0])
         raise PromptError(
             f"{name}[{i}] = {grid[i].tolist()}: t, h, w must be >= 1 and h, w multiples of "
             f"spatial_merge_size {m}"

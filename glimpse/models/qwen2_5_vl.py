@@ -8,6 +8,7 @@ Parameter names equal HF 5.23's state-dict names (`model.visual.*`, `model.langu
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,9 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
-from glimpse.models.layers import KVCache, RMSNorm, rotate_half, segment_attention
+from glimpse.models.layers import KVCache, RMSNorm, rotate_half
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
+from glimpse.vision.attention import pad_offsets, varlen_attention
 
 VIDEO_POSITION_RULES = ("reference", "hf")
 
@@ -52,8 +54,18 @@ class VisionPlan:
     pos_hw: torch.Tensor  # [N, 2] long (row, col) patch coordinate of each row
 
 
-def vision_plan(grid_thw: tuple[tuple[int, int, int], ...], spatial_merge_size: int, window_units: int) -> VisionPlan:
-    """Window permutation, attention segments and patch coordinates for a batch of grids.
+@dataclass(frozen=True)
+class FrameWindows:
+    """The window order of one frame size, in that frame's own unit numbering."""
+
+    order: torch.Tensor  # [units] long: raster unit at window slot i
+    inverse: torch.Tensor  # [units] long: argsort(order)
+    window_lens: torch.Tensor  # [windows] long: patches per non-empty window
+    pos_hw: torch.Tensor  # [h*w, 2] long (row, col) of each patch, in window order
+
+
+def frame_window_plan(h: int, w: int, spatial_merge_size: int, window_units: int) -> FrameWindows:
+    """Window order of one (1, h, w) frame; the same for every frame of that size.
 
     `window_units` is the window side in merged units (`window_size // m // patch_size`).
     Partial windows at the bottom/right edge are kept (shorter segments); HF's padding also
@@ -61,36 +73,62 @@ def vision_plan(grid_thw: tuple[tuple[int, int, int], ...], spatial_merge_size: 
     ceil-division here gives the same segments.
     """
     m = spatial_merge_size
-    unit = m * m
-    in_unit_y = torch.arange(m).repeat_interleave(m)
-    in_unit_x = torch.arange(m).repeat(m)
-    index_parts, window_lens, frame_lens, pos_parts = [], [], [], []
+    mh, mw = h // m, w // m
+    ys = torch.arange(mh).repeat_interleave(mw)
+    xs = torch.arange(mw).repeat(mh)
+    windows_per_row = -(-mw // window_units)
+    window_id = (ys // window_units) * windows_per_row + xs // window_units
+    # Stable sort keeps raster order inside a window, which is row-major within it.
+    order = torch.argsort(window_id, stable=True)
+    py = (ys[order][:, None] * m + torch.arange(m).repeat_interleave(m)).flatten()
+    px = (xs[order][:, None] * m + torch.arange(m).repeat(m)).flatten()
+    return FrameWindows(
+        order=order,
+        inverse=torch.argsort(order),
+        window_lens=torch.bincount(window_id) * (m * m),
+        pos_hw=torch.stack([py, px], dim=-1),
+    )
+
+
+def vision_plan(grid_thw: tuple[tuple[int, int, int], ...], spatial_merge_size: int, window_units: int) -> VisionPlan:
+    """Window permutation, attention segments and patch coordinates for a batch of grids."""
+    frames = {(h, w): frame_window_plan(h, w, spatial_merge_size, window_units) for _, h, w in grid_thw}
+    return _assemble_plan(grid_thw, frames, spatial_merge_size)
+
+
+def _assemble_plan(
+    grid_thw: Sequence[tuple[int, int, int]], frames: Mapping[tuple[int, int], FrameWindows], spatial_merge_size: int
+) -> VisionPlan:
+    """Concatenate per-frame window plans over the frames of the items, offsetting the unit indices."""
+    unit = spatial_merge_size**2
+    index_parts, reverse_parts, window_lens, frame_lens, pos_parts = [], [], [], [], []
     offset = 0
     for t, h, w in grid_thw:
-        mh, mw = h // m, w // m
-        ys = torch.arange(mh).repeat_interleave(mw)
-        xs = torch.arange(mw).repeat(mh)
-        windows_per_row = -(-mw // window_units)
-        window_id = (ys // window_units) * windows_per_row + xs // window_units
-        # Stable sort keeps raster order inside a window, which is row-major within it.
-        order = torch.argsort(window_id, stable=True)
-        frame_units = mh * mw
-        index_parts.append((torch.arange(t)[:, None] * frame_units + order).flatten() + offset)
-        window_lens.append((torch.bincount(window_id) * unit).repeat(t))
+        plan, frame_units = frames[(h, w)], h * w // unit
+        starts = torch.arange(t)[:, None] * frame_units + offset
+        index_parts.append((starts + plan.order).flatten())
+        reverse_parts.append((starts + plan.inverse).flatten())
+        window_lens.append(plan.window_lens.repeat(t))
         frame_lens.append(torch.full((t,), h * w))
-        py = (ys[order][:, None] * m + in_unit_y).flatten()
-        px = (xs[order][:, None] * m + in_unit_x).flatten()
-        pos_parts.append(torch.stack([py, px], dim=-1).repeat(t, 1))
+        pos_parts.append(plan.pos_hw.repeat(t, 1))
         offset += t * frame_units
-    window_index = torch.cat(index_parts)
     zero = torch.zeros(1, dtype=torch.long)
     return VisionPlan(
-        window_index=window_index,
-        reverse_index=torch.argsort(window_index),
+        window_index=torch.cat(index_parts),
+        reverse_index=torch.cat(reverse_parts),
         cu_window_seqlens=torch.cat([zero, torch.cat(window_lens).cumsum(0)]).to(torch.int32),
         cu_seqlens=torch.cat([zero, torch.cat(frame_lens).cumsum(0)]).to(torch.int32),
         pos_hw=torch.cat(pos_parts),
     )
+
+
+def window_capacity(units: int, frames: int, window_units: int) -> int:
+    """Most attention windows `frames` frames of `units` merged units in all can have.
+
+    A frame of H x W units has ceil(H/ws)*ceil(W/ws) <= H*W/ws + 1 windows, and never more
+    windows than units, so min(units, frames + ceil(units / ws)) bounds every layout.
+    """
+    return min(units, frames + -(-units // window_units))
 
 
 def vision_rotary(pos_hw: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +175,7 @@ class Qwen2_5_VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(v.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
-        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
+        return self.proj(varlen_attention(q, k, v, cu_seqlens, n).reshape(n, -1))
 
 
 class Qwen2_5_VisionMLP(nn.Module):
@@ -230,21 +268,81 @@ class Qwen2_5_VisionTower(nn.Module):
             )
         return grids
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image") -> torch.Tensor:
-        grids = self.check_inputs(pixel_values, grid_thw, kind)
-        plan = vision_plan(grids, self.spatial_merge_size, self.window_units)
-        dev = pixel_values.device
-        unit = self.spatial_merge_size**2
-        cos, sin = vision_rotary(plan.pos_hw.to(dev), self.head_dim, self.rope_theta)
-        cu_window, cu_frames = plan.cu_window_seqlens.to(dev), plan.cu_seqlens.to(dev)
+    # The tower runs in two parts: per-batch metadata from the grids alone (built from
+    # per-frame-size tables that a runner caches), then `forward_static`, whose shapes depend
+    # only on the row count, so one compiled graph serves every batch padded to a budget.
 
+    def frame_tables(self, h: int, w: int) -> dict[str, object]:
+        """Tables of one (1, h, w) frame: its window plan and fp32 cos/sin [h*w, D] in window order."""
+        plan = frame_window_plan(h, w, self.spatial_merge_size, self.window_units)
+        cos, sin = vision_rotary(plan.pos_hw, self.head_dim, self.rope_theta)
+        dev = self.patch_embed.proj.weight.device
+        return {"windows": plan, "cos": cos.to(dev), "sin": sin.to(dev)}
+
+    def batch_metadata(
+        self,
+        grids: Sequence[tuple[int, int, int]],
+        tables: Mapping[tuple[int, int], dict[str, object]],
+        capacity_patches: int | None = None,
+        capacity_frames: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`forward_static`'s keyword inputs for items laid out back to back in `grids` order.
+
+        With capacities (both or neither), cos/sin get zero rows up to `capacity_patches`, the
+        padded units map to themselves in window_index/reverse_index, and both offset lists
+        repeat their last offset (frames up to `capacity_frames`, windows up to `window_capacity`).
+        """
+        unit = self.spatial_merge_size**2
+        plan = _assemble_plan(grids, {key: tab["windows"] for key, tab in tables.items()}, self.spatial_merge_size)
+        cos = [tables[(h, w)]["cos"].repeat(t, 1) for t, h, w in grids]
+        sin = [tables[(h, w)]["sin"].repeat(t, 1) for t, h, w in grids]
+        window_index, reverse_index = plan.window_index, plan.reverse_index
+        cu_seqlens, cu_window = plan.cu_seqlens, plan.cu_window_seqlens
+        if capacity_patches is not None and capacity_frames is not None:
+            n = int(cu_seqlens[-1])
+            cos.append(cos[0].new_zeros(capacity_patches - n, cos[0].shape[1]))
+            sin.append(sin[0].new_zeros(capacity_patches - n, sin[0].shape[1]))
+            tail = torch.arange(n // unit, capacity_patches // unit)
+            window_index = torch.cat([window_index, tail])
+            reverse_index = torch.cat([reverse_index, tail])
+            cu_seqlens = pad_offsets(cu_seqlens, capacity_frames + 1)
+            windows = window_capacity(capacity_patches // unit, capacity_frames, self.window_units)
+            cu_window = pad_offsets(cu_window, windows + 1)
+        dev = cos[0].device
+        return {
+            "cos": torch.cat(cos),
+            "sin": torch.cat(sin),
+            "window_index": window_index.to(dev),
+            "reverse_index": reverse_index.to(dev),
+            "cu_seqlens": cu_seqlens.to(dev),
+            "cu_window_seqlens": cu_window.to(dev),
+        }
+
+    def forward_static(
+        self,
+        pixel_values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window_index: torch.Tensor,
+        reverse_index: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        cu_window_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """[N, C*Tp*P*P] plus `batch_metadata` -> [N / m^2, out_hidden] in raster merge order."""
+        unit = self.spatial_merge_size**2
         x = self.patch_embed(pixel_values)
         n = x.shape[0]
-        x = x.view(n // unit, unit, -1)[plan.window_index.to(dev)].view(n, -1)
+        x = x.view(n // unit, unit, -1)[window_index].view(n, -1)
         for i, block in enumerate(self.blocks):
-            cu = cu_frames if i in self.fullatt_block_indexes else cu_window
+            cu = cu_seqlens if i in self.fullatt_block_indexes else cu_window_seqlens
             x = block(x, cu, cos, sin)
-        return self.merger(x)[plan.reverse_index.to(dev)]
+        return self.merger(x)[reverse_index]
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image") -> torch.Tensor:
+        grids = self.check_inputs(pixel_values, grid_thw, kind)
+        tables = {(h, w): self.frame_tables(h, w) for _, h, w in grids}
+        meta = self.batch_metadata(grids, tables)
+        return self.forward_static(pixel_values, **{k: v.to(pixel_values.device) for k, v in meta.items()})
 
 
 # ---- Qwen2 decoder -------------------------------------------------------------------------

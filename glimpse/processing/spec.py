@@ -396,7 +396,7 @@ def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any
             raise InvalidInputError("fps and num_frames exclude each other (HF raises); set only one")
         if "fps" in changes:
             changes["num_frames"] = None
-        if "num_frames" in changes:
+        elif "num_frames" in changes:
             changes["fps"] = None
         lo = changes.get("min_frames", spec.min_frames) or 0
         hi = changes.get("max_frames", spec.max_frames) or lo

@@ -1,0 +1,1 @@
+"""Steps 4 and 9 of the data path: the engine (scheduling, KV blocks, requests) and the sampler."""

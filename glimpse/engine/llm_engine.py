@@ -1,0 +1,317 @@
+"""The engine loop: add requests, run steps (schedule -> model runner -> sampler -> detokenize),
+and hand back `RequestOutput`s shaped like vLLM's.
+
+One `LLMEngine` owns the model, the paged KV cache, the encoder cache and the scheduler.
+It is single-threaded; the server drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glimpse.config import ModelConfig
+from glimpse.engine.block_manager import BlockManager
+from glimpse.engine.detokenizer import IncrementalDetokenizer
+from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.kv_cache import PagedKVCache
+from glimpse.engine.model_runner import ModelRunner
+from glimpse.engine.request import Request, RequestStatus
+from glimpse.engine.sampler import RequestSamplingState, TopLogprobs, sample
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.scheduler import Scheduler, SchedulerConfig
+from glimpse.errors import InvalidInputError, PromptError
+from glimpse.loader import load_model
+from glimpse.models.base import MultimodalInputs
+from glimpse.processing.inputs import ProcessedPrompt
+from glimpse.units import parse_bytes
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | Path
+    dtype: str = "auto"  # "auto": the checkpoint's torch_dtype (float16 runs as bfloat16 on CPU)
+    max_model_len: int | None = None  # None: what the model and the KV cache allow
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | str = "1GiB"
+    encoder_cache_memory: int | str = "256MiB"
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    device: str = "cpu"
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {"video_position_rule": "hf"} for Qwen2.5-VL
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[TopLogprobs] | None = None
+    delta_text: str = ""  # text new since the previous output of this request (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    media_tokens: list[dict] = field(default_factory=list)  # per media item: type, tokens, grid_thw
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    detok: IncrementalDetokenizer
+    index: int
+    emitted_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Group:
+    request_id: str
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    seqs: list[_Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        dtype = _resolve_dtype(config)
+        self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+                                seed=config.seed, **config.model_kwargs)  # fmt: skip
+        self.model_config: ModelConfig = self.model.glimpse_config
+        from glimpse.processing.processor import load_processor
+
+        self.processor = load_processor(config.model)
+        self.tokenizer = self.processor.tokenizer
+        text_cfg = self.model_config.hf_config.get_text_config()
+        self.vocab_size = text_cfg.vocab_size
+
+        kv_bytes = parse_bytes(config.kv_cache_memory, "kv_cache_memory")
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+        per_block = PagedKVCache.bytes_per_block(
+            text_cfg.num_hidden_layers, config.block_size, text_cfg.num_key_value_heads, head_dim, dtype)
+        num_blocks = kv_bytes // per_block
+        capacity = num_blocks * config.block_size
+        max_len = config.max_model_len or min(text_cfg.max_position_embeddings, capacity)
+        if max_len > capacity:
+            raise InvalidInputError(
+                f"max_model_len {max_len} needs {-(-max_len // config.block_size)} KV blocks but kv_cache_memory "
+                f"{config.kv_cache_memory} holds {num_blocks} ({capacity} tokens); raise kv_cache_memory or lower max_model_len")
+        if max_len > text_cfg.max_position_embeddings:
+            raise InvalidInputError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                                    f"{text_cfg.max_position_embeddings}")  # fmt: skip
+        self.max_model_len = max_len
+        self.kv_cache = PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size,
+                                     text_cfg.num_key_value_heads, head_dim, dtype, config.device)  # fmt: skip
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.encoder_cache = EncoderCache(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"))
+        emb_bytes = text_cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
+        sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
+                                encoder_budget=max(config.max_num_batched_tokens, 4096))  # fmt: skip
+        self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.encoder_cache)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.groups: dict[str, _Group] = {}
+        self._counter = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: ProcessedPrompt | list[int] | str,
+                    params: SamplingParams | None = None, preprocess_seconds: float = 0.0) -> str:  # fmt: skip
+        """Queue one request (fanned out into `params.n` sequences); returns its id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._counter))
+        if request_id in self.groups:
+            raise InvalidInputError(f"request id {request_id!r} is already in use")
+        prompt = self._as_processed(prompt)
+        params.validate_for_vocab(self.vocab_size)
+        n_prompt = len(prompt.input_ids)
+        if n_prompt == 0:
+            raise PromptError("the prompt is empty")
+        if n_prompt >= self.max_model_len:
+            raise PromptError(f"the prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}; "
+                              "shorten it, lower image/video resolution (max_pixels, fps), or raise max_model_len")  # fmt: skip
+        if any(i < 0 or i >= self.vocab_size for i in prompt.input_ids):
+            raise PromptError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
+        for item in prompt.media:
+            need = item.num_tokens * self.scheduler.embedding_bytes_per_token
+            if need > self.encoder_cache.max_bytes:
+                raise PromptError(f"a {item.kind} of {item.num_tokens} tokens needs {need} bytes of encoder cache, "
+                                  f"more than encoder_cache_memory ({self.encoder_cache.max_bytes}); raise it or "
+                                  "lower the item's resolution")  # fmt: skip
+        positions, delta = self.model.mrope_positions(torch.tensor(prompt.input_ids), _grids(prompt))
+        seqs = []
+        for i in range(params.n):
+            req = Request(
+                request_id=f"{request_id}-{i}" if params.n > 1 else request_id,
+                prompt_token_ids=list(prompt.input_ids),
+                sampling_params=params,
+                sampling_state=RequestSamplingState.from_params(params, prompt.input_ids, i),
+                media=prompt.media,
+                prompt_positions=positions,
+                mrope_delta=int(delta),
+                eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                group_id=request_id,
+            )
+            req.timings.preprocess = preprocess_seconds
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output)  # fmt: skip
+            seqs.append(_Sequence(req, detok, i))
+            self.scheduler.add(req)
+        self.groups[request_id] = _Group(request_id, prompt, params, seqs)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if unknown or finished."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for seq in group.seqs:
+            if not seq.request.is_finished:
+                seq.request.finish_reason = "abort"
+                self.scheduler.finish(seq.request)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            phase = "prefill" if req.num_computed_tokens < req.num_prompt_tokens else "decode"
+            setattr(req.timings, phase, getattr(req.timings, phase) + result.forward_seconds)
+            if any(m in batch.encode for m in req.media):
+                req.timings.encoder += result.encoder_seconds
+        self.scheduler.update(batch)
+        if result.sample_requests:
+            reqs = result.sample_requests
+            out = sample(result.logits, [r.sampling_params for r in reqs], [r.sampling_state for r in reqs],
+                         sorted(self.eos_token_ids), self.generator)  # fmt: skip
+            now = time.perf_counter()
+            for req, token, logprob in zip(reqs, out.token_ids, out.logprobs, strict=True):
+                self._accept(req, token, logprob, now)
+        return self._outputs(batch.requests)
+
+    def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float) -> None:
+        params = req.sampling_params
+        if req.timings.first_token is None:
+            req.timings.first_token = now
+        req.output_token_ids.append(token)
+        req.sampling_state.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        seq = self._seq(req)
+        n_out = len(req.output_token_ids)
+        stop_str = seq.detok.add(token, check_stop=n_out >= params.min_tokens)
+        if stop_str is not None:
+            self._finish(req, "stop", stop_str)
+        elif token in req.eos_token_ids and n_out >= params.min_tokens:
+            self._finish(req, "stop", None)
+        elif token in params.stop_token_ids and n_out >= params.min_tokens:
+            self._finish(req, "stop", token)
+        elif n_out >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length", None)
+
+    def _finish(self, req: Request, reason: str, stop_reason) -> None:
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.timings.finished = time.perf_counter()
+        if stop_reason is None or isinstance(stop_reason, int):
+            self._seq(req).detok.flush()
+        self.scheduler.finish(req)
+
+    def _seq(self, req: Request) -> _Sequence:
+        return next(s for s in self.groups[req.group_id].seqs if s.request is req)
+
+    def _outputs(self, stepped: list[Request]) -> list[RequestOutput]:
+        ids = dict.fromkeys(r.group_id for r in stepped if r.group_id in self.groups)
+        outputs = []
+        for gid in ids:
+            group = self.groups[gid]
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self.groups[gid]
+        return outputs
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        comps = []
+        for seq in group.seqs:
+            req = seq.request
+            new_tokens = req.output_token_ids[seq.emitted_tokens :]
+            seq.emitted_tokens = len(req.output_token_ids)
+            delta = seq.detok.delta(req.is_finished)
+            comps.append(CompletionOutput(
+                index=seq.index, text=seq.detok.text[: seq.detok.emitted], token_ids=list(req.output_token_ids),
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                logprobs=list(req.logprobs) if group.params.logprobs is not None else None,
+                delta_text=delta, delta_token_ids=new_tokens))  # fmt: skip
+        first = group.seqs[0].request
+        metrics = first.timings.as_dict() | {"num_preemptions": sum(s.request.num_preemptions for s in group.seqs)}
+        return RequestOutput(group.request_id, list(group.prompt.input_ids), comps, group.finished,
+                             group.prompt.media_token_counts, first.num_cached_prompt_tokens, metrics)  # fmt: skip
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _as_processed(self, prompt) -> ProcessedPrompt:
+        if isinstance(prompt, ProcessedPrompt):
+            return prompt
+        if isinstance(prompt, str):
+            return ProcessedPrompt(self.tokenizer.encode(prompt, add_special_tokens=False), text=prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) for i in prompt):
+            return ProcessedPrompt(list(prompt))
+        raise InvalidInputError(f"a prompt must be a string, a list of token ids or a ProcessedPrompt, not {type(prompt).__name__}")
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.blocks.num_used_blocks,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_usage": self.blocks.usage(),
+            "prefix_cache_queries": self.blocks.queries,
+            "prefix_cache_hits": self.blocks.hits,
+            "encoder_cache_lookups": self.encoder_cache.lookups,
+            "encoder_cache_hits": self.encoder_cache.hits,
+            "encoder_cache_bytes": self.encoder_cache.used_bytes,
+            "decoder_forwards": self.runner.num_forwards,
+        }
+
+
+def _grids(prompt: ProcessedPrompt) -> MultimodalInputs:
+    images, videos = prompt.images, prompt.videos
+    grid = lambda items: torch.tensor([m.grid_thw for m in items], dtype=torch.long) if items else None  # noqa: E731
+    spg = [m.second_per_grid_t for m in videos if m.second_per_grid_t is not None]
+    return MultimodalInputs(image_grid_thw=grid(images), video_grid_thw=grid(videos),
+                            second_per_grid_ts=torch.tensor(spg, dtype=torch.float32) if spg else None)  # fmt: skip
+
+
+def _resolve_dtype(config: EngineConfig) -> torch.dtype:
+    from glimpse.config import read_json
+    from glimpse.loader import resolve_dtype
+
+    if config.dtype != "auto":
+        return resolve_dtype(config.dtype)
+    raw = read_json(Path(config.model) / "config.json")
+    name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    return torch.bfloat16 if name in ("bfloat16", "float16") else torch.float32

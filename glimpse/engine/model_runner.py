@@ -1,0 +1,97 @@
+"""Steps 6-8 for one engine step: encode scheduled media, merge embeddings, build positions and
+attention metadata, run ONE decoder forward over every scheduled token, and return the
+logits of the requests that need a new token.
+
+Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` positions,
+`[T, hidden]` embeddings. Output: `[R, vocab]` float32 logits for the R sampling rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
+from glimpse.engine.request import Request
+from glimpse.engine.scheduler import ScheduledBatch
+from glimpse.models.base import VisionLanguageModel
+from glimpse.processing.inputs import MediaItem
+
+
+@dataclass
+class StepResult:
+    sample_requests: list[Request]  # requests whose next token is sampled from `logits`
+    logits: torch.Tensor  # [len(sample_requests), vocab] float32
+    encoder_seconds: float
+    forward_seconds: float
+
+
+class ModelRunner:
+    def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.encoder_cache = encoder_cache
+        self.device = model.device
+        self.num_forwards = 0  # decoder forwards run (one per non-empty step)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        t0 = time.perf_counter()
+        self._encode(batch.encode)
+        t1 = time.perf_counter()
+
+        ids, positions, sample_rows, sample_requests = [], [], [], []
+        row = 0
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            start = req.num_computed_tokens
+            ids.extend(req.token_ids(start, start + n))
+            positions.append(req.positions(start, start + n))
+            row += n
+            if start + n == req.num_tokens:
+                sample_rows.append(row - 1)
+                sample_requests.append(req)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        embeds = self.model.embed_tokens(input_ids)
+        self._merge_media(batch, embeds)
+        meta = AttentionMetadata.build(
+            self.kv_cache.block_size,
+            [r.block_ids for r in batch.requests],
+            [r.num_computed_tokens for r in batch.requests],
+            batch.num_new_tokens,
+            self.device,
+        )
+        hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
+        self.num_forwards += 1
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
+        return StepResult(sample_requests, logits, t1 - t0, time.perf_counter() - t1)
+
+    def _encode(self, items: list[MediaItem]) -> None:
+        """Encode media not yet cached, in batches per kind, and store their embeddings."""
+        for kind, encode in (("image", self.model.encode_images), ("video", self.model.encode_videos)):
+            todo = [m for m in items if m.kind == kind and m.content_hash not in self.encoder_cache]
+            if not todo:
+                continue
+            pixels = torch.cat([m.pixel_values for m in todo]).to(self.device, self.model.dtype)
+            grids = torch.tensor([m.grid_thw for m in todo], dtype=torch.long, device=self.device)
+            feats = encode(pixels, grids)
+            for item, emb in zip(todo, feats.split([m.num_tokens for m in todo]), strict=True):
+                self.encoder_cache.put(item.content_hash, emb.clone())
+
+    def _merge_media(self, batch: ScheduledBatch, embeds: torch.Tensor) -> None:
+        """Write each media item's embedding rows into the slots of this step's tokens."""
+        row = 0
+        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            for item in req.media_in(start, end):
+                emb = self.encoder_cache.get(item.content_hash)
+                offset = 0  # embedding rows before the current span
+                for a, b in item.spans:
+                    lo, hi = max(a, start), min(b, end)
+                    if lo < hi:
+                        embeds[row + lo - start : row + hi - start] = emb[offset + lo - a : offset + hi - a].to(embeds.dtype)
+                    offset += b - a
+            row += n

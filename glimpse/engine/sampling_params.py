@@ -1,0 +1,193 @@
+"""Step 9 of the data path, the request's sampling settings: vLLM's `SamplingParams`, validated.
+
+Plain frozen data with vLLM's field names and defaults so users' habits carry over. Every
+field is checked on construction (`InvalidInputError` naming the field, the value and the
+allowed range); ids that depend on the model's vocabulary are checked by `validate_for_vocab`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from glimpse.errors import InvalidInputError
+
+# Below this temperature a request is greedy (vLLM's `_SAMPLING_EPS`).
+GREEDY_TEMPERATURE = 1e-5
+# Most alternatives a request may ask for per token (OpenAI's `top_logprobs` ceiling, vLLM's default).
+MAX_LOGPROBS = 20
+# OpenAI's range for `logit_bias` values: -100 bans a token, +100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
+# vLLM's range for presence and frequency penalties (OpenAI's too).
+MAX_ADDITIVE_PENALTY = 2.0
+# `torch.Generator.manual_seed` takes seeds in [0, 2**64).
+_SEED_LIMIT = 2**64
+
+
+def _fail(name: str, value: object, allowed: str) -> InvalidInputError:
+    return InvalidInputError(f"SamplingParams.{name}={value!r} is invalid: {allowed}")
+
+
+def _check_int(name: str, value: object, low: int, allowed: str) -> int:
+    # bool is an int subclass; `n=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _fail(name, value, allowed)
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float, allowed: str,
+                 low_open: bool = False) -> float:  # fmt: skip
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, value, allowed + " (a finite number)")
+    if value < low or value > high or (low_open and value == low):
+        raise _fail(name, value, allowed)
+    return float(value)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "must be true or false")
+
+
+def _token_id(name: str, value: object) -> int:
+    """A token id from an int or, for JSON object keys such as logit_bias's, a decimal string."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise _fail(name, value, "token ids must be integers >= 0") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(name, value, "token ids must be integers >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each output token of one request (vLLM semantics; see sampler.py for the order).
+
+    After construction `stop` is a tuple of strings, `stop_token_ids` a tuple of unique ints,
+    `logit_bias` a `{token_id: float}` copy or None, and `seed=-1` (vLLM's "no seed") is None.
+    `temperature < 1e-5` means greedy; the filters (top_p, top_k, min_p) are then ignored.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # k: the sampled token's logprob plus the k most likely
+    # A dict is unhashable, so it is left out of the hash (it still takes part in ==).
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalising a frozen dataclass has to go through object.__setattr__; it happens only
+        # here, before anyone can see the object.
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        _check_int("n", self.n, 1, "must be an integer >= 1")
+        _check_float("temperature", self.temperature, 0.0, math.inf, "must be >= 0 (0 means greedy)")
+        _check_float("top_p", self.top_p, 0.0, 1.0, "must be in (0, 1] (1 disables it)", low_open=True)
+        _check_int("top_k", self.top_k, -1, "must be an integer >= 1, or 0 / -1 to disable it")
+        _check_float("min_p", self.min_p, 0.0, 1.0, "must be in [0, 1] (0 disables it)")
+        _check_int("max_tokens", self.max_tokens, 1, "must be an integer >= 1")
+        _check_int("min_tokens", self.min_tokens, 0, "must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
+                     "must be > 0 (1 disables it)", low_open=True)  # fmt: skip
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_float(name, getattr(self, name), -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY,
+                         f"must be in [-{MAX_ADDITIVE_PENALTY:g}, {MAX_ADDITIVE_PENALTY:g}] (0 disables it)")  # fmt: skip
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            _check_bool(name, getattr(self, name))
+
+        if type(self.seed) is int and self.seed == -1:
+            put("seed", None)
+        elif self.seed is not None:
+            allowed = "must be an integer in [0, 2**64), or -1 / null for none"
+            if _check_int("seed", self.seed, 0, allowed) >= _SEED_LIMIT:
+                raise _fail("seed", self.seed, allowed)
+
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, f"must be null or an integer in [0, {MAX_LOGPROBS}]")
+            if self.logprobs > MAX_LOGPROBS:
+                raise _fail("logprobs", self.logprobs, f"must be null or an integer in [0, {MAX_LOGPROBS}]")
+
+        put("stop", self._normalise_stop(self.stop))
+        put("stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))
+        put("logit_bias", self._normalise_logit_bias(self.logit_bias))
+
+        if self.is_greedy and self.n > 1:
+            # Every greedy sample is the same sequence; vLLM refuses this too.
+            raise _fail("n", self.n, "must be 1 when temperature is 0 (greedy); raise temperature for n > 1")
+
+    @staticmethod
+    def _normalise_stop(stop: object) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, Sequence):
+            raise _fail("stop", stop, "must be a string, a list of strings or null")
+        for s in items:
+            if not isinstance(s, str) or not s:
+                raise _fail("stop", stop, "every stop string must be a non-empty string")
+        return tuple(items)
+
+    @staticmethod
+    def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
+        if ids is None:
+            return ()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise _fail("stop_token_ids", ids, "must be a list of token ids or null")
+        # dict.fromkeys keeps first-occurrence order while dropping repeats.
+        return tuple(dict.fromkeys(_token_id("stop_token_ids", t) for t in ids))
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, Mapping):
+            raise _fail("logit_bias", bias, "must be a {token_id: bias} mapping or null")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            token = _token_id("logit_bias", key)
+            allowed = f"bias for token {token} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            out[token] = _check_float("logit_bias", value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, allowed)
+        return out
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0 and not self.is_greedy
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate_for_vocab(self, vocab_size: int) -> None:
+        """Raise InvalidInputError if a token id in stop_token_ids or logit_bias is >= vocab_size."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or ())):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise _fail(name, bad, f"token ids must be < the model's vocabulary size {vocab_size}")
+
+    @classmethod
+    def greedy(cls, **overrides: object) -> SamplingParams:
+        """Greedy decoding (temperature 0); other fields as given."""
+        return cls(temperature=0.0, **overrides)  # type: ignore[arg-type]

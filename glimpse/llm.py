@@ -1,0 +1,132 @@
+"""The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, params)` and `.chat(...)`.
+
+A prompt is a string, a list of token ids, or `{"prompt": str, "multi_modal_data": {"image":
+[...], "video": [...]}}` whose string holds one image/video marker per item (the model's own,
+e.g. `<|image|>` for GLM; `LLM.image_placeholder` gives it). Without `model`, a built-in demo
+checkpoint with RANDOM weights is made on first use and cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from glimpse.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.errors import InvalidInputError
+from glimpse.processing.inputs import ProcessedPrompt
+
+
+def demo_checkpoint(family: str = "glm46v", size: str = "tiny") -> Path:
+    """The built-in demo checkpoint (random weights), made once under ~/.cache/glimpse."""
+    import os
+
+    from glimpse.testing import make_checkpoint
+
+    root = Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse")) / f"demo-{family}-{size}"
+    if not (root / "config.json").is_file() or not any(root.glob("*.safetensors")):
+        make_checkpoint(family, size, root, seed=0)
+    return root
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, kv_cache_memory: int | str = "1GiB",
+                 encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
+                 enable_prefix_caching: bool = True, block_size: int = 16, **model_kwargs: Any) -> None:  # fmt: skip
+        self.is_demo = model is None
+        if model is None:
+            model = demo_checkpoint()
+        config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                              encoder_cache_memory=encoder_cache_memory, block_size=block_size,
+                              enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
+                              model_kwargs=model_kwargs)  # fmt: skip
+        self.engine = LLMEngine(config)
+        self.processor = self.engine.processor
+
+    @property
+    def image_placeholder(self) -> str:
+        """The marker to put in a raw prompt for each image (the model's own special token)."""
+        return self.processor.tokens.image_marker
+
+    @property
+    def video_placeholder(self) -> str:
+        return self.processor.tokens.video_marker
+
+    def get_tokenizer(self):
+        return self.processor.tokenizer
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:  # fmt: skip
+        """Generate for one prompt or a list; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        processed = [self._process(p, mm_processor_kwargs) for p in prompts]
+        return self._run(processed, sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
+             mm_processor_kwargs: dict | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
+        """Chat with one conversation (a list of messages) or several (a list of such lists)."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        processed = []
+        for conv in conversations:
+            t0 = time.perf_counter()
+            p = self.processor(conv, chat_template_kwargs=chat_template_kwargs,
+                               add_generation_prompt=add_generation_prompt, **(mm_processor_kwargs or {}))  # fmt: skip
+            processed.append((p, time.perf_counter() - t0))
+        return self._run(processed, sampling_params, use_tqdm)
+
+    def _process(self, prompt: Any, mm_kwargs: dict | None) -> tuple[ProcessedPrompt | list[int] | str, float]:
+        t0 = time.perf_counter()
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"]), 0.0
+            if "prompt" not in prompt:
+                raise InvalidInputError("a dict prompt needs 'prompt' (text with media markers) or 'prompt_token_ids'")
+            mm = prompt.get("multi_modal_data") or {}
+            unknown = set(mm) - {"image", "video"}
+            if unknown:
+                raise InvalidInputError(f"multi_modal_data keys {sorted(unknown)} are not supported; use image, video")
+            images, videos = _as_list(mm.get("image")), _as_list(mm.get("video"))
+            kwargs = {**(mm_kwargs or {}), **(prompt.get("mm_processor_kwargs") or {})}
+            processed = self.processor(text=prompt["prompt"], images=images, videos=videos, **kwargs)
+            return processed, time.perf_counter() - t0
+        return prompt, 0.0
+
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise InvalidInputError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for (prompt, prep), p in zip(prompts, params, strict=True):
+                ids.append(self.engine.add_request(None, prompt, p, preprocess_seconds=prep))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
+
+
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) and not (len(x) == 2 and hasattr(x[0], "shape")) else [x]

@@ -1,0 +1,266 @@
+"""Step 1 of the data path, media loading (video): probe a container and decode only the frames asked for.
+
+`probe_video(src) -> VideoMetadata` (frame count, fps, duration, size) without decoding a
+frame; `read_frames(src, indices) -> uint8 [n, H, W, 3]` RGB frames in the order asked,
+seeking to the keyframe before each needed frame when that skips decoding. `src` is a path
+or the file's bytes. PyAV is imported lazily so that a missing codec library only disables video.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glimpse.errors import GlimpseError, MediaError, MediaTooLargeError, VideoSamplingError
+
+VideoSource = str | Path | bytes | bytearray | memoryview
+
+# Seeking flushes the decoder and re-reads from a keyframe; only worth it past this many frames.
+_SEEK_MIN_SKIP = 8
+
+
+@dataclass(frozen=True)
+class VideoMetadata:
+    """What frame sampling needs to know about a video.
+
+    `fps` is None when neither the container nor the timestamps give a rate (HF treats a
+    missing fps the same way); `duration` is `total_num_frames / fps` when both are known (as
+    HF's PyAV reader reports it), else the container's stated duration, else None.
+    """
+
+    total_num_frames: int
+    fps: float | None
+    duration: float | None
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class _FrameIndex:
+    """Presentation-ordered timestamps of every frame, from demuxing packets (no decoding)."""
+
+    pts: list[int] | None  # sorted; None if some packet has no timestamp
+    keyframes: list[int]  # indices into `pts` of keyframes
+    count: int
+
+
+def _sanitize(exc: BaseException) -> str:
+    """Exception text without object reprs or addresses (they leak memory layout to clients)."""
+    text = re.sub(r"<[^>]*>", "<...>", str(exc))
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x?", text)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _open(src: VideoSource, name: str) -> Any:
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a hard dependency in pyproject
+        raise MediaError(f"{name}: video support is unavailable (PyAV is not installed)") from exc
+    if isinstance(src, bytes | bytearray | memoryview):
+        if len(src) == 0:
+            raise MediaError(f"{name}: empty video data")
+        file: Any = io.BytesIO(bytes(src))
+    elif isinstance(src, str | Path):
+        if not Path(src).is_file():
+            raise MediaError(f"{name}: no such video file")
+        file = str(src)
+    else:
+        raise MediaError(f"{name}: unsupported video source type {type(src).__name__}; pass a path or bytes")
+    try:
+        container = av.open(file, mode="r")
+    except Exception as exc:
+        raise MediaError(f"{name}: not a readable video container ({_sanitize(exc)})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{name}: the container has no video stream")
+    return container
+
+
+def _index(container: Any, stream: Any) -> _FrameIndex:
+    """Demux every packet of `stream` (cheap: no decoding) to count frames and find keyframes."""
+    entries: list[tuple[int | None, bool]] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the flush packet at the end
+                continue
+            entries.append((packet.pts, bool(packet.is_keyframe)))
+    except Exception:  # noqa: S110 - a truncated tail: keep the packets read so far
+        pass
+    if any(pts is None for pts, _ in entries):
+        return _FrameIndex(pts=None, keyframes=[], count=len(entries))
+    entries.sort(key=lambda e: e[0])
+    pts = [p for p, _ in entries]
+    keyframes = [i for i, (_, key) in enumerate(entries) if key]
+    return _FrameIndex(pts=pts, keyframes=keyframes, count=len(pts))
+
+
+def _rate(stream: Any) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if isinstance(rate, Fraction | int | float) and rate > 0:
+            return float(rate)
+    return None
+
+
+def _stated_duration(container: Any, stream: Any) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = None) -> VideoMetadata:
+    """Metadata of the first video stream, decoding nothing.
+
+    The frame count comes from demuxing packets (exact, and robust to containers that state
+    0 frames or lie after truncation). fps falls back from the container's average rate to
+    its guessed rate to `frames / duration`. `max_pixels` caps `width*height` per frame
+    (MediaTooLargeError) before anything is decoded.
+    """
+    container = _open(src, name)
+    try:
+        stream = container.streams.video[0]
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if width <= 0 or height <= 0:
+            raise MediaError(f"{name}: the video stream states no frame size")
+        if max_pixels is not None and width * height > max_pixels:
+            raise MediaTooLargeError(
+                f"{name}: frames are {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                "(knob: max video frame pixels)"
+            )
+        stated = _stated_duration(container, stream)
+        count = _index(container, stream).count
+        if count == 0:
+            raise VideoSamplingError(f"{name}: the video has no frames")
+        fps = _rate(stream)
+        if fps is None and stated:
+            fps = count / stated
+        duration = count / fps if fps else stated
+        return VideoMetadata(total_num_frames=count, fps=fps, duration=duration, width=width, height=height)
+    except GlimpseError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"{name}: cannot read the video ({_sanitize(exc)})") from None
+    finally:
+        container.close()
+
+
+def read_frames(
+    src: VideoSource, indices: Sequence[int], name: str = "video", max_decode_frames: int | None = None
+) -> np.ndarray:
+    """RGB frames `[len(indices), H, W, 3]` uint8 at `indices` (presentation order, 0-based), in the order given.
+
+    Indices may repeat. Frames are located by their timestamps; when the next wanted frame
+    lies past a later keyframe, the reader seeks to that keyframe instead of decoding the gap,
+    so a long file is never decoded whole. `max_decode_frames` caps decoded frames (a DoS
+    guard: a tiny, highly compressible file can hold millions of frames).
+    """
+    wanted = [int(i) for i in indices]
+    if not wanted:
+        raise VideoSamplingError(f"{name}: no frame indices to read")
+    if min(wanted) < 0:
+        raise VideoSamplingError(f"{name}: frame index {min(wanted)} is negative")
+    container = _open(src, name)
+    try:
+        stream = container.streams.video[0]
+        index = _index(container, stream)
+        if index.count == 0:
+            raise VideoSamplingError(f"{name}: the video has no frames")
+        if max(wanted) >= index.count:
+            raise VideoSamplingError(
+                f"{name}: frame index {max(wanted)} is past the end (the video has {index.count} frames)"
+            )
+        stream.thread_type = "AUTO"
+        if index.pts is None:
+            decoded = _decode_in_order(container, stream, sorted(set(wanted)), name, max_decode_frames)
+        else:
+            decoded = _decode_with_seeks(container, stream, index, sorted(set(wanted)), name, max_decode_frames)
+    except GlimpseError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"{name}: cannot decode the video ({_sanitize(exc)})") from None
+    finally:
+        container.close()
+    first = decoded[wanted[0]]
+    if any(decoded[i].shape != first.shape for i in decoded):
+        raise MediaError(f"{name}: the frame size changes inside the video; glimpse needs one size per video")
+    return np.stack([decoded[i] for i in wanted])
+
+
+def _frames(container: Any, stream: Any) -> Iterator[Any]:
+    """Decoded frames from the current position; a corrupt tail ends the stream quietly."""
+    decoder = container.decode(stream)
+    while True:
+        try:
+            frame = next(decoder)
+        except StopIteration:
+            return
+        except Exception:  # truncated/corrupt data: the caller reports missing frames
+            return
+        yield frame
+
+
+def _count_step(counter: list[int], limit: int | None, name: str) -> None:
+    counter[0] += 1
+    if limit is not None and counter[0] > limit:
+        raise MediaTooLargeError(
+            f"{name}: decoding needs more than {limit} frames (knob: max decoded frames per video)"
+        )
+
+
+def _decode_in_order(
+    container: Any, stream: Any, wanted: list[int], name: str, limit: int | None
+) -> dict[int, np.ndarray]:
+    """Fallback without timestamps: decode from the start, counting frames (HF's PyAV reader does this)."""
+    out: dict[int, np.ndarray] = {}
+    want = set(wanted)
+    counter = [0]
+    for i, frame in enumerate(_frames(container, stream)):
+        _count_step(counter, limit, name)
+        if i in want:
+            out[i] = frame.to_ndarray(format="rgb24")
+            if len(out) == len(want):
+                return out
+    missing = sorted(want - out.keys())
+    raise VideoSamplingError(f"{name}: frame {missing[0]} could not be decoded (the file may be truncated)")
+
+
+def _decode_with_seeks(
+    container: Any, stream: Any, index: _FrameIndex, wanted: list[int], name: str, limit: int | None
+) -> dict[int, np.ndarray]:
+    pts, keyframes = index.pts, index.keyframes
+    assert pts is not None
+    position = {p: i for i, p in reversed(list(enumerate(pts)))}  # pts -> first frame index
+    out: dict[int, np.ndarray] = {}
+    counter = [0]
+    frames: Iterator[Any] | None = None
+    last = -1  # index of the last decoded frame
+    for target in wanted:
+        k = bisect.bisect_right(keyframes, target) - 1
+        keyframe = keyframes[k] if k >= 0 else 0
+        if frames is None or target < last or keyframe - last > _SEEK_MIN_SKIP:
+            container.seek(pts[keyframe], backward=True, any_frame=False, stream=stream)
+            frames = _frames(container, stream)
+            last = -1
+        for frame in frames:
+            _count_step(counter, limit, name)
+            i = position.get(frame.pts, -1) if frame.pts is not None else -1
+            if i < 0:
+                continue  # a frame we cannot place (no timestamp): never guess
+            last = i
+            if i == target:
+                out[target] = frame.to_ndarray(format="rgb24")
+                break
+            if i > target:
+                break
+        if target not in out:
+            raise VideoSamplingError(f"{name}: frame {target} could not be decoded (the file may be truncated)")
+    return out

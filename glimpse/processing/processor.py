@@ -1,0 +1,249 @@
+"""Steps 1-3 behind one object: `processor = glimpse.load_processor(path)`.
+
+`processor(messages=[...])` takes OpenAI-style chat messages; `processor(text=..., images=...,
+videos=...)` takes a prompt that already holds one marker per item. Both load the media,
+preprocess them exactly as the checkpoint's HF processor would, expand the placeholders and
+return a `ProcessedPrompt` (HF's keys, plus each item's spans, grid, timestamps, token count
+and content hash).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glimpse.config import processor_kind, read_json
+from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
+from glimpse.media.image import load_image
+from glimpse.media.video import VideoMetadata, probe_video, read_frames
+from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
+from glimpse.processing.prompt import PlaceholderTokens, expand_prompt
+from glimpse.processing.resize import preprocess_images, preprocess_video
+from glimpse.processing.sampling import sample_video
+from glimpse.processing.spec import Ceilings, ImageSpec, VideoSpec, load_specs, with_overrides
+
+_IMAGE_PARTS = ("image", "image_url", "input_image")
+_VIDEO_PARTS = ("video", "video_url")
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Operator limits on what one prompt may carry (the server sets them from its flags)."""
+
+    max_images: int = 16
+    max_videos: int = 2
+    max_image_pixels: int = 64_000_000  # decoded size, checked from the header before decoding
+    max_video_frame_pixels: int = 8_294_400  # 3840x2160
+    max_decode_frames: int = 20_000
+
+
+class Processor:
+    def __init__(self, path: Path, tokenizer, image_spec: ImageSpec, video_spec: VideoSpec, tokens: PlaceholderTokens,
+                 chat_template: str | None, kind: str, ceilings: Ceilings | None = None,
+                 limits: MediaLimits | None = None) -> None:  # fmt: skip
+        self.path = path
+        self.tokenizer = tokenizer
+        self.image_spec = image_spec
+        self.video_spec = video_spec
+        self.tokens = tokens
+        self.chat_template = chat_template
+        self.kind = kind
+        self.ceilings = ceilings or Ceilings()
+        self.limits = limits or MediaLimits()
+
+    # ---- entry points --------------------------------------------------------------------
+    def __call__(self, messages: list[dict] | None = None, *, text: str | None = None, images: Sequence[Any] = (),
+                 videos: Sequence[Any] = (), chat_template_kwargs: dict | None = None,
+                 add_generation_prompt: bool = True, **overrides: Any) -> ProcessedPrompt:  # fmt: skip
+        if (messages is None) == (text is None):
+            raise InvalidInputError("pass either messages=[...] or text=... (with images/videos), not both")
+        if messages is not None:
+            if images or videos:
+                raise InvalidInputError("with messages=, put images and videos inside the message content parts")
+            text, images, videos = self.render_chat(messages, chat_template_kwargs, add_generation_prompt)
+        return self.process(text, list(images), list(videos), overrides)
+
+    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None,
+                    add_generation_prompt: bool = True) -> tuple[str, list, list]:  # fmt: skip
+        """Apply the checkpoint's chat template; returns (prompt text, images, videos) in document order."""
+        if not isinstance(messages, list) or not messages:
+            raise InvalidInputError("messages must be a non-empty list of {role, content} objects")
+        images, videos, normal = [], [], []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or "role" not in msg:
+                raise InvalidInputError(f"message {i} must be an object with a role")
+            content = msg.get("content")
+            if isinstance(content, list):
+                parts = []
+                for j, part in enumerate(content):
+                    parts.append(self._normal_part(part, images, videos, f"messages[{i}].content[{j}]"))
+                content = parts
+            elif content is not None and not isinstance(content, str):
+                raise InvalidInputError(f"messages[{i}].content must be a string or a list of parts")
+            normal.append({**msg, "content": content if content is not None else ""})
+        if self.chat_template is None:
+            raise CheckpointError(f"{self.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                normal, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))  # fmt: skip
+        except Exception as e:  # jinja errors from user-provided structure
+            raise InvalidInputError(f"the chat template could not render these messages: {e}") from None
+        return text, images, videos
+
+    def process(self, text: str, images: list, videos: list, overrides: dict | None = None) -> ProcessedPrompt:
+        """Preprocess media and expand the markers in `text` (which must hold one per item)."""
+        if len(images) > self.limits.max_images:
+            raise LimitExceededError(f"{len(images)} images in one prompt; the limit is {self.limits.max_images} "
+                                     "(server flag --limit-mm-per-prompt)")  # fmt: skip
+        if len(videos) > self.limits.max_videos:
+            raise LimitExceededError(f"{len(videos)} videos in one prompt; the limit is {self.limits.max_videos} "
+                                     "(server flag --limit-mm-per-prompt)")  # fmt: skip
+        image_spec, video_spec = self.specs(overrides or {})
+        image_items = self._images(images, image_spec)
+        video_items = [self._video(v, video_spec, f"video {i}") for i, v in enumerate(videos)]
+        per_frame = [(vi["per_frame"], list(vi["stamp_text"])) if vi["stamp_text"] else (vi["tokens"], [])
+                     for vi in video_items]  # fmt: skip
+        ids, placements = expand_prompt(text, self.tokenizer, self.tokens, [it["tokens"] for it in image_items], per_frame)
+        items = []
+        for p in placements:
+            info = image_items[p.index] if p.kind == "image" else video_items[p.index]
+            items.append(MediaItem(
+                kind=p.kind, pixel_values=info["pixel_values"], grid_thw=info["grid"], spans=p.spans,
+                num_tokens=p.num_tokens, content_hash=info["hash"], second_per_grid_t=info.get("spg"),
+                timestamps=tuple(info.get("stamps", ())), frame_indices=tuple(info.get("indices", ()))))  # fmt: skip
+        return ProcessedPrompt(ids, tuple(items), text)
+
+    def specs(self, overrides: dict) -> tuple[ImageSpec, VideoSpec]:
+        """Per-request specs: `min_pixels`/`max_pixels` apply to images and videos, the rest to videos."""
+        if not isinstance(overrides, dict):
+            raise InvalidInputError("mm_processor_kwargs must be an object")
+        image_keys = {k: v for k, v in overrides.items() if k in ("min_pixels", "max_pixels")}
+        return (with_overrides(self.image_spec, self.ceilings, **image_keys),
+                with_overrides(self.video_spec, self.ceilings, **overrides))  # fmt: skip
+
+    # ---- media -----------------------------------------------------------------------------
+    def _normal_part(self, part: Any, images: list, videos: list, where: str) -> dict:
+        if isinstance(part, str):
+            return {"type": "text", "text": part}
+        if not isinstance(part, dict):
+            raise InvalidInputError(f"{where} must be an object")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidInputError(f"{where}.text must be a string")
+            return {"type": "text", "text": part["text"]}
+        if kind in _IMAGE_PARTS:
+            images.append(_source(part, kind, where))
+            return {"type": "image"}
+        if kind in _VIDEO_PARTS:
+            videos.append(_source(part, kind, where))
+            return {"type": "video"}
+        raise InvalidInputError(f"{where}: unsupported content part type {kind!r}; use text, image_url or video_url")
+
+    def _images(self, images: list, spec: ImageSpec) -> list[dict]:
+        if not images:
+            return []
+        pil = [load_image(_local(src, f"image {i}"), f"image {i}", self.limits.max_image_pixels)
+               for i, src in enumerate(images)]  # fmt: skip
+        pixel_values, grids = preprocess_images(pil, spec)
+        out, start = [], 0
+        m2 = spec.merge_size**2
+        for grid in grids.tolist():
+            n = grid[0] * grid[1] * grid[2]
+            pv = pixel_values[start : start + n]
+            out.append({"pixel_values": pv, "grid": tuple(grid), "tokens": n // m2, "hash": content_hash("image", pv, grid)})
+            start += n
+        return out
+
+    def _video(self, src: Any, spec: VideoSpec, name: str) -> dict:
+        t0 = time.perf_counter()
+        if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
+            frames, meta = src
+            meta = meta if isinstance(meta, VideoMetadata) else VideoMetadata(**meta)
+            sampled = sample_video(meta, spec, name)
+            frames = frames[list(sampled.indices)]
+        else:
+            src = _local(src, name)
+            meta = probe_video(src, name, self.limits.max_video_frame_pixels)
+            sampled = sample_video(meta, spec, name)
+            frames = read_frames(src, sampled.indices, name, self.limits.max_decode_frames)
+        pv, grid = preprocess_video(frames, spec, name)
+        grid = tuple(int(x) for x in grid.reshape(-1).tolist())
+        m2 = spec.merge_size**2
+        tokens = grid[0] * grid[1] * grid[2] // m2
+        return {"pixel_values": pv, "grid": grid, "tokens": tokens, "per_frame": grid[1] * grid[2] // m2,
+                "stamp_text": sampled.timestamp_text, "stamps": sampled.timestamps, "indices": sampled.indices,
+                "spg": sampled.second_per_grid_ts, "hash": content_hash("video", pv, grid, sampled.second_per_grid_ts),
+                "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def _source(part: dict, kind: str, where: str) -> Any:
+    """The media source of a content part: OpenAI `{"image_url": {"url": ...}}` or HF `{"image": ...}`."""
+    for key in (kind, "image", "video", "url", "path"):
+        value = part.get(key)
+        if isinstance(value, dict):
+            value = value.get("url")
+        if value is not None:
+            return value
+    raise InvalidInputError(f"{where}: a {kind} part needs a source ({kind}.url, or image/video/path)")
+
+
+def _local(src: Any, name: str) -> Any:
+    """Offline sources: paths, file:// URLs, data URLs, bytes, PIL images, arrays. Remote URLs are the server's job."""
+    if isinstance(src, str):
+        if src.startswith(("http://", "https://")):
+            raise InvalidInputError(f"{name}: remote URLs are fetched by `glimpse serve` (--allowed-media-domains); "
+                                    "offline, pass a path, bytes or a data URL")  # fmt: skip
+        if src.startswith("file://"):
+            return src[len("file://") :]
+    return src
+
+
+def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:
+    """Marker strings and ids from the tokenizer, cross-checked against config.json."""
+    def tid(token: str) -> int:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == tokenizer.unk_token_id:
+            raise CheckpointError(f"the tokenizer has no {token} token, which {kind} checkpoints need")
+        return i
+
+    if kind == "qwen2_5_vl":
+        tokens = PlaceholderTokens("<|image_pad|>", "<|video_pad|>", tid("<|image_pad|>"), tid("<|video_pad|>"))
+        pairs = {"image_token_id": tokens.image_token_id, "video_token_id": tokens.video_token_id}
+    else:
+        image = tid("<|image|>")
+        tokens = PlaceholderTokens("<|image|>", "<|video|>", image, image, tid("<|begin_of_image|>"), tid("<|end_of_image|>"))
+        pairs = {"image_token_id": image, "video_start_token_id": tid("<|begin_of_video|>"),
+                 "video_end_token_id": tid("<|end_of_video|>"), "image_start_token_id": tokens.frame_start_id}  # fmt: skip
+    for key, value in pairs.items():
+        cfg_value = getattr(hf_config, key, value)
+        if cfg_value != value:
+            raise CheckpointError(f"config.json {key}={cfg_value} but the tokenizer gives {value}; "
+                                  "the checkpoint's config and tokenizer disagree")  # fmt: skip
+    return tokens
+
+
+def load_processor(path: str | Path, ceilings: Ceilings | None = None, limits: MediaLimits | None = None) -> Processor:
+    """The processor for a checkpoint folder (tokenizer and chat template through transformers)."""
+    import transformers
+
+    path = Path(path)
+    raw = read_json(path / "config.json")
+    kind = processor_kind(path, raw.get("model_type", ""))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        hf_config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: the tokenizer or config could not be loaded: {e}") from None
+    template_file = path / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    image_spec, video_spec = load_specs(path)
+    tokens = placeholder_tokens(tokenizer, kind, hf_config)
+    return Processor(path, tokenizer, image_spec, video_spec, tokens, template, kind, ceilings, limits)
