@@ -238,6 +238,15 @@ def test_qwen_temporal_scale_is_float32_like_hf(qwen_hf):
     assert_same(qwen_mrope_positions(types, None, grid, spg, 2, M, video_rule="hf"), hf)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_qwen_second_per_grid_ts_dtype_follows_hf(qwen_hf, dtype):
+    """`processor(...).to(dtype)` casts second_per_grid_ts too; HF then scales in that dtype."""
+    types = torch.tensor([0] + [2] * 60 + [0] + [2] * 4 + [0] * 2)
+    grid, spg = torch.tensor([[60, 2, 2], [4, 2, 2]]), torch.tensor([2 / 29.97, 2 / 3], dtype=dtype)
+    hf = hf_qwen_positions(qwen_hf(2), types, None, grid, spg)
+    assert_same(qwen_mrope_positions(types, None, grid, spg, 2, M, video_rule="hf"), hf)
+
+
 def test_decode_positions_match_hf(glm_hf):
     """HF's incremental path: arange(past, past + n) + rope_deltas on all three axes (§4.3)."""
     ids, image_grid, video_grid = build_glm(PROMPTS["image_then_video"])

@@ -3,7 +3,9 @@
 Method of SGLang PR 17420: batch 1, prompt lengths 1024, 2048, …, 131072 tokens, one image and
 one video of 256 placeholder tokens each, the rest text. Both sides start from the same
 `[T]` mm_token_types and produce `[3, T]` positions and the delta; each row reports the median
-time of each side, the speed-up, and whether the outputs are identical.
+time of each side, the speed-up, and whether the outputs are identical. glimpse's path is
+single-threaded NumPy; HF's loop is Python-bound, but its few large torch ops use torch's
+intra-op threads, which stall when the cores are busy: `--threads 1` gives HF's steadiest time.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=_positive, default=7, help="timed runs per side (HF: at most 3 above 32768 tokens)"
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch intra-op threads for the run (default: unchanged)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per (family, length)")
 
 
@@ -71,13 +79,19 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> list[dict]:
     families = ["glm", "qwen"] if args.family == "both" else [args.family]
+    previous_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = []
-    for family in families:
-        hf_model = _hf_model(family)
-        for seq_len in args.lengths:
-            rows.append(_measure(family, hf_model, seq_len, args.repeats))
-            if args.json:
-                print(json.dumps(rows[-1]), flush=True)
+    try:
+        for family in families:
+            hf_model = _hf_model(family)
+            for seq_len in args.lengths:
+                rows.append(_measure(family, hf_model, seq_len, args.repeats))
+                if args.json:
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        torch.set_num_threads(previous_threads)
     if not args.json:
         _print_table(rows)
     return rows
@@ -146,7 +160,7 @@ def _measure(family: str, hf_model: torch.nn.Module, seq_len: int, repeats: int)
     return dict(
         bench="rope-index", family=family, seq_len=seq_len, hf_ms=round(hf_ms, 4),
         glimpse_ms=round(glimpse_ms, 4), speedup=round(hf_ms / glimpse_ms, 1), equal=equal,
-        hf_repeats=hf_repeats, glimpse_repeats=repeats,
+        hf_repeats=hf_repeats, glimpse_repeats=repeats, torch_threads=torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -161,6 +175,8 @@ def _median_ms(fn: Callable[[], tuple], repeats: int) -> tuple[float, tuple]:
 
 
 def _print_table(rows: list[dict]) -> None:
+    if rows:
+        print(f"torch intra-op threads: {rows[0]['torch_threads']}")
     print(f"{'family':<7}{'tokens':>8}{'HF ms':>11}{'glimpse ms':>12}{'speed-up':>10}  equal")
     for r in rows:
         print(

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from glimpse.errors import PromptError
 
-# The per-token work runs in NumPy on zero-copy views of the CPU tensors: it is single-threaded,
-# whereas torch's intra-op-parallel CPU kernels (nonzero above all) stall for milliseconds when the
-# cores are shared with other work, which is most of the cost at 128k tokens.
+# The per-token work runs in NumPy on zero-copy views of the CPU tensors. NumPy is single-threaded;
+# torch's intra-op-parallel CPU kernels (nonzero, arange, large copies) were measured to stall for
+# milliseconds when the cores are shared, which would swamp the ~0.2 ms this takes at 128k tokens.
 
 _KIND = {1: "image", 2: "video"}
 
@@ -108,15 +108,15 @@ def qwen_mrope_positions(
         return groups.assemble(groups.k, advance=groups.hw_max)
 
     is_video = groups.kind == 2
-    video_of_group = torch.from_numpy(np.cumsum(is_video) - 1)
+    video_of_group = np.cumsum(is_video) - 1
     video_tok = np.repeat(is_video, groups.length)
     t_off = groups.k.copy()
-    t_off[video_tok] = _scaled(t_off[video_tok], time_interval[video_of_group[groups.token_group[video_tok]]])
+    t_off[video_tok] = _scaled(t_off[video_tok], time_interval, video_of_group[groups.token_group[video_tok]])
     if video_rule == "hf":
         return groups.assemble(t_off, advance=groups.hw_max)
     # max over the group of its (t, y, x) offsets, + 1; t grows with k, so the last frame holds it
     t_max = groups.thw[:, 0] - 1
-    t_max[is_video] = _scaled(t_max[is_video], time_interval[video_of_group[is_video]])
+    t_max[is_video] = _scaled(t_max[is_video], time_interval, video_of_group[is_video])
     return groups.assemble(t_off, advance=np.maximum(groups.hw_max, t_max + 1))
 
 
@@ -220,12 +220,15 @@ class _Groups:
         summed over the groups before it; a vision token at its group's s plus (t_off, y, x)."""
         n = self.n
         gap = advance - self.length
-        step = np.ones(n + 1, dtype=np.int64)  # base = cumsum of steps: 1 per token, + gap after a group
-        step[0] = 0
-        step[self.start + self.length] += gap  # group ends are distinct
         positions = np.empty((3, n), dtype=np.int64)
-        np.cumsum(step[:n], out=positions[0])
-        positions[1:] = positions[0]
+        base = positions[0]  # = cumsum of steps: 1 per token, plus the gap right after each group
+        base.fill(1)
+        base[0] = 0
+        end = self.start + self.length
+        inside = end < n  # group ends are distinct; one at n has no token to shift
+        base[end[inside]] += gap[inside]
+        np.cumsum(base, out=base)
+        positions[1:] = base
         # Text positions strictly increase (every group advances s by >= 1): the last is their max.
         top = int(positions[0, self.last_text]) if self.last_text >= 0 else -1
         if len(self.index):
@@ -257,10 +260,14 @@ def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, 
     return tokens_per_second * spg
 
 
-def _scaled(k: np.ndarray, time_interval: Tensor) -> np.ndarray:
-    """trunc(k * time_interval) elementwise, k cast to the interval's dtype first, exactly as HF's
-    `(arange(t) * time_interval).long()` rounds (float32 for a float32 second_per_grid_ts)."""
-    return (torch.from_numpy(k).to(time_interval.dtype) * time_interval).long().numpy()
+def _scaled(k: np.ndarray, time_interval: Tensor, video: np.ndarray) -> np.ndarray:
+    """trunc(k * time_interval[video]) elementwise, k cast to the interval's dtype first, exactly as
+    HF's `(arange(t) * time_interval).long()` rounds (float32 for a float32 second_per_grid_ts)."""
+    if time_interval.dtype in (torch.float32, torch.float64, torch.int64):
+        interval = time_interval.numpy()  # NumPy multiplies and truncates these dtypes like torch
+        return (k.astype(interval.dtype) * interval[video]).astype(np.int64)
+    k_t = torch.from_numpy(k).to(time_interval.dtype)  # e.g. bfloat16 after BatchFeature.to(dtype)
+    return (k_t * time_interval[torch.from_numpy(video)]).long().numpy()
 
 
 def _as_ids(tensor: Tensor, name: str) -> np.ndarray:

@@ -1,0 +1,198 @@
+"""The engine: batching, chunked prefill and preemption never change greedy outputs; they equal
+HF `generate`; one decoder forward per step; media-aware prefix and encoder caches; budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_oracle import hf_model, qwen_reference_rope
+from PIL import Image
+
+from conftest import IMAGES, VIDEOS
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.llm import LLM
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _img(name: str, crop: tuple[int, int, int, int] | None = None, size: tuple[int, int] | None = None) -> Image.Image:
+    im = Image.open(IMAGES / name).convert("RGB")
+    if crop:
+        im = im.crop(crop)
+    return im.resize(size) if size else im
+
+
+def _conversations(n_text: int = 6) -> list[list[dict]]:
+    """16 mixed conversations: images of several sizes, two videos, plain text."""
+    def user(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    img = lambda im: {"type": "image_url", "image_url": {"url": im}}  # noqa: E731
+    vid = lambda p: {"type": "video_url", "video_url": {"url": str(p)}}  # noqa: E731
+    txt = lambda t: {"type": "text", "text": t}  # noqa: E731
+    convs = [
+        user(img(_img("astronaut.png")), txt("Describe this image.")),
+        user(img(_img("chelsea.png")), txt("What animal is this?")),
+        user(img(_img("coffee.png", (0, 0, 300, 200))), txt("Cup?")),
+        user(img(_img("rocket.jpg")), img(_img("camera.png")), txt("Compare them.")),
+        user(img(_img("hubble_deep_field.jpg", size=(200, 120))), txt("Stars")),
+        user(vid(VIDEOS / "slideshow_30fps.mp4"), txt("What happens in the video?")),
+        user(vid(VIDEOS / "coffee_15frames_10fps.webm"), txt("Describe the motion.")),
+        user(img(_img("astronaut.png", (100, 100, 400, 300))), txt("Who?")),
+        user(img(_img("chelsea.png", size=(120, 240))), txt("Tall cat")),
+        user(img(_img("rocket.jpg", (50, 0, 640, 300))), txt("Launch")),
+    ]
+    texts = ["Hello there.", "Tell me about the rocket launch in many words please", "1 2 3 4 5 6 7 8 9",
+             "What is the color of the sky at night?", "Summarise: the cat sat on the table near the coffee cup.",
+             "Why?"]  # fmt: skip
+    convs += [user(txt(t)) for t in texts[:n_text]]
+    return convs
+
+
+@pytest.fixture(scope="module")
+def glm_llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint("glm46v"), dtype="float32", max_num_batched_tokens=4096)
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def alone(glm_llm) -> list[list[int]]:
+    """Reference: every conversation run on its own."""
+    return [glm_llm.chat(c, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for c in _conversations()]
+
+
+def test_batch_of_16_equals_alone(glm_llm, alone):
+    assert len(alone) == 16
+    assert _tokens(glm_llm.chat(_conversations(), GREEDY, use_tqdm=False)) == alone
+
+
+@pytest.mark.parametrize("chunk", [16, 37, 200])
+def test_chunked_prefill_equals_alone(tiny_checkpoint, alone, chunk):
+    llm = LLM(tiny_checkpoint("glm46v"), dtype="float32", max_num_batched_tokens=chunk)
+    outs = llm.chat(_conversations(), GREEDY, use_tqdm=False)
+    assert _tokens(outs) == alone
+
+
+def test_preemption_equals_alone(tiny_checkpoint, alone):
+    # 40 blocks of 16 tokens: far less than 16 prompts need at once, so requests are preempted.
+    llm = LLM(tiny_checkpoint("glm46v"), dtype="float32", kv_cache_memory=40 * 16 * 1024, max_model_len=640,
+              max_num_batched_tokens=256)  # fmt: skip
+    outs = llm.chat(_conversations(), GREEDY, use_tqdm=False)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    assert _tokens(outs) == alone
+    assert llm.engine.blocks.num_used_blocks == 0
+
+
+def test_one_decoder_forward_per_step(glm_llm):
+    engine = glm_llm.engine
+    calls = []
+    original = engine.model.decode
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    engine.model.decode = counting
+    try:
+        for i, conv in enumerate(_conversations()[:6]):
+            engine.add_request(f"fwd{i}", engine.processor(conv), GREEDY)
+        steps = 0
+        while engine.has_unfinished_requests():
+            before = len(calls)
+            running = len(engine.scheduler.running) + len(engine.scheduler.waiting)
+            engine.step()
+            steps += 1
+            assert len(calls) - before == 1, "each step runs exactly one decoder forward"
+            if running > 1 and steps > 1:
+                assert calls[-1] > 1  # several requests share that forward
+    finally:
+        engine.model.decode = original
+
+
+FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_equals_hf_generate(family, tiny_checkpoint):
+    """Batched, chunked engine output == HF generate on each prompt, token for token."""
+    path = tiny_checkpoint(family)
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=48)
+    convs = [c for i, c in enumerate(_conversations(n_text=2)) if i in (0, 3, 5, 10, 11)]
+    kwargs = {"fps": 2} if family == "qwen2_5_vl" else {}
+    params = SamplingParams(temperature=0, max_tokens=10)
+    outs = llm.chat(convs, params, use_tqdm=False, mm_processor_kwargs=kwargs)
+    hf = hf_model(path)
+    eos = list(llm.engine.eos_token_ids)
+    for conv, out in zip(convs, outs, strict=True):
+        p = llm.processor(conv, **kwargs)
+        inputs = dict(p)
+        inputs["mm_token_type_ids"] = llm.engine.model.mm_token_types(inputs["input_ids"][0])[None]
+        ctx = qwen_reference_rope(hf) if family == "qwen2_5_vl" else torch.no_grad()
+        with ctx, torch.no_grad():
+            ref = hf.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=eos)
+        assert out.outputs[0].token_ids == ref[0, len(p.input_ids) :].tolist()
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_repeated_image_encoded_once(tiny_checkpoint, prefix_caching):
+    """With prefix caching the second request skips the image's KV; without, it reuses its embeddings."""
+    llm = LLM(tiny_checkpoint("glm4v"), dtype="float32", enable_prefix_caching=prefix_caching)
+    engine = llm.engine
+    encoded = []
+    original = engine.model.encode_images
+    engine.model.encode_images = lambda pv, grid: encoded.append(grid.tolist()) or original(pv, grid)
+    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _img("chelsea.png")}},
+                                         {"type": "text", "text": "What is it?"}]}]  # fmt: skip
+    first = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    second = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    assert len(encoded) == 1
+    assert first.num_cached_tokens == 0
+    n = len(second.prompt_token_ids)
+    if prefix_caching:
+        assert second.num_cached_tokens == (n - 1) // 16 * 16 > llm.processor(conv).images[0].end
+    else:
+        assert second.num_cached_tokens == 0 and engine.encoder_cache.hits == 1
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_different_image_same_size_never_reuses_kv(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("glm4v"), dtype="float32")
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+
+    def conv(im):
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": im}},
+                                             {"type": "text", "text": "Describe this picture in detail."}]}]  # fmt: skip
+
+    pa, pb = llm.processor(conv(a)), llm.processor(conv(b))
+    assert pa.input_ids == pb.input_ids  # identical token ids: only the pixels differ
+    image_start = pa.images[0].start
+    out_a = llm.chat(conv(a), GREEDY, use_tqdm=False)[0]
+    out_b = llm.chat(conv(b), GREEDY, use_tqdm=False)[0]
+    assert out_b.num_cached_tokens <= image_start  # only blocks before the image may be shared
+    fresh = LLM(tiny_checkpoint("glm4v"), dtype="float32").chat(conv(b), GREEDY, use_tqdm=False)[0]
+    assert out_b.outputs[0].token_ids == fresh.outputs[0].token_ids
+    assert out_a.outputs[0].token_ids != out_b.outputs[0].token_ids or out_a.outputs[0].text != ""
+
+
+def test_caches_stay_within_budgets(tiny_checkpoint):
+    enc_budget = 3 * 64 * 128 * 4  # three 64-token images of hidden 128 in float32
+    llm = LLM(tiny_checkpoint("glm4v"), dtype="float32", encoder_cache_memory=enc_budget,
+              kv_cache_memory=64 * 16 * 1024, max_model_len=512)  # fmt: skip
+    engine = llm.engine
+    assert engine.kv_cache.nbytes <= 64 * 16 * 1024
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        im = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+        conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": im}}, {"type": "text", "text": "Hi"}]}]
+        engine.add_request(f"r{i}", engine.processor(conv), GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert engine.encoder_cache.used_bytes <= enc_budget
+        assert engine.blocks.num_used_blocks <= engine.blocks.num_blocks
+    assert engine.blocks.num_used_blocks == 0
