@@ -1,4 +1,4 @@
-"""The `glimpse` command line: make-checkpoint and bench (generate, chat and serve come with the engine)."""
+"""The `glimpse` command line: generate, chat, serve, bench, make-checkpoint."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--shards", type=int, default=1)
     mk.add_argument("--legacy-names", action="store_true", help="write the older model.*/visual.* tensor names")
     mk.set_defaults(func=_make_checkpoint)
+
+    from glimpse.entrypoints import add_commands
+
+    add_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks: side-by-side runs that print a table, JSON and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

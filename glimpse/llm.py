@@ -83,6 +83,19 @@ class LLM:
             processed.append((p, time.perf_counter() - t0))
         return self._run(processed, sampling_params, use_tqdm)
 
+    def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+                    chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None):  # fmt: skip
+        """Yield `RequestOutput`s of one conversation as tokens arrive (use `.outputs[0].delta_text`)."""
+        processed = self.processor(messages, chat_template_kwargs=chat_template_kwargs, **(mm_processor_kwargs or {}))
+        rid = self.engine.add_request(None, processed, sampling_params)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+        finally:
+            self.engine.abort(rid)
+
     def _process(self, prompt: Any, mm_kwargs: dict | None) -> tuple[ProcessedPrompt | list[int] | str, float]:
         t0 = time.perf_counter()
         if isinstance(prompt, dict):

@@ -116,10 +116,23 @@ def _frame_worst(fr: _Frame) -> tuple[int, int, tuple[int, int]]:
     bound = best
     if a_max < MAX_ASPECT_RATIO * t * f * f:  # the clamp can fire: its closed form is an upper bound
         bound = max(bound, min(MAX_ASPECT_RATIO - 1, math.floor(math.sqrt(MAX_ASPECT_RATIO * a_max / t) / f)))
-    # Up-scaled outputs: ceil(u/f) * ceil(v/f) < uv/f^2 + (u+v)/f + 1 with uv = A_min/T, v <= 200 u.
-    root = math.sqrt(a_min / t) / f
-    upscale_cap = math.floor(a_min / (t * f * f) + root * (math.sqrt(200) + 1 / math.sqrt(200)) + 1)
-    return best, max(bound, upscale_cap), arg
+    return best, max(bound, _upscale_cap(t, f, a_min)), arg
+
+
+def _upscale_cap(t: int, f: int, a_min: int) -> int:
+    """Most blocks the up-scaling branch can give: `ceil(u/f) * ceil(v/f)` with `u*v = A_min/T`, `v <= 200u`.
+
+    For short side a the long side is largest at the smallest `u` with `ceil(u/f) == a`; a
+    relative slack of 1e-12 covers float64 rounding pushing an exact integer over a ceil.
+    """
+    area = a_min / t
+    u_lo = math.sqrt(area / MAX_ASPECT_RATIO)
+    cap = 0
+    for a in range(max(1, math.ceil(u_lo / f)), math.ceil(math.sqrt(area) / f) + 1):
+        u = max((a - 1) * f, u_lo)
+        if u > 0:
+            cap = max(cap, a * math.ceil(area / (u * f) * (1 + 1e-12)))
+    return cap
 
 
 def _image_frame(spec: ImageSpec) -> _Frame:
