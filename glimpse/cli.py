@@ -7,7 +7,11 @@ import importlib
 import sys
 
 # bench name -> module exposing add_arguments(parser) and run(args)
-BENCHES = {"rope-index": "glimpse.bench.rope_index", "preprocess": "glimpse.bench.preprocess"}
+BENCHES = {
+    "rope-index": "glimpse.bench.rope_index",
+    "preprocess": "glimpse.bench.preprocess",
+    "throughput": "glimpse.bench.throughput",
+}
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:

@@ -52,10 +52,23 @@ IMAGE_SPECS = {
     "glmga_e2": {"image_processor_type": "GlmgaImageProcessor", "patch_expand_factor": 2},
     "qwen": {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056},
     # small areas: the clamp and the rounding-past-aspect-200 outputs decide the maximum here
-    "glm_tiny": {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 7}},
-    "glm_prime": {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 7507}},
-    "qwen_tiny": {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 784, "max_pixels": 28 * 28 * 150},
-    "glm_min_near_max": {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 400_000, "longest_edge": 500_000}},
+    "glm_tiny": {
+        "image_processor_type": "Glm4vImageProcessor",
+        "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 7},
+    },
+    "glm_prime": {
+        "image_processor_type": "Glm4vImageProcessor",
+        "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 7507},
+    },
+    "qwen_tiny": {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": 784,
+        "max_pixels": 28 * 28 * 150,
+    },
+    "glm_min_near_max": {
+        "image_processor_type": "Glm4vImageProcessor",
+        "size": {"shortest_edge": 400_000, "longest_edge": 500_000},
+    },
 }
 
 
@@ -89,7 +102,11 @@ def test_video_tokens_for_metadata_needs_no_pixels():
     meta = VideoMetadata(300, 30.0, 10.0, 480, 270)
     spec = video_spec_from_dict({"video_processor_type": "Glm46VVideoProcessor"})
     count = len(sample_video(meta, spec).indices)
-    assert video_tokens_for(meta, spec) == video_tokens(count, 270, 480, spec) == hf_frame_tokens(spec, count, 270, 480) * count // 2
+    assert (
+        video_tokens_for(meta, spec)
+        == video_tokens(count, 270, 480, spec)
+        == hf_frame_tokens(spec, count, 270, 480) * count // 2
+    )
 
 
 def _image_sweep(rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -108,9 +125,14 @@ def _image_sweep(rng: np.random.Generator) -> list[tuple[int, int]]:
 def test_image_bound_never_low_and_attained(which):
     spec = image_spec_from_dict(IMAGE_SPECS[which])
     bound = max_image_tokens(spec)
-    truth = max(hf_frame_tokens(spec, spec.temporal_patch_size, h, w) for h, w in _image_sweep(np.random.default_rng(0)))
+    truth = max(
+        hf_frame_tokens(spec, spec.temporal_patch_size, h, w)
+        for h, w in _image_sweep(np.random.default_rng(0))
+    )
     assert truth <= bound
-    assert hf_frame_tokens(spec, spec.temporal_patch_size, *worst_image_size(spec)) == bound  # attained: tight
+    assert (
+        hf_frame_tokens(spec, spec.temporal_patch_size, *worst_image_size(spec)) == bound
+    )  # attained: tight
 
 
 def test_image_bound_hand_checked():
@@ -126,11 +148,20 @@ VIDEO_SPECS = {
     "glm4v": ({"video_processor_type": "Glm4vVideoProcessor"}, None),
     "glm46v": ({"video_processor_type": "Glm46VVideoProcessor"}, None),
     "glmga": ({"video_processor_type": "GlmgaVideoProcessor"}, None),
-    "glmga_e2": ({"video_processor_type": "GlmgaVideoProcessor", "patch_expand_factor": 2, "max_frames": 99}, None),
+    "glmga_e2": (
+        {"video_processor_type": "GlmgaVideoProcessor", "patch_expand_factor": 2, "max_frames": 99},
+        None,
+    ),
     "glm46v_given": ({"video_processor_type": "Glm46VVideoProcessor", "do_sample_frames": False}, 40),
     "qwen": ({"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "fps": 2.0}, None),
     "qwen_cap": ({"video_processor_type": "Qwen2VLVideoProcessor", "cap_pixels_per_frame": True}, 64),
-    "glm_tiny": ({"video_processor_type": "Glm4vVideoProcessor", "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 300}}, 30),
+    "glm_tiny": (
+        {
+            "video_processor_type": "Glm4vVideoProcessor",
+            "size": {"shortest_edge": 784, "longest_edge": 28 * 28 * 2 * 300},
+        },
+        30,
+    ),
 }
 
 
@@ -171,7 +202,9 @@ def test_video_bound_hand_checked():
     assert max_video_tokens(glm46v) == 43_703 and worst_video_shape(glm46v) == (638, 28, 5600)
     assert max_video_tokens(video_spec_from_dict({"video_processor_type": "GlmgaVideoProcessor"})) == 59_653
     # Odd T (frames given as is): T=5 rounds to t_bar=4 in the area test: 3 * 15 000 tokens.
-    given_frames = video_spec_from_dict({"video_processor_type": "Glm46VVideoProcessor", "do_sample_frames": False})
+    given_frames = video_spec_from_dict(
+        {"video_processor_type": "Glm46VVideoProcessor", "do_sample_frames": False}
+    )
     assert max_video_tokens(given_frames, 5) == 45_000
     assert 3 * hf_frame_tokens(given_frames, 5, *worst_video_shape(given_frames, 5)[1:]) == 45_000
 

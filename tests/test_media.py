@@ -42,7 +42,15 @@ def test_image_sources_agree():
     data = path.read_bytes()
     b64 = base64.b64encode(data).decode()
     expected = np.asarray(Image.open(path).convert("RGB"))
-    for src in (path, str(path), data, bytearray(data), b64, f"data:image/jpeg;base64,{b64}", Image.open(path)):
+    for src in (
+        path,
+        str(path),
+        data,
+        bytearray(data),
+        b64,
+        f"data:image/jpeg;base64,{b64}",
+        Image.open(path),
+    ):
         image = load_image(src)
         assert image.mode == "RGB"
         assert np.array_equal(np.asarray(image), expected)
@@ -66,10 +74,14 @@ def test_transparency_composited_like_hf(kind):
     hf_input = Image.open(io.BytesIO(data))  # HF gets the same file as an in-memory PIL image
     assert "A" in hf_input.getbands() or hf_input.info.get("transparency") is not None
     ours = load_image(data)
-    assert np.array_equal(np.asarray(ours), hf_convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True))
+    assert np.array_equal(
+        np.asarray(ours), hf_convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    )
     expected = Glm4vImageProcessor()(images=[hf_input], return_tensors="pt")
     pixel_values, grid = preprocess_images([ours], image_spec_from_dict(GLM))
-    assert torch.equal(grid, expected["image_grid_thw"]) and torch.equal(pixel_values, expected["pixel_values"])
+    assert torch.equal(grid, expected["image_grid_thw"]) and torch.equal(
+        pixel_values, expected["pixel_values"]
+    )
     # An in-memory PIL image with alpha takes the same path (no silent alpha drop).
     pixel_values, _ = preprocess_images([Image.open(io.BytesIO(data))], image_spec_from_dict(GLM))
     assert torch.equal(pixel_values, expected["pixel_values"])
@@ -79,7 +91,11 @@ def test_transparency_composited_like_hf(kind):
 def test_modes_convert_like_hf(mode):
     rng = np.random.default_rng(1)
     base = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
-    image = base.convert(mode) if mode != "I;16" else Image.fromarray(rng.integers(0, 65535, (24, 40), dtype=np.uint16))
+    image = (
+        base.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(rng.integers(0, 65535, (24, 40), dtype=np.uint16))
+    )
     buf = io.BytesIO()
     image.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
     ours = load_image(buf.getvalue())

@@ -65,7 +65,13 @@ IMAGE_CONFIGS = [
     ("glmga", {"image_processor_type": "GlmgaImageProcessor"}),
     ("glmga_e2", {"image_processor_type": "GlmgaImageProcessor", "patch_expand_factor": 2}),
     ("qwen", {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056}),
-    ("glm_small", {"image_processor_type": "Glm4vImageProcessorFast", "size": {"shortest_edge": 3136, "longest_edge": 200704}}),
+    (
+        "glm_small",
+        {
+            "image_processor_type": "Glm4vImageProcessorFast",
+            "size": {"shortest_edge": 3136, "longest_edge": 200704},
+        },
+    ),
     ("qwen_small", {"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 50176}),
 ]
 
@@ -95,7 +101,11 @@ def test_image_spec_matches_hf_instance(name, cfg):
     spec = image_spec_from_dict(cfg)
     hf = hf_image_processor(cfg)
     assert (spec.min_pixels, spec.max_pixels) == (hf.size.shortest_edge, hf.size.longest_edge)
-    assert (spec.patch_size, spec.temporal_patch_size, spec.merge_size) == (hf.patch_size, hf.temporal_patch_size, hf.merge_size)
+    assert (spec.patch_size, spec.temporal_patch_size, spec.merge_size) == (
+        hf.patch_size,
+        hf.temporal_patch_size,
+        hf.merge_size,
+    )
     assert spec.patch_expand_factor == getattr(hf, "patch_expand_factor", 1)
     assert spec.image_mean == tuple(hf.image_mean) and spec.image_std == tuple(hf.image_std)
 
@@ -106,13 +116,38 @@ VIDEO_CONFIGS = [
     ("glmga", {"video_processor_type": "GlmgaVideoProcessor", "fps": 3, "max_frames": 32}),
     ("glmga_e2", {"video_processor_type": "GlmgaVideoProcessor", "patch_expand_factor": 2}),
     ("qwen", {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "fps": 2.0}),
-    ("qwen_frames", {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "num_frames": 9}),
-    ("qwen_cap", {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "fps": 4.0,
-                  "cap_pixels_per_frame": True, "max_video_tokens": 2000}),
+    (
+        "qwen_frames",
+        {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "num_frames": 9},
+    ),
+    (
+        "qwen_cap",
+        {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "do_sample_frames": True,
+            "fps": 4.0,
+            "cap_pixels_per_frame": True,
+            "max_video_tokens": 2000,
+        },
+    ),
     # No video config: HF loads the video class from the image config (image limits apply).
-    ("qwen_from_image", {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 200704,
-                         "do_sample_frames": True, "fps": 1.0}),
-    ("glm4v_from_image", {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 12544, "longest_edge": 2000000}}),
+    (
+        "qwen_from_image",
+        {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "min_pixels": 3136,
+            "max_pixels": 200704,
+            "do_sample_frames": True,
+            "fps": 1.0,
+        },
+    ),
+    (
+        "glm4v_from_image",
+        {
+            "image_processor_type": "Glm4vImageProcessor",
+            "size": {"shortest_edge": 12544, "longest_edge": 2000000},
+        },
+    ),
 ]
 
 
@@ -138,16 +173,30 @@ def _write(folder: Path, name: str, data: dict) -> None:
 
 def test_load_specs_file_priority(tmp_path):
     # Video falls back to preprocessor_config.json: the image limits apply to videos (parity-spec §1.7).
-    _write(tmp_path, "preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 12845056})
+    _write(
+        tmp_path,
+        "preprocessor_config.json",
+        {"image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 12845056},
+    )
     image, video = load_specs(tmp_path)
     assert (image.resize_rule, image.max_pixels) == ("qwen", 12845056)
     assert (video.sampler, video.max_pixels, video.do_sample_frames) == ("qwen", 12845056, False)
     # A video config wins over the image one; processor_config.json (nested) wins over both.
-    _write(tmp_path, "video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor", "max_pixels": 602112})
+    _write(
+        tmp_path,
+        "video_preprocessor_config.json",
+        {"video_processor_type": "Qwen2VLVideoProcessor", "max_pixels": 602112},
+    )
     assert load_specs(tmp_path)[1].max_pixels == 602112
-    _write(tmp_path, "processor_config.json", {"processor_class": "Glm46VProcessor",
-                                               "image_processor": {"image_processor_type": "Glm46VImageProcessor"},
-                                               "video_processor": {"video_processor_type": "Glm4vVideoProcessor"}})
+    _write(
+        tmp_path,
+        "processor_config.json",
+        {
+            "processor_class": "Glm46VProcessor",
+            "image_processor": {"image_processor_type": "Glm46VImageProcessor"},
+            "video_processor": {"video_processor_type": "Glm4vVideoProcessor"},
+        },
+    )
     image, video = load_specs(tmp_path)
     assert image.processor_class == "Glm46VImageProcessor" and video.sampler == "glm4v"
     # GLM-4.6V-Flash style: a 4.1V video class under Glm46VProcessor writes "x.y seconds".
@@ -161,7 +210,11 @@ def test_load_specs_rejects_unusable_configs(tmp_path):
     with pytest.raises(CheckpointError, match="unsupported image_processor_type"):
         load_specs(tmp_path)
     # HF replaces the whole size dict, so a missing key stays missing and HF fails at call time.
-    _write(tmp_path, "preprocessor_config.json", {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 1}})
+    _write(
+        tmp_path,
+        "preprocessor_config.json",
+        {"image_processor_type": "Glm4vImageProcessor", "size": {"shortest_edge": 1}},
+    )
     with pytest.raises(CheckpointError, match="longest_edge"):
         load_specs(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("{not json")
@@ -172,8 +225,11 @@ def test_load_specs_rejects_unusable_configs(tmp_path):
 def test_glm_image_ignores_pixel_aliases_like_hf():
     cfg = {"image_processor_type": "Glm4vImageProcessor", "max_pixels": 5000, "min_pixels": 100}
     spec = image_spec_from_dict(cfg)
-    assert (spec.min_pixels, spec.max_pixels) == (12544, 11760000) == (
-        hf_image_processor(cfg).size.shortest_edge, hf_image_processor(cfg).size.longest_edge)
+    assert (
+        (spec.min_pixels, spec.max_pixels)
+        == (12544, 11760000)
+        == (hf_image_processor(cfg).size.shortest_edge, hf_image_processor(cfg).size.longest_edge)
+    )
 
 
 def test_overrides_validated():
@@ -219,7 +275,9 @@ SIZE = st.integers(1, 6000)
 
 
 @settings(max_examples=400, deadline=None, database=None)
-@given(t=st.integers(2, 700), h=SIZE, w=SIZE, f=st.sampled_from([28, 56]), a_max=st.integers(10_000, 120_000_000))
+@given(
+    t=st.integers(2, 700), h=SIZE, w=SIZE, f=st.sampled_from([28, 56]), a_max=st.integers(10_000, 120_000_000)
+)
 def test_smart_resize_glm_matches_hf(t, h, w, f, a_max):
     from transformers.models.glm4v.image_processing_glm4v import smart_resize
 
@@ -333,7 +391,9 @@ def _hf_replace_video_token(spec, grid, hf_meta):
 
     cls = Glm4vProcessor if spec.timestamp_format == "int" else Glm46VProcessor
     fake = SimpleNamespace(video_processor=SimpleNamespace(merge_size=spec.merge_size), image_token="")
-    fake.replace_frame_token_id = lambda ts, num_image_tokens=1: cls.replace_frame_token_id(fake, ts, num_image_tokens)
+    fake.replace_frame_token_id = lambda ts, num_image_tokens=1: cls.replace_frame_token_id(
+        fake, ts, num_image_tokens
+    )
     text = cls.replace_video_token(fake, {"video_grid_thw": grid, "video_metadata": [hf_meta]}, 0)
     return [chunk for chunk in text.split("<|begin_of_image|><|end_of_image|>") if chunk]
 
@@ -351,7 +411,11 @@ def test_videos_bit_exact(name, cfg, video, decoded_videos):
         expected = hf_video_processor(cfg)(videos=[frames], video_metadata=[hf_meta], return_metadata=True,
                                            return_tensors="pt")  # fmt: skip
     hf_meta = expected["video_metadata"][0]
-    hf_indices = list(range(meta.total_num_frames)) if hf_meta.frames_indices is None else [int(i) for i in hf_meta.frames_indices]
+    hf_indices = (
+        list(range(meta.total_num_frames))
+        if hf_meta.frames_indices is None
+        else [int(i) for i in hf_meta.frames_indices]
+    )
     assert list(sampled.indices) == hf_indices
 
     pixel_values, grid = preprocess_video(frames[list(sampled.indices)], spec)
@@ -359,9 +423,13 @@ def test_videos_bit_exact(name, cfg, video, decoded_videos):
     assert torch.equal(pixel_values, expected["pixel_values_videos"])
 
     if spec.sampler == "qwen":
-        assert sampled.second_per_grid_ts == pytest.approx(spec.temporal_patch_size / hf_meta.sampled_fps, rel=0, abs=0)
+        assert sampled.second_per_grid_ts == pytest.approx(
+            spec.temporal_patch_size / hf_meta.sampled_fps, rel=0, abs=0
+        )
     else:
-        assert list(sampled.timestamp_text) == _hf_replace_video_token(spec, expected["video_grid_thw"], hf_meta)
+        assert list(sampled.timestamp_text) == _hf_replace_video_token(
+            spec, expected["video_grid_thw"], hf_meta
+        )
 
 
 def test_one_frame_clip():
@@ -373,7 +441,9 @@ def test_one_frame_clip():
         warnings.simplefilter("ignore")
         expected = hf_video_processor(qwen_cfg)(videos=[frame], return_tensors="pt")
     pixel_values, grid = preprocess_video(frame, video_spec_from_dict(qwen_cfg))
-    assert torch.equal(pixel_values, expected["pixel_values_videos"]) and torch.equal(grid, expected["video_grid_thw"])
+    assert torch.equal(pixel_values, expected["pixel_values_videos"]) and torch.equal(
+        grid, expected["video_grid_thw"]
+    )
 
     glm_cfg = {"video_processor_type": "Glm4vVideoProcessor"}
     with pytest.raises(ValueError, match="temporal_factor"):
@@ -381,7 +451,9 @@ def test_one_frame_clip():
     twice = np.concatenate([frame, frame])
     expected = hf_video_processor(glm_cfg)(videos=[twice], do_sample_frames=False, return_tensors="pt")
     pixel_values, grid = preprocess_video(frame, video_spec_from_dict(glm_cfg))
-    assert torch.equal(pixel_values, expected["pixel_values_videos"]) and torch.equal(grid, expected["video_grid_thw"])
+    assert torch.equal(pixel_values, expected["pixel_values_videos"]) and torch.equal(
+        grid, expected["video_grid_thw"]
+    )
 
 
 def test_odd_frame_count_pads_last_frame():
@@ -390,4 +462,6 @@ def test_odd_frame_count_pads_last_frame():
     cfg = {"video_processor_type": "Glm46VVideoProcessor"}
     expected = hf_video_processor(cfg)(videos=[frames], do_sample_frames=False, return_tensors="pt")
     pixel_values, grid = preprocess_video(frames, video_spec_from_dict(cfg))
-    assert torch.equal(grid, expected["video_grid_thw"]) and torch.equal(pixel_values, expected["pixel_values_videos"])
+    assert torch.equal(grid, expected["video_grid_thw"]) and torch.equal(
+        pixel_values, expected["pixel_values_videos"]
+    )

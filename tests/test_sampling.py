@@ -93,13 +93,17 @@ def test_glmga_quirks_verified():
     assert len(got) == 20 and got[-1] == 270
 
 
-@pytest.mark.parametrize("fn,processor", [(sample_glm4v, HF_GLM4V), (sample_glm46v, HF_GLM46V), (sample_glmga, HF_GLMGA)])
+@pytest.mark.parametrize(
+    "fn,processor", [(sample_glm4v, HF_GLM4V), (sample_glm46v, HF_GLM46V), (sample_glmga, HF_GLMGA)]
+)
 @pytest.mark.parametrize("duration", [None, 3.3])
 def test_fps_zero_raises(fn, processor, duration):
     got = ours(fn, 100, 0, duration)
     assert got is VideoSamplingError
     expected = hf(processor, 100, 0, duration)
-    if isinstance(expected, list):  # glm4v with a duration: HF samples [0, 0], then divides by 0 for timestamps
+    if isinstance(
+        expected, list
+    ):  # glm4v with a duration: HF samples [0, 0], then divides by 0 for timestamps
         with pytest.raises(ZeroDivisionError):
             HFVideoMetadata(total_num_frames=100, fps=0, frames_indices=expected).timestamps  # noqa: B018
     else:
@@ -133,9 +137,13 @@ def test_glm_samplers_match_hf(case):
     n, fps, duration, target = case
     if duration == "n/fps":
         duration = n / fps
-    assert agree(hf(HF_GLM4V, n, fps, duration, fps=target), ours(sample_glm4v, n, fps, duration, fps=target), n)
+    assert agree(
+        hf(HF_GLM4V, n, fps, duration, fps=target), ours(sample_glm4v, n, fps, duration, fps=target), n
+    )
     assert agree(hf(HF_GLM46V, n, fps, duration), ours(sample_glm46v, n, fps, duration), n)
-    assert agree(hf(HF_GLMGA, n, fps, duration, fps=target), ours(sample_glmga, n, fps, duration, fps=target), n)
+    assert agree(
+        hf(HF_GLMGA, n, fps, duration, fps=target), ours(sample_glmga, n, fps, duration, fps=target), n
+    )
 
 
 def test_glm4v_max_duration_and_glmga_max_frames_are_instance_values():
@@ -177,13 +185,17 @@ def test_qwen_float32_tail_index_raises():
 def _hf_text(style: str, indices: list[int], fps: float | None, grid_t: int) -> list[str]:
     cls = Glm4vProcessor if style == "int" else Glm46VProcessor
     fake = SimpleNamespace(video_processor=SimpleNamespace(merge_size=2), image_token="")
-    fake.replace_frame_token_id = lambda ts, num_image_tokens=1: cls.replace_frame_token_id(fake, ts, num_image_tokens)
+    fake.replace_frame_token_id = lambda ts, num_image_tokens=1: cls.replace_frame_token_id(
+        fake, ts, num_image_tokens
+    )
     import torch
 
     meta = HFVideoMetadata(total_num_frames=max(indices, default=0) + 1, fps=fps, frames_indices=indices)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        text = cls.replace_video_token(fake, {"video_grid_thw": torch.tensor([[grid_t, 2, 2]]), "video_metadata": [meta]}, 0)
+        text = cls.replace_video_token(
+            fake, {"video_grid_thw": torch.tensor([[grid_t, 2, 2]]), "video_metadata": [meta]}, 0
+        )
     return [chunk for chunk in text.split("<|begin_of_image|><|end_of_image|>") if chunk]
 
 
@@ -218,14 +230,21 @@ def test_sample_video_dispatch():
     meta = VideoMetadata(300, 30.0, 10.0, 480, 270)
     glm46v = sample_video(meta, video_spec_from_dict({"video_processor_type": "Glm46VVideoProcessor"}))
     assert list(glm46v.indices) == hf(HF_GLM46V, 300, 30, 10.0)
-    assert len(glm46v.timestamps) == len(glm46v.indices) // 2 and glm46v.timestamp_text[:3] == ("0.0 seconds", "0.3 seconds", "0.7 seconds")  # parity-spec §2.4
+    assert len(glm46v.timestamps) == len(glm46v.indices) // 2 and glm46v.timestamp_text[:3] == (
+        "0.0 seconds",
+        "0.3 seconds",
+        "0.7 seconds",
+    )  # parity-spec §2.4
     glm4v = sample_video(meta, video_spec_from_dict({"video_processor_type": "Glm4vVideoProcessor"}))
     assert glm4v.timestamp_text[:3] == ("0", "1", "2")
     qwen = sample_video(meta, video_spec_from_dict({"video_processor_type": "Qwen2VLVideoProcessor"}))
     assert list(qwen.indices) == list(range(300)) and qwen.second_per_grid_ts == 2 / 30
     given_frames = sample_video(VideoMetadata(3, None, None, 8, 8),
                                 video_spec_from_dict({"video_processor_type": "Glm4vVideoProcessor", "do_sample_frames": False}))  # fmt: skip
-    assert given_frames.indices == (0, 1, 2) and given_frames.timestamp_text == ("0", "0")  # 24 fps assumed, as HF
+    assert given_frames.indices == (0, 1, 2) and given_frames.timestamp_text == (
+        "0",
+        "0",
+    )  # 24 fps assumed, as HF
 
 
 def test_greedy_walk_is_closed_form_on_long_videos():

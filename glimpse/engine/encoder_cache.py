@@ -3,7 +3,7 @@
 A byte budget bounds it. Entries a running request still needs are pinned (reference
 counted) and never evicted; unpinned entries are evicted least recently used first. The
 scheduler asks `can_fit` before scheduling an item's encoding, so the budget is never
-exceeded.
+exceeded. With `retain=False` (encoder cache off) entries live only while pinned.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 
 
 class EncoderCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, retain: bool = True) -> None:
         self.max_bytes = max_bytes
+        self.retain = retain  # False: drop embeddings once no request needs them (no cross-request reuse)
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.pins: dict[str, int] = {}
         self.used_bytes = 0
@@ -43,6 +44,8 @@ class EncoderCache:
         n = self.pins.get(key, 0) - 1
         if n <= 0:
             self.pins.pop(key, None)
+            if not self.retain and key in self.entries:
+                self.used_bytes -= self.entries.pop(key).nbytes
         else:
             self.pins[key] = n
 

@@ -42,6 +42,7 @@ class EngineConfig:
     encoder_cache_memory: int | str = "256MiB"
     block_size: int = 16
     enable_prefix_caching: bool = True
+    enable_encoder_cache: bool = True  # False: embeddings are not kept for reuse by later requests
     seed: int = 0
     load_format: str = "auto"
     device: str = "cpu"
@@ -123,7 +124,8 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size,
                                      text_cfg.num_key_value_heads, head_dim, dtype, config.device)  # fmt: skip
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.encoder_cache = EncoderCache(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"))
+        self.encoder_cache = EncoderCache(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
+                                          retain=config.enable_encoder_cache)
         emb_bytes = text_cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                 encoder_budget=max(config.max_num_batched_tokens, 4096))  # fmt: skip

@@ -54,7 +54,7 @@ def _decode_text(src: str, name: str) -> bytes:
     if match:
         if not match.group(3):
             raise MediaError(f"{name}: data URL is not base64-encoded (';base64,' is required)")
-        payload = src[match.end():]
+        payload = src[match.end() :]
     elif src.startswith("data:"):
         raise MediaError(f"{name}: malformed data URL")
     else:

@@ -182,7 +182,9 @@ def read_frames(
         if index.pts is None:
             decoded = _decode_in_order(container, stream, sorted(set(wanted)), name, max_decode_frames)
         else:
-            decoded = _decode_with_seeks(container, stream, index, sorted(set(wanted)), name, max_decode_frames)
+            decoded = _decode_with_seeks(
+                container, stream, index, sorted(set(wanted)), name, max_decode_frames
+            )
     except GlimpseError:
         raise
     except Exception as exc:
@@ -262,5 +264,7 @@ def _decode_with_seeks(
             if i > target:
                 break
         if target not in out:
-            raise VideoSamplingError(f"{name}: frame {target} could not be decoded (the file may be truncated)")
+            raise VideoSamplingError(
+                f"{name}: frame {target} could not be decoded (the file may be truncated)"
+            )
     return out

@@ -139,12 +139,20 @@ def _image_frame(spec: ImageSpec) -> _Frame:
     if spec.resize_rule == "qwen":
         return _Frame(
             lambda h, w: smart_resize_qwen(h, w, spec.factor, spec.min_pixels, spec.max_pixels),
-            1, 1, spec.factor, spec.min_pixels, spec.max_pixels,
+            1,
+            1,
+            spec.factor,
+            spec.min_pixels,
+            spec.max_pixels,
         )
     tp = spec.temporal_patch_size
     return _Frame(
         lambda h, w: smart_resize_glm(tp, h, w, tp, spec.factor, spec.min_pixels, spec.max_pixels),
-        tp, tp, spec.factor, spec.min_pixels, spec.max_pixels,
+        tp,
+        tp,
+        spec.factor,
+        spec.min_pixels,
+        spec.max_pixels,
     )
 
 
@@ -158,11 +166,19 @@ def _video_frame(spec: VideoSpec, num_frames: int) -> _Frame:
             a_max = max(min(a_max, total * tp // t), int(spec.min_pixels * 1.05))
         return _Frame(
             lambda h, w: smart_resize_qwen(h, w, spec.factor, spec.min_pixels, a_max),
-            1, 1, spec.factor, spec.min_pixels, a_max,
+            1,
+            1,
+            spec.factor,
+            spec.min_pixels,
+            a_max,
         )
     return _Frame(
         lambda h, w: smart_resize_glm(t, h, w, tp, spec.factor, spec.min_pixels, spec.max_pixels),
-        t, round(t / tp) * tp, spec.factor, spec.min_pixels, spec.max_pixels,
+        t,
+        round(t / tp) * tp,
+        spec.factor,
+        spec.min_pixels,
+        spec.max_pixels,
     )
 
 

@@ -70,7 +70,9 @@ def smart_resize_glm(
         height = int(height * scale)
         width = int(width * scale)
         if height == 0 or width == 0:
-            raise InvalidInputError(f"{what} of size {shape} is too thin to resize (a side rounds to 0 pixels)")
+            raise InvalidInputError(
+                f"{what} of size {shape} is too thin to resize (a side rounds to 0 pixels)"
+            )
     _check_aspect(height, width, what, shape)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -120,8 +122,14 @@ def image_target_size(height: int, width: int, spec: ImageSpec, what: str = "ima
     if spec.resize_rule == "qwen":
         return smart_resize_qwen(height, width, spec.factor, spec.min_pixels, spec.max_pixels, what)
     return smart_resize_glm(
-        spec.temporal_patch_size, height, width, spec.temporal_patch_size, spec.factor,
-        spec.min_pixels, spec.max_pixels, what,
+        spec.temporal_patch_size,
+        height,
+        width,
+        spec.temporal_patch_size,
+        spec.factor,
+        spec.min_pixels,
+        spec.max_pixels,
+        what,
     )
 
 
@@ -138,7 +146,9 @@ def video_frames_in(num_frames: int, spec: VideoSpec) -> int:
     return max(num_frames, spec.temporal_patch_size)
 
 
-def video_target_size(num_frames: int, height: int, width: int, spec: VideoSpec, what: str = "video") -> tuple[int, int]:
+def video_target_size(
+    num_frames: int, height: int, width: int, spec: VideoSpec, what: str = "video"
+) -> tuple[int, int]:
     """Resized `(height, width)` shared by all `num_frames` frames of one video."""
     if num_frames < 1:
         raise InvalidInputError(f"{what} has no frames")
@@ -148,7 +158,9 @@ def video_target_size(num_frames: int, height: int, width: int, spec: VideoSpec,
         if spec.cap_pixels_per_frame:
             # HF Qwen2VLVideoProcessor(cap_pixels_per_frame=True): an even share of the video budget.
             total_pixels = int(spec.max_video_tokens * spec.factor * spec.factor * 0.9)
-            max_pixels = max(min(max_pixels, total_pixels * spec.temporal_patch_size // t), int(spec.min_pixels * 1.05))
+            max_pixels = max(
+                min(max_pixels, total_pixels * spec.temporal_patch_size // t), int(spec.min_pixels * 1.05)
+            )
         return smart_resize_qwen(height, width, spec.factor, spec.min_pixels, max_pixels, what)
     return smart_resize_glm(
         t, height, width, spec.temporal_patch_size, spec.factor, spec.min_pixels, spec.max_pixels, what
@@ -207,9 +219,13 @@ def _hwc_array(image: Image.Image | np.ndarray, what: str) -> np.ndarray:
         return np.array(image)  # a private, writable copy (PIL hands out a read-only buffer)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise InvalidInputError(f"{what}: array must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+            raise InvalidInputError(
+                f"{what}: array must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
         return image if image.flags.writeable else image.copy()
-    raise InvalidInputError(f"{what}: unsupported type {type(image).__name__}; pass a PIL image or a uint8 array")
+    raise InvalidInputError(
+        f"{what}: unsupported type {type(image).__name__}; pass a PIL image or a uint8 array"
+    )
 
 
 def _patch_rows(
@@ -307,12 +323,16 @@ def preprocess_video(
     """
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
-            raise InvalidInputError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+            raise InvalidInputError(
+                f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}"
+            )
         if not frames.flags.writeable:
             frames = frames.copy()
         frames = torch.from_numpy(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
-        raise InvalidInputError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        raise InvalidInputError(
+            f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}"
+        )
     t, h, w = int(frames.shape[0]), int(frames.shape[1]), int(frames.shape[2])
     if t == 0:
         raise InvalidInputError(f"{what} has no frames")

@@ -106,7 +106,9 @@ def _nonempty(indices: list[int], name: str, sampler: str, duration: float, rate
     return indices
 
 
-def sample_glm4v(meta: VideoMetadata, fps: float = 2.0, max_duration: float = 300.0, name: str = "video") -> list[int]:
+def sample_glm4v(
+    meta: VideoMetadata, fps: float = 2.0, max_duration: float = 300.0, name: str = "video"
+) -> list[int]:
     """HF Glm4vVideoProcessor.sample_frames: `fps` frames/s up to `max_duration`, else evenly spaced."""
     n, src_fps, duration = _checked(meta, name)
     if duration <= max_duration:
@@ -133,10 +135,14 @@ def sample_glm46v(meta: VideoMetadata, temporal_patch_size: int = 2, name: str =
     else:
         picks = _greedy(n, src_fps, 1 / (temporal_patch_size * target), int(duration))
     picks = _fix_count(picks, n, extract)
-    return _nonempty(_dedup_even(picks), name, "glm46v", duration, f"{target * temporal_patch_size:g} frames/s")
+    return _nonempty(
+        _dedup_even(picks), name, "glm46v", duration, f"{target * temporal_patch_size:g} frames/s"
+    )
 
 
-def sample_glmga(meta: VideoMetadata, fps: float = 2.0, max_frames: int = 640, name: str = "video") -> list[int]:
+def sample_glmga(
+    meta: VideoMetadata, fps: float = 2.0, max_frames: int = 640, name: str = "video"
+) -> list[int]:
     """HF GlmgaVideoProcessor.sample_frames: `fps` frames/s (checkpoint or request), at most `max_frames`."""
     n, src_fps, duration = _checked(meta, name)
     extract = min(int(duration * fps), max_frames)
@@ -220,15 +226,17 @@ def timestamp_text(seconds: float, style: str) -> str:
     return str(int(seconds)) if style == "int" else f"{seconds:.1f} seconds"
 
 
-def second_per_grid_ts(num_sampled: int, meta: VideoMetadata, temporal_patch_size: int, name: str = "video") -> float:
+def second_per_grid_ts(
+    num_sampled: int, meta: VideoMetadata, temporal_patch_size: int, name: str = "video"
+) -> float:
     """Qwen2.5-VL: `Tp / sampled_fps`, `sampled_fps = sampled / total * fps` (24 fps if fps is unknown)."""
     if meta.fps is None:
         sampled_fps = 24.0
     else:
         if meta.total_num_frames < 1 or not math.isfinite(meta.fps) or meta.fps <= 0:
             raise VideoSamplingError(
-                f"{name}: cannot compute seconds per temporal patch from {meta.total_num_frames} frames at "
-                f"{meta.fps} fps (both must be > 0)"
+                f"{name}: frame rate {meta.fps} with {meta.total_num_frames} frames gives no seconds per "
+                "temporal patch (both must be > 0)"
             )
         sampled_fps = num_sampled / meta.total_num_frames * meta.fps
     return temporal_patch_size / sampled_fps

@@ -42,16 +42,43 @@ VIDEO_CLASSES = MappingProxyType(
 
 # Class defaults of HF 5.23 (parity-spec §1.7); only keys the class accepts are read from JSON.
 _COMMON = MappingProxyType(
-    {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": CLIP_MEAN,
-     "image_std": CLIP_STD, "rescale_factor": 1 / 255, "resample": 3}
+    {
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+    }
 )
 _IMAGE_SIZE = MappingProxyType({"glm": (112 * 112, 28 * 28 * 15000), "qwen": (56 * 56, 28 * 28 * 1280)})
 _VIDEO_DEFAULTS = MappingProxyType(
     {
-        "glm4v": {"size": (112 * 112, 28 * 28 * 2 * 30000), "fps": 2.0, "max_duration": 300.0, "do_sample_frames": True},
-        "glm46v": {"size": (112 * 112, 28 * 28 * 2 * 30000), "fps": 2.0, "max_duration": 300.0, "do_sample_frames": True},
-        "glmga": {"size": (112 * 112, 28 * 28 * 2 * 55790), "fps": 2.0, "max_frames": 640, "do_sample_frames": True},
-        "qwen": {"size": (128 * 28 * 28, 28 * 28 * 768), "min_frames": 4, "max_frames": 768, "do_sample_frames": False},
+        "glm4v": {
+            "size": (112 * 112, 28 * 28 * 2 * 30000),
+            "fps": 2.0,
+            "max_duration": 300.0,
+            "do_sample_frames": True,
+        },
+        "glm46v": {
+            "size": (112 * 112, 28 * 28 * 2 * 30000),
+            "fps": 2.0,
+            "max_duration": 300.0,
+            "do_sample_frames": True,
+        },
+        "glmga": {
+            "size": (112 * 112, 28 * 28 * 2 * 55790),
+            "fps": 2.0,
+            "max_frames": 640,
+            "do_sample_frames": True,
+        },
+        "qwen": {
+            "size": (128 * 28 * 28, 28 * 28 * 768),
+            "min_frames": 4,
+            "max_frames": 768,
+            "do_sample_frames": False,
+        },
     }
 )
 
@@ -112,7 +139,9 @@ class Ceilings:
 
 def _canonical(name: Any, table: MappingProxyType, path: str, key: str) -> str:
     if not isinstance(name, str):
-        raise CheckpointError(f"{path}: '{key}' is missing or not a string; glimpse needs the HF processor class name")
+        raise CheckpointError(
+            f"{path}: '{key}' is missing or not a string; glimpse needs the HF processor class name"
+        )
     for suffix in ("Fast", "Pil"):
         if name.endswith(suffix) and name[: -len(suffix)] in table:
             name = name[: -len(suffix)]
@@ -153,7 +182,9 @@ def _common(cfg: dict, path: str, expand: bool) -> dict:
         out[key] = default if value is None else value
     for key in ("patch_size", "temporal_patch_size", "merge_size"):
         out[key] = _pos_int(out[key], key, path)
-    out["patch_expand_factor"] = _pos_int(cfg.get("patch_expand_factor") or 1, "patch_expand_factor", path) if expand else 1
+    out["patch_expand_factor"] = (
+        _pos_int(cfg.get("patch_expand_factor") or 1, "patch_expand_factor", path) if expand else 1
+    )
     for key in ("image_mean", "image_std"):
         value = out[key]
         if isinstance(value, int | float):
@@ -164,10 +195,14 @@ def _common(cfg: dict, path: str, expand: bool) -> dict:
     if any(s == 0 for s in out["image_std"]):
         raise CheckpointError(f"{path}: 'image_std' has a zero entry")
     if out["resample"] not in (2, 3):
-        raise CheckpointError(f"{path}: resample={out['resample']!r} unsupported; glimpse does 2 (bilinear) and 3 (bicubic)")
+        raise CheckpointError(
+            f"{path}: resample={out['resample']!r} unsupported; glimpse does 2 (bilinear) and 3 (bicubic)"
+        )
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if cfg.get(flag) is False:
-            raise CheckpointError(f"{path}: {flag}=false is not supported (glimpse always resizes, rescales, normalizes)")
+            raise CheckpointError(
+                f"{path}: {flag}=false is not supported (glimpse always resizes, rescales, normalizes)"
+            )
     return out
 
 
@@ -227,13 +262,23 @@ def video_spec_from_dict(
     else:
         fields["timestamp_format"] = "int" if sampler == "glm4v" else "seconds"
     return VideoSpec(
-        processor_class=cls, resize_rule="qwen" if sampler == "qwen" else "glm", min_pixels=lo, max_pixels=hi,
-        sampler=sampler, **common, **fields,
+        processor_class=cls,
+        resize_rule="qwen" if sampler == "qwen" else "glm",
+        min_pixels=lo,
+        max_pixels=hi,
+        sampler=sampler,
+        **common,
+        **fields,
     )
 
 
 def _pos_float(value: Any, key: str, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise CheckpointError(f"{path}: '{key}' must be a positive number, got {value!r}")
     return float(value)
 
@@ -267,7 +312,9 @@ def load_specs(checkpoint_dir: str | Path) -> tuple[ImageSpec, VideoSpec]:
     elif image_file is not None:
         image_cfg, image_path = image_file, "preprocessor_config.json"
     else:
-        raise CheckpointError(f"{root}: no preprocessor_config.json (or processor_config.json with image_processor)")
+        raise CheckpointError(
+            f"{root}: no preprocessor_config.json (or processor_config.json with image_processor)"
+        )
 
     if isinstance(processor.get("video_processor"), dict):
         video_cfg, video_path = processor["video_processor"], "processor_config.json[video_processor]"
@@ -291,8 +338,16 @@ def load_specs(checkpoint_dir: str | Path) -> tuple[ImageSpec, VideoSpec]:
 
 
 _IMAGE_KNOBS = ("min_pixels", "max_pixels")
-_VIDEO_KNOBS = ("min_pixels", "max_pixels", "fps", "num_frames", "min_frames", "max_frames", "max_duration",
-                "do_sample_frames")
+_VIDEO_KNOBS = (
+    "min_pixels",
+    "max_pixels",
+    "fps",
+    "num_frames",
+    "min_frames",
+    "max_frames",
+    "max_duration",
+    "do_sample_frames",
+)
 
 # Knobs that HF's processor would take and then silently not use, per sampler.
 _IGNORED_BY_HF = MappingProxyType(
@@ -328,14 +383,21 @@ def _req_int(key: str, value: Any, lowest: int = 1) -> int:
 
 
 def _req_float(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def _over(key: str, value: float, limit: float, knob: str) -> None:
     if value > limit:
-        raise LimitExceededError(f"{key}={value} exceeds the server ceiling of {limit} (operator setting {knob})")
+        raise LimitExceededError(
+            f"{key}={value} exceeds the server ceiling of {limit} (operator setting {knob})"
+        )
 
 
 def with_overrides(spec: ImageSpec, ceilings: Ceilings | None = None, **overrides: Any) -> ImageSpec:
@@ -378,18 +440,24 @@ def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any
     for key in overrides:
         reason = _IGNORED_BY_HF[spec.sampler].get(key)
         if reason is not None:
-            raise InvalidInputError(f"'{key}' cannot be set per request for {spec.processor_class}: HF ignores it ({reason})")
+            raise InvalidInputError(
+                f"'{key}' cannot be set per request for {spec.processor_class}: HF ignores it ({reason})"
+            )
     changes: dict[str, Any] = {}
     if "do_sample_frames" in overrides:
         if not isinstance(overrides["do_sample_frames"], bool):
-            raise InvalidInputError(f"do_sample_frames must be true or false, got {overrides['do_sample_frames']!r}")
+            raise InvalidInputError(
+                f"do_sample_frames must be true or false, got {overrides['do_sample_frames']!r}"
+            )
         changes["do_sample_frames"] = overrides["do_sample_frames"]
     if "fps" in overrides:
         changes["fps"] = _req_float("fps", overrides["fps"])
         _over("fps", changes["fps"], ceilings.max_fps, "Ceilings.max_fps")
     for key in ("num_frames", "max_frames", "min_frames"):
         if key in overrides:
-            changes[key] = _req_int(key, overrides[key], spec.temporal_patch_size if key == "num_frames" else 1)
+            changes[key] = _req_int(
+                key, overrides[key], spec.temporal_patch_size if key == "num_frames" else 1
+            )
             _over(key, changes[key], ceilings.max_frames, "Ceilings.max_frames")
     if spec.sampler == "qwen":
         if "fps" in changes and "num_frames" in changes:
@@ -405,5 +473,7 @@ def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any
     if ("fps" in changes or "num_frames" in changes) and "do_sample_frames" not in changes:
         changes["do_sample_frames"] = True
     elif ("fps" in changes or "num_frames" in changes) and changes["do_sample_frames"] is False:
-        raise InvalidInputError("fps/num_frames only act when frames are sampled; do not combine with do_sample_frames=false")
+        raise InvalidInputError(
+            "fps/num_frames only act when frames are sampled; do not combine with do_sample_frames=false"
+        )
     return changes

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from glimpse.testing.tokenizer import GLM41V_TEMPLATE, GLM46V_TEMPLATE, QWEN25VL_TEMPLATE, build_tokenizer
 
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "medium")  # medium (~700M parameters) is meant for load_format="dummy"
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -64,8 +64,10 @@ class _Dims:
 _DIMS = {
     ("glm", "tiny"): _Dims(640, 32, 2, 2, 64, 112, 128, 2, 4, 2, 256, (2, 3, 3), 64, 160),
     ("glm", "small"): _Dims(4096, 384, 8, 6, 1536, 336, 768, 12, 12, 4, 2048, (4, 6, 6), 1024, 2048),
+    ("glm", "medium"): _Dims(4096, 384, 8, 6, 1536, 336, 1536, 24, 12, 4, 4608, (8, 12, 12), 1024, 2048),
     ("qwen", "tiny"): _Dims(640, 64, 4, 2, 96, 0, 128, 2, 4, 2, 256, (4, 6, 6), 64, 32),
     ("qwen", "small"): _Dims(4096, 384, 8, 6, 1024, 0, 768, 12, 12, 2, 2048, (8, 12, 12), 1024, 256),
+    ("qwen", "medium"): _Dims(4096, 384, 8, 6, 1024, 0, 1536, 24, 12, 4, 4608, (16, 24, 24), 1024, 256),
 }
 
 
@@ -78,12 +80,14 @@ def make_checkpoint(
     dtype: str = "float32",
     shards: int = 1,
     legacy_names: bool = False,
+    weights: bool = True,
 ) -> Path:
     """Write a complete HF checkpoint folder for `family` at `size` into `path` and return it.
 
     dtype: the on-disk dtype (float32, bfloat16, float16). shards > 1 writes
     `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. legacy_names
-    writes the older HF layout (`model.*` text tower, `visual.*` vision tower).
+    writes the older HF layout (`model.*` text tower, `visual.*` vision tower). weights=False
+    writes everything but the safetensors (for `load_format="dummy"`).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -107,6 +111,8 @@ def make_checkpoint(
     for name, cfg in _processor_configs(family, dims).items():
         _write_json(out / name, cfg)
 
+    if not weights:
+        return out
     tensors = _random_weights(config, seed, getattr(torch, dtype))
     if legacy_names:
         tensors = {_legacy_name(k): v for k, v in tensors.items()}

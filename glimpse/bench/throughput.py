@@ -1,0 +1,176 @@
+"""Offline throughput: glimpse vs HF transformers' batched generate on one mixed image workload,
+plus batch-1 decode speed against the machine's memory read bandwidth.
+
+Part 1 (`small` checkpoint, bfloat16, same thread count): 64 requests, each with its own
+distinct image (crops and rescales of the shipped photos, so token counts differ), prompts of
+different lengths, 64 output tokens with ignore_eos. HF runs the way its users batch:
+left padding, batches of 16. glimpse runs with its prefix and encoder caches on, then off.
+Part 2: a `load_format="dummy"` checkpoint of >= 500M parameters, decode-only tokens/s at
+batch 1, the weight bytes that implies per second, and the read bandwidth of this machine
+measured in the same run (summing a tensor far larger than the caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+MEDIA = Path(__file__).resolve().parents[2] / "examples" / "media"
+WORDS = "please describe the picture in detail and tell me what stands out about its colours and shapes".split()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="glm46v", choices=("glm4v", "glm46v", "glmga", "qwen2_5_vl"))
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--skip-hf", action="store_true", help="only run glimpse (part 1)")
+    p.add_argument("--skip-decode", action="store_true", help="skip part 2 (batch-1 decode vs bandwidth)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
+
+
+def workload(n: int) -> list[tuple[Image.Image, str]]:
+    """n distinct images (crops and rescales of the shipped photos) with prompts of different lengths."""
+    bases = [Image.open(MEDIA / f).convert("RGB") for f in ("rocket.jpg", "chelsea.png", "camera.png")]
+    items = []
+    for i in range(n):
+        base = bases[i % len(bases)]
+        w, h = base.size
+        left, top = (i * 13) % (w // 4), (i * 7) % (h // 4)
+        crop = base.crop((left, top, w - (i * 5) % (w // 4), h - (i * 11) % (h // 4)))
+        scale = 0.5 + (i % 9) * 0.15
+        img = crop.resize((max(56, int(crop.width * scale)), max(56, int(crop.height * scale))))
+        prompt = " ".join(WORDS[: 3 + (i * 5) % (len(WORDS) - 3)])
+        items.append((img, prompt))
+    return items
+
+
+def _messages(img: Image.Image, prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": prompt}]}]
+
+
+def run_glimpse(path: Path, items, output_len: int, dtype: str, caches: bool) -> dict:
+    from glimpse import LLM, SamplingParams
+
+    llm = LLM(path, dtype=dtype, max_num_seqs=len(items), max_num_batched_tokens=4096, enable_prefix_caching=caches,
+              enable_encoder_cache=caches)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    warm = Image.new("RGB", (97, 61), (120, 30, 200))  # not in the workload: warms kernels, not caches
+    llm.chat(_messages(warm, "warm up"), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.chat([_messages(img, p) for img, p in items], params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    prompt_tokens = [len(o.prompt_token_ids) for o in outs]
+    return {"system": f"glimpse (caches {'on' if caches else 'off'})", "seconds": seconds, "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds, "prompt_tokens_min": min(prompt_tokens), "prompt_tokens_max": max(prompt_tokens)}  # fmt: skip
+
+
+def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int) -> dict:
+    import transformers
+
+    proc = transformers.AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    warm = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm"}]}],
+                                               add_generation_prompt=True, tokenize=False)],
+                images=[Image.new("RGB", (97, 61), (120, 30, 200))], return_tensors="pt")  # fmt: skip
+    with torch.inference_mode():
+        model.generate(**warm, max_new_tokens=4, do_sample=False)
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                          add_generation_prompt=True, tokenize=False) for _, p in chunk]  # fmt: skip
+        inputs = proc(text=texts, images=[img for img, _ in chunk], padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
+        tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+    seconds = time.perf_counter() - t0
+    return {"system": f"HF generate (batch {batch_size}, left pad)", "seconds": seconds, "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds}  # fmt: skip
+
+
+def read_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of summing a tensor much larger than the caches (best of 3)."""
+    x = torch.ones(int(gib * 2**30 / 2), dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
+def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
+    from glimpse import LLM, SamplingParams
+    from glimpse.testing import make_checkpoint
+
+    path = make_checkpoint(family, "medium", workdir / f"{family}-medium", weights=False)
+    llm = LLM(path, dtype="bfloat16", load_format="dummy", max_num_seqs=1, kv_cache_memory="512MiB")
+    params_count = sum(p.numel() for p in llm.engine.model.parameters())
+    engine = llm.engine
+    engine.add_request("decode", [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=n_tokens + 2, ignore_eos=True))
+    engine.step()  # prefill
+    engine.step()  # first decode step (warm-up)
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    seconds = time.perf_counter() - t0
+    tok_s = steps / seconds
+    weight_bytes = params_count * 2
+    bw = read_bandwidth()
+    return {"parameters": params_count, "decode_tokens_per_s": tok_s, "weight_bytes_per_s": weight_bytes * tok_s,
+            "read_bandwidth_bytes_per_s": bw, "fraction_of_bandwidth": weight_bytes * tok_s / bw}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from glimpse.testing import make_checkpoint
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="glimpse-bench-"))
+    path = make_checkpoint(args.family, "small", workdir / f"{args.family}-small", seed=0, dtype=args.dtype)
+    items = workload(args.num_requests)
+    rows = [run_glimpse(path, items, args.output_len, args.dtype, caches=True),
+            run_glimpse(path, items, args.output_len, args.dtype, caches=False)]  # fmt: skip
+    if not args.skip_hf:
+        rows.append(run_hf(path, items, args.output_len, args.dtype, args.hf_batch_size))
+    result = {"family": args.family, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "num_requests": args.num_requests, "output_len": args.output_len, "rows": rows}  # fmt: skip
+    if not args.skip_hf:
+        hf = rows[-1]["tokens_per_s"]
+        result["speedup_caches_on"] = rows[0]["tokens_per_s"] / hf
+        result["speedup_caches_off"] = rows[1]["tokens_per_s"] / hf
+    if not args.skip_decode:
+        result["decode_batch1"] = run_decode(workdir, args.family, args.decode_tokens)
+    if not args.json:
+        print(f"{'system':40s} {'seconds':>9s} {'out tokens':>10s} {'tok/s':>9s}")
+        for r in rows:
+            print(f"{r['system']:40s} {r['seconds']:9.2f} {r['output_tokens']:10d} {r['tokens_per_s']:9.1f}")
+        if "speedup_caches_off" in result:
+            print(f"glimpse / HF: {result['speedup_caches_on']:.2f}x (caches on), {result['speedup_caches_off']:.2f}x (caches off)")
+        if "decode_batch1" in result:
+            d = result["decode_batch1"]
+            print(f"batch-1 decode, {d['parameters'] / 1e6:.0f}M params bf16: {d['decode_tokens_per_s']:.2f} tok/s = "
+                  f"{d['weight_bytes_per_s'] / 1e9:.2f} GB/s of weights; machine read bandwidth "
+                  f"{d['read_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s -> {100 * d['fraction_of_bandwidth']:.0f}%")  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
