@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
 from glimpse.errors import InvalidInputError
+from glimpse.media.image import to_rgb
 from glimpse.processing.spec import ImageSpec, VideoSpec
 
 MAX_ASPECT_RATIO = 200
@@ -179,23 +180,24 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], resample: int = 3)
 _HUGE_PAGE_MIN_BYTES = 4 << 20
 
 
-def empty_rows(n: int, width: int) -> torch.Tensor:
-    """Uninitialised `[n, width]` float32 for `pixel_values`, backed by transparent huge pages when large.
+def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uninitialised tensor for large outputs and scratch, backed by transparent huge pages.
 
-    Why: first-touch page faults dominate preprocessing on CPU. A 42 MB output costs ~10k
-    4 KiB faults (~15 ms on a small VM, as much as the resize itself); an anonymous mapping
-    with MADV_HUGEPAGE takes ~650. The tensor keeps the mapping alive; plain `torch.empty`
-    is used where madvise is unavailable or the buffer is small.
+    Why: first-touch page faults dominate preprocessing on CPU. A 42 MB `pixel_values` costs
+    ~10k 4 KiB faults (~15 ms on a small VM, as much as the resize itself); an anonymous
+    mapping with MADV_HUGEPAGE takes a few hundred. The tensor keeps the mapping alive; plain
+    `torch.empty` is used where madvise is unavailable or the buffer is small.
     """
-    nbytes = n * width * 4
+    count = math.prod(shape)
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
     if nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(n, width)
+        return torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         buf.madvise(mmap.MADV_HUGEPAGE)
     except OSError:
         pass  # still a valid buffer, just with small pages
-    return torch.frombuffer(buf, dtype=torch.float32, count=n * width).view(n, width)
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 
 def normalize_constants(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +215,7 @@ def _hwc_array(image: Image.Image | np.ndarray, what: str) -> np.ndarray:
     """One RGB image -> `[H, W, 3]` uint8 array that torch may wrap."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
-            from glimpse.media.image import to_rgb  # local: keeps processing importable without media
-
-            image = to_rgb(image)
+            image = to_rgb(image)  # HF's compositing of transparency onto white
         return np.array(image)  # a private, writable copy (PIL hands out a read-only buffer)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -253,14 +253,16 @@ def _patch_rows(
     x = hwc.reshape(gt, tau, gh // m, m, p, gw // m, m, p, c)
     # (gt, tau, bh, mh, py, bw, mw, px, c) -> (gt, bh, bw, mh, mw, c, tau, py, px); numpy's strided
     # copy is faster than torch's on these 14-byte runs.
-    blocks = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)))
-    blocks = blocks.view(n, c, tau, p * p)
+    shuffled = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    blocks = empty_buffer((n, c, tau, p * p), torch.uint8)
+    np.copyto(blocks.numpy().reshape(shuffled.shape), shuffled)
     if out is None:
-        out = empty_rows(n, c * tp * p * p)
+        out = empty_buffer((n, c * tp * p * p))
     rows = out.view(n, c, tp, p * p)
     first = rows[:, :, :tau]
-    torch.sub(blocks, mean_r, out=first)  # uint8 - float32 computes in float32, as HF's x.float() - mean
-    first.div_(std_r)
+    # In place: uint8 -> float32 (exact), then HF's two float32 ops. A mixed-dtype `torch.sub`
+    # would first build a float32 temporary of the whole input.
+    first.copy_(blocks).sub_(mean_r).div_(std_r)
     if repeat_frame:
         rows[:, :, 1:].copy_(first.expand(n, c, tp - 1, p * p))
     return out, [gt, gh, gw]
@@ -302,7 +304,7 @@ def preprocess_images(
         sizes.append(image_target_size(hwc.shape[0], hwc.shape[1], spec, what))
     p = spec.patch_size
     counts = [(h // p) * (w // p) for h, w in sizes]
-    pixel_values = empty_rows(sum(counts), 3 * spec.temporal_patch_size * p * p)
+    pixel_values = empty_buffer((sum(counts), 3 * spec.temporal_patch_size * p * p))
     grids, start = [], 0
     for hwc, size, count in zip(arrays, sizes, counts, strict=True):
         # A permuted HWC view is channels-last: torch's fast uint8 path, same pixels as HF.

@@ -7,9 +7,11 @@ text (§2.4) and Qwen's `second_per_grid_ts` (§2.5). One `SampledFrames` feeds 
 decoder (which frames) and the prompt expansion (which timestamps).
 
 Departures from HF, all where HF itself fails: fps 0 or missing, zero frames, a Qwen index
-past the end, and clips so short that glm46v/glmga sample 0 frames raise VideoSamplingError
-naming the value and the limit instead of crashing later. A 1-frame clip is accepted where HF
-accepts it (glm4v samples [0, 0]; with `do_sample_frames=False` the frame is repeated to Tp).
+past the end, and clips so short that glm46v/glmga sample 0 frames (shorter than one sampling
+step, 1/6 s or 1/fps) raise VideoSamplingError naming the value and the limit, instead of
+failing later in the resize. Short clips are accepted wherever HF returns frames (glm4v gives
+[0, 0] for a 3-frame clip); a clip handed over with `do_sample_frames=False` may have a single
+frame, which the resize step repeats to Tp (see resize.video_frames_in).
 """
 
 from __future__ import annotations

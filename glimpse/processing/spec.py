@@ -40,47 +40,15 @@ VIDEO_CLASSES = MappingProxyType(
     }
 )
 
-# Class defaults of HF 5.23 (parity-spec §1.7); only keys the class accepts are read from JSON.
-_COMMON = MappingProxyType(
-    {
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "rescale_factor": 1 / 255,
-        "resample": 3,
-    }
-)
+# HF 5.23 class defaults that differ per class (parity-spec §1.7); the shared ones (patch sizes,
+# CLIP mean/std, 1/255, bicubic) are ImageSpec's field defaults. Only keys a class accepts are read.
 _IMAGE_SIZE = MappingProxyType({"glm": (112 * 112, 28 * 28 * 15000), "qwen": (56 * 56, 28 * 28 * 1280)})
-_VIDEO_DEFAULTS = MappingProxyType(
-    {
-        "glm4v": {
-            "size": (112 * 112, 28 * 28 * 2 * 30000),
-            "fps": 2.0,
-            "max_duration": 300.0,
-            "do_sample_frames": True,
-        },
-        "glm46v": {
-            "size": (112 * 112, 28 * 28 * 2 * 30000),
-            "fps": 2.0,
-            "max_duration": 300.0,
-            "do_sample_frames": True,
-        },
-        "glmga": {
-            "size": (112 * 112, 28 * 28 * 2 * 55790),
-            "fps": 2.0,
-            "max_frames": 640,
-            "do_sample_frames": True,
-        },
-        "qwen": {
-            "size": (128 * 28 * 28, 28 * 28 * 768),
-            "min_frames": 4,
-            "max_frames": 768,
-            "do_sample_frames": False,
-        },
-    }
-)
+_VIDEO_DEFAULTS = MappingProxyType({
+    "glm4v": {"size": (112 * 112, 28 * 28 * 2 * 30000), "fps": 2.0, "max_duration": 300.0, "do_sample_frames": True},
+    "glm46v": {"size": (112 * 112, 28 * 28 * 2 * 30000), "do_sample_frames": True},
+    "glmga": {"size": (112 * 112, 28 * 28 * 2 * 55790), "fps": 2.0, "max_frames": 640, "do_sample_frames": True},
+    "qwen": {"size": (128 * 28 * 28, 28 * 28 * 768), "min_frames": 4, "max_frames": 768, "do_sample_frames": False},
+})  # fmt: skip
 
 Sampler = Literal["glm4v", "glm46v", "glmga", "qwen"]
 
@@ -169,34 +137,52 @@ def _size(cfg: dict, default: tuple[int, int], qwen: bool, path: str) -> tuple[i
     return _pos_int(lo, "size.shortest_edge", path), _pos_int(hi, "size.longest_edge", path)
 
 
+def _is_positive(value: Any) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value > 0
+    )
+
+
 def _pos_int(value: Any, key: str, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+    if not _is_positive(value) or value != int(value):
         raise CheckpointError(f"{path}: '{key}' must be a positive integer, got {value!r}")
     return int(value)
 
 
+def _pos_float(value: Any, key: str, path: str) -> float:
+    if not _is_positive(value):
+        raise CheckpointError(f"{path}: '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
 def _common(cfg: dict, path: str, expand: bool) -> dict:
+    """The fields every spec shares; a missing or null key takes HF's class default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ImageSpec)}
     out = {}
-    for key, default in _COMMON.items():
-        value = cfg.get(key)
-        out[key] = default if value is None else value
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample"):
+        out[key] = defaults[key] if cfg.get(key) is None else cfg[key]
     for key in ("patch_size", "temporal_patch_size", "merge_size"):
         out[key] = _pos_int(out[key], key, path)
+    out["rescale_factor"] = _pos_float(out["rescale_factor"], "rescale_factor", path)
     out["patch_expand_factor"] = (
         _pos_int(cfg.get("patch_expand_factor") or 1, "patch_expand_factor", path) if expand else 1
     )
     for key in ("image_mean", "image_std"):
-        value = out[key]
+        value = defaults[key] if cfg.get(key) is None else cfg[key]
         if isinstance(value, int | float):
             value = [value] * 3
-        if not isinstance(value, list | tuple) or len(value) != 3:
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) for v in value)
+        ):
             raise CheckpointError(f"{path}: '{key}' must hold 3 numbers (RGB), got {value!r}")
         out[key] = tuple(float(v) for v in value)
-    if any(s == 0 for s in out["image_std"]):
+    if 0 in out["image_std"]:
         raise CheckpointError(f"{path}: 'image_std' has a zero entry")
     if out["resample"] not in (2, 3):
         raise CheckpointError(
-            f"{path}: resample={out['resample']!r} unsupported; glimpse does 2 (bilinear) and 3 (bicubic)"
+            f"{path}: resample={out['resample']!r} unsupported; glimpse does 2 (bilinear), 3 (bicubic)"
         )
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if cfg.get(flag) is False:
@@ -257,6 +243,10 @@ def video_spec_from_dict(
         fields["cap_pixels_per_frame"] = bool(cfg.get("cap_pixels_per_frame") or False)
         fields["max_video_tokens"] = _pos_int(cfg.get("max_video_tokens") or 128000, "max_video_tokens", path)
         fields["timestamp_format"] = "none"
+        if fields.get("num_frames") is not None and fields["fps"] is not None:
+            raise CheckpointError(
+                f"{path}: sets both fps and num_frames; HF refuses that (they exclude each other)"
+            )
     elif processor_class is not None:
         fields["timestamp_format"] = "int" if processor_class == "Glm4vProcessor" else "seconds"
     else:
@@ -270,17 +260,6 @@ def video_spec_from_dict(
         **common,
         **fields,
     )
-
-
-def _pos_float(value: Any, key: str, path: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise CheckpointError(f"{path}: '{key}' must be a positive number, got {value!r}")
-    return float(value)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -338,42 +317,19 @@ def load_specs(checkpoint_dir: str | Path) -> tuple[ImageSpec, VideoSpec]:
 
 
 _IMAGE_KNOBS = ("min_pixels", "max_pixels")
-_VIDEO_KNOBS = (
-    "min_pixels",
-    "max_pixels",
-    "fps",
-    "num_frames",
-    "min_frames",
-    "max_frames",
-    "max_duration",
-    "do_sample_frames",
-)
+_VIDEO_KNOBS = ("min_pixels", "max_pixels", "fps", "num_frames", "min_frames", "max_frames", "max_duration",
+                "do_sample_frames")  # fmt: skip
 
-# Knobs that HF's processor would take and then silently not use, per sampler.
-_IGNORED_BY_HF = MappingProxyType(
-    {
-        "glm4v": {
-            "num_frames": "Glm4vVideoProcessor samples by fps, never by a frame count",
-            "min_frames": "Glm4vVideoProcessor has no minimum frame count",
-            "max_frames": "Glm4vVideoProcessor caps frames through max_duration*fps only",
-            "max_duration": "Glm4vVideoProcessor reads max_duration from the checkpoint, not from the call",
-        },
-        "glm46v": {
-            "fps": "Glm46VVideoProcessor picks 6/2/1 frames per second from the duration",
-            "num_frames": "Glm46VVideoProcessor picks its own frame count from the duration",
-            "min_frames": "Glm46VVideoProcessor has no minimum frame count",
-            "max_frames": "Glm46VVideoProcessor caps frames at a fixed 640",
-            "max_duration": "Glm46VVideoProcessor uses a fixed 2400 s limit",
-        },
-        "glmga": {
-            "num_frames": "GlmgaVideoProcessor samples by fps, never by a frame count",
-            "min_frames": "GlmgaVideoProcessor has no minimum frame count",
-            "max_frames": "GlmgaVideoProcessor reads max_frames from the checkpoint, not from the call",
-            "max_duration": "GlmgaVideoProcessor has no max_duration",
-        },
-        "qwen": {"max_duration": "Qwen2VLVideoProcessor has no max_duration"},
-    }
-)
+# Knobs that HF's processor would accept and then silently not use, per sampler, with the reason.
+_IGNORED_BY_HF = MappingProxyType({
+    "glm4v": (("num_frames", "min_frames", "max_frames", "max_duration"),
+              "Glm4vVideoProcessor samples by fps only, and reads max_duration from the checkpoint"),
+    "glm46v": (("fps", "num_frames", "min_frames", "max_frames", "max_duration"),
+               "Glm46VVideoProcessor picks 6/2/1 frames/s from the duration, at most 640 frames"),
+    "glmga": (("num_frames", "min_frames", "max_frames", "max_duration"),
+              "GlmgaVideoProcessor samples by fps only, and reads max_frames from the checkpoint"),
+    "qwen": (("max_duration",), "Qwen2VLVideoProcessor has no max_duration"),
+})  # fmt: skip
 
 
 def _req_int(key: str, value: Any, lowest: int = 1) -> int:
@@ -383,12 +339,7 @@ def _req_int(key: str, value: Any, lowest: int = 1) -> int:
 
 
 def _req_float(key: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not _is_positive(value):
         raise InvalidInputError(f"{key} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -437,9 +388,9 @@ def with_overrides(spec: ImageSpec, ceilings: Ceilings | None = None, **override
 
 
 def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any]) -> dict[str, Any]:
+    ignored, reason = _IGNORED_BY_HF[spec.sampler]
     for key in overrides:
-        reason = _IGNORED_BY_HF[spec.sampler].get(key)
-        if reason is not None:
+        if key in ignored:
             raise InvalidInputError(
                 f"'{key}' cannot be set per request for {spec.processor_class}: HF ignores it ({reason})"
             )

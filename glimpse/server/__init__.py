@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request protocol, media fetching, async engine, reasoning parser, metrics."""

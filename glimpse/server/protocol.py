@@ -1,0 +1,292 @@
+"""The OpenAI wire format: pydantic request models (unknown fields rejected) and response builders.
+
+`ChatCompletionRequest` / `CompletionRequest` validate a JSON body; `check_unsupported(body)`
+names fields that would change the output but glimpse does not implement (400, never ignored);
+`sampling_params(req, ...)` gives the engine's `SamplingParams`. The builders turn engine
+outputs into OpenAI dicts: `usage` (with per-media token counts), logprobs, chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from glimpse.engine.sampler import TopLogprobs
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.errors import InvalidInputError, PromptError
+from glimpse.processing.inputs import ProcessedPrompt
+
+
+class _Strict(BaseModel):
+    # strict: "2" is not an int; extra="forbid": an unknown field is a 400, never ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit JSON null for a field with a default means that default (clients send both)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].default is None}
+
+
+# ---- chat messages ---------------------------------------------------------------------------
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    # "low"/"high" would change the token count; per-request resolution goes in mm_processor_kwargs.
+    detail: Literal["auto"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoURL(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None  # an earlier assistant turn's thinking (GLM templates render it)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by both endpoints: OpenAI's, then vLLM's extras."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted and not acted on: they never change the output.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # vLLM extras
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for this endpoint
+    logprobs: int | None = None
+    echo: Literal[False] = False
+    best_of: int | None = None
+
+
+# Fields of OpenAI's or vLLM's APIs that would change the output and that glimpse does not
+# implement -> a predicate saying which values are harmless (absent/neutral) and may pass.
+_UNSUPPORTED = {
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: v is None or v == [],
+    "function_call": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: True,  # meaningless without tools, which are refused
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v is None or v == ["text"],
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "suffix": lambda v: v is None,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "logits_processors": lambda v: v is None,
+    "prompt_logprobs": lambda v: v is None,
+    "use_beam_search": lambda v: v is None or v is False,
+    "length_penalty": lambda v: v is None or v == 1.0,
+    "truncate_prompt_tokens": lambda v: v is None,
+    "documents": lambda v: v is None,
+    "chat_template": lambda v: v is None,
+}
+
+
+def check_unsupported(body: dict) -> None:
+    """Raise InvalidInputError naming the first field that glimpse would otherwise have to ignore."""
+    for name, harmless in _UNSUPPORTED.items():
+        if name in body and not harmless(body[name]):
+            raise InvalidInputError(
+                f"'{name}' is not supported by glimpse and would change the output, so it is refused rather "
+                "than ignored; remove it (docs/serving.md lists the supported fields)")  # fmt: skip
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """Engine sampling settings from a request; max_tokens defaults to what max_model_len leaves."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise InvalidInputError("max_tokens and max_completion_tokens disagree; send only one")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs=true")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidInputError(f"best_of={req.best_of} (other than n) is not supported; glimpse returns all n samples")
+        max_tokens, logprobs = req.max_tokens, req.logprobs
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        max_tokens = room
+    elif prompt_len + max_tokens > max_model_len:
+        raise PromptError(
+            f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, {prompt_len + max_tokens} in all, "
+            f"but max_model_len is {max_model_len}; lower max_tokens (at most {room}), shorten the prompt or lower "
+            "image/video resolution (mm_processor_kwargs)")  # fmt: skip
+    return SamplingParams(
+        n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+        max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, logprobs=logprobs, logit_bias=req.logit_bias,
+        skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+    )  # fmt: skip
+
+
+# ---- responses -------------------------------------------------------------------------------
+def usage(prompt: ProcessedPrompt, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI usage plus `prompt_tokens_details.{image_tokens, video_tokens, media}` (per item)."""
+    media = []
+    for m in prompt.media:
+        item: dict[str, Any] = {"type": m.kind, "tokens": m.num_tokens, "grid_thw": list(m.grid_thw)}
+        if m.kind == "video":
+            item["frame_indices"] = list(m.frame_indices)
+            item["timestamps"] = [round(t, 6) for t in m.timestamps]
+        media.append(item)
+    n_prompt = len(prompt.input_ids)
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": n_prompt + completion_tokens,
+        "prompt_tokens_details": {
+            "cached_tokens": cached_tokens,
+            "image_tokens": sum(m.num_tokens for m in prompt.media if m.kind == "image"),
+            "video_tokens": sum(m.num_tokens for m in prompt.media if m.kind == "video"),
+            "media": media,
+        },
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes map to themselves, the rest to code points >= 256."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class TokenText:
+    """Token id -> (display text, exact bytes), for logprobs. A token that ends inside a multi-byte
+    character shows as `bytes:\\xe7\\x8c` (vLLM's convention) while `bytes` stays exact."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        if token_id in self.added:
+            raw = self.added[token_id].encode()
+        else:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+            if all(c in self.byte_of for c in piece):
+                raw = bytes(self.byte_of[c] for c in piece)
+            else:  # not a byte-level vocabulary entry: fall back to decoding it
+                raw = self.tokenizer.decode([token_id]).encode()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        self._cache[token_id] = out = (text, list(raw))
+        return out
+
+
+def chat_logprobs(entries: list[TopLogprobs], token_text: TokenText) -> dict:
+    def one(token_id: int, logprob: float) -> dict:
+        text, raw = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}  # fmt: skip
+
+
+def completion_logprobs(entries: list[TopLogprobs], token_text: TokenText, offset: int = 0) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for e in entries:
+        text = token_text(e.token_id)[0]
+        tokens.append(text)
+        token_logprobs.append(e.logprob)
+        tops.append({token_text(t)[0]: lp for t, lp in e.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chunk(request_id: str, model: str, created: int, choices: list[dict], obj: str = "chat.completion.chunk",
+          include_usage: bool = False, usage_: dict | None = None) -> dict:  # fmt: skip
+    out = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        out["usage"] = usage_
+    return out
+
+
+def now() -> int:
+    return int(time.time())

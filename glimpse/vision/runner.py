@@ -1,0 +1,202 @@
+"""Step 5 (vision encoder), execution: packed batches -> per-item embeddings through captured graphs.
+
+`EncoderRunner(model, budgets, max_num_batched_tokens)` captures one static graph per budget at
+start-up; `encode([VisionItem])` returns one [t*h*w / m^2, hidden] tensor per item, in input order.
+CPU: torch.compile(dynamic=False), one graph per budget, recompiles refused at replay, inductor's
+on-disk cache making a restart fast. CUDA: torch.cuda.CUDAGraph capture/replay (untested: no GPU).
+Items larger than every budget, and graph=False, run the same static-shape tower eagerly, unpadded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from glimpse.errors import InvalidInputError
+from glimpse.models.base import VisionLanguageModel
+from glimpse.vision.batching import (
+    Batch,
+    Capacity,
+    Piece,
+    VisionItem,
+    capacity,
+    check_budgets,
+    check_limit,
+    default_budgets,
+    plan_batches,
+)
+
+# Dynamo keys its graph cache on the tower's code object, shared by every runner of a family,
+# so the per-code recompile limit (8 by default) must cover all budgets of all runners.
+_RECOMPILE_LIMIT = 4096
+
+
+class EncoderRunner:
+    """Budget batching + one captured graph per budget for a model's vision tower.
+
+    budgets: merged-token budgets (None: powers of two from 64 up to max_num_batched_tokens,
+    plus it). max_items_per_batch / max_frames_per_batch: packing limits (None: only the
+    budget limits). graph: capture graphs (True) or run every batch eagerly (False).
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        budgets: Sequence[int] | None,
+        max_num_batched_tokens: int,
+        max_items_per_batch: int | None = None,
+        max_frames_per_batch: int | None = None,
+        graph: bool = True,
+        table_cache_size: int = 256,
+    ) -> None:
+        self.tower = model.model.visual
+        self.merge = model.spatial_merge_size
+        self.budgets = default_budgets(max_num_batched_tokens) if budgets is None else check_budgets(list(budgets))
+        self.max_items_per_batch = check_limit(max_items_per_batch, "max_items_per_batch")
+        self.max_frames_per_batch = check_limit(max_frames_per_batch, "max_frames_per_batch")
+        weight = self.tower.patch_embed.proj.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.patch_dim = weight[0].numel()
+        self.graph = graph
+        self._tables: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self._table_cache_size = table_cache_size
+        self._graphs: dict[int, Callable[..., torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        self.compiled_graphs = 0
+        if graph:
+            self._capture()
+
+    # ---- start-up ---------------------------------------------------------------------------
+    def _capture(self) -> None:
+        start, before = time.perf_counter(), counters["stats"]["unique_graphs"]
+        fn = self.tower.forward_static
+        if self.device.type == "cpu":
+            fn = torch.compile(fn, dynamic=False, fullgraph=True)
+        with torch.inference_mode(), torch._dynamo.config.patch(
+            recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT
+        ):
+            for budget in reversed(self.budgets):  # largest first, as vLLM does (peak memory first)
+                inputs = self._dummy_inputs(self._capacity(budget))
+                if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+                    self._graphs[budget] = _CudaGraph(fn, inputs)
+                else:
+                    fn(**inputs)
+                    self._graphs[budget] = fn
+        self.compiled_graphs = counters["stats"]["unique_graphs"] - before
+        self.capture_seconds = time.perf_counter() - start
+
+    def _dummy_inputs(self, cap: Capacity) -> dict[str, torch.Tensor]:
+        """A real layout of the budget's size: one (1, m, m * tokens) frame, zero pixels."""
+        h, w = self.merge, self.merge * cap.tokens
+        meta = self.tower.batch_metadata([(1, h, w)], {(h, w): self.tower.frame_tables(h, w)}, cap.patches, cap.frames)
+        pixels = torch.zeros(cap.patches, self.patch_dim, dtype=self.dtype, device=self.device)
+        return {"pixel_values": pixels, **meta}
+
+    def _capacity(self, budget: int) -> Capacity:
+        return capacity(budget, self.merge, self.max_frames_per_batch)
+
+    # ---- serving ----------------------------------------------------------------------------
+    def plan(self, items: Sequence[VisionItem]) -> list[Batch]:
+        """The batches `encode` runs for these items (validated), with their budgets."""
+        grids = [self._check_item(i, item) for i, item in enumerate(items)]
+        return plan_batches(grids, self.budgets, self.merge, self.max_items_per_batch, self.max_frames_per_batch)
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence[VisionItem]) -> list[torch.Tensor]:
+        """One [t*h*w / m^2, hidden] embedding tensor per item, in input order."""
+        batches = self.plan(items)
+        pixels = [item.pixel_values.to(self.device, self.dtype) for item in items]
+        parts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in items]
+        for batch in batches:
+            out = self._run(batch, pixels)
+            offset = 0
+            for piece in batch.pieces:
+                parts[piece.item].append((piece.first_frame, out[offset : offset + piece.tokens]))
+                offset += piece.tokens
+        return [chunks[0][1] if len(chunks) == 1 else torch.cat([c for _, c in sorted(chunks)]) for chunks in parts]
+
+    def _run(self, batch: Batch, pixels: list[torch.Tensor]) -> torch.Tensor:
+        graph = self._graphs.get(batch.budget) if batch.budget is not None else None
+        cap = self._capacity(batch.budget) if graph is not None else None
+        inputs = self._batch_inputs(batch.pieces, pixels, cap)
+        if graph is None:
+            return self.tower.forward_static(**inputs)
+        # A recompile here would mean a shape or guard escaped the static contract: fail loudly.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            return graph(**inputs)[: batch.tokens]
+
+    def _batch_inputs(
+        self, pieces: Sequence[Piece], pixels: list[torch.Tensor], cap: Capacity | None
+    ) -> dict[str, torch.Tensor]:
+        rows, grids = [], []
+        for p in pieces:
+            size = p.h * p.w
+            rows.append(pixels[p.item][p.first_frame * size : (p.first_frame + p.frames) * size])
+            if grids and grids[-1][1:] == (p.h, p.w):  # same frame size: one run of frames
+                grids[-1] = (grids[-1][0] + p.frames, p.h, p.w)
+            else:
+                grids.append((p.frames, p.h, p.w))
+        tables = {(h, w): self._frame_tables(h, w) for _, h, w in grids}
+        if cap is None:
+            meta = self.tower.batch_metadata(grids, tables)
+        else:
+            meta = self.tower.batch_metadata(grids, tables, cap.patches, cap.frames)
+            n = sum(r.shape[0] for r in rows)
+            rows.append(rows[0].new_zeros(cap.patches - n, self.patch_dim))
+        return {"pixel_values": torch.cat(rows) if len(rows) > 1 else rows[0], **meta}
+
+    def _frame_tables(self, h: int, w: int) -> dict:
+        """Per-frame-size tables (position embeddings, rotary, windows), computed once per size (LRU)."""
+        key = (h, w)
+        if key in self._tables:
+            self._tables.move_to_end(key)
+        else:
+            self._tables[key] = self.tower.frame_tables(h, w)
+            if len(self._tables) > self._table_cache_size:
+                self._tables.popitem(last=False)
+        return self._tables[key]
+
+    def _check_item(self, i: int, item: VisionItem) -> tuple[int, int, int]:
+        if item.kind not in ("image", "video"):
+            raise InvalidInputError(f"vision item {i}: kind {item.kind!r} is not 'image' or 'video'")
+        grid = tuple(int(v) for v in item.grid_thw)
+        m = self.merge
+        if len(grid) != 3 or grid[0] < 1 or grid[1] < m or grid[2] < m or grid[1] % m or grid[2] % m:
+            raise InvalidInputError(
+                f"{item.kind} item {i}: grid_thw {grid} needs t >= 1 and h, w positive multiples of "
+                f"spatial_merge_size {m}"
+            )
+        t, h, w = grid
+        shape = tuple(item.pixel_values.shape)
+        if shape != (t * h * w, self.patch_dim):
+            raise InvalidInputError(
+                f"{item.kind} item {i}: pixel_values has shape {shape}, but grid_thw {grid} needs "
+                f"({t * h * w}, {self.patch_dim}) (t*h*w patches, C*Tp*P*P values each)"
+            )
+        return grid
+
+
+class _CudaGraph:  # pragma: no cover - needs a GPU; untested here (see docs)
+    """One budget on CUDA: static input buffers, the captured graph, and its output buffer."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        self.inputs = {k: v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(**self.inputs)  # warm-up: kernel choice and workspaces happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(**self.inputs)
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        for key, value in inputs.items():
+            self.inputs[key].copy_(value)
+        self.graph.replay()
+        return self.output.clone()  # the buffer is overwritten by the next replay
