@@ -20,7 +20,7 @@ from glimpse.engine.detokenizer import IncrementalDetokenizer
 from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.kv_cache import PagedKVCache
 from glimpse.engine.model_runner import ModelRunner
-from glimpse.engine.request import Request, RequestStatus
+from glimpse.engine.request import Request
 from glimpse.engine.sampler import RequestSamplingState, TopLogprobs, sample
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig

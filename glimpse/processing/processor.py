@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from glimpse.config import processor_kind, read_json
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError

@@ -1,0 +1,592 @@
+"""The HTTP front of `glimpse serve`: a FastAPI app over an `AsyncEngine`.
+
+`build_app(state)` serves POST /v1/chat/completions and /v1/completions (JSON or SSE), GET
+/v1/models, /health and /metrics. A request flows: API key -> body-size cap -> JSON + schema
+(unknown fields 400) -> admission slot (429) -> media fetch under the MediaPolicy -> processor
+(thread pool) -> engine -> reasoning parser -> OpenAI JSON. Errors are OpenAI-shaped
+`{"error": {message, type, param, code}}` with sanitised text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glimpse.engine.llm_engine import RequestOutput
+from glimpse.errors import InvalidInputError
+from glimpse.processing.inputs import ProcessedPrompt
+from glimpse.processing.processor import Processor
+from glimpse.server import protocol as P
+from glimpse.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError, ServerBusyError
+from glimpse.server.media_fetch import MediaPolicy, fetch_media
+from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
+from glimpse.server.reasoning import GlmReasoningParser, ParsedDelta
+
+log = logging.getLogger("glimpse.server")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; built once by cli.run (or a test) and handed to build_app."""
+
+    engine: AsyncEngine
+    processor: Processor  # with the server's MediaLimits and Ceilings
+    model_name: str
+    policy: MediaPolicy
+    api_key: str | None = None
+    max_request_bytes: int = 100 * 2**20
+    request_timeout: float = 600.0
+    reasoning: bool = True  # GLM <think>/<answer>/box parsing of chat output
+    template_kwargs: frozenset[str] = frozenset()  # chat_template_kwargs the template reads
+    preprocess_workers: int = 2
+    pool: ThreadPoolExecutor = field(init=False)
+    metrics: ServerMetrics = field(init=False)
+    token_text: P.TokenText = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="glimpse-preprocess")
+        self.metrics = ServerMetrics(self.engine.stats, self.engine.server_stats)
+        self.token_text = P.TokenText(self.processor.tokenizer)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+_REPR = re.compile(r"<[\w.]+ object at [^>]*>")
+
+
+def _clean(message: str) -> str:
+    """No memory addresses or object reprs in anything sent to a client; long texts cut."""
+    message = _ADDRESS.sub("0x?", _REPR.sub("<object>", message))
+    return message if len(message) <= 2000 else message[:2000] + "..."
+
+
+def _code(exc: BaseException) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidInputError):
+        return ApiError(400, str(exc), "invalid_request_error", _code(exc))
+    if isinstance(exc, ServerBusyError):
+        return ApiError(429, str(exc), "rate_limit_error", "server_busy")
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, "the request did not finish within --request-timeout and was aborted", "timeout_error",
+                        "request_timeout")  # fmt: skip
+    if isinstance(exc, EngineDeadError):
+        return ApiError(503, str(exc), "service_unavailable", "engine_dead")
+    if isinstance(exc, EngineStepError):
+        return ApiError(500, str(exc), "server_error", "engine_error")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return ApiError(500, "internal server error; see the server log", "server_error", "internal_error")
+
+
+def _error_body(err: ApiError) -> dict:
+    return {"error": {"message": _clean(err.message), "type": err.type, "param": err.param, "code": err.code}}
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    """A pydantic error as one readable 400: unknown fields first, else the most specific problem."""
+    errors = exc.errors(include_input=False, include_url=False)
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        where = _loc(extra[0]["loc"])
+        return ApiError(400, f"unknown field '{where}'; glimpse rejects fields it does not know (docs/serving.md "
+                             "lists the supported ones)", "invalid_request_error", "unknown_field", where)  # fmt: skip
+    err = max(errors, key=lambda e: len(e["loc"]))
+    where = _loc(err["loc"])
+    return ApiError(400, f"{where}: {err['msg']}" if where else err["msg"], "invalid_request_error", "invalid_value",
+                    where or None)  # fmt: skip
+
+
+def _loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        text = str(item)
+        # Union branches show up as type labels ("str", "list[...]"); a tagged union repeats the tag.
+        if "[" in text or text in ("str", "int", "float", "bool") or (parts and parts[-1] == text):
+            continue
+        parts.append(text)
+    return ".".join(parts)
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        err = _as_api_error(exc)
+        state.metrics.observe_error(err.status)
+        return JSONResponse(_error_body(err), status_code=err.status)
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "not_found" if exc.status_code == 404
+                       else "http_error")  # fmt: skip
+        return JSONResponse(_error_body(err), status_code=exc.status_code)
+
+    app.add_exception_handler(Exception, on_error)
+    app.add_exception_handler(ApiError, on_error)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+# ---- request plumbing ----------------------------------------------------------------------------
+async def _read_json(request: Request, limit: int) -> dict:
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"the request body is over the limit of {limit} bytes (--max-request-bytes)",
+                       "invalid_request_error", "request_too_large")  # fmt: skip
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_big
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
+    return data
+
+
+def _parse(model: type[P._Strict], body: dict):
+    P.check_unsupported(body)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Await `work`, cancelling it (which aborts its engine request) if the client goes away."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise _ClientGone()
+
+
+class SSEResponse(Response):
+    """Server-sent events from an async iterator of strings; on client disconnect the iterator is
+    closed (aborting its engine request) and `cleanup` always runs, even if streaming never began."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content=None, status_code=200, headers={"Cache-Control": "no-cache"})
+        self.events, self.cleanup = events, cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                    async for event in self.events:
+                        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()  # type: ignore[attr-defined]
+                await self.cleanup()
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _auth(state: ServerState) -> Callable:
+    expected = state.api_key.encode() if state.api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # compare_digest takes time independent of where the strings differ.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           "authentication_error", "invalid_api_key")  # fmt: skip
+
+    return check
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="glimpse", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app, state)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(state))])
+    engine = state.engine
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        card = {"id": state.model_name, "object": "model", "created": P.now(), "owned_by": "glimpse",
+                "max_model_len": engine.engine.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        t0 = time.perf_counter()
+        req: P.ChatCompletionRequest = _parse(P.ChatCompletionRequest, await _read_json(request, state.max_request_bytes))
+        _check_model(state, req.model)
+        _check_chat_options(state, req)
+        return await _serve(request, state, req, t0, _ChatFormat(state, req))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        req: P.CompletionRequest = _parse(P.CompletionRequest, await _read_json(request, state.max_request_bytes))
+        _check_model(state, req.model)
+        return await _serve(request, state, req, t0, _CompletionFormat(state, req))
+
+    app.include_router(v1)
+    return app
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise ApiError(404, f"model '{model}' is not served here; this server serves '{state.model_name}'",
+                       "invalid_request_error", "model_not_found", "model")  # fmt: skip
+
+
+def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest) -> None:
+    kwargs = req.chat_template_kwargs or {}
+    unknown = sorted(set(kwargs) - state.template_kwargs)
+    if unknown:
+        allowed = ", ".join(sorted(state.template_kwargs)) or "none"
+        raise InvalidInputError(f"chat_template_kwargs {unknown} are not read by this model's chat template, so they "
+                                f"would be ignored; allowed: {allowed}")  # fmt: skip
+    for key, value in kwargs.items():
+        if not isinstance(value, bool | int | float | str):
+            raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")
+    if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
+        raise InvalidInputError("continue_final_message needs add_generation_prompt=false and a final assistant "
+                                "message to continue")  # fmt: skip
+
+
+async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest) -> ProcessedPrompt:
+    """Fetch every media URL under the policy, then render and preprocess in the thread pool."""
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    fetches, slots = [], []
+    for msg in messages:
+        for part in msg.get("content") if isinstance(msg.get("content"), list) else ():
+            kind = {"image_url": "image", "video_url": "video"}.get(part["type"])
+            if kind is not None:
+                fetches.append(fetch_media(part[part["type"]]["url"], state.policy, kind))
+                slots.append(part)
+    for part, data in zip(slots, await asyncio.gather(*fetches), strict=True):
+        part[part["type"]] = {"url": data}  # bytes or a vetted local path, read by the processor
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    if req.continue_final_message:
+        template_kwargs["continue_final_message"] = True
+    mm = dict(req.mm_processor_kwargs or {})
+
+    def work() -> ProcessedPrompt:
+        return state.processor(messages, chat_template_kwargs=template_kwargs,
+                               add_generation_prompt=req.add_generation_prompt, **mm)  # fmt: skip
+
+    return await asyncio.get_running_loop().run_in_executor(state.pool, work)
+
+
+def _prepare_completion(state: ServerState, req: P.CompletionRequest) -> list[ProcessedPrompt]:
+    prompts = req.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise InvalidInputError("prompt must not be empty")
+    if len(prompts) > 1 and req.stream:
+        raise InvalidInputError("streaming several prompts in one request is not supported; send one prompt per request")
+    tok = state.processor.tokenizer
+    return [ProcessedPrompt(list(p), text=None) if isinstance(p, list) else
+            ProcessedPrompt(tok.encode(p, add_special_tokens=False), text=p) for p in prompts]  # fmt: skip
+
+
+async def _serve(request: Request, state: ServerState, req, t0: float, fmt: _Format) -> Response:
+    stack = contextlib.AsyncExitStack()
+    await stack.enter_async_context(state.engine.admit())
+    deadline = asyncio.get_running_loop().time() + state.request_timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            if isinstance(req, P.ChatCompletionRequest):
+                prompts = [await _unless_disconnected(request, _prepare_chat(state, req))]
+            else:
+                prompts = _prepare_completion(state, req)
+        prep = time.perf_counter() - t0
+        max_len = state.engine.engine.max_model_len
+        params = [P.sampling_params(req, len(p.input_ids), max_len) for p in prompts]
+        run = _Run(state, fmt, prompts, params, t0, prep)
+        if req.stream:
+            events = run.stream(deadline)
+            stack.push_async_callback(run.close)
+            return SSEResponse(events, stack.aclose)
+        async with stack:
+            stack.push_async_callback(run.close)
+            async with asyncio.timeout_at(deadline):
+                body = await _unless_disconnected(request, run.collect())
+            return JSONResponse(body)
+    except _ClientGone:
+        await stack.aclose()
+        return Response(status_code=499)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+class _Run:
+    """One HTTP request's engine requests (several for a completions batch) and their outputs."""
+
+    def __init__(self, state: ServerState, fmt: _Format, prompts: list[ProcessedPrompt], params: list, t0: float,
+                 prep: float) -> None:  # fmt: skip
+        self.state, self.fmt, self.prompts, self.params, self.t0, self.prep = state, fmt, prompts, params, t0, prep
+        self.ids = [f"{fmt.id}-{i}" for i in range(len(prompts))]
+        self.gens: list = []
+        self.ttft: float | None = None
+
+    async def _start(self) -> None:
+        for rid, prompt, params in zip(self.ids, self.prompts, self.params, strict=True):
+            gen = self.state.engine.generate(rid, prompt, params, self.prep)
+            self.gens.append(gen)
+
+    async def close(self) -> None:
+        for gen in self.gens:
+            await gen.aclose()  # aborts an unfinished engine request, freeing its KV blocks
+
+    def _observe(self, finals: list[RequestOutput]) -> None:
+        e2e = time.perf_counter() - self.t0
+        for out in finals:
+            self.state.metrics.observe_request(
+                ttft=self.ttft, e2e=e2e, prompt_tokens=len(out.prompt_token_ids),
+                output_tokens=[len(c.token_ids) for c in out.outputs],
+                finish_reasons=[c.finish_reason for c in out.outputs],
+                encoder_s=out.metrics.get("encoder_s") or 0.0, preprocess_s=self.prep)  # fmt: skip
+
+    async def collect(self) -> dict:
+        await self._start()
+        finals = []
+        for gen in self.gens:
+            last = None
+            async for out in gen:
+                if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
+                    self.ttft = time.perf_counter() - self.t0
+                last = out
+            finals.append(last)
+        self._observe(finals)
+        return self.fmt.full(self.prompts, finals)
+
+    async def stream(self, deadline: float) -> AsyncIterator[str]:
+        await self._start()
+        gen = self.gens[0]  # streaming serves one prompt (checked in _prepare_completion)
+        try:
+            async with asyncio.timeout_at(deadline):
+                for event in self.fmt.start(self.params[0].n):
+                    yield _sse(event)
+                final = None
+                async for out in gen:
+                    if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
+                        self.ttft = time.perf_counter() - self.t0
+                    for event in self.fmt.step(out):
+                        yield _sse(event)
+                    final = out
+            self._observe([final])
+            for event in self.fmt.end(self.prompts[0], final):
+                yield _sse(event)
+        except Exception as exc:  # headers are out: report in-band, as vLLM and OpenAI do
+            err = _as_api_error(exc)
+            self.state.metrics.observe_error(err.status)
+            yield _sse(_error_body(err))
+        yield _sse("[DONE]")
+
+
+# ---- response formats ----------------------------------------------------------------------------
+class _Format:
+    id: str
+
+    def start(self, n: int) -> list[dict]:
+        return []
+
+
+class _ChatFormat(_Format):
+    def __init__(self, state: ServerState, req: P.ChatCompletionRequest) -> None:
+        self.state, self.req = state, req
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = P.now()
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.parsers: dict[int, GlmReasoningParser | None] = {}
+        self.logprobs_sent: dict[int, int] = {}
+
+    def _parser(self, index: int, prompt_text: str | None) -> GlmReasoningParser | None:
+        if index not in self.parsers:
+            on = self.state.reasoning
+            self.parsers[index] = GlmReasoningParser(GlmReasoningParser.prompt_opens_thinking(prompt_text)) if on else None
+        return self.parsers[index]
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        return P.chunk(self.id, self.state.model_name, self.created, choices, include_usage=self.include_usage)
+
+    def _split(self, index: int, text: str, prompt_text: str | None, finished: bool) -> ParsedDelta:
+        parser = self._parser(index, prompt_text)
+        if parser is None:
+            return ParsedDelta(content=text)
+        out = parser.feed(text)
+        if finished:
+            tail = parser.finish()
+            out = ParsedDelta(out.content + tail.content, out.reasoning + tail.reasoning, out.boxes + tail.boxes)
+        return out
+
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        final, prompt = finals[0], prompts[0]
+        choices = []
+        for c in final.outputs:
+            parsed = self._split(c.index, c.text, prompt.text, finished=True)
+            message = {"role": "assistant", "content": parsed.content}
+            if self.state.reasoning:
+                message |= {"reasoning_content": parsed.reasoning or None, "boxes": parsed.boxes}
+            logprobs = P.chat_logprobs(c.logprobs, self.state.token_text) if c.logprobs is not None else None
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name,
+                "choices": choices, "usage": P.usage(prompt, n_out, final.num_cached_tokens)}  # fmt: skip
+
+    def start(self, n: int) -> list[dict]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(n)]  # fmt: skip
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        events = []
+        prompt_text = self.req and None
+        for c in out.outputs:
+            done = c.finish_reason is not None
+            parsed = self._split(c.index, c.delta_text, prompt_text if prompt_text else self._prompt_text, done)
+            delta: dict = {}
+            if parsed.reasoning:
+                delta["reasoning_content"] = parsed.reasoning
+            if parsed.content:
+                delta["content"] = parsed.content
+            if parsed.boxes:
+                delta["boxes"] = parsed.boxes
+            logprobs = None
+            if c.logprobs is not None and c.delta_token_ids:
+                sent = self.logprobs_sent.get(c.index, 0)
+                logprobs = P.chat_logprobs(c.logprobs[sent:], self.state.token_text)
+                self.logprobs_sent[c.index] = len(c.logprobs)
+            if delta or logprobs:
+                events.append(self._chunk([{"index": c.index, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": None}]))  # fmt: skip
+            if done:
+                events.append(self._chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
+        return events
+
+    _prompt_text: str | None = None
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        if not self.include_usage:
+            return []
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        return [P.chunk(self.id, self.state.model_name, self.created, [], include_usage=True,
+                        usage_=P.usage(prompt, n_out, final.num_cached_tokens))]  # fmt: skip
+
+
+class _CompletionFormat(_Format):
+    def __init__(self, state: ServerState, req: P.CompletionRequest) -> None:
+        self.state, self.req = state, req
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = P.now()
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.logprobs_sent: dict[int, tuple[int, int]] = {}  # index -> (entries sent, text offset)
+
+    def _logprobs(self, index: int, entries) -> dict:
+        sent, offset = self.logprobs_sent.get(index, (0, 0))
+        out = P.completion_logprobs(entries[sent:], self.state.token_text, offset)
+        end = offset + sum(len(t) for t in out["tokens"])
+        self.logprobs_sent[index] = (len(entries), end)
+        return out
+
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        choices, n_prompt, n_out, cached = [], 0, 0, 0
+        n = self.req.n
+        for i, final in enumerate(finals):
+            for c in final.outputs:
+                lp = P.completion_logprobs(c.logprobs, self.state.token_text) if c.logprobs is not None else None
+                choices.append({"index": i * n + c.index, "text": c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+                n_out += len(c.token_ids)
+            n_prompt += len(final.prompt_token_ids)
+            cached += final.num_cached_tokens
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+                 "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name,
+                "choices": choices, "usage": usage}  # fmt: skip
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        events = []
+        for c in out.outputs:
+            lp = self._logprobs(c.index, c.logprobs) if c.logprobs is not None and c.delta_token_ids else None
+            if c.delta_text or lp or c.finish_reason is not None:
+                choice = {"index": c.index, "text": c.delta_text, "logprobs": lp, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}  # fmt: skip
+                events.append(P.chunk(self.id, self.state.model_name, self.created, [choice], obj="text_completion",
+                                      include_usage=self.include_usage))  # fmt: skip
+        return events
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        if not self.include_usage:
+            return []
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        n_prompt = len(final.prompt_token_ids)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+        return [P.chunk(self.id, self.state.model_name, self.created, [], obj="text_completion", include_usage=True,
+                        usage_=usage)]  # fmt: skip

@@ -1,0 +1,93 @@
+"""Sampling through the engine: logprobs against HF's logits, seeds across batches, logit_bias, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_oracle import hf_model
+
+from conftest import IMAGES
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.llm import LLM
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint("glm4v"), dtype="float32")
+
+
+def _conv(text: str, image: bool = True):
+    parts = [{"type": "image_url", "image_url": {"url": str(IMAGES / "coffee.png")}}] if image else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def test_logprobs_equal_log_softmax_of_hf_logits(llm, tiny_checkpoint):
+    conv = _conv("Describe the cup.")
+    out = llm.chat(conv, SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    p = llm.processor(conv)
+    inputs = dict(p)
+    inputs["input_ids"] = torch.tensor([p.input_ids + comp.token_ids[:-1]])
+    inputs["mm_token_type_ids"] = llm.engine.model.mm_token_types(inputs["input_ids"][0])[None]
+    with torch.no_grad():
+        logits = hf_model(tiny_checkpoint("glm4v"))(**inputs).logits[0, len(p.input_ids) - 1 :]
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    for step, lp in enumerate(comp.logprobs):
+        assert lp.token_id == comp.token_ids[step]
+        assert abs(lp.logprob - float(ref[step, lp.token_id])) < 1e-4
+        top_ids = ref[step].topk(5).indices.tolist()
+        assert [t for t, _ in lp.top] == top_ids
+        for t, v in lp.top:
+            assert abs(v - float(ref[step, t])) < 1e-4
+
+
+def test_seeded_request_same_alone_and_in_batch(llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = llm.chat(_conv("Tell me a story."), seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5), SamplingParams(temperature=1.2, seed=7, max_tokens=20)]  # fmt: skip
+    convs = [_conv("Other one", image=False), _conv("Tell me a story."), _conv("Third", image=False), _conv("x")]
+    outs = llm.chat(convs, [others[0], seeded, others[1], others[2]], use_tqdm=False)
+    assert outs[1].outputs[0].token_ids == alone
+    different = llm.chat(_conv("Tell me a story."), SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, seed=99,
+                                                                    ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+    assert different.outputs[0].token_ids != alone
+
+
+def test_logit_bias_forces_a_token_sequence(llm):
+    tok = llm.get_tokenizer()
+    target = tok.encode(" launch rocket", add_special_tokens=False)
+    # +100 on the target ids and -100 on the most likely others: each step must pick from the targets;
+    # a stop string then ends generation exactly after the forced text.
+    out = llm.chat(_conv("Go", image=False), SamplingParams(temperature=0, max_tokens=len(target),
+                   logit_bias={t: 100 for t in target}), use_tqdm=False)[0]  # fmt: skip
+    assert set(out.outputs[0].token_ids) <= set(target)
+    forced = llm.chat(_conv("Go", image=False), SamplingParams(temperature=0, max_tokens=1,
+                      logit_bias={target[0]: 100}), use_tqdm=False)[0]  # fmt: skip
+    assert forced.outputs[0].token_ids == [target[0]]
+
+
+def test_stop_strings_and_token_ids(llm):
+    base = llm.chat(_conv("Say something"), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    text = base.outputs[0].text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = llm.chat(_conv("Say something"), SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
+                   use_tqdm=False)[0].outputs[0]  # fmt: skip
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    tok_id = base.outputs[0].token_ids[4]
+    by_id = llm.chat(_conv("Say something"), SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[tok_id],
+                     ignore_eos=True), use_tqdm=False)[0].outputs[0]  # fmt: skip
+    assert by_id.token_ids == base.outputs[0].token_ids[: base.outputs[0].token_ids.index(tok_id) + 1]
+    assert by_id.stop_reason == tok_id
+
+
+def test_n_sequences_and_streamed_deltas_concatenate(llm):
+    params = SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=10, ignore_eos=True)
+    out = llm.chat(_conv("Many"), params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    streamed = "".join(o.outputs[0].delta_text for o in llm.stream_chat(_conv("Many"), SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True)))  # fmt: skip
+    full = llm.chat(_conv("Many"), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    assert streamed == full.outputs[0].text
