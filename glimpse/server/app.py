@@ -32,7 +32,13 @@ from glimpse.errors import InvalidInputError
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.processing.processor import Processor
 from glimpse.server import protocol as P
-from glimpse.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError, ServerBusyError
+from glimpse.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineStepError,
+    RequestHandle,
+    ServerBusyError,
+)
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
 from glimpse.server.reasoning import GlmReasoningParser, ParsedDelta
@@ -363,22 +369,19 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: _For
                 prompts = [await _unless_disconnected(request, _prepare_chat(state, req))]
             else:
                 prompts = _prepare_completion(state, req)
-        prep = time.perf_counter() - t0
-        max_len = state.engine.engine.max_model_len
-        params = [P.sampling_params(req, len(p.input_ids), max_len) for p in prompts]
-        run = _Run(state, fmt, prompts, params, t0, prep)
+            max_len = state.engine.engine.max_model_len
+            params = [P.sampling_params(req, len(p.input_ids), max_len) for p in prompts]
+            run = _Run(state, fmt, prompts, params, t0)
+            stack.callback(run.abort)
+            await _unless_disconnected(request, run.start())
         if req.stream:
-            events = run.stream(deadline)
-            stack.push_async_callback(run.close)
-            return SSEResponse(events, stack.aclose)
-        async with stack:
-            stack.push_async_callback(run.close)
-            async with asyncio.timeout_at(deadline):
-                body = await _unless_disconnected(request, run.collect())
-            return JSONResponse(body)
+            # From here the SSE response owns the admission slot and the engine requests.
+            return SSEResponse(run.stream(deadline), stack.aclose)
+        async with stack, asyncio.timeout_at(deadline):
+            return JSONResponse(await _unless_disconnected(request, run.collect()))
     except _ClientGone:
         await stack.aclose()
-        return Response(status_code=499)
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
     except BaseException:
         await stack.aclose()
         raise
@@ -387,21 +390,24 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: _For
 class _Run:
     """One HTTP request's engine requests (several for a completions batch) and their outputs."""
 
-    def __init__(self, state: ServerState, fmt: _Format, prompts: list[ProcessedPrompt], params: list, t0: float,
-                 prep: float) -> None:  # fmt: skip
-        self.state, self.fmt, self.prompts, self.params, self.t0, self.prep = state, fmt, prompts, params, t0, prep
-        self.ids = [f"{fmt.id}-{i}" for i in range(len(prompts))]
-        self.gens: list = []
+    def __init__(self, state: ServerState, fmt: _Format, prompts: list[ProcessedPrompt], params: list,
+                 t0: float) -> None:  # fmt: skip
+        self.state, self.fmt, self.prompts, self.params, self.t0 = state, fmt, prompts, params, t0
+        self.prep = time.perf_counter() - t0
+        self.handles: list[RequestHandle] = []
         self.ttft: float | None = None
 
-    async def _start(self) -> None:
-        for rid, prompt, params in zip(self.ids, self.prompts, self.params, strict=True):
-            gen = self.state.engine.generate(rid, prompt, params, self.prep)
-            self.gens.append(gen)
+    async def start(self) -> None:
+        for i, (prompt, params) in enumerate(zip(self.prompts, self.params, strict=True)):
+            self.handles.append(await self.state.engine.add(f"{self.fmt.id}-{i}", prompt, params, self.prep))
 
-    async def close(self) -> None:
-        for gen in self.gens:
-            await gen.aclose()  # aborts an unfinished engine request, freeing its KV blocks
+    def abort(self) -> None:
+        for handle in self.handles:
+            handle.abort()  # a no-op once finished; otherwise frees the request's KV blocks
+
+    def _seen(self, out: RequestOutput) -> None:
+        if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
+            self.ttft = time.perf_counter() - self.t0
 
     def _observe(self, finals: list[RequestOutput]) -> None:
         e2e = time.perf_counter() - self.t0
@@ -413,36 +419,33 @@ class _Run:
                 encoder_s=out.metrics.get("encoder_s") or 0.0, preprocess_s=self.prep)  # fmt: skip
 
     async def collect(self) -> dict:
-        await self._start()
         finals = []
-        for gen in self.gens:
+        for handle in self.handles:
             last = None
-            async for out in gen:
-                if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
-                    self.ttft = time.perf_counter() - self.t0
+            async for out in handle.outputs():
+                self._seen(out)
                 last = out
             finals.append(last)
         self._observe(finals)
         return self.fmt.full(self.prompts, finals)
 
     async def stream(self, deadline: float) -> AsyncIterator[str]:
-        await self._start()
-        gen = self.gens[0]  # streaming serves one prompt (checked in _prepare_completion)
+        prompt, handle = self.prompts[0], self.handles[0]  # streaming serves one prompt (_prepare_completion)
         try:
             async with asyncio.timeout_at(deadline):
-                for event in self.fmt.start(self.params[0].n):
+                for event in self.fmt.start(prompt, self.params[0].n):
                     yield _sse(event)
                 final = None
-                async for out in gen:
-                    if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
-                        self.ttft = time.perf_counter() - self.t0
+                async for out in handle.outputs():
+                    self._seen(out)
                     for event in self.fmt.step(out):
                         yield _sse(event)
                     final = out
             self._observe([final])
-            for event in self.fmt.end(self.prompts[0], final):
+            for event in self.fmt.end(prompt, final):
                 yield _sse(event)
-        except Exception as exc:  # headers are out: report in-band, as vLLM and OpenAI do
+        except Exception as exc:  # the headers are out: report in-band, as vLLM and OpenAI do
+            self.abort()
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)
             yield _sse(_error_body(err))
@@ -451,10 +454,21 @@ class _Run:
 
 # ---- response formats ----------------------------------------------------------------------------
 class _Format:
+    """Turns engine outputs into one endpoint's JSON: `full` (non-streaming) or start/step/end chunks."""
+
     id: str
 
-    def start(self, n: int) -> list[dict]:
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        raise NotImplementedError
+
+    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
         return []
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        raise NotImplementedError
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        raise NotImplementedError
 
 
 class _ChatFormat(_Format):
@@ -463,33 +477,32 @@ class _ChatFormat(_Format):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = P.now()
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.parsers: dict[int, GlmReasoningParser | None] = {}
+        self.parsers: dict[int, GlmReasoningParser] = {}
         self.logprobs_sent: dict[int, int] = {}
+        self.prompt_text: str | None = None
 
-    def _parser(self, index: int, prompt_text: str | None) -> GlmReasoningParser | None:
-        if index not in self.parsers:
-            on = self.state.reasoning
-            self.parsers[index] = GlmReasoningParser(GlmReasoningParser.prompt_opens_thinking(prompt_text)) if on else None
-        return self.parsers[index]
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        return P.chunk(self.id, self.state.model_name, self.created, choices, include_usage=self.include_usage)
-
-    def _split(self, index: int, text: str, prompt_text: str | None, finished: bool) -> ParsedDelta:
-        parser = self._parser(index, prompt_text)
-        if parser is None:
+    def _split(self, index: int, text: str, finished: bool) -> ParsedDelta:
+        """Route text through choice `index`'s parser (streaming and non-streaming use the same one)."""
+        if not self.state.reasoning:
             return ParsedDelta(content=text)
+        if index not in self.parsers:
+            self.parsers[index] = GlmReasoningParser(GlmReasoningParser.prompt_opens_thinking(self.prompt_text))
+        parser = self.parsers[index]
         out = parser.feed(text)
         if finished:
             tail = parser.finish()
             out = ParsedDelta(out.content + tail.content, out.reasoning + tail.reasoning, out.boxes + tail.boxes)
         return out
 
+    def _chunk(self, choice: dict) -> dict:
+        return P.chunk(self.id, self.state.model_name, self.created, [choice], include_usage=self.include_usage)
+
     def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
         final, prompt = finals[0], prompts[0]
+        self.prompt_text = prompt.text
         choices = []
         for c in final.outputs:
-            parsed = self._split(c.index, c.text, prompt.text, finished=True)
+            parsed = self._split(c.index, c.text, finished=True)
             message = {"role": "assistant", "content": parsed.content}
             if self.state.reasoning:
                 message |= {"reasoning_content": parsed.reasoning or None, "boxes": parsed.boxes}
@@ -500,16 +513,16 @@ class _ChatFormat(_Format):
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name,
                 "choices": choices, "usage": P.usage(prompt, n_out, final.num_cached_tokens)}  # fmt: skip
 
-    def start(self, n: int) -> list[dict]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(n)]  # fmt: skip
+    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
+        self.prompt_text = prompt.text
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}) for i in range(n)]  # fmt: skip
 
     def step(self, out: RequestOutput) -> list[dict]:
         events = []
-        prompt_text = self.req and None
         for c in out.outputs:
             done = c.finish_reason is not None
-            parsed = self._split(c.index, c.delta_text, prompt_text if prompt_text else self._prompt_text, done)
+            parsed = self._split(c.index, c.delta_text, done)
             delta: dict = {}
             if parsed.reasoning:
                 delta["reasoning_content"] = parsed.reasoning
@@ -523,14 +536,11 @@ class _ChatFormat(_Format):
                 logprobs = P.chat_logprobs(c.logprobs[sent:], self.state.token_text)
                 self.logprobs_sent[c.index] = len(c.logprobs)
             if delta or logprobs:
-                events.append(self._chunk([{"index": c.index, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": None}]))  # fmt: skip
+                events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
             if done:
-                events.append(self._chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
+                events.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
+                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))  # fmt: skip
         return events
-
-    _prompt_text: str | None = None
 
     def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
         if not self.include_usage:
@@ -548,20 +558,16 @@ class _CompletionFormat(_Format):
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.logprobs_sent: dict[int, tuple[int, int]] = {}  # index -> (entries sent, text offset)
 
-    def _logprobs(self, index: int, entries) -> dict:
-        sent, offset = self.logprobs_sent.get(index, (0, 0))
-        out = P.completion_logprobs(entries[sent:], self.state.token_text, offset)
-        end = offset + sum(len(t) for t in out["tokens"])
-        self.logprobs_sent[index] = (len(entries), end)
-        return out
+    def _chunk(self, choices: list[dict], usage: dict | None = None, final: bool = False) -> dict:
+        return P.chunk(self.id, self.state.model_name, self.created, choices, obj="text_completion",
+                       include_usage=self.include_usage, usage_=usage)  # fmt: skip
 
     def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
         choices, n_prompt, n_out, cached = [], 0, 0, 0
-        n = self.req.n
         for i, final in enumerate(finals):
             for c in final.outputs:
                 lp = P.completion_logprobs(c.logprobs, self.state.token_text) if c.logprobs is not None else None
-                choices.append({"index": i * n + c.index, "text": c.text, "logprobs": lp,
+                choices.append({"index": i * self.req.n + c.index, "text": c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
                 n_out += len(c.token_ids)
             n_prompt += len(final.prompt_token_ids)
@@ -574,12 +580,14 @@ class _CompletionFormat(_Format):
     def step(self, out: RequestOutput) -> list[dict]:
         events = []
         for c in out.outputs:
-            lp = self._logprobs(c.index, c.logprobs) if c.logprobs is not None and c.delta_token_ids else None
+            lp = None
+            if c.logprobs is not None and c.delta_token_ids:
+                sent, offset = self.logprobs_sent.get(c.index, (0, 0))
+                lp = P.completion_logprobs(c.logprobs[sent:], self.state.token_text, offset)
+                self.logprobs_sent[c.index] = (len(c.logprobs), offset + sum(len(t) for t in lp["tokens"]))
             if c.delta_text or lp or c.finish_reason is not None:
-                choice = {"index": c.index, "text": c.delta_text, "logprobs": lp, "finish_reason": c.finish_reason,
-                          "stop_reason": c.stop_reason}  # fmt: skip
-                events.append(P.chunk(self.id, self.state.model_name, self.created, [choice], obj="text_completion",
-                                      include_usage=self.include_usage))  # fmt: skip
+                events.append(self._chunk([{"index": c.index, "text": c.delta_text, "logprobs": lp,
+                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
         return events
 
     def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
@@ -587,6 +595,5 @@ class _CompletionFormat(_Format):
             return []
         n_out = sum(len(c.token_ids) for c in final.outputs)
         n_prompt = len(final.prompt_token_ids)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-        return [P.chunk(self.id, self.state.model_name, self.created, [], obj="text_completion", include_usage=True,
-                        usage_=usage)]  # fmt: skip
+        return [self._chunk([], {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                 "total_tokens": n_prompt + n_out})]  # fmt: skip

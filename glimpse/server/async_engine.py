@@ -1,8 +1,8 @@
 """Step 4 for the server: the `LLMEngine` in its own thread, an asyncio stream per request, and admission.
 
-`AsyncEngine.generate(request_id, prompt, params)` is an async iterator of `RequestOutput`s
-(one per engine step that touched the request; the last has `finished=True`). Leaving the
-iterator early (client gone, timeout, error) aborts the request, which frees its KV blocks.
+`await AsyncEngine.add(request_id, prompt, params)` queues a request and returns a handle whose
+`outputs()` yields `RequestOutput`s (one per engine step that touched it; the last has
+`finished=True`); `handle.abort()` (client gone, timeout, error) frees its KV blocks.
 `admit()` bounds the requests being served: `max_concurrent` at once plus `max_queue` waiting
 for a slot; beyond that it raises `ServerBusyError` (HTTP 429).
 """
@@ -51,6 +51,28 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class RequestHandle:
+    """One queued request: iterate `outputs()`; `abort()` (idempotent) frees its KV blocks if still running."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self._engine, self.request_id, self._stream = engine, request_id, stream
+        self.finished = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._stream.queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True  # the engine thread already dropped it
+                raise item
+            self.finished = item.finished
+            yield item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._commands.put(("abort", self.request_id))
 
 
 class AsyncEngine:
@@ -104,30 +126,20 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     # ---- requests (event-loop side) ------------------------------------------------------
-    async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       preprocess_seconds: float = 0.0) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """Add the request and yield its outputs; raises the engine's InvalidInputError on a bad prompt."""
+    async def add(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                  preprocess_seconds: float = 0.0) -> RequestHandle:  # fmt: skip
+        """Queue a request in the engine; raises the engine's InvalidInputError for a bad prompt."""
         if not self.is_alive():
             raise EngineDeadError("the engine thread has stopped; restart the server")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt, params, preprocess_seconds, stream, added))
-        finished = False
         try:
             await asyncio.wrap_future(added)
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                # Queued after the add, so the engine thread sees them in this order.
-                self._commands.put(("abort", request_id))
+        except asyncio.CancelledError:
+            self._commands.put(("abort", request_id))  # after the add, so the engine sees them in order
+            raise
+        return RequestHandle(self, request_id, stream)
 
     def shutdown(self) -> None:
         self._stop.set()
