@@ -11,6 +11,8 @@ BENCHES = {
     "rope-index": "glimpse.bench.rope_index",
     "preprocess": "glimpse.bench.preprocess",
     "throughput": "glimpse.bench.throughput",
+    "serve": "glimpse.bench.serve",
+    "mm-encoder": "glimpse.bench.mm_encoder",
 }
 
 
@@ -44,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     from glimpse.entrypoints import add_commands
 
     add_commands(sub)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/serving.md)")
+    from glimpse.server import cli as serve_cli
+
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(func=serve_cli.run)
 
     bench = sub.add_parser("bench", help="benchmarks: side-by-side runs that print a table, JSON and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

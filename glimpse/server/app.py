@@ -1,4 +1,4 @@
-"""The HTTP front of `glimpse serve`: a FastAPI app over an `AsyncEngine`.
+"""Step 0 of the data path, the HTTP front of `glimpse serve`: a FastAPI app over an `AsyncEngine`.
 
 `build_app(state)` serves POST /v1/chat/completions and /v1/completions (JSON or SSE), GET
 /v1/models, /health and /metrics. A request flows: API key -> body-size cap -> JSON + schema
@@ -16,19 +16,19 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from glimpse.engine.llm_engine import RequestOutput
-from glimpse.errors import InvalidInputError
+from glimpse.errors import GlimpseError, InvalidInputError
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.processing.processor import Processor
 from glimpse.server import protocol as P
@@ -41,7 +41,6 @@ from glimpse.server.async_engine import (
 )
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
-from glimpse.server.reasoning import GlmReasoningParser, ParsedDelta
 
 log = logging.getLogger("glimpse.server")
 
@@ -105,6 +104,9 @@ def _as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, TimeoutError):
         return ApiError(504, "the request did not finish within --request-timeout and was aborted", "timeout_error",
                         "request_timeout")  # fmt: skip
+    if isinstance(exc, ClientDisconnect):
+        return ApiError(400, "the client disconnected while sending the request", "invalid_request_error",
+                        "client_disconnected")  # fmt: skip
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), "service_unavailable", "engine_dead")
     if isinstance(exc, EngineStepError):
@@ -153,8 +155,10 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
                        else "http_error")  # fmt: skip
         return JSONResponse(_error_body(err), status_code=exc.status_code)
 
-    app.add_exception_handler(Exception, on_error)
-    app.add_exception_handler(ApiError, on_error)
+    # Expected errors are answered here; anything else also reaches Starlette's last-resort
+    # handler, which logs the traceback server-side (the client still gets only on_error's JSON).
+    for exc_type in (ApiError, GlimpseError, TimeoutError, ClientDisconnect, Exception):
+        app.add_exception_handler(exc_type, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http)
 
 
@@ -180,9 +184,13 @@ async def _read_json(request: Request, limit: int) -> dict:
 
 
 def _parse(model: type[P._Strict], body: dict):
-    P.check_unsupported(body)
+    name = P.unsupported_field(body)
+    if name is not None:
+        raise ApiError(400, f"'{name}' is not supported by glimpse and would change the output, so it is refused "
+                            "rather than ignored; remove it (docs/serving.md lists the supported fields)",
+                       "invalid_request_error", "unsupported_field", name)  # fmt: skip
     try:
-        return model.model_validate(body)
+        return model.model_validate(P.without_neutral_fields(body))
     except ValidationError as exc:
         raise _validation_error(exc) from None
 
@@ -206,24 +214,25 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     raise _ClientGone()
 
 
-class SSEResponse(Response):
+class SSEResponse(StreamingResponse):
     """Server-sent events from an async iterator of strings; on client disconnect the iterator is
     closed (aborting its engine request) and `cleanup` always runs, even if streaming never began."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, events: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content=None, status_code=200, headers={"Cache-Control": "no-cache"})
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.events, self.cleanup = events, cleanup
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 async def stream() -> None:
-                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                    async for event in self.events:
-                        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    try:
+                        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                        async for event in self.events:
+                            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:  # the socket went away mid-write: same as a disconnect
+                        pass
                     tg.cancel_scope.cancel()
 
                 async def watch() -> None:
@@ -240,7 +249,7 @@ class SSEResponse(Response):
 
 
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _auth(state: ServerState) -> Callable:
@@ -288,14 +297,14 @@ def build_app(state: ServerState) -> FastAPI:
         req: P.ChatCompletionRequest = _parse(P.ChatCompletionRequest, await _read_json(request, state.max_request_bytes))
         _check_model(state, req.model)
         _check_chat_options(state, req)
-        return await _serve(request, state, req, t0, _ChatFormat(state, req))
+        return await _serve(request, state, req, t0, P.ChatFormat(req, state.model_name, state.token_text, state.reasoning))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
         req: P.CompletionRequest = _parse(P.CompletionRequest, await _read_json(request, state.max_request_bytes))
         _check_model(state, req.model)
-        return await _serve(request, state, req, t0, _CompletionFormat(state, req))
+        return await _serve(request, state, req, t0, P.CompletionFormat(req, state.model_name, state.token_text))
 
     app.include_router(v1)
     return app
@@ -359,16 +368,18 @@ def _prepare_completion(state: ServerState, req: P.CompletionRequest) -> list[Pr
             ProcessedPrompt(tok.encode(p, add_special_tokens=False), text=p) for p in prompts]  # fmt: skip
 
 
-async def _serve(request: Request, state: ServerState, req, t0: float, fmt: _Format) -> Response:
+async def _serve(request: Request, state: ServerState, req, t0: float, fmt: P.ResponseFormat) -> Response:
+    """Admission, preprocessing and generation under one deadline (the wait for a slot counts too)."""
     stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(state.engine.admit())
-    deadline = asyncio.get_running_loop().time() + state.request_timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.request_timeout
     try:
         async with asyncio.timeout_at(deadline):
+            await stack.enter_async_context(state.engine.admit())
             if isinstance(req, P.ChatCompletionRequest):
                 prompts = [await _unless_disconnected(request, _prepare_chat(state, req))]
             else:
-                prompts = _prepare_completion(state, req)
+                prompts = await loop.run_in_executor(state.pool, _prepare_completion, state, req)
             max_len = state.engine.engine.max_model_len
             params = [P.sampling_params(req, len(p.input_ids), max_len) for p in prompts]
             run = _Run(state, fmt, prompts, params, t0)
@@ -390,7 +401,7 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: _For
 class _Run:
     """One HTTP request's engine requests (several for a completions batch) and their outputs."""
 
-    def __init__(self, state: ServerState, fmt: _Format, prompts: list[ProcessedPrompt], params: list,
+    def __init__(self, state: ServerState, fmt: P.ResponseFormat, prompts: list[ProcessedPrompt], params: list,
                  t0: float) -> None:  # fmt: skip
         self.state, self.fmt, self.prompts, self.params, self.t0 = state, fmt, prompts, params, t0
         self.prep = time.perf_counter() - t0
@@ -403,6 +414,8 @@ class _Run:
 
     def abort(self) -> None:
         for handle in self.handles:
+            if not handle.finished:
+                self.state.metrics.aborted.inc()
             handle.abort()  # a no-op once finished; otherwise frees the request's KV blocks
 
     def _seen(self, out: RequestOutput) -> None:
@@ -450,150 +463,3 @@ class _Run:
             self.state.metrics.observe_error(err.status)
             yield _sse(_error_body(err))
         yield _sse("[DONE]")
-
-
-# ---- response formats ----------------------------------------------------------------------------
-class _Format:
-    """Turns engine outputs into one endpoint's JSON: `full` (non-streaming) or start/step/end chunks."""
-
-    id: str
-
-    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
-        raise NotImplementedError
-
-    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
-        return []
-
-    def step(self, out: RequestOutput) -> list[dict]:
-        raise NotImplementedError
-
-    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
-        raise NotImplementedError
-
-
-class _ChatFormat(_Format):
-    def __init__(self, state: ServerState, req: P.ChatCompletionRequest) -> None:
-        self.state, self.req = state, req
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = P.now()
-        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.parsers: dict[int, GlmReasoningParser] = {}
-        self.logprobs_sent: dict[int, int] = {}
-        self.prompt_text: str | None = None
-
-    def _split(self, index: int, text: str, finished: bool) -> ParsedDelta:
-        """Route text through choice `index`'s parser (streaming and non-streaming use the same one)."""
-        if not self.state.reasoning:
-            return ParsedDelta(content=text)
-        if index not in self.parsers:
-            self.parsers[index] = GlmReasoningParser(GlmReasoningParser.prompt_opens_thinking(self.prompt_text))
-        parser = self.parsers[index]
-        out = parser.feed(text)
-        if finished:
-            tail = parser.finish()
-            out = ParsedDelta(out.content + tail.content, out.reasoning + tail.reasoning, out.boxes + tail.boxes)
-        return out
-
-    def _chunk(self, choice: dict) -> dict:
-        return P.chunk(self.id, self.state.model_name, self.created, [choice], include_usage=self.include_usage)
-
-    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
-        final, prompt = finals[0], prompts[0]
-        self.prompt_text = prompt.text
-        choices = []
-        for c in final.outputs:
-            parsed = self._split(c.index, c.text, finished=True)
-            message = {"role": "assistant", "content": parsed.content}
-            if self.state.reasoning:
-                message |= {"reasoning_content": parsed.reasoning or None, "boxes": parsed.boxes}
-            logprobs = P.chat_logprobs(c.logprobs, self.state.token_text) if c.logprobs is not None else None
-            choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
-        n_out = sum(len(c.token_ids) for c in final.outputs)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": P.usage(prompt, n_out, final.num_cached_tokens)}  # fmt: skip
-
-    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
-        self.prompt_text = prompt.text
-        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}) for i in range(n)]  # fmt: skip
-
-    def step(self, out: RequestOutput) -> list[dict]:
-        events = []
-        for c in out.outputs:
-            done = c.finish_reason is not None
-            parsed = self._split(c.index, c.delta_text, done)
-            delta: dict = {}
-            if parsed.reasoning:
-                delta["reasoning_content"] = parsed.reasoning
-            if parsed.content:
-                delta["content"] = parsed.content
-            if parsed.boxes:
-                delta["boxes"] = parsed.boxes
-            logprobs = None
-            if c.logprobs is not None and c.delta_token_ids:
-                sent = self.logprobs_sent.get(c.index, 0)
-                logprobs = P.chat_logprobs(c.logprobs[sent:], self.state.token_text)
-                self.logprobs_sent[c.index] = len(c.logprobs)
-            if delta or logprobs:
-                events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
-            if done:
-                events.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
-                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))  # fmt: skip
-        return events
-
-    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
-        if not self.include_usage:
-            return []
-        n_out = sum(len(c.token_ids) for c in final.outputs)
-        return [P.chunk(self.id, self.state.model_name, self.created, [], include_usage=True,
-                        usage_=P.usage(prompt, n_out, final.num_cached_tokens))]  # fmt: skip
-
-
-class _CompletionFormat(_Format):
-    def __init__(self, state: ServerState, req: P.CompletionRequest) -> None:
-        self.state, self.req = state, req
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = P.now()
-        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.logprobs_sent: dict[int, tuple[int, int]] = {}  # index -> (entries sent, text offset)
-
-    def _chunk(self, choices: list[dict], usage: dict | None = None, final: bool = False) -> dict:
-        return P.chunk(self.id, self.state.model_name, self.created, choices, obj="text_completion",
-                       include_usage=self.include_usage, usage_=usage)  # fmt: skip
-
-    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
-        choices, n_prompt, n_out, cached = [], 0, 0, 0
-        for i, final in enumerate(finals):
-            for c in final.outputs:
-                lp = P.completion_logprobs(c.logprobs, self.state.token_text) if c.logprobs is not None else None
-                choices.append({"index": i * self.req.n + c.index, "text": c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
-                n_out += len(c.token_ids)
-            n_prompt += len(final.prompt_token_ids)
-            cached += final.num_cached_tokens
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-                 "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": usage}  # fmt: skip
-
-    def step(self, out: RequestOutput) -> list[dict]:
-        events = []
-        for c in out.outputs:
-            lp = None
-            if c.logprobs is not None and c.delta_token_ids:
-                sent, offset = self.logprobs_sent.get(c.index, (0, 0))
-                lp = P.completion_logprobs(c.logprobs[sent:], self.state.token_text, offset)
-                self.logprobs_sent[c.index] = (len(c.logprobs), offset + sum(len(t) for t in lp["tokens"]))
-            if c.delta_text or lp or c.finish_reason is not None:
-                events.append(self._chunk([{"index": c.index, "text": c.delta_text, "logprobs": lp,
-                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
-        return events
-
-    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
-        if not self.include_usage:
-            return []
-        n_out = sum(len(c.token_ids) for c in final.outputs)
-        n_prompt = len(final.prompt_token_ids)
-        return [self._chunk([], {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                 "total_tokens": n_prompt + n_out})]  # fmt: skip

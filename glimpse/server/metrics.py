@@ -82,6 +82,8 @@ class ServerMetrics:
                                          registry=reg)  # fmt: skip
         self.finished = Counter("glimpse_request_finished", "finished sequences by finish reason",
                                 ["finish_reason"], registry=reg)  # fmt: skip
+        self.aborted = Counter("glimpse_request_aborted", "requests aborted before finishing (client gone, timeout, error)",
+                               registry=reg)  # fmt: skip
         self.errors = Counter("glimpse_request_errors", "requests answered with an error, by HTTP status",
                               ["status"], registry=reg)  # fmt: skip
         reg.register(_EngineCollector(engine_stats, server_stats))

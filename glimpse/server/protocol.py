@@ -1,22 +1,27 @@
-"""The OpenAI wire format: pydantic request models (unknown fields rejected) and response builders.
+"""Step 0 of the data path, the OpenAI wire format: pydantic request models and response builders.
 
-`ChatCompletionRequest` / `CompletionRequest` validate a JSON body; `check_unsupported(body)`
+`ChatCompletionRequest` / `CompletionRequest` validate a JSON body; `unsupported_field(body)`
 names fields that would change the output but glimpse does not implement (400, never ignored);
-`sampling_params(req, ...)` gives the engine's `SamplingParams`. The builders turn engine
-outputs into OpenAI dicts: `usage` (with per-media token counts), logprobs, chunks.
+`sampling_params(req, ...)` gives the engine's `SamplingParams`. `ChatFormat` and
+`CompletionFormat` turn engine `RequestOutput`s into OpenAI dicts, whole or as stream chunks:
+`usage` (with per-media token counts), logprobs, and for chat the reasoning/box split.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from glimpse.engine.llm_engine import RequestOutput
 from glimpse.engine.sampler import TopLogprobs
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.processing.inputs import ProcessedPrompt
+from glimpse.server.reasoning import GlmReasoningParser, ParsedDelta
 
 
 class _Strict(BaseModel):
@@ -125,7 +130,7 @@ class CompletionRequest(_Sampling):
 
 # Fields of OpenAI's or vLLM's APIs that would change the output and that glimpse does not
 # implement -> a predicate saying which values are harmless (absent/neutral) and may pass.
-_UNSUPPORTED = {
+_UNSUPPORTED = MappingProxyType({
     "tools": lambda v: v is None or v == [],
     "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: v is None or v == [],
@@ -150,16 +155,17 @@ _UNSUPPORTED = {
     "truncate_prompt_tokens": lambda v: v is None,
     "documents": lambda v: v is None,
     "chat_template": lambda v: v is None,
-}
+})
 
 
-def check_unsupported(body: dict) -> None:
-    """Raise InvalidInputError naming the first field that glimpse would otherwise have to ignore."""
-    for name, harmless in _UNSUPPORTED.items():
-        if name in body and not harmless(body[name]):
-            raise InvalidInputError(
-                f"'{name}' is not supported by glimpse and would change the output, so it is refused rather "
-                "than ignored; remove it (docs/serving.md lists the supported fields)")  # fmt: skip
+def unsupported_field(body: dict) -> str | None:
+    """The first field glimpse would have to ignore (it changes the output but is not implemented)."""
+    return next((name for name, harmless in _UNSUPPORTED.items() if name in body and not harmless(body[name])), None)
+
+
+def without_neutral_fields(body: dict) -> dict:
+    """The body minus unsupported fields whose values are neutral (checked by unsupported_field first)."""
+    return {k: v for k, v in body.items() if k not in _UNSUPPORTED}
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -176,6 +182,11 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
             raise InvalidInputError(f"best_of={req.best_of} (other than n) is not supported; glimpse returns all n samples")
         max_tokens, logprobs = req.max_tokens, req.logprobs
     room = max_model_len - prompt_len
+    if room <= 0:
+        raise PromptError(
+            f"the prompt has {prompt_len} tokens but max_model_len is {max_model_len}, which leaves no room for "
+            "output; shorten the prompt, lower image/video resolution (mm_processor_kwargs) or start the server "
+            "with a larger --max-model-len")  # fmt: skip
     if max_tokens is None:
         max_tokens = room
     elif prompt_len + max_tokens > max_model_len:
@@ -268,16 +279,21 @@ def chat_logprobs(entries: list[TopLogprobs], token_text: TokenText) -> dict:
                         for e in entries]}  # fmt: skip
 
 
-def completion_logprobs(entries: list[TopLogprobs], token_text: TokenText, offset: int = 0) -> dict:
+def completion_logprobs(entries: list[TopLogprobs], token_text: TokenText, prefix: bytes = b"") -> tuple[dict, bytes]:
+    """Legacy completions logprobs; `prefix` is the output bytes before `entries` (for text_offset).
+
+    Returns the dict and the output bytes after `entries`. A token's text_offset counts the
+    complete characters before it.
+    """
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for e in entries:
-        text = token_text(e.token_id)[0]
+        text, raw = token_text(e.token_id)
         tokens.append(text)
         token_logprobs.append(e.logprob)
         tops.append({token_text(t)[0]: lp for t, lp in e.top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+        offsets.append(len(prefix.decode("utf-8", errors="ignore")))
+        prefix += bytes(raw)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, prefix
 
 
 def chunk(request_id: str, model: str, created: int, choices: list[dict], obj: str = "chat.completion.chunk",
@@ -290,3 +306,150 @@ def chunk(request_id: str, model: str, created: int, choices: list[dict], obj: s
 
 def now() -> int:
     return int(time.time())
+
+
+# ---- response formats: engine outputs -> one endpoint's JSON ----------------------------------
+class ResponseFormat:
+    """Turns engine outputs into one endpoint's JSON: `full` (non-streaming) or start/step/end chunks."""
+
+    id: str
+
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        raise NotImplementedError
+
+    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
+        return []
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        raise NotImplementedError
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        raise NotImplementedError
+
+
+class ChatFormat(ResponseFormat):
+    def __init__(self, req: ChatCompletionRequest, model_name: str, token_text: TokenText, reasoning: bool) -> None:
+        self.req, self.model_name, self.token_text, self.reasoning = req, model_name, token_text, reasoning
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = now()
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.parsers: dict[int, GlmReasoningParser] = {}
+        self.logprobs_sent: dict[int, int] = {}
+        self.prompt_text: str | None = None
+
+    def _split(self, index: int, text: str, finished: bool) -> ParsedDelta:
+        """Route text through choice `index`'s parser (streaming and non-streaming use the same one)."""
+        if not self.reasoning:
+            return ParsedDelta(content=text)
+        if index not in self.parsers:
+            self.parsers[index] = GlmReasoningParser(GlmReasoningParser.prompt_opens_thinking(self.prompt_text))
+        parser = self.parsers[index]
+        out = parser.feed(text)
+        if finished:
+            tail = parser.finish()
+            out = ParsedDelta(out.content + tail.content, out.reasoning + tail.reasoning, out.boxes + tail.boxes)
+        return out
+
+    def _chunk(self, choice: dict) -> dict:
+        return chunk(self.id, self.model_name, self.created, [choice], include_usage=self.include_usage)
+
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        final, prompt = finals[0], prompts[0]
+        self.prompt_text = prompt.text
+        choices = []
+        for c in final.outputs:
+            parsed = self._split(c.index, c.text, finished=True)
+            message = {"role": "assistant", "content": parsed.content}
+            if self.reasoning:
+                message |= {"reasoning_content": parsed.reasoning or None, "boxes": parsed.boxes}
+            logprobs = chat_logprobs(c.logprobs, self.token_text) if c.logprobs is not None else None
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": usage(prompt, n_out, final.num_cached_tokens)}  # fmt: skip
+
+    def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
+        self.prompt_text = prompt.text
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}) for i in range(n)]  # fmt: skip
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        events = []
+        for c in out.outputs:
+            done = c.finish_reason is not None
+            parsed = self._split(c.index, c.delta_text, done)
+            delta: dict = {}
+            if parsed.reasoning:
+                delta["reasoning_content"] = parsed.reasoning
+            if parsed.content:
+                delta["content"] = parsed.content
+            if parsed.boxes:
+                delta["boxes"] = parsed.boxes
+            logprobs = None
+            if c.logprobs is not None and c.delta_token_ids:
+                sent = self.logprobs_sent.get(c.index, 0)
+                logprobs = chat_logprobs(c.logprobs[sent:], self.token_text)
+                self.logprobs_sent[c.index] = len(c.logprobs)
+            if delta or logprobs:
+                events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
+            if done:
+                events.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
+                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))  # fmt: skip
+        return events
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        if not self.include_usage:
+            return []
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        return [chunk(self.id, self.model_name, self.created, [], include_usage=True,
+                      usage_=usage(prompt, n_out, final.num_cached_tokens))]  # fmt: skip
+
+
+class CompletionFormat(ResponseFormat):
+    def __init__(self, req: CompletionRequest, model_name: str, token_text: TokenText) -> None:
+        self.req, self.model_name, self.token_text = req, model_name, token_text
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = now()
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.logprobs_sent: dict[int, tuple[int, bytes]] = {}  # index -> (entries sent, output bytes so far)
+
+    def _chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
+        return chunk(self.id, self.model_name, self.created, choices, obj="text_completion",
+                     include_usage=self.include_usage, usage_=usage_)  # fmt: skip
+
+    def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
+        choices, n_prompt, n_out, cached = [], 0, 0, 0
+        for i, final in enumerate(finals):
+            for c in final.outputs:
+                lp = completion_logprobs(c.logprobs, self.token_text)[0] if c.logprobs is not None else None
+                choices.append({"index": i * self.req.n + c.index, "text": c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+                n_out += len(c.token_ids)
+            n_prompt += len(final.prompt_token_ids)
+            cached += final.num_cached_tokens
+        totals = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+                  "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": totals}  # fmt: skip
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        events = []
+        for c in out.outputs:
+            lp = None
+            if c.logprobs is not None and c.delta_token_ids:
+                sent, prefix = self.logprobs_sent.get(c.index, (0, b""))
+                lp, prefix = completion_logprobs(c.logprobs[sent:], self.token_text, prefix)
+                self.logprobs_sent[c.index] = (len(c.logprobs), prefix)
+            if c.delta_text or lp or c.finish_reason is not None:
+                events.append(self._chunk([{"index": c.index, "text": c.delta_text, "logprobs": lp,
+                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
+        return events
+
+    def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:
+        if not self.include_usage:
+            return []
+        n_out = sum(len(c.token_ids) for c in final.outputs)
+        n_prompt = len(final.prompt_token_ids)
+        return [self._chunk([], {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                 "total_tokens": n_prompt + n_out})]  # fmt: skip

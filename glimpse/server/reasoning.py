@@ -1,4 +1,4 @@
-"""Step 10 of the data path, output parsing: GLM thinking and box markers -> `reasoning_content`, clean `content`, boxes.
+"""Step 9 of the data path, after detokenization: GLM output -> `reasoning_content`, clean `content`, boxes.
 
 `GlmReasoningParser.feed(text_delta) -> ParsedDelta(content, reasoning, boxes)` and `finish()`
 turn the detokenized output text into the three OpenAI fields. A tag split across deltas is

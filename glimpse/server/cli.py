@@ -1,0 +1,178 @@
+"""`glimpse serve [MODEL]`: flags -> engine, processor limits, media policy -> uvicorn on host:port.
+
+`add_arguments(parser)` declares the flags; `run(args)` loads the checkpoint (a demo one with
+RANDOM weights when MODEL is omitted), starts the engine thread and serves until interrupted.
+Safe defaults: loopback only, no local files, no remote media, bounded bodies, queues and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from glimpse.errors import InvalidInputError
+from glimpse.units import parse_bytes
+
+# Chat-template variables a request may never set through chat_template_kwargs.
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                                     "documents", "raise_exception", "strftime_now", "chat_template"})  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF checkpoint folder (default: a built-in demo checkpoint with RANDOM weights)")  # fmt: skip
+    net = p.add_argument_group("network and access")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    net.add_argument("--port", type=int, default=8000)
+    net.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
+    net.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    media = p.add_argument_group("media sources (all off by default except data: URLs)")
+    media.add_argument("--allowed-local-media-path", default=None,
+                       help="serve file:// URLs only for regular files under this directory")  # fmt: skip
+    media.add_argument("--allowed-media-domains", nargs="*", default=[],
+                       help="hosts http(s) media may come from ('images.example.com', '*.example.com')")  # fmt: skip
+    media.add_argument("--max-media-bytes", default="64MiB", help="largest media item, any source")
+    media.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds for one remote fetch")
+    media.add_argument("--max-media-redirects", type=int, default=3)
+    media.add_argument("--test-allow-media-address", action="append", default=[], help=argparse.SUPPRESS)
+    lim = p.add_argument_group("request limits")
+    lim.add_argument("--limit-mm-per-prompt", default='{"image": 16, "video": 2}',
+                     help='JSON, most items per prompt: {"image": N, "video": M}')  # fmt: skip
+    lim.add_argument("--max-image-pixels", type=int, default=64_000_000, help="decoded image size, checked from the header")
+    lim.add_argument("--max-video-frame-pixels", type=int, default=8_294_400, help="decoded video frame size")
+    lim.add_argument("--max-decode-frames", type=int, default=20_000, help="frames a video decode may walk")
+    lim.add_argument("--max-pixels", type=int, default=None, help="ceiling on a request's image max_pixels")
+    lim.add_argument("--max-video-pixels", type=int, default=None, help="ceiling on a request's video max_pixels")
+    lim.add_argument("--max-frames", type=int, default=768, help="ceiling on a request's num_frames / max_frames")
+    lim.add_argument("--max-fps", type=float, default=30.0, help="ceiling on a request's fps")
+    lim.add_argument("--max-request-bytes", default="100MiB", help="largest request body (413 above)")
+    lim.add_argument("--max-concurrent-requests", type=int, default=64, help="requests served at once")
+    lim.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot (429 beyond)")
+    lim.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
+    lim.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and resizing media")
+    out = p.add_argument_group("output")
+    out.add_argument("--reasoning-parser", choices=("auto", "glm", "none"), default="auto",
+                     help="split <think> reasoning and box markers from content (auto: on for GLM checkpoints)")  # fmt: skip
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--max-num-seqs", type=int, default=32)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    eng.add_argument("--kv-cache-memory", default="1GiB")
+    eng.add_argument("--encoder-cache-memory", default="256MiB")
+    eng.add_argument("--block-size", type=int, default=16)
+    eng.add_argument("--no-prefix-caching", action="store_true")
+    eng.add_argument("--seed", type=int, default=0)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise InvalidInputError(f"{name} must be > 0, got {value}")
+
+
+def parse_mm_limits(text: str) -> tuple[int, int]:
+    """--limit-mm-per-prompt: {"image": N, "video": M} (or vLLM's {"image": {"count": N}})."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidInputError(f"--limit-mm-per-prompt must be JSON like '{{\"image\": 4, \"video\": 1}}', got {text!r}") from None
+    if not isinstance(data, dict) or set(data) - {"image", "video"}:
+        raise InvalidInputError('--limit-mm-per-prompt takes the keys "image" and "video"')
+    counts = []
+    for kind, default in (("image", 16), ("video", 2)):
+        value = data.get(kind, default)
+        value = value.get("count") if isinstance(value, dict) else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"--limit-mm-per-prompt {kind} must be an integer >= 0")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def template_variables(template: str | None) -> frozenset[str]:
+    """The variables a chat template reads that requests may set (e.g. enable_thinking, add_vision_id)."""
+    if not template:
+        return frozenset()
+    from jinja2 import meta
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])
+    names = meta.find_undeclared_variables(env.parse(template))
+    return frozenset(n for n in names if n not in _RESERVED_TEMPLATE_VARS and not n.endswith("_token"))
+
+
+def build_state(args: argparse.Namespace):
+    """Load everything `glimpse serve` needs; returns the ServerState (engine thread started)."""
+    from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+    from glimpse.llm import demo_checkpoint
+    from glimpse.processing.processor import MediaLimits, load_processor
+    from glimpse.processing.spec import Ceilings
+    from glimpse.server.app import ServerState
+    from glimpse.server.async_engine import AsyncEngine
+    from glimpse.server.media_fetch import MediaPolicy
+    from glimpse.server.reasoning import GLM_FAMILIES
+
+    for name in ("max_concurrent_requests", "request_timeout", "preprocess_workers", "media_fetch_timeout"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.max_queue < 0:
+        raise InvalidInputError("--max-queue must be >= 0")
+    max_images, max_videos = parse_mm_limits(args.limit_mm_per_prompt)
+    domains = tuple(d.strip() for item in args.allowed_media_domains for d in item.split(",") if d.strip())
+    policy = MediaPolicy(
+        allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+        allowed_media_domains=domains, max_bytes=parse_bytes(args.max_media_bytes, "--max-media-bytes"),
+        timeout_s=args.media_fetch_timeout, max_redirects=args.max_media_redirects,
+        allow_loopback_for_tests=frozenset(args.test_allow_media_address))  # fmt: skip
+    limits = MediaLimits(max_images=max_images, max_videos=max_videos, max_image_pixels=args.max_image_pixels,
+                         max_video_frame_pixels=args.max_video_frame_pixels, max_decode_frames=args.max_decode_frames)  # fmt: skip
+    ceilings = Ceilings(max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels, max_frames=args.max_frames,
+                        max_fps=args.max_fps)  # fmt: skip
+    model = Path(args.model) if args.model else demo_checkpoint()
+    config = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                          encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
+                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)  # fmt: skip
+    engine = LLMEngine(config)
+    processor = load_processor(model, ceilings, limits)
+    if args.reasoning_parser == "auto":
+        reasoning = engine.model_config.processor_kind in GLM_FAMILIES
+    else:
+        reasoning = args.reasoning_parser == "glm"
+    for warning in policy.warnings():
+        logging.getLogger("glimpse.server").warning(warning)
+    return ServerState(
+        engine=AsyncEngine(engine, args.max_concurrent_requests, args.max_queue), processor=processor,
+        model_name=args.served_model_name or (args.model or "glimpse-demo"), policy=policy, api_key=args.api_key,
+        max_request_bytes=parse_bytes(args.max_request_bytes, "--max-request-bytes"),
+        request_timeout=args.request_timeout, reasoning=reasoning,
+        template_kwargs=template_variables(processor.chat_template), preprocess_workers=args.preprocess_workers)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from glimpse.server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        state = build_state(args)
+    except InvalidInputError as exc:
+        print(f"glimpse serve: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
+        logging.getLogger("glimpse.server").warning(
+            "listening on %s without --api-key: anyone who can reach this address can use the model", args.host)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
+                                           http="h11", lifespan="off", timeout_graceful_shutdown=5))  # fmt: skip
+    print(f"glimpse serve: {state.model_name} on http://{args.host}:{args.port} (max_model_len "
+          f"{state.engine.engine.max_model_len})", flush=True)  # fmt: skip
+    try:
+        server.run()
+    finally:
+        state.engine.shutdown()
+        state.pool.shutdown(wait=False, cancel_futures=True)
+    return 0
