@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-hf", action="store_true", help="only run glimpse (part 1)")
     p.add_argument("--skip-decode", action="store_true", help="skip part 2 (batch-1 decode vs bandwidth)")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both systems (default: torch's)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
 
@@ -139,6 +140,8 @@ def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
 def run(args: argparse.Namespace) -> int:
     from glimpse.testing import make_checkpoint
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="glimpse-bench-"))
     path = make_checkpoint(args.family, "small", workdir / f"{args.family}-small", seed=0, dtype=args.dtype)
     items = workload(args.num_requests)

