@@ -15,7 +15,8 @@ from typing import Any
 from glimpse.errors import CheckpointError
 
 # model_type -> model code family
-MODEL_FAMILIES = {"glm4v": "glm4v", "glm46v": "glm4v", "glmga": "glm4v", "qwen2_5_vl": "qwen2_5_vl"}
+MODEL_FAMILIES = {"glm4v": "glm4v", "glm46v": "glm4v", "glmga": "glm4v", "glm4v_moe": "glm4v", "glm_ocr": "glm4v",
+                  "qwen2_5_vl": "qwen2_5_vl"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ def processor_kind(path: Path, model_type: str) -> str:
         return "glm46v"
     if any(n.startswith("Glm4v") for n in names):
         return "glm4v"
-    # No processor files: fall back to the model type's own processor.
-    fallback = {"glm4v": "glm4v", "glm46v": "glm46v", "glmga": "glmga", "qwen2_5_vl": "qwen2_5_vl"}
+    # No processor files: fall back to the model type's own processor (HF's auto map; glm_ocr has none).
+    fallback = {"glm4v": "glm4v", "glm46v": "glm46v", "glmga": "glmga", "glm4v_moe": "glm4v", "qwen2_5_vl": "qwen2_5_vl"}
     if model_type in fallback:
         return fallback[model_type]
     raise CheckpointError(f"{path}: cannot tell the processor kind from its processor configs ({names})")

@@ -4,7 +4,10 @@ Reads a single safetensors file or an indexed set of shards, renames the older H
 (`model.*` / `visual.*`) to the current one (`model.language_model.*` / `model.visual.*`),
 casts to the requested dtype and assigns into a model built on the meta device. A missing,
 unexpected, duplicated, mis-shaped, truncated or corrupt tensor is a `CheckpointError`
-that names it; nothing is skipped silently.
+that names it; nothing is skipped silently. Optional family hooks: `skip_checkpoint_tensor(name)`
+(tensors the model documents as unused, e.g. GLM's MTP layers; listed in `LoadReport.skipped`),
+`packed_weight_slot(name)` (a tensor that fills one slice of a stacked parameter, e.g. one MoE
+expert) and `float32_weight_names()` (tensors kept in float32 whatever the dtype).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class LoadReport:
 
     source: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
+    skipped: list[str] = field(default_factory=list)  # names the model's skip_checkpoint_tensor refused
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -85,6 +89,10 @@ def load_weights(
         expected.pop(name, None)
     report = LoadReport()
     state: dict[str, torch.Tensor] = {}
+    skip = getattr(model, "skip_checkpoint_tensor", lambda name: False)
+    packed_slot = getattr(model, "packed_weight_slot", lambda name: None)
+    keep_fp32 = getattr(model, "float32_weight_names", set)()
+    filled: dict[str, int] = {}  # stacked parameter -> elements written so far by its slices
     for file, names in _checkpoint_files(path).items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -93,22 +101,45 @@ def load_weights(
                     target = current_name(key)
                     if key in report.source:
                         raise CheckpointError(f"tensor {key} appears in both {report.source[key]} and {file.name}")
+                    report.source[key] = file.name
+                    if skip(target):
+                        report.skipped.append(key)
+                        continue
+                    slot = packed_slot(target)
+                    if slot is not None:
+                        target, index = slot
                     if target not in expected:
                         raise CheckpointError(
                             f"{file.name}: unexpected tensor {key} (no parameter {target} in {type(model).__name__})"
                         )
+                    want = expected[target] if slot is None else expected[target][index]  # meta: shape only
                     tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[target].shape):
+                    if tuple(tensor.shape) != tuple(want.shape):
                         raise CheckpointError(
                             f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(expected[target].shape)}"
+                            f"the model expects {tuple(want.shape)}"
                         )
-                    state[target] = tensor.to(device=device, dtype=dtype)
-                    report.source[key] = file.name
+                    to = torch.float32 if target in keep_fp32 else dtype
+                    if target in state and (slot is None or target not in filled):
+                        raise CheckpointError(f"{file.name}: {target} is given both whole and in slices ({key})")
+                    if slot is None:
+                        state[target] = tensor.to(device=device, dtype=to)
+                    else:
+                        if target not in state:
+                            state[target] = torch.empty(expected[target].shape, dtype=to, device=device)
+                        state[target][index] = tensor.to(device=device, dtype=to)
+                        filled[target] = filled.get(target, 0) + tensor.numel()
                     if target != key:
                         report.renamed[key] = target
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file} is truncated or corrupt: {e}") from None
+    for target, count in filled.items():  # distinct names fill distinct slices, so a short count is a gap
+        if count != expected[target].numel():
+            raise CheckpointError(
+                f"{path}: {target} is assembled from per-slice tensors (e.g. one per MoE expert) and "
+                f"{expected[target].numel() - count} of its {expected[target].numel()} values have no tensor; "
+                "some of its pieces are missing"
+            )
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
@@ -161,11 +192,13 @@ def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtyp
 
     gen = torch.Generator().manual_seed(seed)
     hidden = config.hf_config.get_text_config().hidden_size
+    keep_fp32 = getattr(model, "float32_weight_names", set)()
     state = {}
     for name, p in sorted(model.state_dict().items()):
         if name in _tied_names(model):
             continue
-        state[name] = _init_tensor(name, tuple(p.shape), gen, hidden).to(device=device, dtype=dtype)
+        to = torch.float32 if name in keep_fp32 else dtype
+        state[name] = _init_tensor(name, tuple(p.shape), gen, hidden).to(device=device, dtype=to)
     model.load_state_dict(state, strict=False, assign=True)
     if _tied_names(model):
         model.tie_weights()

@@ -100,3 +100,46 @@ def hf_processor(path: Path):
 
 
 __all__ = ["read_all_frames", "rgb", "hf_inputs", "qwen_reference_rope", "hf_model", "hf_processor"]
+
+
+# float32 noise band for logits: a top-2 margin below this is a tie that rounding may break either way.
+TIE_MARGIN = 1e-4
+
+
+def hf_greedy(model, inputs: dict, max_new_tokens: int, **kwargs) -> tuple[list[int], list[float]]:
+    """HF greedy tokens and, per step, HF's top-2 logit margin."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **kwargs)  # fmt: skip
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    margins = []
+    for step_logits in out.logits:
+        top2 = step_logits[0].float().topk(2).values
+        margins.append(float(top2[0] - top2[1]))
+    return tokens, margins
+
+
+def assert_greedy_matches(ref: list[int], margins: list[float], generate_from) -> int:
+    """Assert glimpse's greedy tokens equal HF's, token for token.
+
+    Where they differ, HF's own top-2 margin at that step must be a tie within float32 noise
+    (< TIE_MARGIN); glimpse then continues from HF's token (`generate_from(prefix, n)` must
+    return n greedy tokens after the prompt plus `prefix`) and must match again. Returns the
+    number of tie steps met (usually 0).
+    """
+    pos, ties = 0, 0
+    while pos < len(ref):
+        got = generate_from(ref[:pos], len(ref) - pos)
+        k = next((i for i, (a, b) in enumerate(zip(got, ref[pos:], strict=False)) if a != b), None)
+        if k is None:
+            assert len(got) == len(ref) - pos, (got, ref[pos:])
+            return ties
+        step = pos + k
+        assert margins[step] < TIE_MARGIN, (
+            f"greedy token {step} differs from HF ({got[k]} vs {ref[step]}) although HF's top-2 margin is "
+            f"{margins[step]:.2e}, well above float32 noise")  # fmt: skip
+        ties += 1
+        pos = step + 1
+    return ties

@@ -17,6 +17,9 @@ HF_CLASSES = {
     "glm46v": ("Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessor", "Glm46VVideoProcessor", "glm46v"),
     "glm46v_flash": ("Glm4vForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessor", "Glm46VVideoProcessor", "glm4v"),
     "glmga": ("Glm46VForConditionalGeneration", "Glm46VProcessor", "GlmgaImageProcessor", "GlmgaVideoProcessor", "glmga"),
+    "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "Glm4vProcessor", "Glm4vImageProcessor", "Glm4vVideoProcessor", "glm4v_moe"),
+    "glm46v_moe": ("Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessor", "Glm46VVideoProcessor", "glm46v"),
+    "glm_ocr": ("GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessor", "Glm46VVideoProcessor", "glm_ocr"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor", "qwen2_5_vl"),
 }  # fmt: skip
 
@@ -98,7 +101,7 @@ def test_seeded_and_not_degenerate(tmp_path):
     assert len(set(out.tolist())) >= 6, out.tolist()
 
 
-@pytest.mark.parametrize("family", ["glm46v", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["glm46v", "glm4v_moe", "qwen2_5_vl"])
 def test_small_checkpoint_size_and_hf_load(family, tmp_path):
     path = make_checkpoint(family, "small", tmp_path, seed=0, dtype="bfloat16")
     model = transformers.AutoModelForImageTextToText.from_pretrained(path)

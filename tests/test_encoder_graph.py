@@ -7,6 +7,7 @@ the eager tower. Graph runners are built once per module (compiling is the slow 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 
@@ -22,7 +23,8 @@ from glimpse.errors import InvalidInputError
 from glimpse.models.qwen2_5_vl import frame_window_plan, window_capacity
 from glimpse.vision import EncoderRunner, VisionItem, default_budgets, plan_batches
 from glimpse.vision.attention import pad_offsets, varlen_attention
-from glimpse.vision.batching import check_budgets
+from glimpse.vision.batching import check_budgets, parse_budgets
+from glimpse.vision.runner import add_encoder_arguments
 
 FAMILIES = ["glm4v", "qwen2_5_vl"]
 BUDGETS = (32, 96)  # merged tokens; small so the tiny towers compile quickly
@@ -43,6 +45,16 @@ def test_default_budgets():
 def test_bad_budgets_are_refused(bad):
     with pytest.raises(InvalidInputError, match="encoder-budgets"):
         check_budgets(bad)
+
+
+def test_encoder_flags():
+    parser = argparse.ArgumentParser()
+    add_encoder_arguments(parser)
+    args = parser.parse_args(["--encoder-graph", "off", "--encoder-budgets", "256,64,128"])
+    assert args.encoder_graph == "off" and args.encoder_budgets == (64, 128, 256)
+    assert parser.parse_args([]).encoder_graph == "auto"
+    with pytest.raises(InvalidInputError, match="comma-separated integers"):
+        parse_budgets("64,lots")
 
 
 def _tokens(grid, merge=2):
@@ -245,6 +257,34 @@ def test_one_graph_per_budget_and_no_recompile_at_replay(runners, family):
     for seed, grids in enumerate(CASES.values()):  # every budget, every padding shape
         graph.encode(_items(grids, seed=seed))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+    assert graph.encode([]) == []
+    # the guarantee behind it: a shape outside the captured budgets is refused, not recompiled
+    inputs = graph._dummy_inputs(graph._capacity(BUDGETS[0]))
+    inputs["pixel_values"] = inputs["pixel_values"][:-4]
+    with (
+        pytest.raises(torch._dynamo.exc.RecompileError),
+        torch.inference_mode(),
+        torch._dynamo.config.patch(error_on_recompile=True),
+    ):
+        graph._graphs[BUDGETS[0]](**inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_attends_per_segment_not_over_the_budget(runners, family, monkeypatch):
+    """Every SDPA call inside a replay sees at most the longest frame, never the padded capacity."""
+    _, graph, _ = runners(family)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.shape[-2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    items = _items([(1, 4, 4), (1, 4, 6), (2, 4, 4)], seed=3)  # 14 tokens padded to budget 32
+    assert [b.budget for b in graph.plan(items)] == [32]
+    graph.encode(items)
+    assert seen and max(seen) <= 4 * 6  # longest frame: 24 patches; capacity is 128
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_oracle import hf_model, qwen_reference_rope
+from conftest import IMAGES, VIDEOS
+from hf_oracle import TIE_MARGIN, hf_greedy, hf_model, qwen_reference_rope
 from PIL import Image
 
-from conftest import IMAGES, VIDEOS
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.llm import LLM
 
@@ -113,7 +113,7 @@ def test_one_decoder_forward_per_step(glm_llm):
         engine.model.decode = original
 
 
-FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl"]
+FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -132,9 +132,14 @@ def test_engine_equals_hf_generate(family, tiny_checkpoint):
         inputs = dict(p)
         inputs["mm_token_type_ids"] = llm.engine.model.mm_token_types(inputs["input_ids"][0])[None]
         ctx = qwen_reference_rope(hf) if family == "qwen2_5_vl" else torch.no_grad()
-        with ctx, torch.no_grad():
-            ref = hf.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=eos)
-        assert out.outputs[0].token_ids == ref[0, len(p.input_ids) :].tolist()
+        with ctx:
+            ref, margins = hf_greedy(hf, inputs, 10, eos_token_id=eos)
+        got = out.outputs[0].token_ids
+        k = next((i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
+        if k is None:
+            assert got == ref
+        else:  # only a float32 tie in HF's own logits may differ; the rest follows a different prefix
+            assert margins[k] < TIE_MARGIN, f"token {k}: {got[k]} vs HF {ref[k]} with HF margin {margins[k]:.2e}"
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])

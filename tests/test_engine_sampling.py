@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import IMAGES
 from hf_oracle import hf_model
 
-from conftest import IMAGES
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.llm import LLM
 

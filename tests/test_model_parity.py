@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_oracle import hf_inputs, hf_model, hf_processor, qwen_reference_rope, read_all_frames, rgb
-
 from conftest import IMAGES, VIDEOS
+from hf_oracle import (
+    assert_greedy_matches,
+    hf_greedy,
+    hf_inputs,
+    hf_model,
+    hf_processor,
+    qwen_reference_rope,
+    read_all_frames,
+    rgb,
+)
+
 from glimpse import load_model
 
-FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl"]
+FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl"]
 IMG = {"type": "image"}
 VID = {"type": "video"}
 
@@ -95,11 +104,15 @@ def test_float32_parity(family, prompt, models):
 
         with _oracle(family, hf):
             ref_logits = hf(**inputs).logits[0]
-            ref_tokens = hf.generate(**inputs, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
+            ref_tokens, margins = hf_greedy(hf, inputs, 32)
     logits = ours.compute_logits(ids, **media)
     torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=0)
     eos = tuple(ours.glimpse_config.eos_token_ids)
-    assert ours.greedy(ids, 32, eos_token_ids=eos, **media) == ref_tokens
+
+    def generate_from(prefix: list[int], n: int) -> list[int]:
+        return ours.greedy(torch.cat([ids[0], torch.tensor(prefix, dtype=torch.long)]), n, eos_token_ids=eos, **media)
+
+    assert_greedy_matches(ref_tokens, margins, generate_from)
 
 
 @pytest.mark.parametrize("family", ["glm4v", "glmga", "qwen2_5_vl"])

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGES, VIDEOS
 from hf_oracle import hf_inputs, hf_processor, read_all_frames, rgb
 from PIL import Image
 
-from conftest import IMAGES, VIDEOS
 from glimpse import load_processor
 from glimpse.errors import InvalidInputError, LimitExceededError, PromptError
 
-FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl"]
+FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl"]
 ALL_IMAGES = sorted(IMAGES.iterdir())
 ALL_VIDEOS = sorted(VIDEOS.iterdir())
 

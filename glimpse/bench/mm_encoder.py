@@ -20,11 +20,17 @@ from pathlib import Path
 import torch
 
 from glimpse.vision import EncoderRunner, VisionItem
+from glimpse.vision.runner import budgets_arg
 
 FAMILIES = ("glm4v", "qwen2_5_vl")
 IMAGE_GRID = (1, 16, 16)  # 224x224 -> 16x16 patches -> 64 merged tokens
 VIDEO_GRID = (4, 16, 16)  # 8 frames at temporal patch 2 -> 4 x 64 = 256 merged tokens
 TARGET = {"mean": 1.3, "p99": 1.5}  # the issue's targets for graph mode on this CPU
+# Library kernels a compiled graph calls exactly as eager does (it can only shrink the rest)
+EXTERN_KERNELS = (
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "mkldnn::_linear_pointwise",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--videos", type=int, default=None, help="8-frame videos per family (default items // 4)")
     parser.add_argument("--max-request-items", type=_positive, default=8, help="largest multi-item request")
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=4096)
-    parser.add_argument("--encoder-budgets", type=_budgets, default=None, help="comma-separated token budgets")
+    parser.add_argument("--encoder-budgets", type=budgets_arg, default=None, help="comma-separated token budgets")
     parser.add_argument("--max-items-per-batch", type=_positive, default=None)
     parser.add_argument("--max-frames-per-batch", type=_positive, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -52,13 +58,6 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _budgets(text: str) -> list[int]:
-    try:
-        return [_positive(x) for x in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     from glimpse import load_model
     from glimpse.testing import make_checkpoint
@@ -66,6 +65,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     families = FAMILIES if args.family == "both" else (args.family,)
+    if args.checkpoint and len(families) > 1:
+        raise SystemExit("--checkpoint holds one family: also pass --family glm4v or --family qwen2_5_vl")
     videos = args.items // 4 if args.videos is None else args.videos
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +136,19 @@ def _measure(family: str, kind: str, requests: list, eager: EncoderRunner, graph
         row[f"{mode}_p99_ms"] = round(_percentile(ts, 99), 2)
     for stat in ("mean", "p50", "p99"):
         row[f"speedup_{stat}"] = round(row[f"eager_{stat}_ms"] / row[f"graph_{stat}_ms"], 3)
+    largest = max(requests, key=len)
+    for mode, runner in (("eager", eager), ("graph", graph)):
+        row[f"{mode}_extern_pct"] = round(100 * _extern_share(runner, largest), 1)
     return row
+
+
+def _extern_share(runner: EncoderRunner, items: list[VisionItem]) -> float:
+    """Share of one encode call's wall time spent inside GEMM, convolution and SDPA kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        runner.encode(items)
+        wall_us = (time.perf_counter() - start) * 1e6
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in EXTERN_KERNELS) / wall_us
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -148,7 +161,7 @@ def _print_table(rows: list[dict]) -> None:
     head = (
         f"{'family':<11} {'kind':<6} {'req':>4} {'items':>5} {'batch':>5} {'pad%':>5} "
         f"{'eager mean':>10} {'graph mean':>10} {'x mean':>7} {'eager P99':>10} {'graph P99':>10} {'x P99':>6} "
-        f"{'capture s':>9}"
+        f"{'capture s':>9} {'kernels% e/g':>12}"
     )
     print(head)
     print("-" * len(head))
@@ -156,7 +169,10 @@ def _print_table(rows: list[dict]) -> None:
         print(
             f"{r['family']:<11} {r['kind']:<6} {r['requests']:>4} {r['items']:>5} {r['batches']:>5} "
             f"{r['padding_pct']:>5} {r['eager_mean_ms']:>10.1f} {r['graph_mean_ms']:>10.1f} {r['speedup_mean']:>7.2f} "
-            f"{r['eager_p99_ms']:>10.1f} {r['graph_p99_ms']:>10.1f} {r['speedup_p99']:>6.2f} {r['capture_s']:>9.1f}"
+            f"{r['eager_p99_ms']:>10.1f} {r['graph_p99_ms']:>10.1f} {r['speedup_p99']:>6.2f} {r['capture_s']:>9.1f} "
+            f"{r['eager_extern_pct']:>5.0f}/{r['graph_extern_pct']:<5.0f}"
         )
     print(f"targets on this CPU: graph >= {TARGET['mean']}x at the mean and >= {TARGET['p99']}x at P99 "
           f"(encoder_forward_ms per request; eager = the same packed batches, uncompiled and unpadded)")  # fmt: skip
+    print("kernels% e/g: share of the largest request's time inside GEMM/conv/SDPA library kernels, eager/graph "
+          "(a compiled graph calls the same kernels, so only the rest can get faster)")  # fmt: skip

@@ -3,7 +3,8 @@
 A byte budget bounds it. Entries a running request still needs are pinned (reference
 counted) and never evicted; unpinned entries are evicted least recently used first. The
 scheduler asks `can_fit` before scheduling an item's encoding, so the budget is never
-exceeded. With `retain=False` (encoder cache off) entries live only while pinned.
+exceeded. With `retain=False` (encoder cache off) entries live only while pinned. An entry is
+`[num_tokens, hidden]` embeddings, or an EVS video's `PrunedVideo` (kept rows and their indices).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from collections import OrderedDict
 
 import torch
 
+from glimpse.models.evs import PrunedVideo
+
+Entry = torch.Tensor | PrunedVideo
+
 
 class EncoderCache:
     def __init__(self, max_bytes: int, retain: bool = True) -> None:
         self.max_bytes = max_bytes
         self.retain = retain  # False: drop embeddings once no request needs them (no cross-request reuse)
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.pins: dict[str, int] = {}
         self.used_bytes = 0
         self.lookups = 0
@@ -26,7 +31,7 @@ class EncoderCache:
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> Entry:
         self.entries.move_to_end(key)
         return self.entries[key]
 
@@ -55,7 +60,7 @@ class EncoderCache:
     def can_fit(self, nbytes: int) -> bool:
         return self.max_bytes - self.used_bytes + self.evictable_bytes() >= nbytes
 
-    def put(self, key: str, embeddings: torch.Tensor) -> None:
+    def put(self, key: str, embeddings: Entry) -> None:
         if key in self.entries:
             return
         nbytes = embeddings.nbytes

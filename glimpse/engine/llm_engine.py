@@ -27,6 +27,7 @@ from glimpse.engine.scheduler import Scheduler, SchedulerConfig
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
+from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
 
@@ -47,6 +48,7 @@ class EngineConfig:
     load_format: str = "auto"
     device: str = "cpu"
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"video_position_rule": "hf"} for Qwen2.5-VL
+    video_pruning_rate: float = 0.0  # EVS (Qwen2.5-VL): fraction of each video's tokens dropped after encoding
 
 
 @dataclass
@@ -95,13 +97,15 @@ class _Group:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        check_pruning_rate(config.video_pruning_rate)
         dtype = _resolve_dtype(config)
         self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
                                 seed=config.seed, **config.model_kwargs)  # fmt: skip
         self.model_config: ModelConfig = self.model.glimpse_config
         from glimpse.processing.processor import load_processor
 
-        self.processor = load_processor(config.model)
+        self._check_pruning_support(config.video_pruning_rate, "video_pruning_rate")
+        self.processor = load_processor(config.model, video_pruning_rate=config.video_pruning_rate)
         self.tokenizer = self.processor.tokenizer
         text_cfg = self.model_config.hf_config.get_text_config()
         self.vocab_size = text_cfg.vocab_size
@@ -155,12 +159,14 @@ class LLMEngine:
         if any(i < 0 or i >= self.vocab_size for i in prompt.input_ids):
             raise PromptError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
         for item in prompt.media:
-            need = item.num_tokens * self.scheduler.embedding_bytes_per_token
+            if item.pruning_rate:
+                self._check_pruning_support(item.pruning_rate, f"{item.kind} pruning_rate")
+            need = self.scheduler.item_bytes(item)
             if need > self.encoder_cache.max_bytes:
                 raise PromptError(f"a {item.kind} of {item.num_tokens} tokens needs {need} bytes of encoder cache, "
                                   f"more than encoder_cache_memory ({self.encoder_cache.max_bytes}); raise it or "
                                   "lower the item's resolution")  # fmt: skip
-        positions, delta = self.model.mrope_positions(torch.tensor(prompt.input_ids), _grids(prompt))
+        positions, delta, pruned = self._prompt_positions(prompt)
         seqs = []
         for i in range(params.n):
             req = Request(
@@ -169,10 +175,11 @@ class LLMEngine:
                 sampling_params=params,
                 sampling_state=RequestSamplingState.from_params(params, prompt.input_ids, i),
                 media=prompt.media,
-                prompt_positions=positions,
+                prompt_positions=positions.clone() if pruned else positions,  # EVS fills its own copy
                 mrope_delta=int(delta),
                 eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
                 group_id=request_id,
+                pruned_video_positions=pruned,
             )
             req.timings.preprocess = preprocess_seconds
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
@@ -202,7 +209,7 @@ class LLMEngine:
         if not batch:
             return []
         result = self.runner.execute(batch)
-        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
+        for req, _n in zip(batch.requests, batch.num_new_tokens, strict=True):
             phase = "prefill" if req.num_computed_tokens < req.num_prompt_tokens else "decode"
             setattr(req.timings, phase, getattr(req.timings, phase) + result.forward_seconds)
             if any(m in batch.encode for m in req.media):
@@ -275,6 +282,23 @@ class LLMEngine:
                              group.prompt.media_token_counts, first.num_cached_prompt_tokens, metrics)  # fmt: skip
 
     # ---- helpers -------------------------------------------------------------------------
+    def _prompt_positions(self, prompt: ProcessedPrompt) -> tuple[torch.Tensor, int, dict[int, torch.Tensor]]:
+        """([3, T] prompt positions, mrope_delta, EVS: span start -> unpruned positions of each pruned video)."""
+        ids = torch.tensor(prompt.input_ids)
+        grids = _grids(prompt)
+        videos = [PrunedVideoSlots(m.start, m.num_tokens, m.num_encoded_tokens) for m in prompt.media if m.pruning_rate]
+        if not videos:
+            positions, delta = self.model.mrope_positions(ids, grids)
+            return positions, int(delta), {}
+        out = pruned_prompt_positions(ids, videos, self.model.video_token_id,
+                                      lambda full_ids: self.model.mrope_positions(full_ids, grids))  # fmt: skip
+        return out.positions, out.mrope_delta, out.video_positions
+
+    def _check_pruning_support(self, rate: float, knob: str) -> None:
+        if rate and not getattr(self.model, "supports_video_pruning", False):
+            raise InvalidInputError(f"{knob}={rate}: video token pruning (EVS) is supported for Qwen2.5-VL only, not "
+                                    f"{self.model.family} checkpoints; leave it at 0")  # fmt: skip
+
     def _as_processed(self, prompt) -> ProcessedPrompt:
         if isinstance(prompt, ProcessedPrompt):
             return prompt

@@ -1,6 +1,6 @@
-"""Steps 6-8 for one engine step: encode scheduled media, merge embeddings, build positions and
-attention metadata, run ONE decoder forward over every scheduled token, and return the
-logits of the requests that need a new token.
+"""Steps 6-8 for one engine step: encode scheduled media (pruning EVS videos), merge embeddings,
+build positions (placing EVS videos' kept tokens) and attention metadata, run ONE decoder forward
+over every scheduled token, and return the logits of the requests that need a new token.
 
 Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` positions,
 `[T, hidden]` embeddings. Output: `[R, vocab]` float32 logits for the R sampling rows.
@@ -18,6 +18,7 @@ from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.engine.request import Request
 from glimpse.engine.scheduler import ScheduledBatch
 from glimpse.models.base import VisionLanguageModel
+from glimpse.models.evs import PrunedVideo, prune_video
 from glimpse.processing.inputs import MediaItem
 
 
@@ -47,6 +48,9 @@ class ModelRunner:
         row = 0
         for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
             start = req.num_computed_tokens
+            for item in req.media_in(start, start + n):
+                if item.pruning_rate:  # EVS: positions of the kept tokens, known now that they are encoded
+                    req.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
             ids.extend(req.token_ids(start, start + n))
             positions.append(req.positions(start, start + n))
             row += n
@@ -70,7 +74,7 @@ class ModelRunner:
         return StepResult(sample_requests, logits, t1 - t0, time.perf_counter() - t1)
 
     def _encode(self, items: list[MediaItem]) -> None:
-        """Encode media not yet cached, in batches per kind, and store their embeddings."""
+        """Encode media not yet cached, in batches per kind, and store their embeddings (EVS videos pruned)."""
         for kind, encode in (("image", self.model.encode_images), ("video", self.model.encode_videos)):
             todo = [m for m in items if m.kind == kind and m.content_hash not in self.encoder_cache]
             if not todo:
@@ -78,8 +82,12 @@ class ModelRunner:
             pixels = torch.cat([m.pixel_values for m in todo]).to(self.device, self.model.dtype)
             grids = torch.tensor([m.grid_thw for m in todo], dtype=torch.long, device=self.device)
             feats = encode(pixels, grids)
-            for item, emb in zip(todo, feats.split([m.num_tokens for m in todo]), strict=True):
-                self.encoder_cache.put(item.content_hash, emb.clone())
+            for item, emb in zip(todo, feats.split([m.num_encoded_tokens for m in todo]), strict=True):
+                if item.pruning_rate:
+                    entry = prune_video(emb, item.grid_thw, self.model.spatial_merge_size, item.pruning_rate)
+                    self.encoder_cache.put(item.content_hash, entry)
+                else:
+                    self.encoder_cache.put(item.content_hash, emb.clone())
 
     def _merge_media(self, batch: ScheduledBatch, embeds: torch.Tensor) -> None:
         """Write each media item's embedding rows into the slots of this step's tokens."""
@@ -88,6 +96,8 @@ class ModelRunner:
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             for item in req.media_in(start, end):
                 emb = self.encoder_cache.get(item.content_hash)
+                if isinstance(emb, PrunedVideo):
+                    emb = emb.embeddings
                 offset = 0  # embedding rows before the current span
                 for a, b in item.spans:
                     lo, hi = max(a, start), min(b, end)

@@ -67,6 +67,9 @@ class Request:
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    # EVS: span start of each pruned video -> [3, t*h*w/m²] positions of that video unpruned; its
+    # slots in `prompt_positions` are filled by `place_kept` once its kept tokens are known.
+    pruned_video_positions: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,6 +95,10 @@ class Request:
             tail = torch.arange(max(start, p), end, dtype=torch.long) + self.mrope_delta
             parts.append(tail.expand(3, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def place_kept(self, item: MediaItem, kept: torch.Tensor) -> None:
+        """EVS: a pruned video's kept tokens ([K] raster indices) take their positions in the unpruned layout."""
+        self.prompt_positions[:, item.start : item.end] = self.pruned_video_positions[item.start][:, kept]
 
     def media_in(self, start: int, end: int) -> list[MediaItem]:
         """Media whose embedding slots overlap tokens start..end-1."""

@@ -113,15 +113,19 @@ class Scheduler:
             key = item.content_hash
             if key in encoding or key in self.encoder_cache:
                 continue
-            scheduled = sum(m.num_tokens for m in encoding.values())
-            nbytes = item.num_tokens * self.embedding_bytes_per_token
-            pending = sum(m.num_tokens for m in encoding.values()) * self.embedding_bytes_per_token
-            fits_budget = scheduled + item.num_tokens <= self.config.encoder_budget or not encoding
+            scheduled = sum(m.num_encoded_tokens for m in encoding.values())
+            nbytes = self.item_bytes(item)
+            pending = sum(self.item_bytes(m) for m in encoding.values())
+            fits_budget = scheduled + item.num_encoded_tokens <= self.config.encoder_budget or not encoding
             if fits_budget and self.encoder_cache.can_fit(pending + nbytes):
                 encoding[key] = item
             else:
                 return max(0, item.start - start)  # stop before this item; encode it in a later step
         return n
+
+    def item_bytes(self, item: MediaItem) -> int:
+        """Encoder-cache bytes of an item's embeddings; an EVS video also keeps its int64 kept indices."""
+        return item.num_tokens * (self.embedding_bytes_per_token + (8 if item.pruning_rate else 0))
 
     def _pin(self, req: Request) -> None:
         keys = self.pinned.setdefault(req.request_id, set())

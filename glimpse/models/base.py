@@ -69,12 +69,21 @@ class VisionLanguageModel(nn.Module):
     def num_decoder_layers(self) -> int:
         raise NotImplementedError
 
+    # Families set this from config.tie_word_embeddings and own `lm_head` and
+    # `model.language_model.embed_tokens`.
+    tie_word_embeddings: bool = False
+
     def tied_weight_names(self) -> dict[str, str]:
         """Parameters that share another's tensor (absent from checkpoints): name -> source name."""
-        return {}
+        return {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
     def tie_weights(self) -> None:
-        """Re-share tied parameters after loading assigned new tensors."""
+        """Share `lm_head.weight` with the input embeddings when the config ties them.
+
+        Tied checkpoints omit `lm_head.weight`; the loader calls this again after assigning weights.
+        """
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     # ---- shared driver ------------------------------------------------------------
     def embed_multimodal(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> torch.Tensor:

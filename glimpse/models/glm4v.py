@@ -1,14 +1,17 @@
-"""Steps 5-8 for the GLM-V family: glm4v (GLM-4.1V), glm46v (GLM-4.6V-Flash) and glmga, dense GLM4 text tower.
+"""Steps 5-8 for the GLM-V family: glm4v (GLM-4.1V), glm46v (GLM-4.6V, -Flash), glmga, glm4v_moe (GLM-4.5V), glm_ocr.
 
 Vision encoder: pixel_values [N_patches, C*Tp*P*P] + grid_thw [items, 3] -> [N_patches / m^2, H_text],
 every frame (t row) being its own attention segment. Decoder: inputs_embeds [T, H] + M-RoPE
 positions [3, T] -> final-normed hidden [T, H] -> logits [T, vocab]. Parameter names equal HF
-5.23's state dict (`model.visual.*`, `model.language_model.*`, `lm_head.weight`).
+5.23's state dict (`model.visual.*`, `model.language_model.*`, `lm_head.weight`). Variants are
+data (`TextVariant`, `VisionVariant`); the MoE layers live in glm4_moe.py.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
+from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
 from glimpse.models.layers import KVCache, RMSNorm, rotate_half, rotate_interleaved
 from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
 from glimpse.vision.attention import pad_offsets, varlen_attention
@@ -24,8 +28,50 @@ from glimpse.vision.attention import pad_offsets, varlen_attention
 # Family check: which HF configs this file serves
 # ----------------------------------------------------------------------------------------
 
-MODEL_TYPES = ("glm4v", "glm46v", "glmga")
-DENSE_TEXT_TYPES = ("glm4v_text",)
+MODEL_TYPES = ("glm4v", "glm46v", "glmga", "glm4v_moe", "glm_ocr")
+DENSE_TEXT_TYPES = ("glm4v_text", "glm_ocr_text")
+
+
+@dataclass(frozen=True)
+class TextVariant:
+    """How a GLM text tower differs by `text_config.model_type` (HF 5.23's classes)."""
+
+    head_dim: int
+    qkv_bias: bool  # glm4v_text hard-codes True; glm_ocr_text False; MoE reads attention_bias
+    sandwich_norms: bool  # post_self_attn / post_mlp norms (dense GLM4 only)
+    neox_rotary: bool  # half-split pairs (MoE) instead of interleaved pairs (dense)
+    moe: bool
+
+
+def text_variant(tc) -> TextVariant:
+    kind = getattr(tc, "model_type", None)
+    default_head_dim = tc.hidden_size // tc.num_attention_heads
+    if kind == "glm4v_text":  # HF's glm4v attention ignores text_config.head_dim
+        return TextVariant(default_head_dim, True, True, False, False)
+    head_dim = getattr(tc, "head_dim", None) or default_head_dim
+    if kind == "glm_ocr_text":
+        return TextVariant(head_dim, False, True, False, False)
+    return TextVariant(head_dim, bool(tc.attention_bias), False, True, True)
+
+
+@dataclass(frozen=True)
+class VisionVariant:
+    """GLM-OCR's tower (glm_ocr_vision) drops the learned position table and the post-conv norm,
+    RMS-normalises q and k per head, puts biases on attention and MLP, and sizes the MLP by
+    intermediate_size and the merger by out_hidden_size * in_channels (parity-spec §5.6)."""
+
+    ocr: bool
+    mlp_width: int
+    mlp_bias: bool
+    proj_bias: bool
+    merger_context: int
+
+
+def vision_variant(vc) -> VisionVariant:
+    if getattr(vc, "model_type", None) == "glm_ocr_vision":
+        bias = bool(vc.attention_bias)
+        return VisionVariant(True, vc.intermediate_size, bias, bias, vc.out_hidden_size * vc.in_channels)
+    return VisionVariant(False, vc.out_hidden_size, False, False, vc.intermediate_size)
 
 
 def check_config(config) -> None:
@@ -33,30 +79,37 @@ def check_config(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"config.model_type {model_type!r} is not served by glm4v.py (serves {MODEL_TYPES})")
-    text_type = getattr(config.text_config, "model_type", None)
-    if text_type not in DENSE_TEXT_TYPES:
-        raise CheckpointError(
-            f"{model_type}: text_config.model_type {text_type!r} is not supported yet "
-            f"(only the dense {DENSE_TEXT_TYPES} tower; GLM-4.5V/4.6V MoE towers come later)"
-        )
     tc = config.text_config
+    text_type = getattr(tc, "model_type", None)
+    if text_type not in DENSE_TEXT_TYPES + MOE_TEXT_TYPES:
+        raise CheckpointError(
+            f"{model_type}: text_config.model_type {text_type!r} is not supported "
+            f"(supported: {DENSE_TEXT_TYPES + MOE_TEXT_TYPES})"
+        )
     rope = tc.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"{model_type}: text rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-    head_dim = tc.hidden_size // tc.num_attention_heads
+    variant = text_variant(tc)
     rd = text_rotary_dim(tc)
     section = list(rope.get("mrope_section", [8, 12, 12]))
     if sum(section) * 2 != rd:
         raise CheckpointError(
             f"{model_type}: text_config.rope_parameters.mrope_section {section} sums to {sum(section)} but the "
-            f"rotary dim is {rd} (head_dim {head_dim} x partial_rotary_factor "
+            f"rotary dim is {rd} (head_dim {variant.head_dim} x partial_rotary_factor "
             f"{rope.get('partial_rotary_factor', 1.0)}); GLM-4.1V checkpoints set partial_rotary_factor 0.5"
         )
-    if getattr(tc, "head_dim", None) not in (None, head_dim):
+    if text_type == "glm4v_text" and getattr(tc, "head_dim", None) not in (None, variant.head_dim):
         raise CheckpointError(
-            f"{model_type}: text_config.head_dim {tc.head_dim} != hidden_size/num_attention_heads {head_dim}; "
+            f"{model_type}: text_config.head_dim {tc.head_dim} != hidden_size/num_attention_heads {variant.head_dim}; "
             "HF's glm4v attention ignores head_dim, so such a checkpoint has no defined behaviour"
         )
+    if variant.moe:
+        if getattr(tc, "use_qk_norm", False):
+            raise CheckpointError(
+                f"{model_type}: text_config.use_qk_norm is true, but HF 5.23's glm4v_moe text tower has no q/k "
+                "norm (it deletes the key), so the checkpoint's behaviour is undefined; not supported"
+            )
+        check_moe_config(tc)
     rope_v = config.vision_config.rope_parameters or {}
     if rope_v.get("rope_type", "axial") != "axial":
         raise CheckpointError(f"{model_type}: vision rope_type {rope_v.get('rope_type')!r} is not supported")
@@ -138,12 +191,8 @@ class Glm4vVisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(vc.in_channels, vc.hidden_size, kernel_size=kernel, stride=kernel)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # kernel == stride and one patch per row: the Conv3d is a matmul over the row, about 3x
-        # faster on CPU. Only in float32, where both agree to rounding; in bfloat16 the matmul
-        # rounds differently from HF's convolution and moves logits measurably away from HF's.
-        weight = self.proj.weight
-        if weight.dtype == torch.float32:
-            return F.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)
+        # Kept as HF's Conv3d: a matmul over the row gives the same values to fp32 rounding and
+        # is ~3x faster on CPU, but that rounding flips near-tie greedy tokens against HF's.
         x = pixel_values.to(self.proj.weight.dtype).view(-1, *self.patch_shape)
         return self.proj(x).view(x.shape[0], -1)
 
@@ -171,15 +220,22 @@ class Glm4vVisionEmbeddings(nn.Module):
 
 
 class Glm4vVisionAttention(nn.Module):
-    def __init__(self, vc) -> None:
+    def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
         self.num_heads = vc.num_heads
         self.qkv = nn.Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
-        self.proj = nn.Linear(vc.hidden_size, vc.hidden_size, bias=False)
+        self.proj = nn.Linear(vc.hidden_size, vc.hidden_size, bias=variant.proj_bias)
+        if variant.ocr:  # per-head RMSNorm of q and k before the rotary
+            head_dim = vc.hidden_size // vc.num_heads
+            self.q_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
+        self.qk_norm = variant.ocr
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = _vision_rotary(q, cos, sin), _vision_rotary(k, cos, sin)
         out = varlen_attention(q, k, v, cu_seqlens, n)  # every segment fits in the n rows
         return self.proj(out.reshape(n, -1))
@@ -192,13 +248,14 @@ def _vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 class Glm4vVisionMlp(nn.Module):
-    """SwiGLU whose width is out_hidden_size (not intermediate_size), no bias."""
+    """SwiGLU whose width is out_hidden_size (not intermediate_size), no bias; GLM-OCR: intermediate_size, bias."""
 
-    def __init__(self, vc) -> None:
+    def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(vc.hidden_size, vc.out_hidden_size, bias=False)
-        self.up_proj = nn.Linear(vc.hidden_size, vc.out_hidden_size, bias=False)
-        self.down_proj = nn.Linear(vc.out_hidden_size, vc.hidden_size, bias=False)
+        width, bias = variant.mlp_width, variant.mlp_bias
+        self.gate_proj = nn.Linear(vc.hidden_size, width, bias=bias)
+        self.up_proj = nn.Linear(vc.hidden_size, width, bias=bias)
+        self.down_proj = nn.Linear(width, vc.hidden_size, bias=bias)
         self.act = activation(vc.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,12 +263,12 @@ class Glm4vVisionMlp(nn.Module):
 
 
 class Glm4vVisionBlock(nn.Module):
-    def __init__(self, vc) -> None:
+    def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
         self.norm1 = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
         self.norm2 = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
-        self.attn = Glm4vVisionAttention(vc)
-        self.mlp = Glm4vVisionMlp(vc)
+        self.attn = Glm4vVisionAttention(vc, variant)
+        self.mlp = Glm4vVisionMlp(vc, variant)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
@@ -219,7 +276,7 @@ class Glm4vVisionBlock(nn.Module):
 
 
 class Glm4vVisionPatchMerger(nn.Module):
-    """proj -> LayerNorm -> exact GELU -> SwiGLU (context width = vision intermediate_size)."""
+    """proj -> LayerNorm -> exact GELU -> SwiGLU (context width: `VisionVariant.merger_context`)."""
 
     def __init__(self, dim: int, context_dim: int, hidden_act: str) -> None:
         super().__init__()
@@ -243,13 +300,15 @@ class Glm4vVisionModel(nn.Module):
         self.merge = vc.spatial_merge_size
         self.head_dim = vc.hidden_size // vc.num_heads
         self.theta = float((vc.rope_parameters or {}).get("rope_theta", 10000.0))
+        variant = vision_variant(vc)
         self.patch_embed = Glm4vVisionPatchEmbed(vc)
-        self.post_conv_layernorm = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
-        self.embeddings = Glm4vVisionEmbeddings(vc)
-        self.blocks = nn.ModuleList(Glm4vVisionBlock(vc) for _ in range(vc.depth))
+        # GLM-OCR has neither: an identity norm and all-zero position tables keep one static graph
+        self.post_conv_layernorm = nn.Identity() if variant.ocr else RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
+        self.embeddings = None if variant.ocr else Glm4vVisionEmbeddings(vc)
+        self.blocks = nn.ModuleList(Glm4vVisionBlock(vc, variant) for _ in range(vc.depth))
         self.post_layernorm = RMSNorm(vc.hidden_size, eps=vc.rms_norm_eps)
         self.downsample = nn.Conv2d(vc.hidden_size, vc.out_hidden_size, kernel_size=self.merge, stride=self.merge)
-        self.merger = Glm4vVisionPatchMerger(vc.out_hidden_size, vc.intermediate_size, vc.hidden_act)
+        self.merger = Glm4vVisionPatchMerger(vc.out_hidden_size, variant.merger_context, vc.hidden_act)
 
     # The tower runs in two parts: per-batch metadata from the grids alone (built from
     # per-frame-size tables that a runner caches), then `forward_static`, whose shapes depend
@@ -258,8 +317,12 @@ class Glm4vVisionModel(nn.Module):
     def frame_tables(self, h: int, w: int) -> dict[str, torch.Tensor]:
         """Tables of one (1, h, w) frame: pos_embeds [h*w, C] (weight dtype), cos/sin fp32 [h*w, D]."""
         cos, sin = vision_rotary_cos_sin(h, w, self.merge, self.head_dim, self.theta)
-        dev = self.embeddings.position_embedding.weight.device
-        return {"pos_embeds": self.embeddings.frame_table(h, w), "cos": cos.to(dev), "sin": sin.to(dev)}
+        weight = self.patch_embed.proj.weight
+        if self.embeddings is None:
+            pos_embeds = weight.new_zeros(h * w, weight.shape[0])
+        else:
+            pos_embeds = self.embeddings.frame_table(h, w)
+        return {"pos_embeds": pos_embeds, "cos": cos.to(weight.device), "sin": sin.to(weight.device)}
 
     def batch_metadata(
         self,
@@ -298,12 +361,9 @@ class Glm4vVisionModel(nn.Module):
         for block in self.blocks:
             x = block(x, cu_seqlens, cos, sin)
         x = self.post_layernorm(x)
-        # rows 4i..4i+3 are one merge block in (row, col) order, i.e. the 2x2 conv window; with
-        # kernel == stride the conv is a matmul over each block's [C, m, m] values
-        unit = self.merge * self.merge
-        x = x.view(-1, unit, x.shape[-1]).transpose(1, 2).reshape(-1, unit * x.shape[-1])
-        weight = self.downsample.weight
-        x = F.linear(x, weight.view(weight.shape[0], -1), self.downsample.bias)
+        # rows 4i..4i+3 are one merge block in (row, col) order, i.e. the 2x2 conv window
+        x = x.view(-1, self.merge, self.merge, x.shape[-1]).permute(0, 3, 1, 2)
+        x = self.downsample(x).flatten(1)
         return self.merger(x)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -314,7 +374,8 @@ class Glm4vVisionModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Text decoder (GLM4: sandwich norms, q/k/v bias, partial interleaved M-RoPE, fused gate_up)
+# Text decoder (dense GLM4: sandwich norms, q/k/v bias, partial interleaved M-RoPE, fused gate_up;
+# GLM-OCR: no q/k/v bias; MoE: pre-norm only, half-split rotary, glm4_moe.py MLPs)
 # ----------------------------------------------------------------------------------------
 
 
@@ -325,40 +386,45 @@ def text_rotary_dim(tc) -> int:
 
 
 def mrope_cos_sin(
-    positions: torch.Tensor, theta: float, rotary_dim: int, mrope_section: list[int], dtype: torch.dtype
+    positions: torch.Tensor,
+    theta: float,
+    rotary_dim: int,
+    mrope_section: list[int],
+    dtype: torch.dtype,
+    neox: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[3, T] positions -> cos, sin [T, rotary_dim] in `dtype` (angles in fp32, cast like HF).
 
     Frequency chunk i (sizes `mrope_section`) takes its angle from axis i % 3 (t, h, w); each
-    frequency then covers one interleaved pair (2j, 2j+1).
+    frequency j then covers one interleaved pair (2j, 2j+1), or with `neox` the pair (j, j + rd/2).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
     angles = positions[..., None].float() * inv_freq  # [3, T, rd/2]
     axis = torch.repeat_interleave(torch.arange(len(mrope_section)) % 3, torch.tensor(mrope_section))
     angles = angles.gather(0, axis.to(positions.device).expand(1, angles.shape[1], -1))[0]
-    angles = angles.repeat_interleave(2, dim=-1)
+    angles = torch.cat([angles, angles], dim=-1) if neox else angles.repeat_interleave(2, dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_text_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; rotate the first cos.shape[-1] dims GPT-J style, pass the rest through."""
+def apply_text_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool = False) -> torch.Tensor:
+    """x [T, heads, D]; rotate the first cos.shape[-1] dims (GPT-J pairs, or NeoX halves), pass the rest."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
-    rot = rot * cos[:, None] + rotate_interleaved(rot) * sin[:, None]
+    rot = rot * cos[:, None] + (rotate_half(rot) if neox else rotate_interleaved(rot)) * sin[:, None]
     return torch.cat([rot, rest], dim=-1)
 
 
 class Glm4vTextAttention(nn.Module):
-    def __init__(self, tc, layer_idx: int) -> None:
+    def __init__(self, tc, layer_idx: int, variant: TextVariant) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.head_dim = tc.hidden_size // tc.num_attention_heads
+        self.head_dim = variant.head_dim
+        self.neox = variant.neox_rotary
         q_out = tc.num_attention_heads * self.head_dim
         kv_out = tc.num_key_value_heads * self.head_dim
-        # HF hard-codes the q/k/v bias for this tower (attention_bias is not read)
-        self.q_proj = nn.Linear(tc.hidden_size, q_out, bias=True)
-        self.k_proj = nn.Linear(tc.hidden_size, kv_out, bias=True)
-        self.v_proj = nn.Linear(tc.hidden_size, kv_out, bias=True)
+        self.q_proj = nn.Linear(tc.hidden_size, q_out, bias=variant.qkv_bias)
+        self.k_proj = nn.Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
+        self.v_proj = nn.Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
         self.o_proj = nn.Linear(q_out, tc.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
@@ -366,7 +432,7 @@ class Glm4vTextAttention(nn.Module):
         q = self.q_proj(x).view(t, -1, self.head_dim)
         k = self.k_proj(x).view(t, -1, self.head_dim)
         v = self.v_proj(x).view(t, -1, self.head_dim)
-        q, k = apply_text_rotary(q, cos, sin), apply_text_rotary(k, cos, sin)
+        q, k = apply_text_rotary(q, cos, sin, self.neox), apply_text_rotary(k, cos, sin, self.neox)
         return self.o_proj(kv.attend(self.layer_idx, q, k, v).reshape(t, -1))
 
 
@@ -384,26 +450,31 @@ class Glm4vTextMLP(nn.Module):
         return self.down_proj(up * self.act(gate))
 
 
-def make_text_mlp(tc, layer_idx: int) -> nn.Module:
+def make_text_mlp(tc, layer_idx: int, variant: TextVariant) -> nn.Module:
     """The seam for MoE towers (glm4v_moe_text): dense layers and routed-expert layers differ only here."""
-    del layer_idx  # dense towers use one MLP shape for every layer
-    return Glm4vTextMLP(tc)
+    if variant.moe:
+        return make_moe_text_mlp(tc, layer_idx)
+    return Glm4vTextMLP(tc)  # dense towers use one MLP shape for every layer
 
 
 class Glm4vTextDecoderLayer(nn.Module):
-    def __init__(self, tc, layer_idx: int) -> None:
+    def __init__(self, tc, layer_idx: int, variant: TextVariant) -> None:
         super().__init__()
-        self.self_attn = Glm4vTextAttention(tc, layer_idx)
-        self.mlp = make_text_mlp(tc, layer_idx)
+        self.self_attn = Glm4vTextAttention(tc, layer_idx, variant)
+        self.mlp = make_text_mlp(tc, layer_idx, variant)
         eps = tc.rms_norm_eps
+        self.sandwich = variant.sandwich_norms
         self.input_layernorm = RMSNorm(tc.hidden_size, eps=eps)
-        self.post_self_attn_layernorm = RMSNorm(tc.hidden_size, eps=eps)
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, eps=eps)
-        self.post_mlp_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+        if self.sandwich:
+            self.post_self_attn_layernorm = RMSNorm(tc.hidden_size, eps=eps)
+            self.post_mlp_layernorm = RMSNorm(tc.hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, kv))
-        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        x = x + (self.post_self_attn_layernorm(attn) if self.sandwich else attn)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.post_mlp_layernorm(mlp) if self.sandwich else mlp)
 
 
 class Glm4vTextModel(nn.Module):
@@ -415,12 +486,16 @@ class Glm4vTextModel(nn.Module):
         self.theta = float(rope.get("rope_theta", 10000.0))
         self.rotary_dim = text_rotary_dim(tc)
         self.mrope_section = list(rope.get("mrope_section", [8, 12, 12]))
+        variant = text_variant(tc)
+        self.neox = variant.neox_rotary
         self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
-        self.layers = nn.ModuleList(Glm4vTextDecoderLayer(tc, i) for i in range(tc.num_hidden_layers))
+        self.layers = nn.ModuleList(Glm4vTextDecoderLayer(tc, i, variant) for i in range(tc.num_hidden_layers))
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        cos, sin = mrope_cos_sin(positions, self.theta, self.rotary_dim, self.mrope_section, inputs_embeds.dtype)
+        cos, sin = mrope_cos_sin(
+            positions, self.theta, self.rotary_dim, self.mrope_section, inputs_embeds.dtype, self.neox
+        )
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, kv)
@@ -442,7 +517,7 @@ class Glm4vBackbone(nn.Module):
 
 
 class Glm4vModel(VisionLanguageModel):
-    """GLM-4.1V / GLM-4.6V-Flash / GLMGA from the HF top-level config (Glm4vConfig, Glm46VConfig, GlmgaConfig)."""
+    """GLM-4.1V / GLM-4.6V(-Flash) / GLMGA / GLM-4.5V / GLM-OCR from the HF top-level config."""
 
     family = "glm4v"
     model_types = MODEL_TYPES
@@ -465,18 +540,28 @@ class Glm4vModel(VisionLanguageModel):
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.tie_weights()
+        moe = text_variant(tc).moe
+        self.num_experts = int(tc.n_routed_experts) if moe else 0
+        self.moe_intermediate_size = int(tc.moe_intermediate_size) if moe else 0
+        n_mtp = int(getattr(tc, "num_nextn_predict_layers", 0) or 0)
+        self.mtp_layers = range(tc.num_hidden_layers, tc.num_hidden_layers + n_mtp)
 
-    def tie_weights(self) -> None:
-        """Share `lm_head.weight` with the input embeddings when the config ties them.
+    # ---- checkpoint hooks (read by glimpse.loader) ------------------------------------------
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        """True for the `text_config.num_nextn_predict_layers` multi-token-prediction layers stored after
+        the decoder (`model.language_model.layers.{num_hidden_layers + i}.*`): draft heads glimpse does not run."""
+        match = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
+        return match is not None and int(match[1]) in self.mtp_layers
 
-        Tied checkpoints omit `lm_head.weight`; the loader calls this again after assigning weights.
-        """
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+    def packed_weight_slot(self, name: str) -> tuple[str, tuple] | None:
+        """Per-expert checkpoint tensor -> (stacked parameter, index); None if `name` is loaded whole."""
+        if not self.num_experts:
+            return None
+        return expert_weight_slot(name, self.num_experts, self.moe_intermediate_size)
 
-    def tied_weight_names(self) -> dict[str, str]:
-        """{name that may be absent from the checkpoint: name it shares storage with}."""
-        return {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else {}
+    def float32_weight_names(self) -> set[str]:
+        """Tensors kept in float32 whatever the model dtype (HF keeps the router's correction bias so)."""
+        return {name for name, _ in self.named_buffers() if name.endswith("e_score_correction_bias")}
 
     # ---- vision ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -466,6 +466,7 @@ class Qwen2_5_VLModel(VisionLanguageModel):
     """
 
     family = "qwen2_5_vl"
+    supports_video_pruning = True  # EVS (glimpse/models/evs.py): the engine may drop video tokens after encoding
 
     def __init__(self, config, video_position_rule: str = "reference") -> None:
         super().__init__()
@@ -489,18 +490,6 @@ class Qwen2_5_VLModel(VisionLanguageModel):
         self.model = _Qwen2_5_VLBackbone(config)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share `lm_head.weight` with the input embeddings when the config ties them.
-
-        Tied checkpoints omit `lm_head.weight`; the loader calls this again after assigning weights.
-        """
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
-
-    def tied_weight_names(self) -> dict[str, str]:
-        """{name that may be absent from the checkpoint: name it shares storage with}."""
-        return {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
     # ---- vision -------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ class MediaItem:
 
     pixel_values: [t*h*w, C*Tp*P*P] float32; grid_thw: (t, h, w) in patches; spans: token index
     ranges [start, end) of its embedding slots in input_ids, in order (GLM video: one per
-    temporal frame); num_tokens: embeddings it needs (= t*h*w / merge^2).
+    temporal frame); num_tokens: embeddings it needs (= t*h*w / merge^2, or EVS's retained count).
     """
 
     kind: Literal["image", "video"]
@@ -33,6 +33,8 @@ class MediaItem:
     second_per_grid_t: float | None = None  # Qwen2.5-VL video only
     timestamps: tuple[float, ...] = ()  # seconds of each temporal frame (videos)
     frame_indices: tuple[int, ...] = ()  # source frames sampled (videos)
+    pruning_rate: float = 0.0  # EVS (Qwen2.5-VL video): > 0 keeps only `num_tokens` of its embeddings
+    unpruned_tokens: int | None = None  # EVS: embeddings the encoder makes (t*h*w / merge^2) before pruning
 
     @property
     def start(self) -> int:
@@ -42,11 +44,19 @@ class MediaItem:
     def end(self) -> int:
         return self.spans[-1][1]
 
+    @property
+    def num_encoded_tokens(self) -> int:
+        """Embeddings the vision encoder makes for this item (before any EVS pruning)."""
+        return self.num_tokens if self.unpruned_tokens is None else self.unpruned_tokens
 
-def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw, second_per_grid_t: float | None = None) -> str:
-    """Hash of everything that determines an item's embeddings and positions."""
+
+def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw, second_per_grid_t: float | None = None,
+                 pruning_rate: float = 0.0) -> str:  # fmt: skip
+    """Hash of everything that determines an item's embeddings and positions (EVS rate included)."""
     h = hashlib.sha256()
     h.update(f"{kind}|{tuple(int(x) for x in grid_thw)}|{second_per_grid_t}|{pixel_values.dtype}|".encode())
+    if pruning_rate:  # unpruned items keep the hash they always had
+        h.update(f"evs={float(pruning_rate)!r}|".encode())
     h.update(pixel_values.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

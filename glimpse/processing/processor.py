@@ -21,6 +21,7 @@ from glimpse.config import processor_kind, read_json
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
 from glimpse.media.image import load_image
 from glimpse.media.video import VideoMetadata, probe_video, read_frames
+from glimpse.models.evs import check_pruning_rate, retained_tokens
 from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
 from glimpse.processing.prompt import PlaceholderTokens, expand_prompt
 from glimpse.processing.resize import preprocess_images, preprocess_video
@@ -45,7 +46,7 @@ class MediaLimits:
 class Processor:
     def __init__(self, path: Path, tokenizer, image_spec: ImageSpec, video_spec: VideoSpec, tokens: PlaceholderTokens,
                  chat_template: str | None, kind: str, ceilings: Ceilings | None = None,
-                 limits: MediaLimits | None = None) -> None:  # fmt: skip
+                 limits: MediaLimits | None = None, video_pruning_rate: float = 0.0) -> None:  # fmt: skip
         self.path = path
         self.tokenizer = tokenizer
         self.image_spec = image_spec
@@ -55,6 +56,7 @@ class Processor:
         self.kind = kind
         self.ceilings = ceilings or Ceilings()
         self.limits = limits or MediaLimits()
+        self.video_pruning_rate = self._pruning_rate(video_pruning_rate, "video_pruning_rate")
 
     # ---- entry points --------------------------------------------------------------------
     def __call__(self, messages: list[dict] | None = None, *, text: str | None = None, images: Sequence[Any] = (),
@@ -104,9 +106,13 @@ class Processor:
         if len(videos) > self.limits.max_videos:
             raise LimitExceededError(f"{len(videos)} videos in one prompt; the limit is {self.limits.max_videos} "
                                      "(server flag --limit-mm-per-prompt)")  # fmt: skip
-        image_spec, video_spec = self.specs(overrides or {})
+        overrides = dict(overrides or {})
+        rate = self.video_pruning_rate
+        if "video_pruning_rate" in overrides:
+            rate = self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
+        image_spec, video_spec = self.specs(overrides)
         image_items = self._images(images, image_spec)
-        video_items = [self._video(v, video_spec, f"video {i}") for i, v in enumerate(videos)]
+        video_items = [self._video(v, video_spec, f"video {i}", rate) for i, v in enumerate(videos)]
         per_frame = [(vi["per_frame"], list(vi["stamp_text"])) if vi["stamp_text"] else (vi["tokens"], [])
                      for vi in video_items]  # fmt: skip
         ids, placements = expand_prompt(text, self.tokenizer, self.tokens, [it["tokens"] for it in image_items], per_frame)
@@ -116,7 +122,8 @@ class Processor:
             items.append(MediaItem(
                 kind=p.kind, pixel_values=info["pixel_values"], grid_thw=info["grid"], spans=p.spans,
                 num_tokens=p.num_tokens, content_hash=info["hash"], second_per_grid_t=info.get("spg"),
-                timestamps=tuple(info.get("stamps", ())), frame_indices=tuple(info.get("indices", ()))))  # fmt: skip
+                timestamps=tuple(info.get("stamps", ())), frame_indices=tuple(info.get("indices", ())),
+                pruning_rate=info.get("rate", 0.0), unpruned_tokens=info.get("unpruned")))  # fmt: skip
         return ProcessedPrompt(ids, tuple(items), text)
 
     def specs(self, overrides: dict) -> tuple[ImageSpec, VideoSpec]:
@@ -126,6 +133,14 @@ class Processor:
         image_keys = {k: v for k, v in overrides.items() if k in ("min_pixels", "max_pixels")}
         return (with_overrides(self.image_spec, self.ceilings, **image_keys),
                 with_overrides(self.video_spec, self.ceilings, **overrides))  # fmt: skip
+
+    def _pruning_rate(self, rate: float, knob: str) -> float:
+        """EVS (video token pruning) is a Qwen2.5-VL feature; refuse a rate > 0 for other families."""
+        rate = check_pruning_rate(rate, knob)
+        if rate and self.kind != "qwen2_5_vl":
+            raise InvalidInputError(f"{knob}={rate}: video token pruning (EVS) is supported for Qwen2.5-VL only, "
+                                    f"not {self.kind} checkpoints; leave it at 0")  # fmt: skip
+        return rate
 
     # ---- media -----------------------------------------------------------------------------
     def _normal_part(self, part: Any, images: list, videos: list, where: str) -> dict:
@@ -161,7 +176,7 @@ class Processor:
             start += n
         return out
 
-    def _video(self, src: Any, spec: VideoSpec, name: str) -> dict:
+    def _video(self, src: Any, spec: VideoSpec, name: str, pruning_rate: float = 0.0) -> dict:
         t0 = time.perf_counter()
         if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
             frames, meta = src
@@ -177,10 +192,14 @@ class Processor:
         grid = tuple(int(x) for x in grid.reshape(-1).tolist())
         m2 = spec.merge_size**2
         tokens = grid[0] * grid[1] * grid[2] // m2
-        return {"pixel_values": pv, "grid": grid, "tokens": tokens, "per_frame": grid[1] * grid[2] // m2,
+        info = {"pixel_values": pv, "grid": grid, "tokens": tokens, "per_frame": grid[1] * grid[2] // m2,
                 "stamp_text": sampled.timestamp_text, "stamps": sampled.timestamps, "indices": sampled.indices,
                 "spg": sampled.second_per_grid_ts, "hash": content_hash("video", pv, grid, sampled.second_per_grid_ts),
                 "seconds": time.perf_counter() - t0}  # fmt: skip
+        if pruning_rate:  # EVS: the prompt holds only the tokens kept after encoding (Qwen: one run)
+            info.update(tokens=retained_tokens(grid, spec.merge_size, pruning_rate), unpruned=tokens, rate=pruning_rate,
+                        hash=content_hash("video", pv, grid, sampled.second_per_grid_ts, pruning_rate))  # fmt: skip
+        return info
 
 
 def _source(part: dict, kind: str, where: str) -> Any:
@@ -229,8 +248,12 @@ def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:
     return tokens
 
 
-def load_processor(path: str | Path, ceilings: Ceilings | None = None, limits: MediaLimits | None = None) -> Processor:
-    """The processor for a checkpoint folder (tokenizer and chat template through transformers)."""
+def load_processor(path: str | Path, ceilings: Ceilings | None = None, limits: MediaLimits | None = None,
+                   video_pruning_rate: float = 0.0) -> Processor:  # fmt: skip
+    """The processor for a checkpoint folder (tokenizer and chat template through transformers).
+
+    `video_pruning_rate` > 0 (Qwen2.5-VL only) expands each video to the tokens EVS will keep.
+    """
     import transformers
 
     path = Path(path)
@@ -245,4 +268,5 @@ def load_processor(path: str | Path, ceilings: Ceilings | None = None, limits: M
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
     image_spec, video_spec = load_specs(path)
     tokens = placeholder_tokens(tokenizer, kind, hf_config)
-    return Processor(path, tokenizer, image_spec, video_spec, tokens, template, kind, ceilings, limits)
+    return Processor(path, tokenizer, image_spec, video_spec, tokens, template, kind, ceilings, limits,
+                     video_pruning_rate)  # fmt: skip

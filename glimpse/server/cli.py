@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--encoder-cache-memory", default="256MiB")
     eng.add_argument("--block-size", type=int, default=16)
     eng.add_argument("--no-prefix-caching", action="store_true")
+    eng.add_argument("--video-pruning-rate", type=float, default=0.0,
+                     help="EVS, Qwen2.5-VL only: drop this fraction of each video's tokens (those that change least "
+                     "between frames) after encoding, in [0, 1); requests may override it in mm_processor_kwargs")  # fmt: skip
     eng.add_argument("--seed", type=int, default=0)
 
 
@@ -109,6 +112,7 @@ def build_state(args: argparse.Namespace):
     """Load everything `glimpse serve` needs; returns the ServerState (engine thread started)."""
     from glimpse.engine.llm_engine import EngineConfig, LLMEngine
     from glimpse.llm import demo_checkpoint
+    from glimpse.models.evs import check_pruning_rate
     from glimpse.processing.processor import MediaLimits, load_processor
     from glimpse.processing.spec import Ceilings
     from glimpse.server.app import ServerState
@@ -120,6 +124,7 @@ def build_state(args: argparse.Namespace):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.max_queue < 0:
         raise InvalidInputError("--max-queue must be >= 0")
+    check_pruning_rate(args.video_pruning_rate, "--video-pruning-rate")
     max_images, max_videos = parse_mm_limits(args.limit_mm_per_prompt)
     domains = tuple(d.strip() for item in args.allowed_media_domains for d in item.split(",") if d.strip())
     policy = MediaPolicy(
@@ -135,9 +140,10 @@ def build_state(args: argparse.Namespace):
     config = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                           encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
-                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)  # fmt: skip
+                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                          video_pruning_rate=args.video_pruning_rate)  # fmt: skip
     engine = LLMEngine(config)
-    processor = load_processor(model, ceilings, limits)
+    processor = load_processor(model, ceilings, limits, args.video_pruning_rate)
     if args.reasoning_parser == "auto":
         reasoning = engine.model_config.processor_kind in GLM_FAMILIES
     else:

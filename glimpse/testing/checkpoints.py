@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from glimpse.testing.tokenizer import GLM41V_TEMPLATE, GLM46V_TEMPLATE, QWEN25VL_TEMPLATE, build_tokenizer
 
-FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "qwen2_5_vl")
+FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")
+MOE_FAMILIES = ("glm4v_moe", "glm46v_moe")  # GLM-4.5V, and GLM-4.6V: model_type glm46v over a glm4v_moe_text tower
 SIZES = ("tiny", "small", "medium")  # medium (~700M parameters) is meant for load_format="dummy"
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -71,6 +72,40 @@ _DIMS = {
 }
 
 
+@dataclass(frozen=True)
+class _TextExtras:
+    """What GLM-4.5V/4.6V (MoE) and GLM-OCR add to the GLM dims: an explicit head_dim that differs
+    from hidden/heads, as the real checkpoints have (4096 / 96 heads -> 128; 1536 / 16 -> 128), and
+    the mrope_section that covers its rotary half (MoE: partial 0.5; OCR: full rotary)."""
+
+    head_dim: int
+    moe_section: tuple[int, int, int]  # sums to head_dim * 0.5 / 2
+    ocr_section: tuple[int, int, int]  # sums to head_dim / 2
+
+
+@dataclass(frozen=True)
+class _MoeDims:
+    experts: int
+    top_k: int
+    n_group: int
+    topk_group: int
+    moe_inter: int
+    n_shared: int
+    dense_layers: int  # first_k_dense_replace
+
+
+_EXTRAS = {
+    "tiny": _TextExtras(48, (2, 5, 5), (4, 10, 10)),
+    "small": _TextExtras(96, (4, 10, 10), (8, 20, 20)),
+    "medium": _TextExtras(128, (8, 12, 12), (16, 24, 24)),
+}
+_MOE_DIMS = {
+    "tiny": _MoeDims(8, 2, 2, 1, 64, 1, 1),
+    "small": _MoeDims(16, 4, 4, 2, 160, 1, 1),
+    "medium": _MoeDims(16, 4, 4, 2, 256, 1, 1),
+}
+
+
 def make_checkpoint(
     family: str,
     size: str,
@@ -81,13 +116,18 @@ def make_checkpoint(
     shards: int = 1,
     legacy_names: bool = False,
     weights: bool = True,
+    expert_layout: str | None = None,
 ) -> Path:
     """Write a complete HF checkpoint folder for `family` at `size` into `path` and return it.
 
     dtype: the on-disk dtype (float32, bfloat16, float16). shards > 1 writes
     `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. legacy_names
     writes the older HF layout (`model.*` text tower, `visual.*` vision tower). weights=False
-    writes everything but the safetensors (for `load_format="dummy"`).
+    writes everything but the safetensors (for `load_format="dummy"`). expert_layout (MoE
+    families): "per_expert" writes `mlp.experts.E.{gate,up,down}_proj.weight` as the real GLM-4.5V
+    ships and HF saves for glm4v_moe; "stacked" writes HF's in-memory `mlp.experts.gate_up_proj` /
+    `down_proj`, which is what HF 5.23 saves for model_type glm46v and the only layout it loads
+    there (it has no expert conversion for glm46v). Default: the layout HF loads for the family.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -104,7 +144,7 @@ def make_checkpoint(
     ids = {t: tok.token_to_id(t) for t in special + added}
     vocab_size = tok.get_vocab_size()
 
-    config = _qwen_config(dims, ids, vocab_size) if is_qwen else _glm_config(family, dims, ids, vocab_size)
+    config = _qwen_config(dims, ids, vocab_size) if is_qwen else _glm_config(family, size, dims, ids, vocab_size)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(is_qwen, ids))
     _write_tokenizer_files(out, family, ids)
@@ -116,6 +156,11 @@ def make_checkpoint(
     tensors = _random_weights(config, seed, getattr(torch, dtype))
     if legacy_names:
         tensors = {_legacy_name(k): v for k, v in tensors.items()}
+    layout = expert_layout or ("per_expert" if family == "glm4v_moe" else "stacked")
+    if layout not in ("per_expert", "stacked"):
+        raise ValueError(f"expert_layout {expert_layout!r}: choose per_expert or stacked")
+    if family in MOE_FAMILIES:
+        tensors = _moe_on_disk(tensors, config["text_config"]["moe_intermediate_size"], layout == "per_expert")
     _save_shards(out, tensors, shards)
     return out
 
@@ -123,9 +168,16 @@ def make_checkpoint(
 # ---- config.json ---------------------------------------------------------------------------
 
 
-def _glm_config(family: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
-    model_type = {"glm4v": "glm4v", "glm46v": "glm46v", "glm46v_flash": "glm4v", "glmga": "glmga"}[family]
-    arch = "Glm4vForConditionalGeneration" if model_type == "glm4v" else "Glm46VForConditionalGeneration"
+def _glm_config(family: str, size: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
+    model_type, arch = {
+        "glm4v": ("glm4v", "Glm4vForConditionalGeneration"),
+        "glm46v": ("glm46v", "Glm46VForConditionalGeneration"),
+        "glm46v_flash": ("glm4v", "Glm4vForConditionalGeneration"),
+        "glmga": ("glmga", "Glm46VForConditionalGeneration"),
+        "glm4v_moe": ("glm4v_moe", "Glm4vMoeForConditionalGeneration"),
+        "glm46v_moe": ("glm46v", "Glm46VForConditionalGeneration"),
+        "glm_ocr": ("glm_ocr", "GlmOcrForConditionalGeneration"),
+    }[family]
     head_dim = d.hidden // d.heads
     text = {
         "model_type": "glm4v_text",
@@ -149,6 +201,21 @@ def _glm_config(family: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
         },
     }
     assert sum(d.mrope_section) * 2 == int(head_dim * 0.5), "mrope_section must cover rotary_dim/2"
+    extras = _EXTRAS[size]
+    if family in MOE_FAMILIES:
+        m = _MOE_DIMS[size]
+        text.update({
+            "model_type": "glm4v_moe_text", "head_dim": extras.head_dim, "moe_intermediate_size": m.moe_inter,
+            "n_routed_experts": m.experts, "num_experts_per_tok": m.top_k, "n_group": m.n_group,
+            "topk_group": m.topk_group, "n_shared_experts": m.n_shared, "first_k_dense_replace": m.dense_layers,
+            "norm_topk_prob": True, "routed_scaling_factor": 2.5, "use_qk_norm": False,
+        })  # fmt: skip
+        text["rope_parameters"]["mrope_section"] = list(extras.moe_section)
+    elif family == "glm_ocr":
+        # GLM-OCR: full rotary, no qkv bias, text MLP 3 x hidden (= the merger width HF derives)
+        text.update({"model_type": "glm_ocr_text", "head_dim": extras.head_dim, "intermediate_size": 3 * d.hidden,
+                     "attention_bias": False, "num_nextn_predict_layers": 1})  # fmt: skip
+        text["rope_parameters"].update({"partial_rotary_factor": 1.0, "mrope_section": list(extras.ocr_section)})
     vision = {
         "model_type": "glm4v_vision",
         "depth": d.v_depth,
@@ -165,6 +232,10 @@ def _glm_config(family: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
         "attention_bias": False,
         "hidden_act": "silu",
     }
+    if family in MOE_FAMILIES:
+        vision["model_type"] = "glm4v_moe_vision"
+    elif family == "glm_ocr":
+        vision.update({"model_type": "glm_ocr_vision", "attention_bias": True})
     return {
         "architectures": [arch],
         "model_type": model_type,
@@ -277,15 +348,17 @@ def _processor_configs(family: str, d: _Dims) -> dict[str, dict]:
                  "min_frames": 4, "max_frames": 768, "do_sample_frames": False}  # fmt: skip
         return {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
                 "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"}}  # fmt: skip
-    proc = "Glm4vProcessor" if family == "glm4v" else "Glm46VProcessor"
-    img_cls = {"glm4v": "Glm4vImageProcessor", "glmga": "GlmgaImageProcessor"}.get(family, "Glm46VImageProcessor")
-    vid_cls = {"glm4v": "Glm4vVideoProcessor", "glmga": "GlmgaVideoProcessor"}.get(family, "Glm46VVideoProcessor")
+    # GLM-4.5V (glm4v_moe) ships the GLM-4.1V processors (HF's auto map too); GLM-OCR the GLM-4.6V ones.
+    kind = "glm4v" if family in ("glm4v", "glm4v_moe") else family
+    proc = "Glm4vProcessor" if kind == "glm4v" else "Glm46VProcessor"
+    img_cls = {"glm4v": "Glm4vImageProcessor", "glmga": "GlmgaImageProcessor"}.get(kind, "Glm46VImageProcessor")
+    vid_cls = {"glm4v": "Glm4vVideoProcessor", "glmga": "GlmgaVideoProcessor"}.get(kind, "Glm46VVideoProcessor")
     # GLM sizes are pixel *areas* over the (2-frame) temporal patch: tokens = area / (2 * 784).
     image = {**common, "image_processor_type": img_cls, "processor_class": proc,
              "size": {"shortest_edge": 12544, "longest_edge": 2 * 784 * d.image_max_tokens}}  # fmt: skip
     video = {**common, "video_processor_type": vid_cls, "processor_class": proc, "do_sample_frames": True,
              "size": {"shortest_edge": 12544, "longest_edge": 2 * 784 * d.video_max_tokens}, "fps": 2}  # fmt: skip
-    if family == "glm4v":
+    if kind == "glm4v":
         video["max_duration"] = 300
     if family == "glmga":
         image["patch_expand_factor"] = video["patch_expand_factor"] = 1
@@ -330,6 +403,8 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden
         return torch.randn(shape, generator=gen) * std
 
     leaf = name.rsplit(".", 1)[-1]
+    if leaf == "e_score_correction_bias":
+        return normal(0.1)  # on the scale of sigmoid score gaps, so it changes some expert choices
     is_norm = any(k in name for k in ("norm", "ln_q")) and "proj" not in name.rsplit(".", 2)[-2]
     if is_norm or name.endswith("post_projection_norm.weight"):
         return 1.0 + normal(0.1) if leaf == "weight" else normal(0.02)
@@ -342,10 +417,34 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden
     if name == "lm_head.weight":
         return normal(2.0 / math.sqrt(hidden))
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    if ".mlp.experts." in name and len(shape) == 3:  # stacked experts [E, out, in]: per-expert fan-in
+        fan_in = shape[-1]
     std = 1.0 / math.sqrt(fan_in)
     if any(k in name for k in ("q_proj", "k_proj")):
         std *= 2.0  # sharper attention patterns than a plain fan-in init
     return normal(std)
+
+
+def _moe_on_disk(tensors: dict[str, torch.Tensor], moe_inter: int, per_expert: bool) -> dict[str, torch.Tensor]:
+    """HF's in-memory MoE tensors -> the checkpoint's: router bias in float32 (as GLM-4.5V ships it)
+    and, if per_expert, `experts.gate_up_proj` [E, 2I, H] split into `experts.E.gate_proj` (rows [0, I))
+    and `up_proj` (rows [I, 2I)), `experts.down_proj` [E, H, I] into `experts.E.down_proj`."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("e_score_correction_bias"):
+            out[name] = t.float()
+        elif per_expert and name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :moe_inter].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, moe_inter:].contiguous()
+        elif per_expert and name.endswith(".mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[name] = t
+    return out
 
 
 def _legacy_name(name: str) -> str:

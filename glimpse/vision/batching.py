@@ -110,6 +110,15 @@ def check_budgets(budgets: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(budgets)))
 
 
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """`--encoder-budgets 64,128,256` -> (64, 128, 256)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--encoder-budgets {text!r}: expected comma-separated integers") from None
+    return check_budgets(values)
+
+
 def check_limit(value: int | None, knob: str) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InvalidInputError(f"{knob} must be a positive integer or None (no limit), got {value!r}")

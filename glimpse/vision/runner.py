@@ -9,9 +9,11 @@ Items larger than every budget, and graph=False, run the same static-shape tower
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch._dynamo
@@ -28,8 +30,29 @@ from glimpse.vision.batching import (
     check_budgets,
     check_limit,
     default_budgets,
+    parse_budgets,
     plan_batches,
 )
+
+
+class VisionTower(Protocol):
+    """What a family's `model.visual` offers the runner (glm4v.py and qwen2_5_vl.py implement it)."""
+
+    def frame_tables(self, h: int, w: int) -> dict:
+        """Tables of one (1, h, w) frame size, reused for every frame of that size."""
+
+    def batch_metadata(
+        self,
+        grids: Sequence[tuple[int, int, int]],
+        tables: Mapping[tuple[int, int], dict],
+        capacity_patches: int | None = None,
+        capacity_frames: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """forward_static's tensors for items back to back, padded to the capacities when given."""
+
+    def forward_static(self, pixel_values: torch.Tensor, **metadata: torch.Tensor) -> torch.Tensor:
+        """[N, C*Tp*P*P] -> [N / m^2, hidden]; every shape depends on N alone."""
+
 
 # Dynamo keys its graph cache on the tower's code object, shared by every runner of a family,
 # so the per-code recompile limit (8 by default) must cover all budgets of all runners.
@@ -54,7 +77,7 @@ class EncoderRunner:
         graph: bool = True,
         table_cache_size: int = 256,
     ) -> None:
-        self.tower = model.model.visual
+        self.tower: VisionTower = model.model.visual
         self.merge = model.spatial_merge_size
         self.budgets = default_budgets(max_num_batched_tokens) if budgets is None else check_budgets(list(budgets))
         self.max_items_per_batch = check_limit(max_items_per_batch, "max_items_per_batch")
@@ -91,9 +114,15 @@ class EncoderRunner:
         self.capture_seconds = time.perf_counter() - start
 
     def _dummy_inputs(self, cap: Capacity) -> dict[str, torch.Tensor]:
-        """A real layout of the budget's size: one (1, m, m * tokens) frame, zero pixels."""
-        h, w = self.merge, self.merge * cap.tokens
-        meta = self.tower.batch_metadata([(1, h, w)], {(h, w): self.tower.frame_tables(h, w)}, cap.patches, cap.frames)
+        """A typical layout for the budget: frames of (1, m, m * 64) (fewer if the budget is small), zero pixels.
+
+        Only the shapes are baked into the graph; the layout just keeps the warm-up run cheap
+        (one frame spanning the whole budget would make it one dense square attention).
+        """
+        tokens = min(cap.tokens, 64)
+        grid = (min(cap.frames, cap.tokens // tokens), self.merge, self.merge * tokens)
+        tables = {grid[1:]: self.tower.frame_tables(*grid[1:])}
+        meta = self.tower.batch_metadata([grid], tables, cap.patches, cap.frames)
         pixels = torch.zeros(cap.patches, self.patch_dim, dtype=self.dtype, device=self.device)
         return {"pixel_values": pixels, **meta}
 
@@ -179,6 +208,38 @@ class EncoderRunner:
                 f"({t * h * w}, {self.patch_dim}) (t*h*w patches, C*Tp*P*P values each)"
             )
         return grid
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's vision-encoder flags: --encoder-graph, --encoder-budgets and the packing limits."""
+    parser.add_argument(
+        "--encoder-graph", choices=("auto", "on", "off"), default="auto",
+        help="one captured graph per token budget for the vision encoder (auto: on for CPU, where it "
+        "is measured faster; off on CUDA, whose CUDAGraph path is untested)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-budgets", type=budgets_arg, default=None,
+        help="comma-separated budgets in vision tokens (default: 64, 128, ... up to max_num_batched_tokens)",
+    )  # fmt: skip
+    parser.add_argument("--encoder-max-items-per-batch", type=int, default=None)
+    parser.add_argument("--encoder-max-frames-per-batch", type=int, default=None)
+
+
+def runner_from_args(model: VisionLanguageModel, args: argparse.Namespace, max_num_batched_tokens: int) -> EncoderRunner:
+    """An EncoderRunner configured by `add_encoder_arguments`' flags."""
+    graph = args.encoder_graph == "on" or (args.encoder_graph == "auto" and model.device.type == "cpu")
+    return EncoderRunner(
+        model, args.encoder_budgets, max_num_batched_tokens, args.encoder_max_items_per_batch,
+        args.encoder_max_frames_per_batch, graph=graph,
+    )  # fmt: skip
+
+
+def budgets_arg(text: str) -> tuple[int, ...]:
+    """argparse `type` for --encoder-budgets."""
+    try:
+        return parse_budgets(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _CudaGraph:  # pragma: no cover - needs a GPU; untested here (see docs)
