@@ -49,14 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
 
 
-def workload(n: int) -> list[tuple[Image.Image, str]]:
-    """n distinct images (crops and rescales of the shipped photos) with prompts of different lengths."""
+def workload(n: int, seed_offset: int = 0) -> list[tuple[Image.Image, str]]:
+    """n distinct images (crops and rescales of the shipped photos) with prompts of different lengths.
+
+    `seed_offset` shifts the crops (a different but same-sized workload, e.g. for warm-up).
+    """
     bases = [Image.open(MEDIA / f).convert("RGB") for f in ("rocket.jpg", "chelsea.png", "camera.png")]
     items = []
     for i in range(n):
         base = bases[i % len(bases)]
         w, h = base.size
-        left, top = (i * 13) % (w // 4), (i * 7) % (h // 4)
+        left, top = (i * 13 + seed_offset) % (w // 4), (i * 7 + seed_offset) % (h // 4)
         crop = base.crop((left, top, w - (i * 5) % (w // 4), h - (i * 11) % (h // 4)))
         scale = 0.5 + (i % 9) * 0.15
         img = crop.resize((max(56, int(crop.width * scale)), max(56, int(crop.height * scale))))
@@ -92,21 +95,20 @@ def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int) -> d
     proc = transformers.AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    warm = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "warm"}]}],
-                                               add_generation_prompt=True, tokenize=False)],
-                images=[Image.new("RGB", (97, 61), (120, 30, 200))], return_tensors="pt")  # fmt: skip
-    with torch.inference_mode():
-        model.generate(**warm, max_new_tokens=4, do_sample=False)
-    t0 = time.perf_counter()
-    tokens = 0
-    for s in range(0, len(items), batch_size):
-        chunk = items[s : s + batch_size]
+
+    def batch(chunk):
         texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
                                           add_generation_prompt=True, tokenize=False) for _, p in chunk]  # fmt: skip
         inputs = proc(text=texts, images=[img for img, _ in chunk], padding=True, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
-        tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+        return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+
+    batch(workload(batch_size, seed_offset=1))  # untimed warm-up batch (oneDNN kernels, allocator)
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in range(0, len(items), batch_size):
+        tokens += batch(items[s : s + batch_size])
     seconds = time.perf_counter() - t0
     return {"system": f"HF generate (batch {batch_size}, left pad)", "seconds": seconds, "output_tokens": tokens,
             "tokens_per_s": tokens / seconds}  # fmt: skip
@@ -158,16 +160,19 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="glimpse-bench-"))
     path = make_checkpoint(args.family, "small", workdir / f"{args.family}-small", seed=0, dtype=args.dtype)
     items = workload(args.num_requests)
-    rows = [run_glimpse(path, items, args.output_len, args.dtype, caches=True),
-            run_glimpse(path, items, args.output_len, args.dtype, caches=False)]  # fmt: skip
+    # oneDNN JIT-compiles kernels per shape on first use and keeps them process-wide: one untimed
+    # pass over the same workload first, so no measured system pays that cost for the others.
+    run_glimpse(path, workload(args.num_requests, seed_offset=1), args.output_len, args.dtype, caches=False)
+    rows = [run_glimpse(path, items, args.output_len, args.dtype, caches=False),
+            run_glimpse(path, items, args.output_len, args.dtype, caches=True)]  # fmt: skip
     if not args.skip_hf:
         rows.append(run_hf(path, items, args.output_len, args.dtype, args.hf_batch_size))
     result = {"family": args.family, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "num_requests": args.num_requests, "output_len": args.output_len, "rows": rows}  # fmt: skip
     if not args.skip_hf:
         hf = rows[-1]["tokens_per_s"]
-        result["speedup_caches_on"] = rows[0]["tokens_per_s"] / hf
-        result["speedup_caches_off"] = rows[1]["tokens_per_s"] / hf
+        result["speedup_caches_off"] = rows[0]["tokens_per_s"] / hf
+        result["speedup_caches_on"] = rows[1]["tokens_per_s"] / hf
     if not args.skip_decode:
         result["decode_batch1"] = run_decode(workdir, args.family, args.decode_tokens)
     if not args.json:
