@@ -63,6 +63,10 @@ class LLM:
     def get_tokenizer(self):
         return self.processor.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json sampling settings (used when none are given)."""
+        return SamplingParams(**self.engine.model_config.generation_defaults)
+
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:  # fmt: skip
@@ -89,7 +93,7 @@ class LLM:
                     chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None):  # fmt: skip
         """Yield `RequestOutput`s of one conversation as tokens arrive (use `.outputs[0].delta_text`)."""
         processed = self.processor(messages, chat_template_kwargs=chat_template_kwargs, **(mm_processor_kwargs or {}))
-        rid = self.engine.add_request(None, processed, sampling_params)
+        rid = self.engine.add_request(None, processed, sampling_params or self.get_default_sampling_params())
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -117,7 +121,7 @@ class LLM:
 
     def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):

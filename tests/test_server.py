@@ -383,9 +383,22 @@ def test_stop_token_ids_and_max_tokens(client, tok):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
-def test_n_and_seed(client):
-    kwargs = dict(model=MODEL, messages=user("Tell me a story."), max_tokens=10, temperature=1.0, n=3,
+def test_generation_config_defaults_fill_unset_fields(client, ckpt):
+    """As vLLM's --generation-config auto: unset sampling fields come from generation_config.json."""
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    assert gen["top_p"] < 1e-3  # the factory's GLM config, like the real one, samples near-greedily
+    kwargs = dict(model=MODEL, messages=user("Tell me a story."), max_tokens=8, temperature=1.0, n=3,
                   extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.chat.completions.create(seed=5, **kwargs)
+    greedy = client.chat.completions.create(model=MODEL, messages=user("Tell me a story."), max_tokens=8,
+                                            temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert {ch.message.content for ch in r.choices} == {greedy.choices[0].message.content}
+
+
+def test_n_and_seed(client):
+    # top_p/top_k given explicitly: unset, they would come from generation_config.json (top_p 1e-4).
+    kwargs = dict(model=MODEL, messages=user("Tell me a story."), max_tokens=10, temperature=1.0, top_p=1.0, n=3,
+                  extra_body={"ignore_eos": True, "top_k": -1})  # fmt: skip
     a = client.chat.completions.create(seed=1234, **kwargs)
     b = client.chat.completions.create(seed=1234, **kwargs)
     c = client.chat.completions.create(seed=99, **kwargs)

@@ -69,6 +69,7 @@ class ServerState:
     reasoning: bool = True  # GLM <think>/<answer>/box parsing of chat output
     template_kwargs: frozenset[str] = frozenset()  # chat_template_kwargs the template reads
     preprocess_workers: int = 2
+    sampling_defaults: dict = field(default_factory=dict)  # from generation_config.json (--generation-config auto)
     pool: ThreadPoolExecutor = field(init=False)
     metrics: ServerMetrics = field(init=False)
     token_text: P.TokenText = field(init=False)
@@ -381,7 +382,7 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: P.Re
             else:
                 prompts = await loop.run_in_executor(state.pool, _prepare_completion, state, req)
             max_len = state.engine.engine.max_model_len
-            params = [P.sampling_params(req, len(p.input_ids), max_len) for p in prompts]
+            params = [P.sampling_params(req, len(p.input_ids), max_len, state.sampling_defaults) for p in prompts]
             run = _Run(state, fmt, prompts, params, t0)
             stack.callback(run.abort)
             await _unless_disconnected(request, run.start())

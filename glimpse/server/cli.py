@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
     lim.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and resizing media")
     out = p.add_argument_group("output")
+    out.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                     help="auto: unset temperature/top_p/top_k/repetition_penalty come from the checkpoint's "
+                          "generation_config.json (as vLLM); none: OpenAI's defaults")  # fmt: skip
     out.add_argument("--reasoning-parser", choices=("auto", "glm", "none"), default="auto",
                      help="split <think> reasoning and box markers from content (auto: on for GLM checkpoints)")  # fmt: skip
     eng = p.add_argument_group("engine")
@@ -155,7 +158,8 @@ def build_state(args: argparse.Namespace):
         model_name=args.served_model_name or (args.model or "glimpse-demo"), policy=policy, api_key=args.api_key,
         max_request_bytes=parse_bytes(args.max_request_bytes, "--max-request-bytes"),
         request_timeout=args.request_timeout, reasoning=reasoning,
-        template_kwargs=template_variables(processor.chat_template), preprocess_workers=args.preprocess_workers)  # fmt: skip
+        template_kwargs=template_variables(processor.chat_template), preprocess_workers=args.preprocess_workers,
+        sampling_defaults=engine.model_config.generation_defaults if args.generation_config == "auto" else {})  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -168,8 +168,16 @@ def without_neutral_fields(body: dict) -> dict:
     return {k: v for k, v in body.items() if k not in _UNSUPPORTED}
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
-    """Engine sampling settings from a request; max_tokens defaults to what max_model_len leaves."""
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int,
+                    defaults: dict | None = None) -> SamplingParams:  # fmt: skip
+    """Engine sampling settings from a request; max_tokens defaults to what max_model_len leaves.
+
+    `defaults` (the checkpoint's generation_config.json sampling settings, as vLLM's
+    `--generation-config auto`) fill temperature/top_p/top_k/repetition_penalty the request leaves unset.
+    """
+    given = req.model_fields_set
+    pick = {k: (getattr(req, k) if k in given or k not in (defaults or {}) else defaults[k])
+            for k in ("temperature", "top_p", "top_k", "repetition_penalty")}  # fmt: skip
     if isinstance(req, ChatCompletionRequest):
         if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
             raise InvalidInputError("max_tokens and max_completion_tokens disagree; send only one")
@@ -195,9 +203,9 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
             f"but max_model_len is {max_model_len}; lower max_tokens (at most {room}), shorten the prompt or lower "
             "image/video resolution (mm_processor_kwargs)")  # fmt: skip
     return SamplingParams(
-        n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+        n=req.n, temperature=pick["temperature"], top_p=pick["top_p"], top_k=pick["top_k"], min_p=req.min_p, seed=req.seed,
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        ignore_eos=req.ignore_eos, repetition_penalty=pick["repetition_penalty"], presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logprobs=logprobs, logit_bias=req.logit_bias,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
     )  # fmt: skip
