@@ -89,9 +89,9 @@ def load_weights(
         expected.pop(name, None)
     report = LoadReport()
     state: dict[str, torch.Tensor] = {}
-    skip = getattr(model, "skip_checkpoint_tensor", lambda name: False)
-    packed_slot = getattr(model, "packed_weight_slot", lambda name: None)
-    keep_fp32 = getattr(model, "float32_weight_names", set)()
+    skip = model.skip_checkpoint_tensor
+    packed_slot = model.packed_weight_slot
+    keep_fp32 = model.float32_weight_names()
     filled: dict[str, int] = {}  # stacked parameter -> elements written so far by its slices
     for file, names in _checkpoint_files(path).items():
         try:
@@ -192,7 +192,7 @@ def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtyp
 
     gen = torch.Generator().manual_seed(seed)
     hidden = config.hf_config.get_text_config().hidden_size
-    keep_fp32 = getattr(model, "float32_weight_names", set)()
+    keep_fp32 = model.float32_weight_names()
     state = {}
     for name, p in sorted(model.state_dict().items()):
         if name in _tied_names(model):

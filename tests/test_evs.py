@@ -77,15 +77,13 @@ def brute_positions(types: list[int], groups: list[dict], tps: float, m: int, ru
         t, h, w = group["grid"]
         hh, ww = h // m, w // m
         scale = np.float32(tps * group["spg"])
-
-        def place(r):
+        placed = []  # every token of the unpruned group, in raster order
+        for r in range(t * hh * ww):
             k, rest = divmod(r, hh * ww)
             y, x = divmod(rest, ww)
-            return (s + int(np.float32(k) * scale), s + y, s + x)
-
-        for r in group["kept"]:
-            pos.append(place(r))
-        full_max = max(max(place(r)) for r in range(t * hh * ww))
+            placed.append((s + int(np.float32(k) * scale), s + y, s + x))
+        pos.extend(placed[r] for r in group["kept"])
+        full_max = max(max(p) for p in placed)
         top = max(top, full_max)
         s = full_max + 1 if rule == "reference" else s + max(hh, ww)
         i += len(group["kept"])
@@ -112,9 +110,11 @@ def test_rate_outside_0_1_is_refused(bad):
 def test_tie_break_hand_worked():
     """One-hot tokens make every dissimilarity exactly 0 or 1; ties go to the earlier token."""
     e = torch.eye(4)
-    frames = [[e[0], e[1], e[2], e[3]],  # frame 0: kept whole
-              [e[0], e[2], e[2], e[3]],  # d = 0 1 0 0  (token 5 changed)
-              [e[1], e[2], e[0], e[3]]]  # d = 1 0 1 0  (tokens 8 and 10 changed)
+    frames = [
+        [e[0], e[1], e[2], e[3]],  # frame 0: kept whole
+        [e[0], e[2], e[2], e[3]],  # d = 0 1 0 0  (token 5 changed)
+        [e[1], e[2], e[0], e[3]],
+    ]  # d = 1 0 1 0  (tokens 8 and 10 changed)
     emb = torch.stack([v for f in frames for v in f])
     grid = (3, 4, 4)  # merge 2: 2x2 tokens per frame
     # rate 0.5 keeps 6: frame 0, then two of the three d=1 tokens (5, 8, 10) -> the earlier two
@@ -165,7 +165,10 @@ def test_pruned_positions_match_brute_force(rule):
     pieces = [[1, 2, 3], [vid_id] * len(kept[0]), [4, 5], [img_id] * 4, [6], [vid_id] * len(kept[1]), [7, 8]]
     ids = [x for p in pieces for x in p]
     starts = np.cumsum([0] + [len(p) for p in pieces])
-    videos = [PrunedVideoSlots(int(starts[1]), len(kept[0]), 24), PrunedVideoSlots(int(starts[5]), len(kept[1]), 18)]
+    videos = [
+        PrunedVideoSlots(int(starts[1]), len(kept[0]), 24),
+        PrunedVideoSlots(int(starts[5]), len(kept[1]), 18),
+    ]
     vgrid, igrid = torch.tensor([grid_a, grid_b]), torch.tensor([grid_i])
 
     def rule_fn(full_ids):
@@ -191,7 +194,9 @@ def test_unpruned_slots_reproduce_the_plain_rule_exactly():
     grid = torch.tensor([[4, 4, 6]])
 
     def rule_fn(full_ids):
-        return qwen_mrope_positions(qwen_mm_token_types(full_ids, 98, 99), None, grid, torch.tensor([1.0]), 2.0, 2)
+        return qwen_mrope_positions(
+            qwen_mm_token_types(full_ids, 98, 99), None, grid, torch.tensor([1.0]), 2.0, 2
+        )
 
     out = pruned_prompt_positions(ids, [PrunedVideoSlots(2, 24, 24)], 99, rule_fn)
     positions = out.positions.clone()
@@ -261,7 +266,10 @@ def test_engine_matches_brute_force_forward(evs_llm):
     prompt = evs_llm.processor(_video_conv(), **FPS)
     item = prompt.videos[0]
     assert item.grid_thw == (10, 8, 14) and item.unpruned_tokens == 280 and item.num_tokens == 140
-    assert len(prompt.input_ids) == len(evs_llm.processor(_video_conv(), **FPS, video_pruning_rate=0).input_ids) - 140
+    assert (
+        len(prompt.input_ids)
+        == len(evs_llm.processor(_video_conv(), **FPS, video_pruning_rate=0).input_ids) - 140
+    )
     ref_tokens, ref_lp, ref_kept, ref_pos, next_pos = _brute_force_run(model, prompt, 0.5, PARAMS.max_tokens)
 
     engine.add_request("evs", prompt, PARAMS)
@@ -291,7 +299,10 @@ def test_engine_matches_brute_force_forward(evs_llm):
 def test_batched_chunked_preempted_equal_alone(qwen, evs_llm):
     convs = [_video_conv(), _image_conv("What animal?"), _video_conv("Describe it.", VIDEOS / "coffee_15frames_10fps.webm"),
              [{"role": "user", "content": "Hello there, how are you?"}]]  # fmt: skip
-    alone = [evs_llm.chat(c, PARAMS, use_tqdm=False, mm_processor_kwargs=FPS)[0].outputs[0].token_ids for c in convs]
+    alone = [
+        evs_llm.chat(c, PARAMS, use_tqdm=False, mm_processor_kwargs=FPS)[0].outputs[0].token_ids
+        for c in convs
+    ]
     for kwargs in ({"max_num_batched_tokens": 37}, {"kv_cache_memory": 24 * 16 * 1024, "max_model_len": 384}):
         llm = LLM(qwen, dtype="float32", video_pruning_rate=0.5, **kwargs)
         outs = llm.chat(convs, PARAMS, use_tqdm=False, mm_processor_kwargs=FPS)
@@ -325,9 +336,13 @@ def test_caches_reuse_only_the_same_rate(evs_llm, qwen):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     other = evs_llm.processor(conv, **FPS, video_pruning_rate=0.25).videos[0]
     assert other.content_hash != video.content_hash and other.num_tokens == 210
-    out = evs_llm.chat(conv, PARAMS, use_tqdm=False, mm_processor_kwargs={**FPS, "video_pruning_rate": 0.25})[0]
+    out = evs_llm.chat(conv, PARAMS, use_tqdm=False, mm_processor_kwargs={**FPS, "video_pruning_rate": 0.25})[
+        0
+    ]
     assert out.num_cached_tokens <= video.start  # a different rate shares no KV past the video's start
-    fresh = LLM(qwen, dtype="float32", video_pruning_rate=0.25).chat(conv, PARAMS, use_tqdm=False, mm_processor_kwargs=FPS)[0]
+    fresh = LLM(qwen, dtype="float32", video_pruning_rate=0.25).chat(
+        conv, PARAMS, use_tqdm=False, mm_processor_kwargs=FPS
+    )[0]
     assert out.outputs[0].token_ids == fresh.outputs[0].token_ids
     # Encoder cache only (no prefix cache): the second request places its kept tokens from the cache.
     llm = LLM(qwen, dtype="float32", video_pruning_rate=0.5, enable_prefix_caching=False)

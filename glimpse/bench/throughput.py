@@ -27,6 +27,7 @@ from PIL import Image
 from glimpse.media.video import VideoMetadata, probe_video, read_frames
 
 MEDIA = Path(__file__).resolve().parents[2] / "examples" / "media"
+VIDEO_FPS = 2.0  # frames sampled per second of the video workload's clips
 WORDS = "please describe the picture in detail and tell me what stands out about its colours and shapes".split()
 
 
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="video: EVS pruning off vs --video-pruning-rate on video clips (Qwen2.5-VL)")  # fmt: skip
     p.add_argument("--num-videos", type=int, default=8, help="requests of the video workload")
     p.add_argument("--video-pruning-rate", type=float, default=0.5, help="EVS rate the video workload compares to 0")
+    p.add_argument("--video-repeats", type=int, default=2, help="timed passes per rate (best is reported)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--hf-batch-size", type=int, default=16)
@@ -201,7 +203,7 @@ def video_clips(n: int) -> list[tuple[tuple[np.ndarray, VideoMetadata], str]]:
     total, height, width = frames.shape[:3]
     clips = []
     for i in range(n):
-        length = 60 + (i * 23) % 90  # 2-5 s
+        length = 120 + (i * 23) % 150  # 4-9 s: 4 to 9 frames at VIDEO_FPS
         start = (i * 37) % (total - length)
         top, left = (i * 7) % (height // 5), (i * 11) % (width // 5)
         clip = np.ascontiguousarray(frames[start : start + length, top : height - (i * 5) % (height // 5),
@@ -216,15 +218,23 @@ def _video_messages(video: tuple[np.ndarray, VideoMetadata], prompt: str) -> lis
     return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": prompt}]}]
 
 
-def run_evs(path: Path, clips, output_len: int, dtype: str, rate: float) -> dict:
-    """All clips through one engine at pruning `rate`; preprocessing is done before the clock starts."""
+def evs_engine(path: Path, clips, dtype: str, rate: float):
+    """An LLM at pruning `rate` with both caches off (every pass does the full work), warmed up on a
+    clip outside the workload, and the workload's prompts preprocessed (outside the clock)."""
     from glimpse import LLM, SamplingParams
 
-    llm = LLM(path, dtype=dtype, max_num_seqs=len(clips), max_num_batched_tokens=4096, video_pruning_rate=rate)
-    (warm, warm_meta), _ = video_clips(1)[0]  # reversed frames: not in the workload, warms kernels only
+    llm = LLM(path, dtype=dtype, max_num_seqs=len(clips), max_num_batched_tokens=4096, video_pruning_rate=rate,
+              enable_prefix_caching=False, enable_encoder_cache=False)  # fmt: skip
+    (warm, warm_meta), _ = video_clips(1)[0]  # reversed frames: not in the workload
     llm.chat(_video_messages((np.ascontiguousarray(warm[::-1]), warm_meta), "warm up"),
-             SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # fmt: skip
-    prompts = [llm.processor(_video_messages(v, p)) for v, p in clips]
+             SamplingParams(temperature=0, max_tokens=4), use_tqdm=False, mm_processor_kwargs={"fps": VIDEO_FPS})  # fmt: skip
+    return llm, [llm.processor(_video_messages(v, p), fps=VIDEO_FPS) for v, p in clips]
+
+
+def timed_pass(llm, prompts, output_len: int) -> tuple[float, int]:
+    """(seconds, output tokens) of one pass over all prompts, from queueing to the last token."""
+    from glimpse import SamplingParams
+
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     engine = llm.engine
     t0 = time.perf_counter()
@@ -233,13 +243,7 @@ def run_evs(path: Path, clips, output_len: int, dtype: str, rate: float) -> dict
     outs = []
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    videos = [m for p in prompts for m in p.videos]
-    return {"system": f"glimpse, video_pruning_rate {rate}", "rate": rate, "seconds": seconds, "output_tokens": tokens,
-            "tokens_per_s": tokens / seconds, "prompt_tokens": sum(len(p.input_ids) for p in prompts),
-            "video_tokens": sum(m.num_tokens for m in videos),
-            "video_tokens_unpruned": sum(m.num_encoded_tokens for m in videos)}  # fmt: skip
+    return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 def run_video(args: argparse.Namespace) -> int:
@@ -253,12 +257,25 @@ def run_video(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="glimpse-bench-"))
     path = make_checkpoint(family, "small", workdir / f"{family}-small", seed=0, dtype=args.dtype)
     clips = video_clips(args.num_videos)
-    rows = [run_evs(path, clips, args.output_len, args.dtype, 0.0), run_evs(path, clips, args.output_len, args.dtype, rate)]
+    engines = [evs_engine(path, clips, args.dtype, r) for r in (0.0, rate)]
+    best, out_tokens = [float("inf"), float("inf")], [0, 0]
+    for _ in range(args.video_repeats):  # alternate the two so that load from other processes hits both
+        for j, (llm, prompts) in enumerate(engines):
+            seconds, tokens = timed_pass(llm, prompts, args.output_len)
+            best[j], out_tokens[j] = min(best[j], seconds), tokens
+    rows = []
+    for (_, prompts), r, seconds, tokens in zip(engines, (0.0, rate), best, out_tokens, strict=True):
+        videos = [m for p in prompts for m in p.videos]
+        rows.append({"system": f"glimpse, video_pruning_rate {r}", "rate": r, "seconds": seconds, "output_tokens": tokens,
+                     "tokens_per_s": tokens / seconds, "prompt_tokens": sum(len(p.input_ids) for p in prompts),
+                     "video_tokens": sum(m.num_tokens for m in videos),
+                     "video_tokens_unpruned": sum(m.num_encoded_tokens for m in videos)})  # fmt: skip
     off, on = rows
     saved = off["prompt_tokens"] - on["prompt_tokens"]
     result = {"workload": "video", "family": family, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "num_requests": len(clips), "output_len": args.output_len, "rows": rows, "tokens_saved": saved,
-              "tokens_saved_fraction": saved / off["prompt_tokens"], "speedup": off["seconds"] / on["seconds"]}  # fmt: skip
+              "num_requests": len(clips), "output_len": args.output_len, "repeats": args.video_repeats, "rows": rows,
+              "tokens_saved": saved, "tokens_saved_fraction": saved / off["prompt_tokens"],
+              "speedup": off["seconds"] / on["seconds"]}  # fmt: skip
     if not args.json:
         print(f"{'system':34s} {'prompt tok':>10s} {'video tok':>9s} {'seconds':>8s} {'out tok/s':>9s}")
         for r in rows:
@@ -266,7 +283,8 @@ def run_video(args: argparse.Namespace) -> int:
                   f"{r['tokens_per_s']:9.1f}")  # fmt: skip
         print(f"EVS at {rate}: {saved} of {off['prompt_tokens']} prompt tokens saved "
               f"({100 * result['tokens_saved_fraction']:.1f}%; video {off['video_tokens']} -> {on['video_tokens']}); "
-              f"speed-up {result['speedup']:.2f}x (same {len(clips)} requests, {args.output_len} output tokens each)")  # fmt: skip
+              f"speed-up {result['speedup']:.2f}x ({len(clips)} requests, {args.output_len} output tokens each, "
+              f"best of {args.video_repeats}; the vision encoder's work is the same in both)")  # fmt: skip
     print(json.dumps(result))
     return 0
 

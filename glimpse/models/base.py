@@ -77,6 +77,19 @@ class VisionLanguageModel(nn.Module):
         """Parameters that share another's tensor (absent from checkpoints): name -> source name."""
         return {"lm_head.weight": "model.language_model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
+    # ---- loading hooks (defaults: every tensor loads whole, in the model dtype) ----
+    def skip_checkpoint_tensor(self, name: str) -> bool:
+        """True for checkpoint tensors glimpse deliberately does not run (e.g. declared MTP draft layers)."""
+        return False
+
+    def packed_weight_slot(self, name: str) -> tuple[str, tuple] | None:
+        """(parameter, index) for a checkpoint tensor that is one slice of a stacked parameter; None if whole."""
+        return None
+
+    def float32_weight_names(self) -> set[str]:
+        """State-dict names kept in float32 whatever the model dtype."""
+        return set()
+
     def tie_weights(self) -> None:
         """Share `lm_head.weight` with the input embeddings when the config ties them.
 

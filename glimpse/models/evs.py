@@ -25,7 +25,11 @@ _NORM_EPS = 1e-8
 
 def check_pruning_rate(rate: float, knob: str = "video_pruning_rate") -> float:
     """A pruning rate as a float in [0, 1); anything else is refused naming `knob`."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and 0 <= rate < 1):
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not (math.isfinite(rate) and 0 <= rate < 1)
+    ):
         raise InvalidInputError(
             f"{knob}={rate!r} must be a number in [0, 1): the fraction of video tokens EVS drops "
             "(0 turns pruning off; 1 would drop every frame but the first)"
@@ -63,7 +67,9 @@ def frame_dissimilarity(embeddings: Tensor, grid_thw: Sequence[int], spatial_mer
     return torch.cat([change.new_full((1, per_frame), _FIRST_FRAME), change])
 
 
-def retention_mask(embeddings: Tensor, grid_thw: Sequence[int], spatial_merge_size: int, rate: float) -> Tensor:
+def retention_mask(
+    embeddings: Tensor, grid_thw: Sequence[int], spatial_merge_size: int, rate: float
+) -> Tensor:
     """[t*h*w/m², hidden] -> [t*h*w/m²] bool: the `retained_tokens` most dissimilar tokens.
 
     Ties break towards the earlier token in raster (t, y, x) order (a stable descending sort).
@@ -88,7 +94,9 @@ class PrunedVideo:
         return self.embeddings.nbytes + self.kept.nbytes
 
 
-def prune_video(embeddings: Tensor, grid_thw: Sequence[int], spatial_merge_size: int, rate: float) -> PrunedVideo:
+def prune_video(
+    embeddings: Tensor, grid_thw: Sequence[int], spatial_merge_size: int, rate: float
+) -> PrunedVideo:
     """[t*h*w/m², hidden] -> the kept rows and their raster indices."""
     mask = retention_mask(embeddings, grid_thw, spatial_merge_size, rate)
     kept = mask.nonzero().flatten()

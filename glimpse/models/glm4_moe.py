@@ -1,11 +1,9 @@
-"""Step 8 for the GLM-4.5V / GLM-4.6V text tower (glm4v_moe_text): the routed-expert MLP layers.
+"""Step 8 for the GLM-4.5V / GLM-4.6V text tower (glm4v_moe_text): the routed-expert MLP layers, [T, H] -> [T, H].
 
-Hidden [T, H] -> [T, H]. Layers below `first_k_dense_replace` use a plain SwiGLU; the others
-route every token to `num_experts_per_tok` of `n_routed_experts` experts chosen by sigmoid scores
-(group-limited, steered by `e_score_correction_bias`), sum the experts' SwiGLU outputs with the
-un-biased scores, and add the shared experts. Expert weights are stacked as HF holds them in
-memory (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]); `expert_weight_slot`
-places the per-expert tensors real checkpoints ship (`experts.E.{gate,up,down}_proj.weight`).
+The first `first_k_dense_replace` layers are a plain SwiGLU; the rest route each token to `num_experts_per_tok`
+experts (sigmoid scores, group-limited, steered by `e_score_correction_bias`) plus the shared experts. Experts
+are stacked as HF holds them (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]);
+`expert_weight_slot` places the per-expert tensors real checkpoints ship (`experts.E.{gate,up,down}_proj.weight`).
 """
 
 from __future__ import annotations

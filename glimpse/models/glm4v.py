@@ -90,6 +90,11 @@ def check_config(config) -> None:
     if rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"{model_type}: text rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
     variant = text_variant(tc)
+    if text_type == "glm4v_text" and getattr(tc, "head_dim", None) not in (None, variant.head_dim):
+        raise CheckpointError(
+            f"{model_type}: text_config.head_dim {tc.head_dim} != hidden_size/num_attention_heads {variant.head_dim}; "
+            "HF's glm4v attention ignores head_dim, so such a checkpoint has no defined behaviour"
+        )
     rd = text_rotary_dim(tc)
     section = list(rope.get("mrope_section", [8, 12, 12]))
     if sum(section) * 2 != rd:
@@ -97,11 +102,6 @@ def check_config(config) -> None:
             f"{model_type}: text_config.rope_parameters.mrope_section {section} sums to {sum(section)} but the "
             f"rotary dim is {rd} (head_dim {variant.head_dim} x partial_rotary_factor "
             f"{rope.get('partial_rotary_factor', 1.0)}); GLM-4.1V checkpoints set partial_rotary_factor 0.5"
-        )
-    if text_type == "glm4v_text" and getattr(tc, "head_dim", None) not in (None, variant.head_dim):
-        raise CheckpointError(
-            f"{model_type}: text_config.head_dim {tc.head_dim} != hidden_size/num_attention_heads {variant.head_dim}; "
-            "HF's glm4v attention ignores head_dim, so such a checkpoint has no defined behaviour"
         )
     if variant.moe:
         if getattr(tc, "use_qk_norm", False):

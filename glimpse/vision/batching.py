@@ -143,8 +143,8 @@ def plan_batches(
     2. The rest go first-fit, largest frames first, into bins of the largest budget, at most
        `max_items_per_batch` pieces and `max_frames_per_batch` frames each; a video that does
        not fit whole continues in the next bin (split at a frame boundary).
-    3. A bin that would be padded is split again when two smaller budgets cost fewer rows
-       than the padded one (e.g. 192 tokens run as 128 + 64, not padded to 256).
+    3. A bin that would be padded is split again when smaller budgets cost fewer rows than
+       the padded one (e.g. 448 tokens run as 256 + 128 + 64, not padded to 512).
     """
     top = budgets[-1]
     eager, pending = [], []
@@ -205,7 +205,8 @@ def _fit_ladder(pieces: list[Piece], budgets: Sequence[int]) -> list[Batch]:
         room -= taken.tokens
         if left is not None:
             rest.append(left)
-    head_tokens = sum(p.tokens for p in head)
-    if not head or smallest_budget(head_tokens, budgets) + smallest_budget(tokens - head_tokens, budgets) >= budget:
+    if not head:
         return [Batch(tuple(pieces), budget)]
-    return [Batch(tuple(head), smallest_budget(head_tokens, budgets)), *_fit_ladder(rest, budgets)]
+    split = [Batch(tuple(head), smallest_budget(sum(p.tokens for p in head), budgets)), *_fit_ladder(rest, budgets)]
+    # padded rows are compute; an extra call is cheap next to them (CPU), so split when it saves rows
+    return split if sum(b.budget for b in split) < budget else [Batch(tuple(pieces), budget)]
