@@ -67,6 +67,9 @@ def test_hand_worked_plans():
     # 3 images = 192 tokens: run as 128 + 64 rather than padded to 256
     plan = plan_batches([img] * 3, (64, 128, 256), 2)
     assert [(b.budget, b.tokens) for b in plan] == [(128, 128), (64, 64)]
+    # 7 images = 448 tokens: 256 + 128 + 64 rows, not 512 (nor 256 + 256)
+    plan = plan_batches([img] * 7, (64, 128, 256, 512), 2)
+    assert [(b.budget, b.tokens) for b in plan] == [(256, 256), (128, 128), (64, 64)]
     # exactly fills a budget: one batch, no padding
     plan = plan_batches([img, img], (64, 128), 2)
     assert [(b.budget, b.tokens, len(b.pieces)) for b in plan] == [(128, 128, 2)]
@@ -306,6 +309,17 @@ def test_bfloat16_graph_is_as_close_to_float32_as_eager(tiny_checkpoint, family)
         err_graph, err_eager = float((g.float() - t).abs().max()), float((e.float() - t).abs().max())
         assert err_graph <= 1.5 * err_eager + 0.01 * scale, f"item {i}: {err_graph} vs eager {err_eager}"
         assert float((g.float() - e.float()).abs().max()) <= 0.05 * scale, f"item {i}"
+
+
+def test_frame_tables_are_computed_once_per_frame_size(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint("qwen2_5_vl"))
+    runner = EncoderRunner(model, BUDGETS, 96, graph=False)
+    calls = []
+    original = model.model.visual.frame_tables
+    monkeypatch.setattr(model.model.visual, "frame_tables", lambda h, w: calls.append((h, w)) or original(h, w))
+    for seed in range(3):
+        runner.encode(_items(CASES["mixed"], seed=seed))
+    assert sorted(calls) == sorted({g[1:] for g in CASES["mixed"]})
 
 
 # ---- bad input ------------------------------------------------------------------------------

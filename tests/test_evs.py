@@ -380,3 +380,34 @@ def test_serve_flag(qwen, tiny_checkpoint):
     finally:
         state.engine.shutdown()
         state.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_serve_http_uses_the_rate_and_per_request_override(qwen):
+    """`glimpse serve --video-pruning-rate 0.5`: usage counts the kept video tokens; a request may set its own rate."""
+    import base64
+
+    from test_server import MODEL, ServerProcess
+
+    url = "data:video/mp4;base64," + base64.b64encode(VIDEO.read_bytes()).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Hi"}],
+        }
+    ]
+    srv = ServerProcess(qwen, "--video-pruning-rate", "0.5")
+    try:
+        for mm, video_tokens in (
+            ({}, 140),
+            ({"video_pruning_rate": 0}, 280),
+            ({"video_pruning_rate": 0.75}, 70),
+        ):
+            body = {"model": MODEL, "max_tokens": 2, "temperature": 0, "messages": messages,
+                    "mm_processor_kwargs": {**FPS, **mm}}  # fmt: skip
+            r = srv.post("/v1/chat/completions", body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens_details"]["video_tokens"] == video_tokens
+        r = srv.post("/v1/chat/completions", {**body, "mm_processor_kwargs": {"video_pruning_rate": 1.5}})
+        assert r.status_code == 400 and "video_pruning_rate=1.5" in r.json()["error"]["message"]
+    finally:
+        srv.stop()

@@ -295,7 +295,7 @@ class LLMEngine:
         return out.positions, out.mrope_delta, out.video_positions
 
     def _check_pruning_support(self, rate: float, knob: str) -> None:
-        if rate and not getattr(self.model, "supports_video_pruning", False):
+        if rate and not self.model.supports_video_pruning:
             raise InvalidInputError(f"{knob}={rate}: video token pruning (EVS) is supported for Qwen2.5-VL only, not "
                                     f"{self.model.family} checkpoints; leave it at 0")  # fmt: skip
 

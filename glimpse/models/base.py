@@ -38,6 +38,8 @@ class VisionLanguageModel(nn.Module):
     """
 
     family: str = ""
+    supports_video_pruning: bool = False  # EVS (`video_pruning_rate`); Qwen2.5-VL sets it
+    spatial_merge_size: int = 2  # families set it from vision_config
 
     # ---- hooks a family implements -------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
