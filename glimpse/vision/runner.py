@@ -113,6 +113,15 @@ class EncoderRunner:
         self.compiled_graphs = counters["stats"]["unique_graphs"] - before
         self.capture_seconds = time.perf_counter() - start
 
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Run every budget's shape once eagerly (library kernels pick and JIT their code per shape,
+        which a capture does as a side effect); returns the seconds taken. For fair comparisons."""
+        start = time.perf_counter()
+        for budget in self.budgets:
+            self.tower.forward_static(**self._dummy_inputs(self._capacity(budget)))
+        return time.perf_counter() - start
+
     def _dummy_inputs(self, cap: Capacity) -> dict[str, torch.Tensor]:
         """A typical layout for the budget: frames of (1, m, m * 64) (fewer if the budget is small), zero pixels.
 
