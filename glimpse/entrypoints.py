@@ -21,6 +21,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
+    p.add_argument("--encoder-graph", choices=("on", "off"), default="off",
+                   help="vision encoder in token budgets with one compiled graph each (faster encoder, ~1 min "
+                        "of compilation at start with a cold inductor cache)")  # fmt: skip
+    p.add_argument("--encoder-budgets", default=None, help="comma-separated merged-token budgets (default: powers "
+                   "of two from 64 up to --max-num-batched-tokens)")  # fmt: skip
+
+
+def parse_budgets(text: str | None) -> tuple[int, ...] | None:
+    """--encoder-budgets "64,256,1024" -> (64, 256, 1024); None keeps the defaults."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--encoder-budgets must be comma-separated integers, got {text!r}") from None
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +55,8 @@ def make_llm(model: str | None, args: argparse.Namespace):
     return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                encoder_cache_memory=args.encoder_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-               seed=args.seed, load_format=args.load_format)  # fmt: skip
+               seed=args.seed, load_format=args.load_format, encoder_graph=args.encoder_graph,
+               encoder_budgets=parse_budgets(args.encoder_budgets))  # fmt: skip
 
 
 def _params(args: argparse.Namespace):

@@ -38,6 +38,7 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, kv_cache_memory: int | str = "1GiB",
                  encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
                  enable_prefix_caching: bool = True, enable_encoder_cache: bool = True, block_size: int = 16,
+                 encoder_graph: str = "off", encoder_budgets: tuple[int, ...] | None = None,
                  video_pruning_rate: float = 0.0, **model_kwargs: Any) -> None:  # fmt: skip
         self.is_demo = model is None
         if model is None:
@@ -46,6 +47,7 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                               encoder_cache_memory=encoder_cache_memory, block_size=block_size,
                               enable_prefix_caching=enable_prefix_caching, enable_encoder_cache=enable_encoder_cache,
+                              encoder_graph=encoder_graph, encoder_budgets=encoder_budgets,
                               seed=seed, load_format=load_format, video_pruning_rate=video_pruning_rate,
                               model_kwargs=model_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)

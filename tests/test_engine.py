@@ -201,3 +201,16 @@ def test_caches_stay_within_budgets(tiny_checkpoint):
         assert engine.encoder_cache.used_bytes <= enc_budget
         assert engine.blocks.num_used_blocks <= engine.blocks.num_blocks
     assert engine.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("family", ["glm46v", "qwen2_5_vl"])
+def test_encoder_graph_engine_equals_eager(family, tiny_checkpoint):
+    """The engine with the compiled, budget-batched encoder gives the eager engine's greedy tokens."""
+    convs = [c for i, c in enumerate(_conversations(n_text=1)) if i in (0, 3, 5, 10)]
+    kwargs = {"fps": 2} if family == "qwen2_5_vl" else {}
+    eager = LLM(tiny_checkpoint(family), dtype="float32").chat(convs, GREEDY, use_tqdm=False, mm_processor_kwargs=kwargs)
+    graph_llm = LLM(tiny_checkpoint(family), dtype="float32", encoder_graph="on", encoder_budgets=(64, 256),
+                    max_num_batched_tokens=256)  # fmt: skip
+    assert graph_llm.engine.runner.encoder_runner.compiled_graphs >= 1
+    graph = graph_llm.chat(convs, GREEDY, use_tqdm=False, mm_processor_kwargs=kwargs)
+    assert _tokens(graph) == _tokens(eager)

@@ -44,6 +44,11 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_encoder_cache: bool = True  # False: embeddings are not kept for reuse by later requests
+    # Vision encoder: "on" packs media into token budgets and replays one compiled graph per budget
+    # (1.1-1.4x faster encoder on CPU, measured, but ~1 min of compilation at start when the inductor
+    # cache is cold); "off" calls the tower eagerly per kind.
+    encoder_graph: str = "off"
+    encoder_budgets: tuple[int, ...] | None = None
     seed: int = 0
     load_format: str = "auto"
     device: str = "cpu"
@@ -134,7 +139,15 @@ class LLMEngine:
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                 encoder_budget=max(config.max_num_batched_tokens, 4096))  # fmt: skip
         self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.encoder_cache)
+        if config.encoder_graph not in ("on", "off"):
+            raise InvalidInputError(f"encoder_graph={config.encoder_graph!r}; use 'on' or 'off'")
+        encoder_runner = None
+        if config.encoder_graph == "on":
+            from glimpse.vision.runner import EncoderRunner
+
+            encoder_runner = EncoderRunner(self.model, config.encoder_budgets, config.max_num_batched_tokens,
+                                           graph=self.model.device.type == "cpu")  # fmt: skip
+        self.runner = ModelRunner(self.model, self.kv_cache, self.encoder_cache, encoder_runner)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.groups: dict[str, _Group] = {}

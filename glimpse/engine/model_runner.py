@@ -31,8 +31,10 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache) -> None:
+    def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache,
+                 encoder_runner=None) -> None:  # fmt: skip
         self.model = model
+        self.encoder_runner = encoder_runner  # glimpse.vision.runner.EncoderRunner, or None: eager tower calls
         self.kv_cache = kv_cache
         self.encoder_cache = encoder_cache
         self.device = model.device
@@ -75,19 +77,29 @@ class ModelRunner:
 
     def _encode(self, items: list[MediaItem]) -> None:
         """Encode media not yet cached, in batches per kind, and store their embeddings (EVS videos pruned)."""
-        for kind, encode in (("image", self.model.encode_images), ("video", self.model.encode_videos)):
-            todo = [m for m in items if m.kind == kind and m.content_hash not in self.encoder_cache]
-            if not todo:
-                continue
-            pixels = torch.cat([m.pixel_values for m in todo]).to(self.device, self.model.dtype)
-            grids = torch.tensor([m.grid_thw for m in todo], dtype=torch.long, device=self.device)
-            feats = encode(pixels, grids)
-            for item, emb in zip(todo, feats.split([m.num_encoded_tokens for m in todo]), strict=True):
-                if item.pruning_rate:
-                    entry = prune_video(emb, item.grid_thw, self.model.spatial_merge_size, item.pruning_rate)
-                    self.encoder_cache.put(item.content_hash, entry)
-                else:
-                    self.encoder_cache.put(item.content_hash, emb.clone())
+        todo = list({m.content_hash: m for m in items if m.content_hash not in self.encoder_cache}.values())
+        if not todo:
+            return
+        if self.encoder_runner is not None:  # token-budget batches through the captured graphs
+            from glimpse.vision.batching import VisionItem
+
+            feats = self.encoder_runner.encode([VisionItem(m.kind, m.pixel_values, m.grid_thw) for m in todo])
+            done = list(zip(todo, feats, strict=True))
+        else:
+            done = []
+            for kind, encode in (("image", self.model.encode_images), ("video", self.model.encode_videos)):
+                group = [m for m in todo if m.kind == kind]
+                if not group:
+                    continue
+                pixels = torch.cat([m.pixel_values for m in group]).to(self.device, self.model.dtype)
+                grids = torch.tensor([m.grid_thw for m in group], dtype=torch.long, device=self.device)
+                done += zip(group, encode(pixels, grids).split([m.num_encoded_tokens for m in group]), strict=True)
+        for item, emb in done:
+            if item.pruning_rate:
+                entry = prune_video(emb, item.grid_thw, self.model.spatial_merge_size, item.pruning_rate)
+                self.encoder_cache.put(item.content_hash, entry)
+            else:
+                self.encoder_cache.put(item.content_hash, emb.clone())
 
     def _merge_media(self, batch: ScheduledBatch, embeds: torch.Tensor) -> None:
         """Write each media item's embedding rows into the slots of this step's tokens."""

@@ -42,28 +42,6 @@ def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention that never crosses the segments given by `cu_seqlens`.
-
-    q, k, v: [N, heads, D]; cu_seqlens: int [S+1] offsets (non-decreasing; empty segments allowed).
-    Returns [N, heads, D]. Segments of equal length run as one batched SDPA call, so the
-    frames of a video (which share a size) cost one call instead of a Python loop each.
-    """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    starts = cu_seqlens[:-1].tolist()
-    out = torch.empty_like(q)
-    by_len: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths, strict=True):
-        if length > 0:
-            by_len.setdefault(length, []).append(start)
-    for length, seg_starts in by_len.items():
-        idx = (torch.tensor(seg_starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
-        qs, ks, vs = (t.index_select(0, idx).view(len(seg_starts), length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs)  # [S, heads, L, D]
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, *q.shape[1:]))
-    return out
-
-
 class KVCache(Protocol):
     """Where a decoder layer's attention gets its keys and values.
 

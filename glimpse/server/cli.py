@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="split <think> reasoning and box markers from content (auto: on for GLM checkpoints)")  # fmt: skip
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    eng.add_argument("--encoder-graph", choices=("on", "off"), default="off",
+                     help="vision encoder in token budgets with one compiled graph each (see docs/benchmarks.md)")
+    eng.add_argument("--encoder-budgets", default=None, help="comma-separated merged-token budgets")
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=32)
     eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -114,6 +117,7 @@ def template_variables(template: str | None) -> frozenset[str]:
 def build_state(args: argparse.Namespace):
     """Load everything `glimpse serve` needs; returns the ServerState (engine thread started)."""
     from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+    from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
     from glimpse.models.evs import check_pruning_rate
     from glimpse.processing.processor import MediaLimits, load_processor
@@ -144,7 +148,8 @@ def build_state(args: argparse.Namespace):
                           max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                           encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
                           enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                          video_pruning_rate=args.video_pruning_rate)  # fmt: skip
+                          video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
+                          encoder_budgets=parse_budgets(args.encoder_budgets))  # fmt: skip
     engine = LLMEngine(config)
     processor = load_processor(model, ceilings, limits, args.video_pruning_rate)
     if args.reasoning_parser == "auto":
