@@ -30,3 +30,24 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor stored in a checkpoint folder's safetensors files, by checkpoint name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def meta_model(path: Path):
+    """The folder's glimpse model built on the meta device (no weights), as the loader builds it."""
+    from glimpse.config import load_config
+    from glimpse.loader import model_class
+
+    cfg = load_config(path)
+    with torch.device("meta"):
+        return model_class(cfg)(cfg.hf_config)

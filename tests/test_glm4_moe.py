@@ -14,20 +14,18 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import IMAGES
+from conftest import IMAGES, checkpoint_tensors, meta_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.models.glm4v_moe import modeling_glm4v_moe as hf_moe
 
 from glimpse import load_model
-from glimpse.config import load_config
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.errors import CheckpointError
 from glimpse.llm import LLM
-from glimpse.loader import load_weights, model_class
+from glimpse.loader import load_weights
 from glimpse.models.glm4_moe import Glm4MoeRouter, Glm4MoeSparseBlock, expert_weight_slot, route_tokens
 from glimpse.testing import make_checkpoint
 
@@ -169,23 +167,12 @@ def test_expert_weight_slot():
 # ---- checkpoints: layouts, float32 bias, gaps, MTP layers -------------------------------------------
 
 
-def _on_disk(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
-
-def _meta_model(path):
-    cfg = load_config(path)
-    with torch.device("meta"):
-        return model_class(cfg)(cfg.hf_config)
 
 
 def test_factory_writes_real_glm45v_names(tmp_path):
     path = make_checkpoint("glm4v_moe", "tiny", tmp_path, seed=2, dtype="bfloat16")
-    names = _on_disk(path)
+    names = checkpoint_tensors(path)
     tc = json.loads((path / "config.json").read_text())["text_config"]
     e, layers = tc["n_routed_experts"], tc["num_hidden_layers"]
     lm = "model.language_model.layers"
@@ -206,13 +193,13 @@ def test_factory_writes_real_glm45v_names(tmp_path):
 )  # fmt: skip
 def test_every_expert_tensor_lands_once(family, layout, tmp_path):
     path = make_checkpoint(family, "tiny", tmp_path, seed=1, **layout)
-    on_disk = _on_disk(path)
-    model = _meta_model(path)
+    on_disk = checkpoint_tensors(path)
+    model = meta_model(path)
     report = load_weights(model, path, torch.float32)
     assert sorted(report.source) == sorted(on_disk) and not report.skipped
     state = model.state_dict()
     stacked = make_checkpoint(family, "tiny", tmp_path / "stacked", seed=1, expert_layout="stacked")
-    ref = _on_disk(stacked)  # the same seeded weights in HF's in-memory names
+    ref = checkpoint_tensors(stacked)  # the same seeded weights in HF's in-memory names
     assert state.keys() == ref.keys()
     for name, tensor in ref.items():
         torch.testing.assert_close(state[name], tensor.float(), rtol=0, atol=0)
@@ -220,7 +207,7 @@ def test_every_expert_tensor_lands_once(family, layout, tmp_path):
 
 def test_router_bias_stays_float32_in_bfloat16(tmp_path):
     path = make_checkpoint("glm4v_moe", "tiny", tmp_path, seed=0, dtype="bfloat16")
-    disk = _on_disk(path)
+    disk = checkpoint_tensors(path)
     model = load_model(path, dtype="bfloat16")
     buffers = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
     assert buffers
@@ -234,7 +221,7 @@ def test_router_bias_stays_float32_in_bfloat16(tmp_path):
 
 def test_missing_expert_is_named(tmp_path):
     path = make_checkpoint("glm4v_moe", "tiny", tmp_path, seed=0)
-    tensors = _on_disk(path)
+    tensors = checkpoint_tensors(path)
     del tensors["model.language_model.layers.1.mlp.experts.3.up_proj.weight"]
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.experts\.gate_up_proj .*missing"):
@@ -243,8 +230,8 @@ def test_missing_expert_is_named(tmp_path):
 
 def test_whole_and_sliced_expert_tensor_refused(tmp_path):
     path = make_checkpoint("glm4v_moe", "tiny", tmp_path, seed=0)
-    tensors = _on_disk(path)
-    stacked = _on_disk(make_checkpoint("glm4v_moe", "tiny", tmp_path / "s", seed=0, expert_layout="stacked"))
+    tensors = checkpoint_tensors(path)
+    stacked = checkpoint_tensors(make_checkpoint("glm4v_moe", "tiny", tmp_path / "s", seed=0, expert_layout="stacked"))
     name = "model.language_model.layers.1.mlp.experts.down_proj"
     tensors[name] = stacked[name]
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -254,7 +241,7 @@ def test_whole_and_sliced_expert_tensor_refused(tmp_path):
 
 def _add_mtp_layer(path, declare: bool) -> list[str]:
     """Append a GLM-style MTP layer after the decoder (as GLM-OCR and GLM-4.5 ship one)."""
-    tensors = _on_disk(path)
+    tensors = checkpoint_tensors(path)
     cfg = json.loads((path / "config.json").read_text())
     n = cfg["text_config"]["num_hidden_layers"]
     h = cfg["text_config"]["hidden_size"]
@@ -276,7 +263,7 @@ def test_mtp_layer_skipped_only_when_declared(family, tmp_path):
     ids = torch.tensor([5, 17, 33, 100, 7])
     before = load_model(path).compute_logits(ids)
     extra = _add_mtp_layer(path, declare=True)
-    model = _meta_model(path)
+    model = meta_model(path)
     assert sorted(load_weights(model, path, torch.float32).skipped) == extra
     torch.testing.assert_close(load_model(path).compute_logits(ids), before, rtol=0, atol=0)
     _add_mtp_layer(path, declare=False)

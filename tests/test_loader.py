@@ -7,36 +7,21 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors, meta_model
 from safetensors.torch import save_file
 
 from glimpse import load_model
-from glimpse.config import load_config
 from glimpse.errors import CheckpointError
-from glimpse.loader import load_weights, model_class
+from glimpse.loader import load_weights
 from glimpse.testing import make_checkpoint
-
-
-def _tensors(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
-def _meta_model(path):
-    cfg = load_config(path)
-    with torch.device("meta"):
-        return model_class(cfg)(cfg.hf_config)
 
 
 @pytest.mark.parametrize("family", ["glm4v", "glmga", "qwen2_5_vl"])
 @pytest.mark.parametrize("layout", [{}, {"shards": 3, "legacy_names": True}, {"dtype": "bfloat16", "shards": 2}])
 def test_every_tensor_consumed_once(family, layout, tmp_path):
     path = make_checkpoint(family, "tiny", tmp_path, seed=1, **layout)
-    on_disk = _tensors(path)
-    model = _meta_model(path)
+    on_disk = checkpoint_tensors(path)
+    model = meta_model(path)
     report = load_weights(model, path, torch.float32)
     # Each tensor on disk was read exactly once (the report is keyed by checkpoint name) ...
     assert sorted(report.source) == sorted(on_disk)
@@ -60,7 +45,7 @@ def test_dtypes_and_float16_on_disk(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     path = make_checkpoint("glm4v", "tiny", tmp_path)
-    tensors = _tensors(path)
+    tensors = checkpoint_tensors(path)
     tensors.pop("model.language_model.layers.1.mlp.down_proj.weight")
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensors: model\.language_model\.layers\.1\.mlp\.down_proj\.weight"):
@@ -69,7 +54,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_unexpected_tensor_is_named(tmp_path):
     path = make_checkpoint("qwen2_5_vl", "tiny", tmp_path)
-    tensors = _tensors(path)
+    tensors = checkpoint_tensors(path)
     tensors["model.language_model.layers.0.mlp.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.language_model\.layers\.0\.mlp\.extra\.weight"):
@@ -78,7 +63,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_wrong_shape_is_named(tmp_path):
     path = make_checkpoint("glm4v", "tiny", tmp_path)
-    tensors = _tensors(path)
+    tensors = checkpoint_tensors(path)
     tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lm_head\.weight has shape"):
