@@ -369,10 +369,10 @@ def test_serve_flag(qwen, tiny_checkpoint):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with pytest.raises(InvalidInputError, match=r"--video-pruning-rate=1.0 must be a number in \[0, 1\)"):
-        build_state(parser.parse_args([str(qwen), "--video-pruning-rate", "1"]))
+        build_state(parser.parse_args([str(qwen), "--video-pruning-rate", "1", "--encoder-graph", "off"]))
     with pytest.raises(InvalidInputError, match="Qwen2.5-VL only"):
-        build_state(parser.parse_args([str(tiny_checkpoint("glm4v")), "--video-pruning-rate", "0.5"]))
-    state = build_state(parser.parse_args([str(qwen), "--video-pruning-rate", "0.5"]))
+        build_state(parser.parse_args([str(tiny_checkpoint("glm4v")), "--video-pruning-rate", "0.5", "--encoder-graph", "off"]))
+    state = build_state(parser.parse_args([str(qwen), "--video-pruning-rate", "0.5", "--encoder-graph", "off"]))
     try:
         assert state.engine.engine.config.video_pruning_rate == 0.5
         assert state.processor.video_pruning_rate == 0.5
