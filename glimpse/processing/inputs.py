@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -82,7 +83,9 @@ class ProcessedPrompt(Mapping):
         """Per-item token cost, for `usage` reporting."""
         return [{"type": m.kind, "tokens": m.num_tokens, "grid_thw": list(m.grid_thw)} for m in self.media]
 
+    @cached_property
     def _hf(self) -> dict[str, torch.Tensor]:
+        """HF's keys, built once (concatenating every item's pixels is not free)."""
         out = {"input_ids": torch.tensor([self.input_ids], dtype=torch.long)}
         for kind, pv_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                        ("video", "pixel_values_videos", "video_grid_thw")):  # fmt: skip
@@ -96,14 +99,14 @@ class ProcessedPrompt(Mapping):
         return out
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._hf()[key]
+        return self._hf[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._hf())
+        return iter(self._hf)
 
     def __len__(self) -> int:
-        return len(self._hf())
+        return len(self._hf)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The media keys for `model.compute_logits` / `model.greedy` (input_ids excluded)."""
-        return {k: v for k, v in self._hf().items() if k != "input_ids"}
+        return {k: v for k, v in self._hf.items() if k != "input_ids"}

@@ -9,7 +9,6 @@ and content hash).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +176,6 @@ class Processor:
         return out
 
     def _video(self, src: Any, spec: VideoSpec, name: str, pruning_rate: float = 0.0) -> dict:
-        t0 = time.perf_counter()
         if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
             frames, meta = src
             meta = meta if isinstance(meta, VideoMetadata) else VideoMetadata(**meta)
@@ -194,8 +192,7 @@ class Processor:
         tokens = grid[0] * grid[1] * grid[2] // m2
         info = {"pixel_values": pv, "grid": grid, "tokens": tokens, "per_frame": grid[1] * grid[2] // m2,
                 "stamp_text": sampled.timestamp_text, "stamps": sampled.timestamps, "indices": sampled.indices,
-                "spg": sampled.second_per_grid_ts, "hash": content_hash("video", pv, grid, sampled.second_per_grid_ts),
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+                "spg": sampled.second_per_grid_ts, "hash": content_hash("video", pv, grid, sampled.second_per_grid_ts)}  # fmt: skip
         if pruning_rate:  # EVS: the prompt holds only the tokens kept after encoding (Qwen: one run)
             info.update(tokens=retained_tokens(grid, spec.merge_size, pruning_rate), unpruned=tokens, rate=pruning_rate,
                         hash=content_hash("video", pv, grid, sampled.second_per_grid_ts, pruning_rate))  # fmt: skip

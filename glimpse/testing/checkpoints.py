@@ -168,6 +168,13 @@ def make_checkpoint(
 # ---- config.json ---------------------------------------------------------------------------
 
 
+def _text_dims(d: _Dims, vocab: int) -> dict:
+    """The text-tower sizes every family's text_config shares."""
+    return {"vocab_size": vocab, "hidden_size": d.hidden, "intermediate_size": d.inter,
+            "num_hidden_layers": d.layers, "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
+            "hidden_act": "silu", "max_position_embeddings": 32768}  # fmt: skip
+
+
 def _glm_config(family: str, size: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
     model_type, arch = {
         "glm4v": ("glm4v", "Glm4vForConditionalGeneration"),
@@ -181,14 +188,7 @@ def _glm_config(family: str, size: str, d: _Dims, ids: dict[str, int], vocab: in
     head_dim = d.hidden // d.heads
     text = {
         "model_type": "glm4v_text",
-        "vocab_size": vocab,
-        "hidden_size": d.hidden,
-        "intermediate_size": d.inter,
-        "num_hidden_layers": d.layers,
-        "num_attention_heads": d.heads,
-        "num_key_value_heads": d.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
+        **_text_dims(d, vocab),
         "rms_norm_eps": 1e-5,
         "attention_bias": True,
         "pad_token_id": ids["<|endoftext|>"],
@@ -258,14 +258,7 @@ def _qwen_config(d: _Dims, ids: dict[str, int], vocab: int) -> dict:
     assert sum(d.mrope_section) * 2 == head_dim, "mrope_section must cover head_dim/2"
     text = {
         "model_type": "qwen2_5_vl_text",
-        "vocab_size": vocab,
-        "hidden_size": d.hidden,
-        "intermediate_size": d.inter,
-        "num_hidden_layers": d.layers,
-        "num_attention_heads": d.heads,
-        "num_key_value_heads": d.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
+        **_text_dims(d, vocab),
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(d.mrope_section)},
