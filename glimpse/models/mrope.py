@@ -146,27 +146,31 @@ class _Groups:
         self, types: np.ndarray, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None = None
     ) -> None:
         n = len(types)
-        edges = np.flatnonzero(types[1:] != types[:-1]) + 1
-        run_start = np.concatenate(([0], edges))
-        run_end = np.concatenate((edges, [n]))
-        run_kind = types[run_start]
-        if run_kind.min() < 0 or run_kind.max() > 2:  # every run holds one value, so this checks all
-            i = int(run_start[(run_kind < 0) | (run_kind > 2)][0])
+        index = (types != 0).nonzero()[0]  # the vision tokens (few next to the text), in order
+        kind = types[index]
+        if len(index) and (kind.min() < 0 or kind.max() > 2):
+            i = int(index[(kind < 0) | (kind > 2)][0])
             raise PromptError(f"mm_token_types[{i}] = {int(types[i])}; allowed are 0 text, 1 image, 2 video")
-        vision = run_kind != 0
-        text_end = run_end[~vision]
+        apart = index[1:] != index[:-1] + 1  # vision tokens i and i+1 are not neighbours
+        head = np.ones(len(index), dtype=bool)  # a vision token that starts a group
+        head[1:] = apart | (kind[1:] != kind[:-1])
+        first = head.nonzero()[0]
         self.n = n
-        self.last_text = int(text_end[-1]) - 1 if len(text_end) else -1  # -1: no text at all
-        self.start, self.kind = run_start[vision], run_kind[vision]
-        self.length = run_end[vision] - self.start
+        self.index = index
+        self.start, self.kind = index[first], kind[first]
+        self.length = np.append(first[1:], len(index)) - first
+        # The last text token: the one before the trailing block of vision tokens (-1: no text).
+        if len(index) == 0 or index[-1] != n - 1:
+            self.last_text = n - 1
+        else:
+            breaks = np.flatnonzero(apart)
+            self.last_text = int(index[breaks[-1] + 1 if len(breaks) else 0]) - 1
         self.thw = self._match_grids(images, videos, m, frame_of)
 
         h, w = self.thw[:, 1] // m, self.thw[:, 2] // m
         self.hw_max = np.maximum(h, w)
         self.token_group = np.repeat(np.arange(len(self.start)), self.length)
-        first = np.cumsum(self.length) - self.length  # each group's first token among the vision tokens
-        local = np.arange(len(self.token_group)) - first[self.token_group]
-        self.index = self.start[self.token_group] + local
+        local = np.arange(len(index)) - first[self.token_group]
         self.k, rem = np.divmod(local, (h * w)[self.token_group])
         self.y, self.x = np.divmod(rem, w[self.token_group])
 
@@ -179,24 +183,24 @@ class _Groups:
         and messages name the frame.
         """
         thw = np.empty((len(self.kind), 3), dtype=np.int64)
+        counts = np.bincount(self.kind, minlength=3).tolist()
         for kind, grids in ((1, images), (2, videos)):
-            is_kind = self.kind == kind
-            count = int(is_kind.sum())
-            if count != len(grids):
+            if counts[kind] != len(grids):
                 unit = "frame" if kind == 2 and frame_of is not None else _KIND[kind]
                 what = (
                     "video frame(s) (sum of t over video_grid_thw)" if unit == "frame" else f"{unit} grid(s)"
                 )
                 raise PromptError(
-                    f"the prompt has {count} {_KIND[kind]} placeholder run(s) but there are {len(grids)} "
-                    f"{what}; every {unit} needs exactly one unbroken run of placeholder tokens "
-                    "(text between runs of the same kind), and every run needs a media item"
+                    f"the prompt has {counts[kind]} {_KIND[kind]} placeholder run(s) but there are "
+                    f"{len(grids)} {what}; every {unit} needs exactly one unbroken run of placeholder "
+                    "tokens (text between runs of the same kind), and every run needs a media item"
                 )
-            thw[is_kind] = grids
+            if counts[kind]:
+                thw[self.kind == kind] = grids
         expected = thw[:, 0] * (thw[:, 1] // m) * (thw[:, 2] // m)
-        bad = np.flatnonzero(expected != self.length)
-        if len(bad):
-            self._refuse_length(int(bad[0]), int(expected[bad[0]]), thw, m, frame_of)
+        if not np.array_equal(expected, self.length):
+            bad = int((expected != self.length).nonzero()[0][0])
+            self._refuse_length(bad, int(expected[bad]), thw, m, frame_of)
         return thw
 
     def _refuse_length(self, g: int, expected: int, thw: np.ndarray, m: int, frame_of: tuple | None) -> None:
@@ -220,23 +224,45 @@ class _Groups:
         summed over the groups before it; a vision token at its group's s plus (t_off, y, x)."""
         n = self.n
         gap = advance - self.length
+        shift = np.cumsum(gap)  # how far the text after group g sits from its own index
         positions = np.empty((3, n), dtype=np.int64)
-        base = positions[0]  # = cumsum of steps: 1 per token, plus the gap right after each group
-        base.fill(1)
-        base[0] = 0
-        end = self.start + self.length
-        inside = end < n  # group ends are distinct; one at n has no token to shift
-        base[end[inside]] += gap[inside]
-        np.cumsum(base, out=base)
+        base = positions[0]
+        # Text token i sits at i + shift of the groups before it. Vision tokens get the same here
+        # and are overwritten below. Segment j = [start of group j-1, start of group j).
+        bounds = np.concatenate(([0], self.start, [n]))
+        offsets = np.concatenate(([0], shift))
+        indices = _arange(n)
+        if len(offsets) <= _LOOPED_SEGMENTS:
+            for a, b, offset in zip(bounds[:-1].tolist(), bounds[1:].tolist(), offsets.tolist()):
+                np.add(indices[a:b], offset, out=base[a:b])
+        else:
+            np.add(indices, np.repeat(offsets, np.diff(bounds)), out=base)
         positions[1:] = base
         # Text positions strictly increase (every group advances s by >= 1): the last is their max.
-        top = int(positions[0, self.last_text]) if self.last_text >= 0 else -1
+        top = int(base[self.last_text]) if self.last_text >= 0 else -1
         if len(self.index):
-            vision = np.stack((t_off, self.y, self.x))
-            vision += (self.start + np.cumsum(gap) - gap)[self.token_group]  # + running start s
+            vision = np.array((t_off, self.y, self.x))
+            vision += (self.start + shift - gap)[self.token_group]  # + running start s
             positions[:, self.index] = vision
             top = max(top, int(vision.max()))
         return torch.from_numpy(positions), top + 1 - n
+
+
+# Up to this many text segments, positions are written segment by segment (fewer passes over T);
+# beyond (long GLM videos: a group per frame), in one vectorized pass.
+_LOOPED_SEGMENTS = 32
+_ARANGE = np.arange(0)
+
+
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n) as a read-only view of a cached, growing array: writing 0..n-1 costs as much as
+    the whole position fill, and every call needs it."""
+    global _ARANGE
+    if len(_ARANGE) < n:
+        grown = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.int64)
+        grown.flags.writeable = False
+        _ARANGE = grown
+    return _ARANGE[:n]
 
 
 def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, num_videos: int) -> Tensor:
@@ -308,10 +334,10 @@ def _check_grid(grid_thw: Tensor | None, name: str, m: int) -> np.ndarray:
             f"{name} must be an integer tensor [N, 3] of (t, h, w), got {tuple(grid.shape)} {grid.dtype}"
         )
     grid = grid.cpu().to(torch.int64).numpy()
-    if grid.size and (grid.min() < 1 or (grid[:, 1:] % m).any()):
-        i = int(np.flatnonzero((grid < 1).any(1) | (grid[:, 1:] % m != 0).any(1))[0])
-        raise PromptError(
-            f"{name}[{i}] = {grid[i].tolist()}: t, h, w must be >= 1 and h, w multiples of "
-            f"spatial_merge_size {m}"
-        )
+    for i, (t, h, w) in enumerate(grid.tolist()):  # one row per item: few, and Python is quicker here
+        if t < 1 or h < 1 or w < 1 or h % m or w % m:
+            raise PromptError(
+                f"{name}[{i}] = {[t, h, w]}: t, h, w must be >= 1 and h, w multiples of "
+                f"spatial_merge_size {m}"
+            )
     return grid
