@@ -233,7 +233,7 @@ class _Groups:
         offsets = np.concatenate(([0], shift))
         indices = _arange(n)
         if len(offsets) <= _LOOPED_SEGMENTS:
-            for a, b, offset in zip(bounds[:-1].tolist(), bounds[1:].tolist(), offsets.tolist()):
+            for a, b, offset in zip(bounds[:-1].tolist(), bounds[1:].tolist(), offsets.tolist(), strict=True):
                 np.add(indices[a:b], offset, out=base[a:b])
         else:
             np.add(indices, np.repeat(offsets, np.diff(bounds)), out=base)
