@@ -31,6 +31,7 @@ from transformers.video_utils import VideoMetadata as HFVideoMetadata
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
 from glimpse.media.image import load_image
 from glimpse.media.video import probe_video, read_frames
+from glimpse.processing import resize
 from glimpse.processing.resize import preprocess_images, preprocess_video, smart_resize_glm, smart_resize_qwen
 from glimpse.processing.sampling import sample_video
 from glimpse.processing.spec import (
@@ -465,3 +466,23 @@ def test_odd_frame_count_pads_last_frame():
     assert torch.equal(grid, expected["video_grid_thw"]) and torch.equal(
         pixel_values, expected["pixel_values_videos"]
     )
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 300, 10**9])
+def test_chunked_normalisation_bit_exact(monkeypatch, media_images, chunk_rows):
+    """`_patch_rows` normalises in chunks of block rows; every chunking gives HF's bits: one block
+    row per chunk, a size that leaves a partial last chunk, and the whole output at once."""
+    monkeypatch.setattr(resize, "_CHUNK_ROWS", chunk_rows)
+    cfg = dict(IMAGE_CONFIGS)["qwen"]  # astronaut: 18 block rows of 72 patch rows; chelsea: 11 of 64
+    batch = [media_images[0], media_images[2]]
+    expected = hf_images(cfg, batch)
+    pixel_values, grid = preprocess_images(batch, image_spec_from_dict(cfg))
+    assert torch.equal(grid, expected["image_grid_thw"])
+    assert torch.equal(pixel_values, expected["pixel_values"])
+
+    frames = np.random.default_rng(9).integers(0, 256, (6, 120, 200, 3), dtype=np.uint8)
+    video_cfg = {"video_processor_type": "Glm46VVideoProcessor"}
+    expected = hf_video_processor(video_cfg)(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    pixel_values, grid = preprocess_video(frames, video_spec_from_dict(video_cfg))
+    assert torch.equal(grid, expected["video_grid_thw"])
+    assert torch.equal(pixel_values, expected["pixel_values_videos"])

@@ -178,6 +178,9 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], resample: int = 3)
 
 
 _HUGE_PAGE_MIN_BYTES = 4 << 20
+# Patch rows normalised per chunk in `_patch_rows`: 256 rows are ~1.2 MB of float32 output, which
+# stays in a core's L2 between the conversion, the two normalisation ops and the tau copy.
+_CHUNK_ROWS = 256
 
 
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -248,23 +251,39 @@ def _patch_rows(
     t, c, h, w = resized.shape
     gh, gw = h // p, w // p
     gt, tau = (t, 1) if repeat_frame else (t // tp, tp)
-    n = gt * gh * gw
+    bh, per_bh = gh // m, gw * m  # block rows per frame group, patch rows per block row
     hwc = resized.permute(0, 2, 3, 1).contiguous().numpy()  # free when the resize kept HWC memory
-    x = hwc.reshape(gt, tau, gh // m, m, p, gw // m, m, p, c)
-    # (gt, tau, bh, mh, py, bw, mw, px, c) -> (gt, bh, bw, mh, mw, c, tau, py, px); numpy's strided
-    # copy is faster than torch's on these 14-byte runs.
-    shuffled = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    blocks = empty_buffer((n, c, tau, p * p), torch.uint8)
-    np.copyto(blocks.numpy().reshape(shuffled.shape), shuffled)
+    x = hwc.reshape(gt, tau, bh, m, p, gw // m, m, p, c)
+    # (gt, tau, bh, mh, py, bw, mw, px, c) -> (gt, bh, c, bw, mh, mw, tau, py, px): merge-block
+    # order per channel plane. numpy's strided copy is faster than torch's on these 14-byte runs.
+    planes = x.transpose(0, 2, 8, 5, 3, 6, 1, 4, 7)
     if out is None:
-        out = empty_buffer((n, c * tp * p * p))
-    rows = out.view(n, c, tp, p * p)
-    first = rows[:, :, :tau]
-    # In place: uint8 -> float32 (exact), then HF's two float32 ops. A mixed-dtype `torch.sub`
-    # would first build a float32 temporary of the whole input.
-    first.copy_(blocks).sub_(mean_r).div_(std_r)
-    if repeat_frame:
-        rows[:, :, 1:].copy_(first.expand(n, c, tp - 1, p * p))
+        out = empty_buffer((gt * bh * per_bh, c * tp * p * p))
+    out_np = out.numpy()
+    # Chunks of whole block rows, so that every pass below stays in the cache. Each chunk is shuffled
+    # into channel planes (uint8), converted and normalised there with one scalar per plane (long
+    # contiguous loops), then written once into its rows (c, tau) slots. NumPy is single-threaded:
+    # torch's intra-op threads cost more than they gain on chunks this small; the float32 ops are
+    # IEEE's, as in HF's torch calls, so the bits are the same.
+    step = max(1, _CHUNK_ROWS // per_bh)
+    most = min(step, bh) * per_bh
+    u8 = np.empty((c, most, tau, p * p), dtype=np.uint8)
+    f32 = np.empty((c, most, tau, p * p), dtype=np.float32)
+    mean, std = mean_r.numpy().reshape(c, 1, 1, 1), std_r.numpy().reshape(c, 1, 1, 1)
+    for g in range(gt):
+        for b0 in range(0, bh, step):
+            b1 = min(b0 + step, bh)
+            start, stop = (g * bh + b0) * per_bh, (g * bh + b1) * per_bh
+            k = stop - start
+            src = planes[g, b0:b1]  # (b, c, bw, mh, mw, tau, py, px)
+            np.copyto(u8[:, :k].reshape(c, b1 - b0, *src.shape[2:]), src.swapaxes(0, 1))
+            plane = f32[:, :k]
+            np.copyto(plane, u8[:, :k])  # uint8 -> float32, exact
+            np.subtract(plane, mean, out=plane)
+            np.divide(plane, std, out=plane)
+            rows = out_np[start:stop].reshape(k, c, tp, p * p)
+            for slot in range(0, tp, tau):  # images fill every tau slot with their one frame
+                np.copyto(rows[:, :, slot : slot + tau], plane.swapaxes(0, 1))
     return out, [gt, gh, gw]
 
 
