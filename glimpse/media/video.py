@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from glimpse.buffers import empty_buffer
 from glimpse.errors import GlimpseError, MediaError, MediaTooLargeError, VideoSamplingError
 
 VideoSource = str | Path | bytes | bytearray | memoryview
@@ -179,22 +181,52 @@ def read_frames(
                 f"{name}: frame index {max(wanted)} is past the end (the video has {index.count} frames)"
             )
         stream.thread_type = "AUTO"
+        frames = _Output(wanted, name)
         if index.pts is None:
-            decoded = _decode_in_order(container, stream, sorted(set(wanted)), name, max_decode_frames)
+            _decode_in_order(container, stream, frames, max_decode_frames)
         else:
-            decoded = _decode_with_seeks(
-                container, stream, index, sorted(set(wanted)), name, max_decode_frames
-            )
+            _decode_with_seeks(container, stream, index, frames, max_decode_frames)
     except GlimpseError:
         raise
     except Exception as exc:
         raise MediaError(f"{name}: cannot decode the video ({_sanitize(exc)})") from None
     finally:
         container.close()
-    first = decoded[wanted[0]]
-    if any(decoded[i].shape != first.shape for i in decoded):
-        raise MediaError(f"{name}: the frame size changes inside the video; glimpse needs one size per video")
-    return np.stack([decoded[i] for i in wanted])
+    return frames.array()
+
+
+class _Output:
+    """The frames asked for, converted to RGB once each and written straight into one
+    `[n, H, W, 3]` array (huge pages) at every place they were asked for."""
+
+    def __init__(self, wanted: list[int], name: str) -> None:
+        self.name = name
+        self.slots: dict[int, list[int]] = {}
+        for k, i in enumerate(wanted):
+            self.slots.setdefault(i, []).append(k)
+        self.todo = sorted(self.slots)  # distinct frame indices, in decoding order
+        self.count = len(wanted)
+        self.out: np.ndarray | None = None
+        self.done: set[int] = set()
+
+    def put(self, i: int, frame: Any) -> None:
+        rgb = frame.to_ndarray(format="rgb24")
+        if self.out is None:
+            self.out = empty_buffer((self.count, *rgb.shape), torch.uint8).numpy()
+        elif rgb.shape != self.out.shape[1:]:
+            raise MediaError(
+                f"{self.name}: the frame size changes inside the video; glimpse needs one size per video"
+            )
+        self.out[self.slots[i]] = rgb
+        self.done.add(i)
+
+    def missing(self, i: int) -> VideoSamplingError:
+        return VideoSamplingError(f"{self.name}: frame {i} could not be decoded (the file may be truncated)")
+
+    def array(self) -> np.ndarray:
+        if self.out is None or len(self.done) < len(self.todo):  # the decoders raise before this
+            raise self.missing(min(set(self.todo) - self.done))
+        return self.out
 
 
 def _frames(container: Any, stream: Any) -> Iterator[Any]:
@@ -218,53 +250,42 @@ def _count_step(counter: list[int], limit: int | None, name: str) -> None:
         )
 
 
-def _decode_in_order(
-    container: Any, stream: Any, wanted: list[int], name: str, limit: int | None
-) -> dict[int, np.ndarray]:
+def _decode_in_order(container: Any, stream: Any, frames: _Output, limit: int | None) -> None:
     """Fallback without timestamps: decode from the start, counting frames (HF's PyAV reader does this)."""
-    out: dict[int, np.ndarray] = {}
-    want = set(wanted)
+    want = set(frames.todo)
     counter = [0]
     for i, frame in enumerate(_frames(container, stream)):
-        _count_step(counter, limit, name)
+        _count_step(counter, limit, frames.name)
         if i in want:
-            out[i] = frame.to_ndarray(format="rgb24")
-            if len(out) == len(want):
-                return out
-    missing = sorted(want - out.keys())
-    raise VideoSamplingError(f"{name}: frame {missing[0]} could not be decoded (the file may be truncated)")
+            frames.put(i, frame)
+            if len(frames.done) == len(want):
+                return
+    raise frames.missing(min(want - frames.done))
 
 
-def _decode_with_seeks(
-    container: Any, stream: Any, index: _FrameIndex, wanted: list[int], name: str, limit: int | None
-) -> dict[int, np.ndarray]:
-    pts, keyframes = index.pts, index.keyframes
-    assert pts is not None
+def _decode_with_seeks(container: Any, stream: Any, index: _FrameIndex, frames: _Output, limit: int | None) -> None:
+    pts, keyframes = index.pts or [], index.keyframes
     position = {p: i for i, p in reversed(list(enumerate(pts)))}  # pts -> first frame index
-    out: dict[int, np.ndarray] = {}
     counter = [0]
-    frames: Iterator[Any] | None = None
+    decoded: Iterator[Any] | None = None
     last = -1  # index of the last decoded frame
-    for target in wanted:
+    for target in frames.todo:
         k = bisect.bisect_right(keyframes, target) - 1
         keyframe = keyframes[k] if k >= 0 else 0
-        if frames is None or target < last or keyframe - last > _SEEK_MIN_SKIP:
+        if decoded is None or target < last or keyframe - last > _SEEK_MIN_SKIP:
             container.seek(pts[keyframe], backward=True, any_frame=False, stream=stream)
-            frames = _frames(container, stream)
+            decoded = _frames(container, stream)
             last = -1
-        for frame in frames:
-            _count_step(counter, limit, name)
+        for frame in decoded:
+            _count_step(counter, limit, frames.name)
             i = position.get(frame.pts, -1) if frame.pts is not None else -1
             if i < 0:
                 continue  # a frame we cannot place (no timestamp): never guess
             last = i
             if i == target:
-                out[target] = frame.to_ndarray(format="rgb24")
+                frames.put(target, frame)
                 break
             if i > target:
                 break
-        if target not in out:
-            raise VideoSamplingError(
-                f"{name}: frame {target} could not be decoded (the file may be truncated)"
-            )
-    return out
+        if target not in frames.done:
+            raise frames.missing(target)

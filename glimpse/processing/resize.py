@@ -9,7 +9,6 @@ same merge-block row order; parity-spec §1.2-§1.6 and §2.1).
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
+from glimpse.buffers import empty_buffer
 from glimpse.errors import InvalidInputError
 from glimpse.media.image import to_rgb
 from glimpse.processing.spec import ImageSpec, VideoSpec
@@ -177,30 +177,11 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], resample: int = 3)
     return tvF.resize(images, list(size), interpolation=_INTERPOLATION[resample], antialias=True)
 
 
-_HUGE_PAGE_MIN_BYTES = 4 << 20
-# Patch rows normalised per chunk in `_patch_rows`: 256 rows are ~1.2 MB of float32 output, which
-# stays in a core's L2 between the conversion, the two normalisation ops and the tau copy.
+# Patch rows normalised per chunk in `_patch_rows`: 256 rows are ~1.2 MB of float32, which stays in
+# a core's L2 from the uint8 shuffle through normalisation to the write into the output rows.
 _CHUNK_ROWS = 256
 
 
-def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uninitialised tensor for large outputs and scratch, backed by transparent huge pages.
-
-    Why: first-touch page faults dominate preprocessing on CPU. A 42 MB `pixel_values` costs
-    ~10k 4 KiB faults (~15 ms on a small VM, as much as the resize itself); an anonymous
-    mapping with MADV_HUGEPAGE takes a few hundred. The tensor keeps the mapping alive; plain
-    `torch.empty` is used where madvise is unavailable or the buffer is small.
-    """
-    count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass  # still a valid buffer, just with small pages
-    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 
 def normalize_constants(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
