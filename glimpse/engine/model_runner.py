@@ -9,6 +9,8 @@ Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` p
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,7 @@ class ModelRunner:
         self.encoder_cache = encoder_cache
         self.device = model.device
         self.num_forwards = 0  # decoder forwards run (one per non-empty step)
+        self._reduced_cpu = self.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -69,7 +72,8 @@ class ModelRunner:
             batch.num_new_tokens,
             self.device,
         )
-        hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
+        with _one_row_kernels(input_ids.shape[0] == 1 and self._reduced_cpu):
+            hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
         self.num_forwards += 1
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
@@ -117,3 +121,21 @@ class ModelRunner:
                         embeds[row + lo - start : row + hi - start] = emb[offset + lo - a : offset + hi - a].to(embeds.dtype)
                     offset += b - a
             row += n
+
+
+@contextmanager
+def _one_row_kernels(active: bool) -> Iterator[None]:
+    """A step of one token (batch-1 decode) in bf16/fp16 on CPU: run its matmuls on torch's own
+    kernels instead of oneDNN's. At one row they stream the weights at ~50 GB/s here against ~25
+    GB/s for oneDNN's (measured); from two rows on oneDNN wins, so this is off for every other
+    step. Both accumulate in float32. The switch is process-wide while the forward runs; another
+    thread's matmuls in that window only change which kernel computes them."""
+    if not active:
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
