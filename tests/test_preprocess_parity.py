@@ -361,11 +361,18 @@ def test_random_sizes_bit_exact(data, h, w, which):
     assert torch.equal(pixel_values, expected["pixel_values"])
 
 
-def test_batch_of_mixed_sizes_keeps_order(media_images):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batch_of_mixed_sizes_keeps_order(media_images, threads):
+    """One thread: images in turn; more: spread over a pool (preprocess_images); same rows, in order."""
     cfg = IMAGE_CONFIGS[0][1]
     batch = [media_images[2], media_images[0], media_images[2], media_images[4]]
     expected = hf_images(cfg, batch)
-    pixel_values, grid = preprocess_images(batch, image_spec_from_dict(cfg))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pixel_values, grid = preprocess_images(batch, image_spec_from_dict(cfg))
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(grid, expected["image_grid_thw"])
     assert torch.equal(pixel_values, expected["pixel_values"])
 

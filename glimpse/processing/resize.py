@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -195,21 +196,40 @@ def normalize_constants(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return mean_r.view(1, -1, 1, 1), std_r.view(1, -1, 1, 1)
 
 
-def _hwc_array(image: Image.Image | np.ndarray, what: str) -> np.ndarray:
-    """One RGB image -> `[H, W, 3]` uint8 array that torch may wrap."""
+def _image_hw(image: Image.Image | np.ndarray, what: str) -> tuple[int, int]:
+    """(height, width) of one image, checking its type and layout without converting it."""
     if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = to_rgb(image)  # HF's compositing of transparency onto white
-        return np.array(image)  # a private, writable copy (PIL hands out a read-only buffer)
+        return image.height, image.width
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InvalidInputError(
                 f"{what}: array must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
             )
-        return image if image.flags.writeable else image.copy()
+        return image.shape[0], image.shape[1]
     raise InvalidInputError(
         f"{what}: unsupported type {type(image).__name__}; pass a PIL image or a uint8 array"
     )
+
+
+def _hwc_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """One RGB image (checked by `_image_hw`) -> `[H, W, 3]` uint8 array that torch may wrap."""
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = to_rgb(image)  # HF's compositing of transparency onto white
+        return np.array(image)  # a private, writable copy (PIL hands out a read-only buffer)
+    return image if image.flags.writeable else image.copy()
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process-wide pool `preprocess_images` spreads a batch over (regrown if torch's thread
+    count went up)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="glimpse-preprocess")
+    return _POOL
 
 
 def _patch_rows(
@@ -296,22 +316,29 @@ def preprocess_images(
     if len(images) == 0:
         raise InvalidInputError("no images to preprocess")
     mean_r, std_r = normalize_constants(spec)
-    arrays, sizes = [], []
+    sizes = []
     for i, image in enumerate(images):  # all sizes first: one output buffer, no concatenation
-        what = f"image {i}"
-        hwc = _hwc_array(image, what)
-        arrays.append(hwc)
-        sizes.append(image_target_size(hwc.shape[0], hwc.shape[1], spec, what))
+        height, width = _image_hw(image, f"image {i}")
+        sizes.append(image_target_size(height, width, spec, f"image {i}"))
     p = spec.patch_size
     counts = [(h // p) * (w // p) for h, w in sizes]
     pixel_values = empty_buffer((sum(counts), 3 * spec.temporal_patch_size * p * p))
-    grids, start = [], 0
-    for hwc, size, count in zip(arrays, sizes, counts, strict=True):
+    starts = np.cumsum([0, *counts]).tolist()
+
+    def one(i: int) -> list[int]:
+        """Image i's rows, written into its slice of `pixel_values`; its grid."""
+        hwc = _hwc_array(images[i])
         # A permuted HWC view is channels-last: torch's fast uint8 path, same pixels as HF.
-        resized = resize_uint8(torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0), size, spec.resample)
-        _, grid = _patch_rows(resized, spec, mean_r, std_r, True, pixel_values[start : start + count])
-        grids.append(grid)
-        start += count
+        resized = resize_uint8(torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0), sizes[i], spec.resample)
+        return _patch_rows(resized, spec, mean_r, std_r, True, pixel_values[starts[i] : starts[i + 1]])[1]
+
+    # Images are independent and PIL, torch's resize and NumPy release the GIL: a batch runs on
+    # as many threads as torch may use (its own kernels gain little on one image; measured).
+    workers = min(torch.get_num_threads(), len(images))
+    if workers <= 1:
+        grids = [one(i) for i in range(len(images))]
+    else:
+        grids = list(_pool(workers).map(one, range(len(images))))  # raises the first failure in order
     return pixel_values, torch.tensor(grids, dtype=torch.int64)
 
 
