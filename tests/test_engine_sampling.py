@@ -127,3 +127,36 @@ def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_chec
     # same reasoning as tests/test_model_parity.py::test_bfloat16_close: within HF's bf16 error, with
     # room for rounding at different points (the decode steps here also read a bf16 KV cache)
     assert float((ours - exact.gather(1, chosen)[:, 0]).abs().max()) <= 2 * hf_error
+
+
+def test_one_row_kernel_switch_is_restored_across_threads():
+    """Engines on two threads: A enters, B enters, A leaves, B leaves. oneDNN stays off until the
+    last one leaves, then is exactly as before (a naive save/restore would leave it off)."""
+    import threading
+
+    from glimpse.engine.model_runner import _one_row_kernels
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with _one_row_kernels(True):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with _one_row_kernels(True):
+            b_in.set()
+            a_out.wait(5)
+            seen["after_a_left"] = torch.backends.mkldnn.enabled
+
+    before = torch.backends.mkldnn.enabled
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["after_a_left"] is False
+    assert torch.backends.mkldnn.enabled == before

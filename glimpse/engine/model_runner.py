@@ -8,6 +8,7 @@ Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` p
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +77,8 @@ class ModelRunner:
             hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
         self.num_forwards += 1
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
+        with _one_row_kernels(len(sample_rows) == 1 and self._reduced_cpu):  # the LM head: one row to sample
+            logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
         return StepResult(sample_requests, logits, t1 - t0, time.perf_counter() - t1)
 
     def _encode(self, items: list[MediaItem]) -> None:
@@ -123,19 +125,32 @@ class ModelRunner:
             row += n
 
 
+_ONE_ROW_LOCK = threading.Lock()
+_one_row_depth = 0  # forwards inside `_one_row_kernels` right now, over all threads
+_one_row_saved = True  # torch.backends.mkldnn.enabled when the first of them entered
+
+
 @contextmanager
 def _one_row_kernels(active: bool) -> Iterator[None]:
-    """A step of one token (batch-1 decode) in bf16/fp16 on CPU: run its matmuls on torch's own
-    kernels instead of oneDNN's. At one row they stream the weights at ~50 GB/s here against ~25
-    GB/s for oneDNN's (measured); from two rows on oneDNN wins, so this is off for every other
-    step. Both accumulate in float32. The switch is process-wide while the forward runs; another
-    thread's matmuls in that window only change which kernel computes them."""
+    """Matmuls with one row (batch-1 decode, a one-row LM head) in bf16/fp16 on CPU run on torch's own
+    kernels instead of oneDNN's. At one row they stream the weights at ~45-54 GB/s here against
+    ~22-31 GB/s for oneDNN's (measured); from two rows on oneDNN wins, so everything else stays on it.
+    Both accumulate in float32. The switch is process-wide: the first thread in turns oneDNN off and
+    the last one out restores it (a counter under a lock, so engines on several threads never
+    leave it off); another thread's matmuls in that window may run on torch's kernels too."""
+    global _one_row_depth, _one_row_saved
     if not active:
         yield
         return
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    with _ONE_ROW_LOCK:
+        _one_row_depth += 1
+        if _one_row_depth == 1:
+            _one_row_saved = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = previous
+        with _ONE_ROW_LOCK:
+            _one_row_depth -= 1
+            if _one_row_depth == 0:
+                torch.backends.mkldnn.enabled = _one_row_saved

@@ -3,7 +3,8 @@
 `*_mm_token_types` map `[T]` input_ids to `[T]` int64 modality types (0 text, 1 image, 2 video);
 `glm_mrope_positions` / `qwen_mrope_positions` map those types plus `grid_thw` rows to
 `([3, T] int64 positions, mrope_delta)`; `decode_positions` gives `[3, n]` ids after the prompt.
-Spec: parity-spec §3.4 and §4. Runs are found with diff/flatnonzero; nothing loops per token or group.
+Spec: parity-spec §3.4 and §4. Groups are found from the non-text tokens; nothing loops per token, and
+text is written per segment (vectorized past `_LOOPED_SEGMENTS`).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class _Groups:
         self, types: np.ndarray, images: np.ndarray, videos: np.ndarray, m: int, frame_of: tuple | None = None
     ) -> None:
         n = len(types)
-        index = (types != 0).nonzero()[0]  # the vision tokens (few next to the text), in order
+        index = (types != 0).nonzero()[0]  # the vision tokens, in order
         kind = types[index]
         if len(index) and (kind.min() < 0 or kind.max() > 2):
             i = int(index[(kind < 0) | (kind > 2)][0])
@@ -256,13 +257,16 @@ _ARANGE = np.arange(0)
 
 def _arange(n: int) -> np.ndarray:
     """np.arange(n) as a read-only view of a cached, growing array: writing 0..n-1 costs as much as
-    the whole position fill, and every call needs it."""
+    the whole position fill, and every call needs it. Safe across threads: each call works on its
+    own reference, and the cache is only ever replaced by a longer array."""
     global _ARANGE
-    if len(_ARANGE) < n:
-        grown = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.int64)
-        grown.flags.writeable = False
-        _ARANGE = grown
-    return _ARANGE[:n]
+    cached = _ARANGE
+    if len(cached) < n:
+        cached = np.arange(max(n, 2 * len(cached)), dtype=np.int64)
+        cached.flags.writeable = False
+        if len(cached) > len(_ARANGE):
+            _ARANGE = cached
+    return cached[:n]
 
 
 def _time_interval(second_per_grid_ts: Tensor | None, tokens_per_second: float, num_videos: int) -> Tensor:

@@ -9,6 +9,7 @@ same merge-block row order; parity-spec §1.2-§1.6 and §2.1).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -183,8 +184,6 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], resample: int = 3)
 _CHUNK_ROWS = 256
 
 
-
-
 def normalize_constants(spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's fused rescale+normalize constants: float32 `mean/r` and `std/r`, shaped `[1, 3, 1, 1]`.
 
@@ -221,15 +220,17 @@ def _hwc_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """The process-wide pool `preprocess_images` spreads a batch over (regrown if torch's thread
-    count went up)."""
+    count went up; a replaced pool finishes the work it holds)."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="glimpse-preprocess")
-    return _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="glimpse-image-batch")
+        return _POOL
 
 
 def _patch_rows(
@@ -319,6 +320,8 @@ def preprocess_images(
     sizes = []
     for i, image in enumerate(images):  # all sizes first: one output buffer, no concatenation
         height, width = _image_hw(image, f"image {i}")
+        if isinstance(image, Image.Image):
+            image.load()  # decode a lazy image here, once: PIL objects are not safe to load from two threads
         sizes.append(image_target_size(height, width, spec, f"image {i}"))
     p = spec.patch_size
     counts = [(h // p) * (w // p) for h, w in sizes]
