@@ -183,6 +183,7 @@ PROMPTS = {
     "video_many_frames": [("text", 4), ("video", (5, 6, 4))],
     "text_after_video": [("video", (3, 2, 8)), ("text", 6)],
     "video_then_image": [("video", (2, 2, 2)), ("image", (1, 6, 2)), ("text", 1)],
+    "image_with_two_frames": [("text", 2), ("image", (2, 4, 4)), ("text", 1)],  # t > 1 without video time
     # more groups than mrope._LOOPED_SEGMENTS: text is written in one vectorized pass, not per segment
     "forty_frames_and_images": [("text", 2), ("video", (40, 2, 4))] + [("image", (1, 2, 2)), ("text", 1)] * 36,
 }
