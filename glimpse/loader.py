@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from glimpse.buffers import move_to_huge_pages
 from glimpse.config import ModelConfig, load_config
 from glimpse.errors import CheckpointError
 from glimpse.models.base import VisionLanguageModel
@@ -75,6 +76,8 @@ def load_model(
         _fill_dummy(model, config, seed, torch_dtype, device)
     else:
         load_weights(model, config.path, torch_dtype, device)
+    if torch.device(device).type == "cpu":
+        move_to_huge_pages(model)
     model.glimpse_config = config
     return model.eval()
 

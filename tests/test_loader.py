@@ -125,3 +125,26 @@ def test_dummy_load_format_needs_only_config(tmp_path):
     ids = torch.arange(1, 20)
     torch.testing.assert_close(a.compute_logits(ids), b.compute_logits(ids), rtol=0, atol=0)
     assert a.compute_logits(ids).std() > 0.1
+
+
+def test_large_parameters_move_to_huge_pages_keeping_values_and_ties():
+    """glimpse.buffers.move_to_huge_pages: parameters of >= 4 MiB get new (huge-page) storage with the
+    same values; tied parameters stay one tensor; small ones stay where they are."""
+    from glimpse.buffers import move_to_huge_pages
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(8192, 256)  # 8 MiB in float32
+    head = torch.nn.Linear(256, 8192, bias=False)
+    head.weight = embed.weight  # tied, as lm_head and embed_tokens can be
+    small = torch.nn.Linear(16, 16)
+    model = torch.nn.ModuleDict({"embed": embed, "head": head, "small": small})
+    before = {name: p.detach().clone() for name, p in model.named_parameters(remove_duplicate=False)}
+    old_big, old_small = embed.weight, small.weight
+    move_to_huge_pages(model)
+    assert embed.weight is head.weight and embed.weight is not old_big
+    assert embed.weight.data_ptr() != old_big.data_ptr()
+    assert small.weight is old_small
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(p, before[name]), name
+    x = torch.randint(0, 8192, (5,))
+    torch.testing.assert_close(model["head"](model["embed"](x)), before["head.weight"][x] @ before["head.weight"].T)
