@@ -409,6 +409,9 @@ def test_glm_frame_errors_name_the_frame():
     # frames not separated by text merge into one run: 1 run for 2 frames
     with pytest.raises(PromptError, match=r"1 video placeholder run\(s\) but there are 2 video frame"):
         glm_mrope_positions(torch.tensor([0] + [2] * 8), None, torch.tensor([[2, 4, 4]]), M)
+    # an absurd frame count is refused up front, not listed frame by frame
+    with pytest.raises(PromptError, match=r"2199023255552 frames in all, but the prompt has only 4 tokens"):
+        glm_mrope_positions(torch.tensor([0, 2, 2, 0]), None, torch.tensor([[2**41, 2, 4]]), M)
 
 
 def test_qwen_input_errors():

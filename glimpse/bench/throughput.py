@@ -156,6 +156,8 @@ def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
         bw = read_bandwidth()
         t0 = time.perf_counter()
         for _ in range(n_tokens):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError("the decode request finished early; every timed step must make one token")
             engine.step()
         tok_s = n_tokens / (time.perf_counter() - t0)
         windows.append({"decode_tokens_per_s": tok_s, "read_bandwidth_bytes_per_s": bw,

@@ -69,6 +69,12 @@ def glm_mrope_positions(
     m = _check_merge(spatial_merge_size)
     images = _check_grid(image_grid_thw, "image_grid_thw", m)
     videos = _check_grid(video_grid_thw, "video_grid_thw", m)
+    num_frames = sum(t for t, _, _ in videos)
+    if num_frames > len(types):  # each frame needs a token; refuse before listing absurd counts
+        raise PromptError(
+            f"video_grid_thw holds {num_frames} frames in all, but the prompt has only {len(types)} tokens; "
+            "every frame needs its own run of placeholder tokens"
+        )
     frames = [(1, h, w) for t, h, w in videos for _ in range(t)]
     groups = _Groups(types, images, frames, m, glm_videos=videos)
     return groups.assemble(groups.hw_max)
