@@ -111,7 +111,7 @@ def qwen_mrope_positions(
     videos = _check_grid(video_grid_thw, "video_grid_thw", m)
     time_interval = _time_interval(second_per_grid_ts, tokens_per_second, len(videos))
     groups = _Groups(types, images, videos, m)
-    # Each video's frame k sits at t = trunc(k * interval), HF's dtype and rounding (_scaled).
+    # Each video's frame k sits at t = trunc(k * interval), HF's dtype and rounding (_frame_times).
     videos_in_order = [g for g, kind in enumerate(groups.kind) if kind == 2]
     frame_t = {g: _frame_times(groups.t[g], time_interval, v) for v, g in enumerate(videos_in_order)}
     if video_rule == "hf":
