@@ -90,8 +90,8 @@ def run_glimpse(path: Path, items, output_len: int, dtype: str, caches: bool, en
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = [len(o.prompt_token_ids) for o in outs]
-    system = f"glimpse (caches {'on' if caches else 'off'}, encoder {'graph' if encoder_graph == 'on' else 'eager'})"
-    return {"system": system, "key": f"caches_{'on' if caches else 'off'}_{'graph' if encoder_graph == 'on' else 'eager'}",
+    cache_mode, encoder_mode = "on" if caches else "off", "graph" if encoder_graph == "on" else "eager"
+    return {"system": f"glimpse (caches {cache_mode}, encoder {encoder_mode})", "key": f"caches_{cache_mode}_{encoder_mode}",
             "seconds": seconds, "output_tokens": tokens,
             "tokens_per_s": tokens / seconds, "prompt_tokens_min": min(prompt_tokens), "prompt_tokens_max": max(prompt_tokens)}  # fmt: skip
 

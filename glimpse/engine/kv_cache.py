@@ -49,15 +49,16 @@ class DecodeBucket:
     @classmethod
     def build(cls, seqs: list[int], starts: list[int], context_lens: list[int], ctx_slots: list[torch.Tensor],
               device: torch.device | str) -> DecodeBucket:  # fmt: skip
-        max_ctx = max(context_lens[i] for i in seqs)
+        lens = [context_lens[i] for i in seqs]
+        max_ctx = max(lens)
         slots = torch.zeros(len(seqs), max_ctx, dtype=torch.long)
-        mask = torch.zeros(len(seqs), max_ctx, dtype=torch.bool)
         for j, i in enumerate(seqs):
-            slots[j, : context_lens[i]] = ctx_slots[i]
-            mask[j, : context_lens[i]] = True
-        padded = any(context_lens[i] < max_ctx for i in seqs)
+            slots[j, : lens[j]] = ctx_slots[i]
+        mask = None
+        if min(lens) < max_ctx:
+            mask = (torch.arange(max_ctx) < torch.tensor(lens)[:, None])[:, None, None, :].to(device)
         rows = torch.tensor([starts[i] for i in seqs], device=device)
-        return cls(rows, slots.to(device), mask[:, None, None, :].to(device) if padded else None)
+        return cls(rows, slots.to(device), mask)
 
 
 # Decode sequences are bucketed by context length: a bucket's padded keys stay within

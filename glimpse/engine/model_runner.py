@@ -135,10 +135,10 @@ def _one_row_kernels(active: bool) -> Iterator[None]:
     """Matmuls with one row (batch-1 decode, a one-row LM head) in bf16/fp16 on CPU run on torch's own
     kernels instead of oneDNN's. At one row they stream bf16 weights at ~45-54 GB/s here against
     ~22-31 GB/s for oneDNN's (fp16: 43 vs 41; measured); from two rows on oneDNN wins, so everything
-    else stays on it.
-    Both accumulate in float32. The switch is process-wide: the first thread in turns oneDNN off and
-    the last one out restores it (a counter under a lock, so engines on several threads never
-    leave it off); another thread's matmuls in that window may run on torch's kernels too."""
+    else stays on it. Both accumulate in float32. The switch is process-wide: the first thread in
+    turns oneDNN off and the last one out restores it (a counter under a lock, so engines on
+    several threads never leave it off); another thread's matmuls in that window may run on
+    torch's kernels too."""
     global _one_row_depth, _one_row_saved
     if not active:
         yield

@@ -12,6 +12,7 @@ import bisect
 import io
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -127,8 +128,7 @@ def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = 
     its guessed rate to `frames / duration`. `max_pixels` caps `width*height` per frame
     (MediaTooLargeError) before anything is decoded.
     """
-    container = _open(src, name)
-    try:
+    with _opened(_open(src, name), name, "read") as container:
         stream = container.streams.video[0]
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if width <= 0 or height <= 0:
@@ -147,12 +147,6 @@ def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = 
             fps = count / stated
         duration = count / fps if fps else stated
         return VideoMetadata(total_num_frames=count, fps=fps, duration=duration, width=width, height=height)
-    except GlimpseError:
-        raise
-    except Exception as exc:
-        raise MediaError(f"{name}: cannot read the video ({_sanitize(exc)})") from None
-    finally:
-        container.close()
 
 
 def read_frames(
@@ -170,8 +164,7 @@ def read_frames(
         raise VideoSamplingError(f"{name}: no frame indices to read")
     if min(wanted) < 0:
         raise VideoSamplingError(f"{name}: frame index {min(wanted)} is negative")
-    container = _open(src, name)
-    try:
+    with _opened(_open(src, name), name, "decode") as container:
         stream = container.streams.video[0]
         index = _index(container, stream)
         if index.count == 0:
@@ -186,13 +179,20 @@ def read_frames(
             _decode_in_order(container, stream, frames, max_decode_frames)
         else:
             _decode_with_seeks(container, stream, index, frames, max_decode_frames)
+    return frames.array()
+
+
+@contextmanager
+def _opened(container: Any, name: str, action: str) -> Iterator[Any]:
+    """Close `container` afterwards; PyAV's own exceptions become a MediaError naming the video."""
+    try:
+        yield container
     except GlimpseError:
         raise
     except Exception as exc:
-        raise MediaError(f"{name}: cannot decode the video ({_sanitize(exc)})") from None
+        raise MediaError(f"{name}: cannot {action} the video ({_sanitize(exc)})") from None
     finally:
         container.close()
-    return frames.array()
 
 
 class _Output:

@@ -190,16 +190,16 @@ class _Groups:
             item = used[kind]
             used[kind] += 1
             t, h, w = rows[kind][item]
-            if t * (h // m) * (w // m) != self.length[g]:
-                self._refuse_length(g, item, [t, h, w], m, glm_videos)
+            expected = t * (h // m) * (w // m)
+            if expected != self.length[g]:
+                self._refuse_length(g, item, [t, h, w], expected, m, glm_videos)
             self.t.append(t)
             self.h.append(h // m)
             self.w.append(w // m)
             self.hw_max.append(max(h, w) // m)
 
-    def _refuse_length(self, g: int, item: int, thw: list, m: int, glm_videos: list | None) -> None:
+    def _refuse_length(self, g: int, item: int, thw: list, expected: int, m: int, glm_videos: list | None) -> None:
         kind = self.kind[g]
-        expected = thw[0] * (thw[1] // m) * (thw[2] // m)
         if kind == 2 and glm_videos is not None:
             v, frame = 0, item  # item counts frames over all videos
             while frame >= glm_videos[v][0]:
