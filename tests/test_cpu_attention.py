@@ -1,0 +1,129 @@
+"""The native CPU attention kernel (glimpse/csrc/cpu_attention.cpp) against brute-force float32
+attention, and its two callers (vision segments, the paged decoder cache) against torch's path.
+
+Tolerance: the kernel takes bf16 inputs and writes a bf16 output, so its error against a float32
+reference is dominated by that output rounding. Each case is held to 1.5x the error of torch's
+own bf16 SDPA on the same inputs (plus 1e-3 for cases where both are near exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glimpse import kernels
+from glimpse.engine import kv_cache as kv_mod
+from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
+from glimpse.vision import attention as vision_attention
+
+_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not _NEEDED <= kernels._cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(_NEEDED - kernels._cpu_flags())}: the kernel never runs here")
+    module = kernels.cpu_attention()
+    assert module is not None, "the CPU supports the kernel, so it must build (see the logged error)"
+    return module
+
+
+def _reference(q, k_cache, v_cache, slots, n, causal, dtype):
+    """Queries [n, H, D] against the keys at `slots`, grouped-query, the queries last when causal."""
+    group = q.shape[1] // k_cache.shape[1]
+    ks, vs = (c[slots].transpose(0, 1).repeat_interleave(group, 0).to(dtype) for c in (k_cache, v_cache))
+    ctx = len(slots)
+    mask = torch.ones(n, ctx, dtype=torch.bool).tril(ctx - n) if causal else None
+    return F.scaled_dot_product_attention(q.transpose(0, 1).to(dtype), ks, vs, attn_mask=mask).transpose(0, 1)
+
+
+def _check(out, q, k_cache, v_cache, slots, n, causal):
+    exact = _reference(q, k_cache, v_cache, slots, n, causal, torch.float32)
+    torch_bf16 = _reference(q, k_cache, v_cache, slots, n, causal, torch.bfloat16).float()
+    err, torch_err = (out.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
+    assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, causal):
+    # (query start, queries, keys): single rows, a block edge (63/64/65), a causal chunk after
+    # cached keys, a long segment, an odd tail of a 32-row query block.
+    segments = [(0, 1, 1), (1, 63, 63), (64, 1, 70), (65, 65, 65), (130, 60, 300), (190, 777, 777), (967, 33, 100)]
+    rows, num_slots = 1003, 1500
+    gen = torch.Generator().manual_seed(head_dim * 7 + heads)
+    q = (2 * torch.randn(rows, heads, head_dim, generator=gen)).bfloat16()
+    k_cache, v_cache = ((2 * torch.randn(num_slots, kv_heads, head_dim, generator=gen)).bfloat16() for _ in range(2))
+    slot_lists = [torch.randperm(num_slots, generator=gen)[:ctx] for *_, ctx in segments]
+    out = torch.full_like(q, 7.0)
+    offsets = torch.tensor([0] + [ctx for *_, ctx in segments]).cumsum(0)
+    starts, lens = (torch.tensor(col) for col in list(zip(*segments, strict=True))[:2])
+    native.segment_attention_bf16(q, k_cache, v_cache, starts, lens, torch.cat(slot_lists), offsets, causal,
+                                  head_dim**-0.5, out)  # fmt: skip
+    covered = torch.zeros(rows, dtype=torch.bool)
+    for (start, n, _), slots in zip(segments, slot_lists, strict=True):
+        covered[start : start + n] = True
+        _check(out[start : start + n], q[start : start + n], k_cache, v_cache, slots, n, causal)
+    assert (out[~covered] == 7).all()  # rows outside every segment are left alone
+
+
+def test_kernel_refuses_bad_tables(native):
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
+    one = torch.tensor([0]), torch.tensor([4])
+    with pytest.raises(RuntimeError, match="kv slot out of range"):
+        native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2, 8]), torch.tensor([0, 4]), True, 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="has 4 queries but 3 keys"):
+        native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2]), torch.tensor([0, 3]), True, 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="head dim 40"):
+        q40, kv40 = q[..., :40].contiguous(), kv[..., :40].contiguous()
+        native.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
+
+
+def test_vision_segments_match_grouped_sdpa(native):
+    """varlen_attention's native branch against its torch branch: segments of mixed lengths,
+    empty padded entries, rows past the last offset (zeros)."""
+    gen = torch.Generator().manual_seed(3)
+    n, heads, head_dim = 900, 6, 80
+    q, k, v = ((2 * torch.randn(n, heads, head_dim, generator=gen)).bfloat16() for _ in range(3))
+    cu = torch.tensor([0, 196, 392, 393, 700, 850, 850, 850], dtype=torch.int32)
+    got = vision_attention.varlen_attention(q, k, v, cu, n)
+    exact = vision_attention._grouped_sdpa(q.float(), k.float(), v.float(), cu)
+    torch_bf16 = vision_attention._grouped_sdpa(q, k, v, cu).float()
+    assert (got[850:] == 0).all()
+    err, torch_err = (got.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
+    assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
+
+
+def test_paged_step_matches_torch_path(native, monkeypatch):
+    """One step over the paged cache with decode rows, a fresh prefill and a chunk after cached
+    tokens: the native call against StepKV's torch path (buckets, SDPA), layer by layer."""
+    gen = torch.Generator().manual_seed(5)
+    block_size, heads, kv_heads, head_dim = 16, 12, 4, 64
+    cache = PagedKVCache(2, 64, block_size, kv_heads, head_dim, torch.bfloat16)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    tables = [[3, 9, 4], [0, 1], [20, 21, 22, 23, 24], [7]]
+    computed, new = [40, 0, 50, 5], [1, 30, 17, 1]  # decode, fresh prefill, chunk after cache, decode
+    meta = AttentionMetadata.build(block_size, tables, computed, new)
+    t = sum(new)
+    q = torch.randn(t, heads, head_dim, generator=gen).bfloat16()
+    k, v = (torch.randn(t, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
+    for layer in range(2):
+        before = cache.k.clone(), cache.v.clone()
+        got = StepKV(cache, meta).attend(layer, q, k, v)
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+        with monkeypatch.context() as m:
+            m.setattr(kv_mod, "native_attention", lambda _q: None)
+            torch_bf16 = StepKV(cache, meta).attend(layer, q, k, v).float()
+            exact = StepKV(_float(cache), meta).attend(layer, q.float(), k.float(), v.float())
+        err, torch_err = (got.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
+        assert err <= 1.5 * torch_err + 1e-3, (layer, err, torch_err)
+
+
+def _float(cache: PagedKVCache) -> PagedKVCache:
+    out = PagedKVCache(cache.k.shape[0], cache.k.shape[1], cache.block_size, cache.k.shape[3], cache.k.shape[4], torch.float32)
+    out.k.copy_(cache.k), out.v.copy_(cache.v)
+    return out
