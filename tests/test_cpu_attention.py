@@ -1,5 +1,6 @@
-"""The native CPU attention kernel (glimpse/csrc/cpu_attention.cpp) against brute-force float32
-attention, and its two callers (vision segments, the paged decoder cache) against torch's path.
+"""The native CPU attention kernels (glimpse/csrc/cpu_attention.cpp: segments, decode rows) against
+brute-force float32 attention, and their callers (vision segments, the paged decoder cache)
+against torch's path.
 
 Tolerance: the kernel takes bf16 inputs and writes a bf16 output, so its error against a float32
 reference is dominated by that output rounding. Each case is held to 1.5x the error of torch's
@@ -69,6 +70,26 @@ def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, cau
     assert (out[~covered] == 7).all()  # rows outside every segment are left alone
 
 
+@pytest.mark.parametrize("head_dim", [32, 80, 128])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (32, 1), (6, 2)])
+def test_decode_kernel_matches_float32_attention(native, head_dim, heads, kv_heads):
+    # one query row per sequence, rows out of order, contexts of 1 key up to past several blocks;
+    # 32 heads on one kv head crosses the kernel's 16-head chunk
+    contexts, rows = [1, 15, 16, 17, 300, 1000], [5, 0, 3, 1, 2, 4]
+    num_slots = 1500
+    gen = torch.Generator().manual_seed(head_dim + heads)
+    q = (2 * torch.randn(7, heads, head_dim, generator=gen)).bfloat16()
+    k_cache, v_cache = ((2 * torch.randn(num_slots, kv_heads, head_dim, generator=gen)).bfloat16() for _ in range(2))
+    slot_lists = [torch.randperm(num_slots, generator=gen)[:ctx] for ctx in contexts]
+    out = torch.full_like(q, 7.0)
+    offsets = torch.tensor([0, *contexts]).cumsum(0)
+    native.decode_attention_bf16(q, k_cache, v_cache, torch.tensor(rows), torch.cat(slot_lists), offsets,
+                                 head_dim**-0.5, out)  # fmt: skip
+    for row, slots in zip(rows, slot_lists, strict=True):
+        _check(out[row : row + 1], q[row : row + 1], k_cache, v_cache, slots, 1, False)
+    assert (out[6] == 7).all()  # a row no sequence names is left alone
+
+
 def test_kernel_refuses_bad_tables(native):
     q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
@@ -80,6 +101,17 @@ def test_kernel_refuses_bad_tables(native):
     with pytest.raises(RuntimeError, match="head dim 40"):
         q40, kv40 = q[..., :40].contiguous(), kv[..., :40].contiguous()
         native.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
+
+
+def test_decode_kernel_refuses_bad_tables(native):
+    q = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="row 2 lies outside"):
+        native.decode_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([0]), torch.tensor([0, 1]), 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="has no keys"):
+        native.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 0]), 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="kv slot out of range"):
+        native.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([9]), torch.tensor([0, 1]), 0.125, q.clone())
 
 
 def test_vision_segments_match_grouped_sdpa(native):

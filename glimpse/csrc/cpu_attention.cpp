@@ -210,6 +210,95 @@ BlockFn block_fn(int64_t D) {
   }
 }
 
+// Decode: one query row per sequence, K and V read straight from the cache through the slots (a
+// single query cannot amortise packing). Per (sequence, kv head), each query head of the group
+// scores every key with AVX512-BF16 dot products over D, takes a float32 softmax, and sums the
+// float32 V rows weighted by it.
+template <int ND>  // D / 16
+void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t kv_stride,
+                  const int64_t* slots, int64_t ctx, float scale, float* scores, at::BFloat16* out) {
+  // q, out: the group's first head in its row (the group's heads D apart); kc, vc: this kv head's column.
+  constexpr int64_t D = ND * 16;
+  constexpr int NC = (ND + 1) / 2;  // 32-element chunks of a row, the last one half full when ND is odd
+  auto load_chunk = [](const at::BFloat16* p, int c) {
+    return (ND % 2 && c == NC - 1) ? _mm512_maskz_loadu_epi16(__mmask32(0xFFFF), p + 32 * c)
+                                   : _mm512_loadu_si512(p + 32 * c);
+  };
+  constexpr int64_t kGroupMax = 16;
+  for (int64_t g0 = 0; g0 < G; g0 += kGroupMax) {
+    const int64_t ng = std::min(kGroupMax, G - g0);
+    __m512i qv[kGroupMax][NC];
+    for (int64_t g = 0; g < ng; ++g)
+      for (int c = 0; c < NC; ++c) qv[g][c] = load_chunk(q + (g0 + g) * D, c);
+    for (int64_t j = 0; j < ctx; ++j) {
+      const at::BFloat16* kr = kc + slots[j] * kv_stride;
+      __m512bh kv[NC];
+      for (int c = 0; c < NC; ++c) kv[c] = as_bh(load_chunk(kr, c));
+      for (int64_t g = 0; g < ng; ++g) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < NC; ++c) acc = _mm512_dpbf16_ps(acc, kv[c], as_bh(qv[g][c]));
+        scores[(g0 + g) * ctx + j] = _mm512_reduce_add_ps(acc) * scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {  // softmax of each head's scores, in place
+    float* s = scores + g * ctx;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < ctx; j += 16) {
+      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
+    }
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ctx; j += 16) {
+      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax)));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
+  }
+  constexpr int64_t kHeads = ND <= 4 ? 4 : 2;  // query heads summed per pass over V (accumulators in registers)
+  for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+    const int64_t ng = std::min(kHeads, G - g0);
+    __m512 acc[kHeads][ND];
+    for (int64_t g = 0; g < kHeads; ++g)
+      for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ctx; ++j) {
+      const at::BFloat16* vr = vc + slots[j] * kv_stride;
+      __m512 vf[ND];
+      for (int c = 0; c < ND; ++c)
+        vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
+      for (int64_t g = 0; g < ng; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * ctx + j]);
+        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
+      }
+    }
+    for (int64_t g = 0; g < ng; ++g)
+      for (int c = 0; c < ND; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g0 + g) * D + 16 * c),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[g][c])));
+  }
+}
+
+using DecodeFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, const at::BFloat16*, int64_t,
+                          const int64_t*, int64_t, float, float*, at::BFloat16*);
+
+DecodeFn decode_fn(int64_t D) {
+  switch (D) {
+    case 32: return decode_group<2>;
+    case 48: return decode_group<3>;
+    case 64: return decode_group<4>;
+    case 80: return decode_group<5>;
+    case 96: return decode_group<6>;
+    case 112: return decode_group<7>;
+    case 128: return decode_group<8>;
+    default: return nullptr;
+  }
+}
+
 }  // namespace
 
 // Scratch for the packed K and V, kept per calling thread: reused across calls and layers instead of
@@ -288,6 +377,49 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
   });
 }
 
+void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& rows, const torch::Tensor& kv_slots, const torch::Tensor& kv_offsets,
+                           double scale, const torch::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
+              "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
+  TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
+  for (const torch::Tensor* t : {&q, &k, &v, &out})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "q, k, v and out must be contiguous bfloat16");
+  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2), num_slots = k.size(0);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
+  const DecodeFn fn = decode_fn(D);
+  TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
+  for (const torch::Tensor* t : {&rows, &kv_slots, &kv_offsets})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
+                "row and slot tables must be contiguous int64 CPU tensors");
+  const int64_t B = rows.numel();
+  TORCH_CHECK(kv_offsets.numel() == B + 1, "one kv range per row");
+  const int64_t *rp = rows.data_ptr<int64_t>(), *slots = kv_slots.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
+  TORCH_CHECK(ko[0] >= 0 && ko[B] <= kv_slots.numel(), "kv_offsets must lie within kv_slots");
+  int64_t max_ctx = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < T, "row ", rp[b], " lies outside the ", T, " rows");
+    TORCH_CHECK(ko[b + 1] > ko[b], "row ", b, " has no keys");
+    max_ctx = std::max(max_ctx, ko[b + 1] - ko[b]);
+  }
+  for (int64_t j = ko[0]; j < ko[B]; ++j) TORCH_CHECK(slots[j] >= 0 && slots[j] < num_slots, "kv slot out of range");
+  const int64_t G = H / Hkv;
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  const auto* kp = k.data_ptr<at::BFloat16>();
+  const auto* vp = v.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    if (scores.size() < size_t(G * max_ctx)) scores.resize(G * max_ctx);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / Hkv, h = w % Hkv, offset = (rp[b] * H + h * G) * D;
+      fn(qp + offset, G, kp + h * D, vp + h * D, Hkv * D, slots + ko[b], ko[b + 1] - ko[b], float(scale),
+         scores.data(), op + offset);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch");
+  m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence");
 }

@@ -7,14 +7,14 @@ sequence's query range, context length and block table) and a `StepKV` that impl
 their slots, then reads K and V through the block tables. Decode rows (one query each) run
 as batched SDPA calls, one per bucket of similar context lengths (little padding); prefill
 chunks run per sequence with a causal mask offset by the tokens already cached. On CPU in bf16
-all of that is one call of the native kernel (glimpse/kernels.py), which reads K and V through
-each sequence's slots.
+the native kernels (glimpse/kernels.py) replace both and read K and V through each sequence's
+slots, with no gather: one call for all decode rows, one for all prefill chunks.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,16 +103,36 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     context_slots: list[torch.Tensor]
-    decode_buckets: list[DecodeBucket] = field(default_factory=list)  # one-token sequences
-    prefill_seqs: tuple[int, ...] = ()
+    decode_seqs: tuple[int, ...] = ()  # sequences with one new token
+    prefill_seqs: tuple[int, ...] = ()  # the others
 
     @functools.cached_property
-    def segment_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(query_starts, query_lens, context slots back to back, their [S+1] offsets) as int64 CPU
-        tensors: every sequence one segment of the native kernel, built once for all layers."""
-        offsets = torch.tensor([0, *self.context_lens]).cumsum(0)
-        slots = torch.cat(self.context_slots).cpu() if self.context_slots else torch.zeros(0, dtype=torch.long)
-        return torch.tensor(self.query_starts), torch.tensor(self.query_lens), slots, offsets
+    def decode_buckets(self) -> list[DecodeBucket]:
+        """The decode sequences in buckets of similar context length (torch's path)."""
+        device = self.slot_mapping.device
+        by_len = sorted(self.decode_seqs, key=lambda i: -self.context_lens[i])
+        return [DecodeBucket.build(bucket, self.query_starts, self.context_lens, self.context_slots, device)
+                for bucket in _buckets(by_len, self.context_lens)]  # fmt: skip
+
+    @functools.cached_property
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decode sequences for the native kernel, built once for all layers: their query rows,
+        their context slots back to back, and those slots' [B+1] offsets (int64 CPU tensors)."""
+        seqs = self.decode_seqs
+        offsets = torch.tensor([0, *(self.context_lens[i] for i in seqs)]).cumsum(0)
+        slots = torch.cat([self.context_slots[i] for i in seqs]).cpu()
+        return torch.tensor([self.query_starts[i] for i in seqs]), slots, offsets
+
+    @functools.cached_property
+    def prefill_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prefill chunks as segments of the native kernel, built once for all layers: their
+        query starts and lengths, their context slots back to back, and those slots' [S+1] offsets
+        (int64 CPU tensors)."""
+        seqs = self.prefill_seqs
+        offsets = torch.tensor([0, *(self.context_lens[i] for i in seqs)]).cumsum(0)
+        slots = torch.cat([self.context_slots[i] for i in seqs]).cpu()
+        return (torch.tensor([self.query_starts[i] for i in seqs]), torch.tensor([self.query_lens[i] for i in seqs]),
+                slots, offsets)  # fmt: skip
 
     @classmethod
     def build(cls, block_size: int, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
@@ -129,12 +149,9 @@ class AttentionMetadata:
             ctx_slots.append(seq_slots.to(device))
             slots.append(seq_slots[done:])
         context_lens = [d + q for d, q in zip(num_computed, query_lens, strict=True)]
-        meta = cls(torch.cat(slots).to(device), starts, list(query_lens), context_lens, ctx_slots)
-        decode = [i for i, q in enumerate(query_lens) if q == 1]
-        meta.prefill_seqs = tuple(i for i, q in enumerate(query_lens) if q != 1)
-        for bucket in _buckets(sorted(decode, key=lambda i: -context_lens[i]), context_lens):
-            meta.decode_buckets.append(DecodeBucket.build(bucket, starts, context_lens, ctx_slots, device))
-        return meta
+        decode = tuple(i for i, q in enumerate(query_lens) if q == 1)
+        prefill = tuple(i for i, q in enumerate(query_lens) if q != 1)
+        return cls(torch.cat(slots).to(device), starts, list(query_lens), context_lens, ctx_slots, decode, prefill)
 
 
 class StepKV:
@@ -152,8 +169,13 @@ class StepKV:
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the native kernel writes it
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-        if k_flat.dtype == q.dtype and (native := native_attention(q)) is not None:  # every sequence, one call
-            native.segment_attention_bf16(q.contiguous(), k_flat, v_flat, *meta.segment_tables, True, head_dim**-0.5, out)
+        native = native_attention(q) if k_flat.dtype == q.dtype else None
+        if native is not None:  # K and V read through each sequence's slots: decode rows, then prefill chunks
+            q = q.contiguous()
+            if meta.decode_seqs:
+                native.decode_attention_bf16(q, k_flat, v_flat, *meta.decode_tables, head_dim**-0.5, out)
+            if meta.prefill_seqs:
+                native.segment_attention_bf16(q, k_flat, v_flat, *meta.prefill_tables, True, head_dim**-0.5, out)
             return out
         group = num_heads // num_kv_heads
         for bucket in meta.decode_buckets:
