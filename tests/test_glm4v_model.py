@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from glimpse import kernels
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.glm4v import Glm4vModel, bicubic_axis_matrix
-from glimpse.vision import attention as vision_attention
 
 TEXT_IDS = list(range(3, 200))  # plain text ids; the special ids below lie outside this range
 SPECIAL = dict(image_token_id=280, video_token_id=281, image_start_token_id=282, image_end_token_id=283)
@@ -243,9 +243,9 @@ BF16_TOL = 2.0**-4
 
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v"])
 def test_bf16_logits_and_greedy_close_to_hf(kind, monkeypatch):
-    # torch's kernels, as HF calls them: the native bf16 attention (tested next) groups its sums
-    # differently, so this cast-by-cast comparison runs without it
-    monkeypatch.setattr(vision_attention, "native_attention", lambda q: None)
+    # torch's kernels, as HF calls them: the native bf16 kernels (tested next) group their sums
+    # differently, so this cast-by-cast comparison runs without them
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     hf = hf_bf16(kind, seed=4)  # a seed whose 16 greedy steps all have top-2 margins >= 2*BF16_TOL
     ours = glimpse_model(hf, torch.bfloat16)
     ipv, igrid = pixels([[1, 6, 8]], seed=9)
@@ -275,8 +275,8 @@ def test_bf16_logits_and_greedy_close_to_hf(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v"])
 def test_bf16_with_native_attention_as_accurate_as_hf(kind):
-    """With the native bf16 vision attention (where this CPU runs it), logits stay as close to the
-    float32 truth as HF's own bf16 logits: within 1.5x HF's error (measured 0.90x-1.10x)."""
+    """With the native bf16 kernels (where this CPU runs them), logits stay as close to the float32
+    truth as HF's own bf16 logits: within 1.5x HF's error (measured 0.90x-1.10x)."""
     hf32 = hf_model(tiny_config(kind), seed=4)
     hf = hf_bf16(kind, seed=4)
     ours = glimpse_model(hf, torch.bfloat16)

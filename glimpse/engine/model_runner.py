@@ -138,7 +138,8 @@ def _one_row_kernels(active: bool) -> Iterator[None]:
     else stays on it. Both accumulate in float32. The switch is process-wide: the first thread in
     turns oneDNN off and the last one out restores it (a counter under a lock, so engines on
     several threads never leave it off); another thread's matmuls in that window may run on
-    torch's kernels too."""
+    torch's kernels too. Where the native kernels build, `models.layers.Linear` layers bypass both
+    (~70 GB/s); this switch still serves fp16 and matmuls outside those layers (MoE experts)."""
     global _one_row_depth, _one_row_saved
     if not active:
         yield

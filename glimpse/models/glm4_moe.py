@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.errors import CheckpointError
+from glimpse.models.layers import Linear
 
 MOE_TEXT_TYPES = ("glm4v_moe_text",)
 
@@ -88,9 +89,9 @@ class Glm4MoeMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.act = _activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
 from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
-from glimpse.models.layers import KVCache, RMSNorm, rotate_half, rotate_interleaved
+from glimpse.models.layers import KVCache, Linear, RMSNorm, rotate_half, rotate_interleaved
 from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
 from glimpse.vision.attention import pad_offsets, varlen_attention
 
@@ -223,8 +223,8 @@ class Glm4vVisionAttention(nn.Module):
     def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
         self.num_heads = vc.num_heads
-        self.qkv = nn.Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
-        self.proj = nn.Linear(vc.hidden_size, vc.hidden_size, bias=variant.proj_bias)
+        self.qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
+        self.proj = Linear(vc.hidden_size, vc.hidden_size, bias=variant.proj_bias)
         if variant.ocr:  # per-head RMSNorm of q and k before the rotary
             head_dim = vc.hidden_size // vc.num_heads
             self.q_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
@@ -253,9 +253,9 @@ class Glm4vVisionMlp(nn.Module):
     def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
         width, bias = variant.mlp_width, variant.mlp_bias
-        self.gate_proj = nn.Linear(vc.hidden_size, width, bias=bias)
-        self.up_proj = nn.Linear(vc.hidden_size, width, bias=bias)
-        self.down_proj = nn.Linear(width, vc.hidden_size, bias=bias)
+        self.gate_proj = Linear(vc.hidden_size, width, bias=bias)
+        self.up_proj = Linear(vc.hidden_size, width, bias=bias)
+        self.down_proj = Linear(width, vc.hidden_size, bias=bias)
         self.act = activation(vc.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,11 +280,11 @@ class Glm4vVisionPatchMerger(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, hidden_act: str) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
         self.post_projection_norm = nn.LayerNorm(dim)
-        self.gate_proj = nn.Linear(dim, context_dim, bias=False)
-        self.up_proj = nn.Linear(dim, context_dim, bias=False)
-        self.down_proj = nn.Linear(context_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, context_dim, bias=False)
+        self.up_proj = Linear(dim, context_dim, bias=False)
+        self.down_proj = Linear(context_dim, dim, bias=False)
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,10 +422,10 @@ class Glm4vTextAttention(nn.Module):
         self.neox = variant.neox_rotary
         q_out = tc.num_attention_heads * self.head_dim
         kv_out = tc.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(tc.hidden_size, q_out, bias=variant.qkv_bias)
-        self.k_proj = nn.Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
-        self.v_proj = nn.Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
-        self.o_proj = nn.Linear(q_out, tc.hidden_size, bias=False)
+        self.q_proj = Linear(tc.hidden_size, q_out, bias=variant.qkv_bias)
+        self.k_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
+        self.v_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
+        self.o_proj = Linear(q_out, tc.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
         t = x.shape[0]
@@ -441,8 +441,8 @@ class Glm4vTextMLP(nn.Module):
 
     def __init__(self, tc) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(tc.hidden_size, 2 * tc.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(tc.intermediate_size, tc.hidden_size, bias=False)
+        self.gate_up_proj = Linear(tc.hidden_size, 2 * tc.intermediate_size, bias=False)
+        self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, bias=False)
         self.act = activation(tc.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -537,7 +537,7 @@ class Glm4vModel(VisionLanguageModel):
         self.spatial_merge_size = vc.spatial_merge_size
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         self.model = Glm4vBackbone(config)
-        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.tie_weights()
         moe = text_variant(tc).moe

@@ -17,7 +17,7 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
-from glimpse.models.layers import KVCache, RMSNorm, rotate_half
+from glimpse.models.layers import KVCache, Linear, RMSNorm, rotate_half
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
 from glimpse.vision.attention import pad_offsets, varlen_attention
 
@@ -164,8 +164,8 @@ class Qwen2_5_VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.qkv = Linear(dim, dim * 3, bias=True)
+        self.proj = Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -181,9 +181,9 @@ class Qwen2_5_VisionAttention(nn.Module):
 class Qwen2_5_VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=True)
-        self.up_proj = nn.Linear(dim, hidden, bias=True)
-        self.down_proj = nn.Linear(hidden, dim, bias=True)
+        self.gate_proj = Linear(dim, hidden, bias=True)
+        self.up_proj = Linear(dim, hidden, bias=True)
+        self.down_proj = Linear(hidden, dim, bias=True)
         self.act = _activation(act, "vision_config")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ class Qwen2_5_VisionMerger(nn.Module):
         self.ln_q = RMSNorm(context_dim, eps=_VISION_NORM_EPS)
         # nn.Sequential keeps HF's parameter names `mlp.0` / `mlp.2`.
         self.mlp = nn.Sequential(
-            nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, out_dim)
+            Linear(self.hidden_size, self.hidden_size), nn.GELU(), Linear(self.hidden_size, out_dim)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,10 +375,10 @@ class Qwen2Attention(nn.Module):
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = tc.num_key_value_heads
         self.head_dim = tc.hidden_size // tc.num_attention_heads
-        self.q_proj = nn.Linear(tc.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, tc.hidden_size, bias=False)
+        self.q_proj = Linear(tc.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.num_heads * self.head_dim, tc.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
         t = x.shape[0]
@@ -395,9 +395,9 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, tc) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(tc.hidden_size, tc.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(tc.hidden_size, tc.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(tc.intermediate_size, tc.hidden_size, bias=False)
+        self.gate_proj = Linear(tc.hidden_size, tc.intermediate_size, bias=False)
+        self.up_proj = Linear(tc.hidden_size, tc.intermediate_size, bias=False)
+        self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, bias=False)
         self.act = _activation(tc.hidden_act, "text_config")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -488,7 +488,7 @@ class Qwen2_5_VLModel(VisionLanguageModel):
         self.spatial_merge_size = vc.spatial_merge_size
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.model = _Qwen2_5_VLBackbone(config)
-        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_weights()
 
     # ---- vision -------------------------------------------------------------------

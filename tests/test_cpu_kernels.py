@@ -1,4 +1,4 @@
-"""The native CPU attention kernels (glimpse/csrc/cpu_attention.cpp: segments, decode rows) against
+"""The native CPU attention kernels (glimpse/csrc/cpu_kernels.cpp: segments, decode rows, one-row linear) against
 brute-force float32 attention, and their callers (vision segments, the paged decoder cache)
 against torch's path.
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from glimpse import kernels
 from glimpse.engine import kv_cache as kv_mod
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
+from glimpse.models.layers import Linear
 from glimpse.vision import attention as vision_attention
 
 _NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
@@ -25,7 +26,7 @@ _NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
 def native():
     if not _NEEDED <= kernels._cpu_flags():
         pytest.skip(f"this CPU lacks {sorted(_NEEDED - kernels._cpu_flags())}: the kernel never runs here")
-    module = kernels.cpu_attention()
+    module = kernels.cpu_kernels()
     assert module is not None, "the CPU supports the kernel, so it must build (see the logged error)"
     return module
 
@@ -159,3 +160,42 @@ def _float(cache: PagedKVCache) -> PagedKVCache:
     out = PagedKVCache(cache.k.shape[0], cache.k.shape[1], cache.block_size, cache.k.shape[3], cache.k.shape[4], torch.float32)
     out.k.copy_(cache.k), out.v.copy_(cache.v)
     return out
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (5, 40), (1023, 1000), (2048, 1536), (7, 8960)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_linear_matches_float32(native, out_features, in_features, bias):
+    """Row counts that are and are not multiples of 4, widths with and without a 32-wide tail."""
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    layer = Linear(in_features, out_features, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    layer.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
+    if bias:
+        layer.bias.copy_(torch.randn(out_features, generator=gen))
+    x = torch.randn(1, in_features, generator=gen).bfloat16()
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float() if bias else None)
+    torch_err = (F.linear(x, layer.weight, layer.bias).float() - exact).abs().max().item()
+    for shaped in (x, x.view(in_features), x.view(1, 1, in_features)):
+        got = layer(shaped)
+        assert got.shape == (*shaped.shape[:-1], out_features) and got.dtype == torch.bfloat16
+        err = (got.float().reshape(1, -1) - exact).abs().max().item()
+        assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
+
+
+def test_linear_uses_native_kernel_only_for_one_bf16_row(native, monkeypatch):
+    layer = Linear(64, 16).to(torch.bfloat16).requires_grad_(False)
+    calls = []
+    real = native.linear_one_row_bf16
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: type("M", (), {"linear_one_row_bf16": lambda *a: calls.append(1) or real(*a)}))
+    layer(torch.randn(1, 64).bfloat16())
+    assert len(calls) == 1
+    rows = torch.randn(3, 64).bfloat16()
+    assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias)) and len(calls) == 1  # torch's path
+    assert torch.equal(layer.float()(rows.float()), F.linear(rows.float(), layer.weight, layer.bias))
+
+
+def test_one_row_linear_refuses_bad_shapes(native):
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="one row of 64 features"):
+        native.linear_one_row_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="one value per output"):
+        native.linear_one_row_bf16(torch.zeros(1, 64, dtype=torch.bfloat16), w, torch.zeros(7, dtype=torch.bfloat16))

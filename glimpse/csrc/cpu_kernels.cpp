@@ -1,6 +1,7 @@
-// Steps 5 and 8 on CPU: bf16 attention inside segments of a flat batch (vision segments,
-// bidirectional; fresh prefill sequences, causal), a flash-attention loop on AVX512-BF16 dot
-// products with float32 scores, softmax and sums.
+// Steps 5 and 8 on CPU in bf16, on AVX512-BF16 dot products with float32 accumulation:
+// attention inside segments of a flat batch (vision segments, bidirectional; prefill chunks over
+// the paged cache, causal), decode attention (one query row per sequence), and one-row linear
+// layers (batch-1 decode).
 //
 // segment_attention_bf16(q, k, v, q_starts, q_lens, kv_slots, kv_offsets, causal, scale, out)
 //   q, out: [T, heads, D] bf16 contiguous; k, v: [slots, kv_heads, D] bf16 contiguous (a flat
@@ -299,6 +300,55 @@ DecodeFn decode_fn(int64_t D) {
   }
 }
 
+// One-row linear layer: y[n] = sum_k W[n, k] x[k] (+ b[n]). Four weight rows at a time, 32 products
+// per dot-product instruction, one float32 sum per row rounded once to bf16. torch's own one-row
+// bf16 kernels stream weights at ~45 GB/s here and oneDNN's at ~23; this one at ~70 (measured).
+void linear_rows(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, int64_t K, int64_t n0,
+                 int64_t n1, at::BFloat16* y) {
+  const int64_t full = K / 32 * 32;
+  const __mmask32 tail = __mmask32((uint64_t(1) << (K - full)) - 1);
+  auto row_sum = [&](const at::BFloat16* r, int64_t count, float* sums) {  // count (<= 4) rows from r
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < full; k += 32) {
+      const __m512bh xv = as_bh(_mm512_loadu_si512(x + k));
+      for (int64_t i = 0; i < count; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], as_bh(_mm512_loadu_si512(r + i * K + k)), xv);
+    }
+    if (full < K) {
+      const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(tail, x + full));
+      for (int64_t i = 0; i < count; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], as_bh(_mm512_maskz_loadu_epi16(tail, r + i * K + full)), xv);
+    }
+    for (int64_t i = 0; i < count; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+  };
+  float sums[4];
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t count = std::min<int64_t>(4, n1 - n);
+    if (count == 4) {  // the hot loop, unrolled by the compiler for a fixed count
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const at::BFloat16* r = w + n * K;
+      for (int64_t k = 0; k < full; k += 32) {
+        const __m512bh xv = as_bh(_mm512_loadu_si512(x + k));
+        a0 = _mm512_dpbf16_ps(a0, as_bh(_mm512_loadu_si512(r + k)), xv);
+        a1 = _mm512_dpbf16_ps(a1, as_bh(_mm512_loadu_si512(r + K + k)), xv);
+        a2 = _mm512_dpbf16_ps(a2, as_bh(_mm512_loadu_si512(r + 2 * K + k)), xv);
+        a3 = _mm512_dpbf16_ps(a3, as_bh(_mm512_loadu_si512(r + 3 * K + k)), xv);
+      }
+      if (full < K) {
+        const __m512bh xv = as_bh(_mm512_maskz_loadu_epi16(tail, x + full));
+        a0 = _mm512_dpbf16_ps(a0, as_bh(_mm512_maskz_loadu_epi16(tail, r + full)), xv);
+        a1 = _mm512_dpbf16_ps(a1, as_bh(_mm512_maskz_loadu_epi16(tail, r + K + full)), xv);
+        a2 = _mm512_dpbf16_ps(a2, as_bh(_mm512_maskz_loadu_epi16(tail, r + 2 * K + full)), xv);
+        a3 = _mm512_dpbf16_ps(a3, as_bh(_mm512_maskz_loadu_epi16(tail, r + 3 * K + full)), xv);
+      }
+      sums[0] = _mm512_reduce_add_ps(a0), sums[1] = _mm512_reduce_add_ps(a1);
+      sums[2] = _mm512_reduce_add_ps(a2), sums[3] = _mm512_reduce_add_ps(a3);
+    } else {
+      row_sum(w + n * K, count, sums);
+    }
+    for (int64_t i = 0; i < count; ++i) y[n + i] = at::BFloat16(sums[i] + (bias ? float(bias[n + i]) : 0.f));
+  }
+}
+
 }  // namespace
 
 // Scratch for the packed K and V, kept per calling thread: reused across calls and layers instead of
@@ -419,7 +469,32 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const
   });
 }
 
+torch::Tensor linear_one_row_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(w.dim() == 2 && x.numel() == w.size(1), "x must hold one row of ", w.size(1), " features");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.is_contiguous(),
+              "x and the weight must be contiguous bfloat16");
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::BFloat16* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N,
+                "the bias must be contiguous bfloat16 with one value per output");
+    bp = bias->data_ptr<at::BFloat16>();
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  torch::Tensor y = torch::empty(shape, x.options());
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* wp = w.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {  // groups of four rows
+    linear_rows(xp, wp, bp, K, 4 * b0, std::min(N, 4 * b1), yp);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch");
   m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence");
+  m.def("linear_one_row_bf16", &linear_one_row_bf16, "bf16 linear layer of one input row", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
 }
