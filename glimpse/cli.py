@@ -13,6 +13,7 @@ BENCHES = {
     "throughput": "glimpse.bench.throughput",
     "serve": "glimpse.bench.serve",
     "mm-encoder": "glimpse.bench.mm_encoder",
+    "kernels": "glimpse.bench.kernels",
 }
 
 

@@ -1,0 +1,154 @@
+"""`glimpse bench kernels`: the native CPU kernels (glimpse/csrc) against torch's, side by side.
+
+Each row times both on the same bf16 inputs (median of `--repeats` after warm-up) and prints the
+rate each reaches (GFLOP/s for attention, GB/s of weights or K/V for the memory-bound kernels)
+and the speed-up:
+- vision attention: one image of L patches, 6 heads of 64 (the `small` checkpoint's tower);
+- causal prefill: one 700-token chunk, 12 query heads on 4 kv heads;
+- decode attention: 64 sequences of 400-760 cached tokens in a paged cache, one query row each,
+  against the bucketed path torch runs (gather + SDPA);
+- one-row linear: the 24 layers of a 705M decoder's shapes (2.3 GB of weights, beyond the
+  caches), against torch's one-row kernel and oneDNN's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from glimpse.bench.throughput import read_bandwidth
+from glimpse.buffers import empty_buffer
+from glimpse.kernels import cpu_kernels
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per side (the median is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict:
+    q, k, v = (torch.randn(length, 6, 64, generator=gen).bfloat16() for _ in range(3))
+    out = torch.empty_like(q)
+    tables = torch.tensor([0]), torch.tensor([length]), torch.arange(length), torch.tensor([0, length])
+    flops = 4 * length * length * 64 * 6
+    ours = _median_seconds(lambda: native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out), repeats)
+    ref = _median_seconds(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))), repeats)
+    return dict(kernel=f"vision attention, L={length}", unit="GFLOP/s", native=flops / ours / 1e9,
+                torch=flops / ref / 1e9, speedup=ref / ours)  # fmt: skip
+
+
+def _attention_rows(native, repeats: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = [_vision_row(native, length, gen, repeats) for length in (400, 1200, 2704)]
+    n = 700
+    q = torch.randn(n, 12, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(n, 4, 64, generator=gen).bfloat16() for _ in range(2))
+    out = torch.empty_like(q)
+    tables = torch.tensor([0]), torch.tensor([n]), torch.arange(n), torch.tensor([0, n])
+    flops = 2 * n * n * 64 * 12  # the causal half of 4 n^2 D H
+
+    def sdpa_causal():
+        ks, vs = (t.transpose(0, 1).repeat_interleave(3, 0) for t in (k, v))
+        return F.scaled_dot_product_attention(q.transpose(0, 1), ks, vs, is_causal=True)
+
+    ours = _median_seconds(lambda: native.segment_attention_bf16(q, k, v, *tables, True, 0.125, out), repeats)
+    ref = _median_seconds(sdpa_causal, repeats)
+    rows.append(dict(kernel=f"causal prefill, {n} tokens, GQA 12/4", unit="GFLOP/s", native=flops / ours / 1e9,
+                     torch=flops / ref / 1e9, speedup=ref / ours))  # fmt: skip
+    return rows
+
+
+def _decode_row(native, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    seqs, heads, kv_heads, dim, block = 64, 12, 4, 64, 16
+    contexts = torch.randint(400, 760, (seqs,), generator=gen).tolist()
+    num_blocks = sum((c + block - 1) // block for c in contexts) * 2
+    k_cache, v_cache = (torch.randn(num_blocks * block, kv_heads, dim, generator=gen).bfloat16() for _ in range(2))
+    order = torch.randperm(num_blocks, generator=gen)
+    slot_lists, used = [], 0
+    for c in contexts:  # each sequence on scattered blocks, as a paged cache holds it
+        nb = (c + block - 1) // block
+        slot_lists.append((order[used : used + nb, None] * block + torch.arange(block)).flatten()[:c])
+        used += nb
+    slots, offsets = torch.cat(slot_lists), torch.tensor([0, *contexts]).cumsum(0)
+    q = torch.randn(seqs, heads, dim, generator=gen).bfloat16()
+    out = torch.empty_like(q)
+    rows = torch.arange(seqs)
+    longest = max(contexts)
+    padded = torch.zeros(seqs, longest, dtype=torch.long)
+    mask = torch.zeros(seqs, 1, 1, longest, dtype=torch.bool)
+    for i, s in enumerate(slot_lists):
+        padded[i, : len(s)], mask[i, ..., : len(s)] = s, True
+
+    def torch_path():  # what engine/kv_cache.py runs without the kernel: gather, then SDPA
+        kd, vd = (c.index_select(0, padded.view(-1)).view(seqs, longest, kv_heads, dim).transpose(1, 2) for c in (k_cache, v_cache))
+        return F.scaled_dot_product_attention(q.view(seqs, kv_heads, heads // kv_heads, dim), kd, vd, attn_mask=mask)
+
+    kv_bytes = 2 * sum(contexts) * kv_heads * dim * 2
+    ours = _median_seconds(lambda: native.decode_attention_bf16(q, k_cache, v_cache, rows, slots, offsets, 0.125, out), repeats)
+    ref = _median_seconds(torch_path, repeats)
+    return dict(kernel="decode attention, 64 rows x 400-760 keys", unit="GB/s of K/V", native=kv_bytes / ours / 1e9,
+                torch=kv_bytes / ref / 1e9, speedup=ref / ours)  # fmt: skip
+
+
+def _linear_rows(native, repeats: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(2048, 1536), (256, 1536), (256, 1536), (1536, 1536), (8960, 1536), (8960, 1536), (1536, 8960)] * 24
+    weights = [empty_buffer(shape, torch.bfloat16).copy_(torch.randn(shape, generator=gen)) for shape in shapes]
+    xs = {k: torch.randn(1, k, generator=gen).bfloat16() for _, k in shapes}
+    total = sum(w.nbytes for w in weights)
+
+    def sweep(fn):
+        return lambda: [fn(xs[w.shape[1]], w) for w in weights]
+
+    ours = _median_seconds(sweep(native.linear_one_row_bf16), repeats)
+    saved = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = False
+        ref = _median_seconds(sweep(F.linear), repeats)
+        torch.backends.mkldnn.enabled = True
+        onednn = _median_seconds(sweep(F.linear), repeats)
+    finally:
+        torch.backends.mkldnn.enabled = saved
+    return [dict(kernel="one-row linear vs torch's own kernel", unit="GB/s of weights", native=total / ours / 1e9,
+                 torch=total / ref / 1e9, speedup=ref / ours),
+            dict(kernel="one-row linear vs oneDNN", unit="GB/s of weights", native=total / ours / 1e9,
+                 torch=total / onednn / 1e9, speedup=onednn / ours)]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    native = cpu_kernels()
+    if native is None:
+        print("the native kernels do not run on this machine (see the log): nothing to compare")
+        return 1
+    with torch.inference_mode():
+        rows = _attention_rows(native, args.repeats) + [_decode_row(native, args.repeats)]
+        rows += _linear_rows(native, args.repeats)
+    probe = read_bandwidth()
+    result = {"threads": torch.get_num_threads(), "rows": rows, "read_bandwidth_bytes_per_s": probe}
+    if not args.json:
+        print(f"{'kernel':44s} {'unit':16s} {'native':>8s} {'torch':>8s} {'speed-up':>9s}")
+        for r in rows:
+            print(f"{r['kernel']:44s} {r['unit']:16s} {r['native']:8.1f} {r['torch']:8.1f} {r['speedup']:8.2f}x")
+        print(f"machine read bandwidth (summing 2 GiB of float32, as `bench throughput`): {probe / 1e9:.1f} GB/s")
+    print(json.dumps(result))
+    return 0
