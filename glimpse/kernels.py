@@ -1,10 +1,13 @@
 """Native CPU kernels (glimpse/csrc), compiled on first use by torch's C++ extension loader.
 
-`native_attention(q)` and `native_linear(x, weight)` return the compiled module when it serves
+`native_attention(q, ...)` and `native_linear(x, weight, bias)` return the compiled module when it serves
 those tensors (CPU, bf16, shapes it is built for), or None: another device or dtype, another OS, a
 CPU without AVX512-BF16, no C++ compiler, or `GLIMPSE_NATIVE_KERNELS=0`. Callers then use torch's
-kernels, so a missing compiler costs speed, never correctness. The build is cached per machine
-in torch's extension directory (`TORCH_EXTENSIONS_DIR`), about 30 s the first time.
+kernels, so a missing compiler costs speed, never correctness. The engine builds it when it starts (`engine/model_runner.py`),
+not inside a request; the build is cached per machine in torch's extension directory
+(`TORCH_EXTENSIONS_DIR`), about 20 s the first time. torch guards the build with a lock file there:
+a build killed midway can leave it behind, and the next build then waits until it is deleted.
+`GLIMPSE_NATIVE_KERNELS` is read once per process.
 """
 
 from __future__ import annotations
@@ -35,20 +38,29 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def native_attention(q: torch.Tensor) -> ModuleType | None:
-    """The module (`segment_attention_bf16`, `decode_attention_bf16`) if it serves q, else None."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.shape[-1] not in NATIVE_HEAD_DIMS:
+def native_attention(q: torch.Tensor, *others: torch.Tensor) -> ModuleType | None:
+    """The module (`segment_attention_bf16`, `decode_attention_bf16`) if it serves q and the tensors
+    read with it (k, v, a cache), else None."""
+    if q.shape[-1] not in NATIVE_HEAD_DIMS or not all(_cpu_bf16(t) for t in (q, *others)):
         return None
     return cpu_kernels()
 
 
-def native_linear(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
-    """The module (`linear_one_row_bf16`) if x is one bf16 CPU row for this weight, else None."""
-    if x.numel() != weight.shape[-1] or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ModuleType | None:
+    """The module (`linear_one_row_bf16`) if x is one bf16 CPU row for this layer, else None: also
+    when autograd would record the call, or while torch.compile traces (both need torch's ops)."""
+    if x.dim() == 0 or x.shape[-1] != weight.shape[-1] or x.numel() != weight.shape[-1]:
         return None
-    if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.requires_grad and torch.is_grad_enabled():
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not all(_cpu_bf16(t) for t in tensors) or not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
         return None
     return cpu_kernels()
+
+
+def _cpu_bf16(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
 @functools.cache

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from glimpse import kernels
 from glimpse.testing import make_checkpoint
+
+_NATIVE_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+
+
+@pytest.fixture(scope="session")
+def native_kernels():
+    """The compiled native CPU kernels: required to build wherever the CPU runs them."""
+    if os.environ.get("GLIMPSE_NATIVE_KERNELS", "1") == "0":
+        pytest.skip("GLIMPSE_NATIVE_KERNELS=0: the native kernels are switched off for this run")
+    if not _NATIVE_CPU_FLAGS <= kernels._cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(_NATIVE_CPU_FLAGS - kernels._cpu_flags())}: the kernels never run here")
+    module = kernels.cpu_kernels()
+    assert module is not None, "the CPU supports the native kernels, so they must build (see the logged error)"
+    return module
+
+
+class KernelSpy:
+    """Stands in for the native module and counts the calls of each kernel."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls = module, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def kernel_spy(native_kernels, monkeypatch) -> KernelSpy:
+    spy = KernelSpy(native_kernels)
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: spy)
+    return spy
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGES = MEDIA / "images"

@@ -1,6 +1,6 @@
-"""The native CPU attention kernels (glimpse/csrc/cpu_kernels.cpp: segments, decode rows, one-row linear) against
-brute-force float32 attention, and their callers (vision segments, the paged decoder cache)
-against torch's path.
+"""The native CPU kernels (glimpse/csrc/cpu_kernels.cpp: segment attention, decode attention,
+one-row linear) against brute-force float32 attention and matmul, and their callers (vision
+segments, the paged decoder cache, `Linear`) against torch's path.
 
 Tolerance: the kernel takes bf16 inputs and writes a bf16 output, so its error against a float32
 reference is dominated by that output rounding. Each case is held to 1.5x the error of torch's
@@ -13,22 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glimpse import kernels
 from glimpse.engine import kv_cache as kv_mod
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.models.layers import Linear
 from glimpse.vision import attention as vision_attention
 
-_NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
 
-
-@pytest.fixture(scope="module")
-def native():
-    if not _NEEDED <= kernels._cpu_flags():
-        pytest.skip(f"this CPU lacks {sorted(_NEEDED - kernels._cpu_flags())}: the kernel never runs here")
-    module = kernels.cpu_kernels()
-    assert module is not None, "the CPU supports the kernel, so it must build (see the logged error)"
-    return module
+@pytest.fixture
+def native(native_kernels):
+    return native_kernels
 
 
 def _reference(q, k_cache, v_cache, slots, n, causal, dtype):
@@ -47,7 +40,7 @@ def _check(out, q, k_cache, v_cache, slots, n, causal):
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (4, 1)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, causal):
@@ -71,11 +64,11 @@ def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, cau
     assert (out[~covered] == 7).all()  # rows outside every segment are left alone
 
 
-@pytest.mark.parametrize("head_dim", [32, 80, 128])
-@pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (32, 1), (6, 2)])
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (32, 1), (20, 1), (6, 2)])
 def test_decode_kernel_matches_float32_attention(native, head_dim, heads, kv_heads):
     # one query row per sequence, rows out of order, contexts of 1 key up to past several blocks;
-    # 32 heads on one kv head crosses the kernel's 16-head chunk
+    # 32 and 20 heads on one kv head cross the kernel's 16-head chunk (a full and a partial second)
     contexts, rows = [1, 15, 16, 17, 300, 1000], [5, 0, 3, 1, 2, 4]
     num_slots = 1500
     gen = torch.Generator().manual_seed(head_dim + heads)
@@ -91,6 +84,24 @@ def test_decode_kernel_matches_float32_attention(native, head_dim, heads, kv_hea
     assert (out[6] == 7).all()  # a row no sequence names is left alone
 
 
+def test_causal_rows_never_see_later_keys(native):
+    """Keys after a query's position carry V = 1000: any leak shows in the output's size. Rows
+    0-15 of the chunk sit at positions 240-255 and see nothing of the block from 256 on."""
+    ctx, n = 300, 60
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(n, 4, 64, generator=gen).bfloat16()
+    k = torch.randn(ctx, 2, 64, generator=gen).bfloat16()
+    v = torch.randn(ctx, 2, 64, generator=gen).clamp(-1, 1).bfloat16()
+    out = torch.empty_like(q)
+    for last in range(ctx - n, ctx):  # the keys after each row's position, one row at a time
+        v_leaky = v.clone()
+        v_leaky[last + 1 :] = 1000
+        native.segment_attention_bf16(q, k, v_leaky, torch.tensor([0]), torch.tensor([n]), torch.arange(ctx),
+                                      torch.tensor([0, ctx]), True, 0.125, out)  # fmt: skip
+        row = last - (ctx - n)
+        assert out[row].abs().max() <= 1, (row, out[row].abs().max())
+
+
 def test_kernel_refuses_bad_tables(native):
     q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
@@ -99,6 +110,17 @@ def test_kernel_refuses_bad_tables(native):
         native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2, 8]), torch.tensor([0, 4]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="has 4 queries but 3 keys"):
         native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2]), torch.tensor([0, 3]), True, 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="non-decreasing"):  # a range running backwards
+        native.segment_attention_bf16(q, kv, kv, torch.tensor([0, 0]), torch.tensor([1, 0]), torch.arange(8),
+                                      torch.tensor([0, 1000000, 5]), True, 0.125, q.clone())  # fmt: skip
+    with pytest.raises(RuntimeError, match="query rows lie outside"):
+        native.segment_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([2**62]), torch.arange(8),
+                                      torch.tensor([0, 8]), False, 0.125, q.clone())  # fmt: skip
+    with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU"):
+        native.segment_attention_bf16(q.float(), kv, kv, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
+    with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU"):
+        meta = kv.to("meta")
+        native.segment_attention_bf16(q, meta, meta, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="head dim 40"):
         q40, kv40 = q[..., :40].contiguous(), kv[..., :40].contiguous()
         native.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
@@ -115,7 +137,7 @@ def test_decode_kernel_refuses_bad_tables(native):
         native.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([9]), torch.tensor([0, 1]), 0.125, q.clone())
 
 
-def test_vision_segments_match_grouped_sdpa(native):
+def test_vision_segments_match_grouped_sdpa(kernel_spy):
     """varlen_attention's native branch against its torch branch: segments of mixed lengths,
     empty padded entries, rows past the last offset (zeros)."""
     gen = torch.Generator().manual_seed(3)
@@ -123,6 +145,7 @@ def test_vision_segments_match_grouped_sdpa(native):
     q, k, v = ((2 * torch.randn(n, heads, head_dim, generator=gen)).bfloat16() for _ in range(3))
     cu = torch.tensor([0, 196, 392, 393, 700, 850, 850, 850], dtype=torch.int32)
     got = vision_attention.varlen_attention(q, k, v, cu, n)
+    assert kernel_spy.calls == {"segment_attention_bf16": 1}
     exact = vision_attention._grouped_sdpa(q.float(), k.float(), v.float(), cu)
     torch_bf16 = vision_attention._grouped_sdpa(q, k, v, cu).float()
     assert (got[850:] == 0).all()
@@ -130,7 +153,7 @@ def test_vision_segments_match_grouped_sdpa(native):
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
-def test_paged_step_matches_torch_path(native, monkeypatch):
+def test_paged_step_matches_torch_path(kernel_spy, monkeypatch):
     """One step over the paged cache with decode rows, a fresh prefill and a chunk after cached
     tokens: the native call against StepKV's torch path (buckets, SDPA), layer by layer."""
     gen = torch.Generator().manual_seed(5)
@@ -147,9 +170,10 @@ def test_paged_step_matches_torch_path(native, monkeypatch):
     for layer in range(2):
         before = cache.k.clone(), cache.v.clone()
         got = StepKV(cache, meta).attend(layer, q, k, v)
+        assert kernel_spy.calls == {"decode_attention_bf16": layer + 1, "segment_attention_bf16": layer + 1}
         cache.k.copy_(before[0]), cache.v.copy_(before[1])
         with monkeypatch.context() as m:
-            m.setattr(kv_mod, "native_attention", lambda _q: None)
+            m.setattr(kv_mod, "native_attention", lambda *tensors: None)
             torch_bf16 = StepKV(cache, meta).attend(layer, q, k, v).float()
             exact = StepKV(_float(cache), meta).attend(layer, q.float(), k.float(), v.float())
         err, torch_err = (got.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
@@ -162,10 +186,11 @@ def _float(cache: PagedKVCache) -> PagedKVCache:
     return out
 
 
-@pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (5, 40), (1023, 1000), (2048, 1536), (7, 8960)])
+@pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (3, 8), (5, 40), (1023, 1000), (2048, 1536), (7, 8960)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_row_linear_matches_float32(native, out_features, in_features, bias):
-    """Row counts that are and are not multiples of 4, widths with and without a 32-wide tail."""
+    """Row counts that are and are not multiples of 4, widths with and without a 32-wide tail (and
+    one that is only a tail)."""
     gen = torch.Generator().manual_seed(out_features + in_features)
     layer = Linear(in_features, out_features, bias=bias).to(torch.bfloat16).requires_grad_(False)
     layer.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
@@ -181,16 +206,21 @@ def test_one_row_linear_matches_float32(native, out_features, in_features, bias)
         assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
-def test_linear_uses_native_kernel_only_for_one_bf16_row(native, monkeypatch):
+def test_linear_uses_native_kernel_only_for_one_bf16_row(kernel_spy):
     layer = Linear(64, 16).to(torch.bfloat16).requires_grad_(False)
-    calls = []
-    real = native.linear_one_row_bf16
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda: type("M", (), {"linear_one_row_bf16": lambda *a: calls.append(1) or real(*a)}))
     layer(torch.randn(1, 64).bfloat16())
-    assert len(calls) == 1
+    assert kernel_spy.calls == {"linear_one_row_bf16": 1}
     rows = torch.randn(3, 64).bfloat16()
-    assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias)) and len(calls) == 1  # torch's path
-    assert torch.equal(layer.float()(rows.float()), F.linear(rows.float(), layer.weight, layer.bias))
+    assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias))  # torch's path
+    f32 = Linear(64, 16).requires_grad_(False)
+    assert torch.equal(f32(rows[:1].float()), F.linear(rows[:1].float(), f32.weight, f32.bias))
+    assert kernel_spy.calls == {"linear_one_row_bf16": 1}
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # 64 values, not a row of 64
+        Linear(64, 16).bfloat16().requires_grad_(False)(torch.randn(8, 8).bfloat16())
+    grad_layer = Linear(64, 16).bfloat16()  # autograd records the call: torch's op, with a grad_fn
+    x = torch.randn(1, 64).bfloat16().requires_grad_()
+    assert layer(x).grad_fn is not None and grad_layer(torch.randn(1, 64).bfloat16()).grad_fn is not None
+    assert kernel_spy.calls == {"linear_one_row_bf16": 1}
 
 
 def test_one_row_linear_refuses_bad_shapes(native):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGES
+from conftest import IMAGES, KernelSpy
 from hf_oracle import hf_model
 
+from glimpse import kernels
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.llm import LLM
 
@@ -94,8 +95,10 @@ def test_n_sequences_and_streamed_deltas_concatenate(llm):
 
 
 def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_checkpoint, monkeypatch):
-    """One-token steps in bf16 run their matmuls outside oneDNN (engine/model_runner.py); every other
-    step inside. The decode logprobs are no further from HF's float32 ones than HF's own bf16 model."""
+    """One-token steps in bf16 run their matmuls outside oneDNN (engine/model_runner.py), on the
+    native kernels where they run (vision and prefill attention, decode attention, one-row linear);
+    every other step inside. The decode logprobs are no further from HF's float32 ones than HF's
+    own bf16 model."""
     path = tiny_checkpoint("glm4v")
     llm = LLM(path, dtype="bfloat16")
     seen: list[tuple[int, bool]] = []
@@ -106,8 +109,14 @@ def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_chec
         return decode(embeds, *args, **kwargs)
 
     monkeypatch.setattr(llm.engine.model, "decode", spy)
+    native = kernels.cpu_kernels()  # where it runs here, all three kernels must serve this request
+    if native is not None:
+        kernel_spy = KernelSpy(native)
+        monkeypatch.setattr(kernels, "cpu_kernels", lambda: kernel_spy)
     conv = _conv("Describe the cup.")
     out = llm.chat(conv, SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True), use_tqdm=False)[0]
+    if native is not None:
+        assert set(kernel_spy.calls) == {"segment_attention_bf16", "decode_attention_bf16", "linear_one_row_bf16"}
     assert seen[0][0] > 1 and seen[0][1] is True  # the prompt: oneDNN
     assert [enabled for rows, enabled in seen[1:]] == [False] * 11 and all(rows == 1 for rows, _ in seen[1:])
     assert torch.backends.mkldnn.enabled  # restored

@@ -12,15 +12,21 @@
 //   positions of those keys. Writes out's rows of the segments and leaves every other row untouched.
 //
 // Why it exists: torch's CPU flash attention converts bf16 to float32 and runs float32 GEMMs on
-// machines without AMX (~180 GFLOP/s here), while AVX512-BF16 dot products run at several
-// times that rate. Numerics follow torch's flash kernel: scores and their softmax in float32,
-// the probabilities rounded to bf16 for the product with V, the output accumulated in float32.
+// machines without AMX (~175 GFLOP/s here); on AVX512-BF16 dot products the segment kernel runs
+// 2.5-3x faster (`glimpse bench kernels`). Numerics: scores, softmax and sums in float32; the
+// segment kernel rounds the probabilities to bf16 for the product with V (as torch's flash kernel
+// does), the decode kernel keeps them and V in float32.
+//
+// Every entry point checks its tables and raises (a Python RuntimeError) on a bad one; none reads
+// outside the tensors it is given. They release the GIL while they run.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -31,7 +37,7 @@ constexpr int64_t kBlockQ = 32;  // query rows per work item
 constexpr int64_t kBlockK = 64;  // keys per inner block: four vectors of 16 scores
 
 // float32 exp for x <= 0: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor
-// polynomial (relative error ~1e-7); anything below -87 flushes to 0 through scalef.
+// polynomial (relative error ~1e-7); below about -87 the result is denormal, and 0 below -104.
 inline __m512 exp_ps(__m512 x) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
@@ -93,7 +99,7 @@ void pack_kv(const at::BFloat16* k, const at::BFloat16* v, int64_t kv_stride, in
 }
 
 // One work item: rows [q0, q0 + nq) of a segment, one head, against all its keys.
-// Causal: query row i of the segment sees keys 0..i.
+// Causal: query row i of the segment sits at position ctx - n + i and sees keys 0..ctx - n + i.
 template <int ND>  // D / 16
 void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0, int64_t nq,
                   const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
@@ -302,7 +308,8 @@ DecodeFn decode_fn(int64_t D) {
 
 // One-row linear layer: y[n] = sum_k W[n, k] x[k] (+ b[n]). Four weight rows at a time, 32 products
 // per dot-product instruction, one float32 sum per row rounded once to bf16. torch's own one-row
-// bf16 kernels stream weights at ~45 GB/s here and oneDNN's at ~23; this one at ~70 (measured).
+// bf16 kernel and oneDNN's stream weights at 39-47 and ~31 GB/s here, this one at ~50 when the
+// machine's read probe gives ~48 and at 67-75 when it gives ~80 (`glimpse bench kernels`).
 void linear_rows(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, int64_t K, int64_t n0,
                  int64_t n1, at::BFloat16* y) {
   const int64_t full = K / 32 * 32;
@@ -349,15 +356,41 @@ void linear_rows(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat1
   }
 }
 
-}  // namespace
-
 // Scratch for the packed K and V, kept per calling thread: reused across calls and layers instead of
-// a fresh (page-faulting, zero-filled) allocation each time.
+// a fresh (page-faulting) allocation each time. It grows to the largest call (4 * kv_heads *
+// padded rows * D bytes: ~84 MB for 16k vision patches of 16 heads of 80) and is kept. Called
+// only on the calling thread, before its parallel region: the workers write and read through the
+// pointer, and the region's end orders the packing before the attention.
 uint32_t* scratch(size_t words) {
   thread_local std::vector<uint32_t> buf;
   if (buf.size() < words) buf.resize(words);
   return buf.data();
 }
+
+// Runs fn(i) for i in [0, n) on torch's threads, each taking the next item when it is free: work
+// items of very different cost (causal blocks late in a segment, long contexts) stay balanced,
+// where at::parallel_for would give each thread one fixed contiguous range.
+template <typename Fn>
+void for_each_item(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+void check_cpu_bf16(std::initializer_list<const torch::Tensor*> tensors, const char* what) {
+  for (const torch::Tensor* t : tensors)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(), what,
+                " must be contiguous bfloat16 CPU tensors");
+}
+
+void check_tables(std::initializer_list<const torch::Tensor*> tensors) {
+  for (const torch::Tensor* t : tensors)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "segment, row and slot tables must be contiguous int64 CPU tensors");
+}
+
+}  // namespace
 
 void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const torch::Tensor& q_starts, const torch::Tensor& q_lens, const torch::Tensor& kv_slots,
@@ -365,27 +398,26 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
               "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
   TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
-  for (const torch::Tensor* t : {&q, &k, &v, &out})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "q, k, v and out must be contiguous bfloat16");
+  check_cpu_bf16({&q, &k, &v, &out}, "q, k, v and out");
   const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2), num_slots = k.size(0);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
   const BlockFn fn = block_fn(D);
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
-  for (const torch::Tensor* t : {&q_starts, &q_lens, &kv_slots, &kv_offsets})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
-                "segment tables must be contiguous int64 CPU tensors");
+  check_tables({&q_starts, &q_lens, &kv_slots, &kv_offsets});
   const int64_t S = q_starts.numel();
   TORCH_CHECK(q_lens.numel() == S && kv_offsets.numel() == S + 1, "one q_start, q_len and kv range per segment");
   const int64_t *qs = q_starts.data_ptr<int64_t>(), *ql = q_lens.data_ptr<int64_t>();
   const int64_t *slots = kv_slots.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
   TORCH_CHECK(ko[0] >= 0 && ko[S] <= kv_slots.numel(), "kv_offsets must lie within kv_slots");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ko[s] <= ko[s + 1], "kv_offsets must be non-decreasing");
   for (int64_t j = ko[0]; j < ko[S]; ++j) TORCH_CHECK(slots[j] >= 0 && slots[j] < num_slots, "kv slot out of range");
   std::vector<Segment> segs;
   std::vector<int64_t> packed_at;  // first packed row of each segment
   int64_t packed_rows = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t ctx = ko[s + 1] - ko[s];
-    TORCH_CHECK(qs[s] >= 0 && ql[s] >= 0 && qs[s] + ql[s] <= T, "segment ", s, "'s query rows lie outside the ", T, " rows");
+    TORCH_CHECK(qs[s] >= 0 && qs[s] <= T && ql[s] >= 0 && ql[s] <= T - qs[s], "segment ", s,
+                "'s query rows lie outside the ", T, " rows");
     TORCH_CHECK(ctx >= (causal ? ql[s] : 1) || ql[s] == 0, "segment ", s, " has ", ql[s], " queries but ", ctx, " keys");
     if (ql[s] == 0) continue;
     const int64_t padded = (ctx + kBlockK - 1) / kBlockK * kBlockK;
@@ -404,26 +436,22 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
   const auto* kp = k.data_ptr<at::BFloat16>();
   const auto* vptr = v.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n_segs * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t s = w / Hkv, h = w % Hkv, base = h * head_words + packed_at[s] * D / 2;
-      pack_kv(kp + h * D, vptr + h * D, lay.kv_stride, D, segs[s], kt + base, vp + base);
-    }
+  for_each_item(n_segs * Hkv, [&](int64_t w) {
+    const int64_t s = w / Hkv, h = w % Hkv, base = h * head_words + packed_at[s] * D / 2;
+    pack_kv(kp + h * D, vptr + h * D, lay.kv_stride, D, segs[s], kt + base, vp + base);
   });
   struct Item {
     int64_t s, q0;
   };
-  std::vector<Item> items;  // causal blocks late in a segment cost more: listed first, taken first
+  std::vector<Item> items;  // causal blocks late in a segment cost more: listed first, so taken first
   for (int64_t s = 0; s < n_segs; ++s)
     for (int64_t q0 = (segs[s].n - 1) / kBlockQ * kBlockQ; q0 >= 0; q0 -= kBlockQ) items.push_back({s, q0});
   const int64_t n_items = items.size();
-  at::parallel_for(0, n_items * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const Item& it = items[w / H];
-      const int64_t h = w % H, base = (h / group) * head_words + packed_at[it.s] * D / 2;
-      const Segment& seg = segs[it.s];
-      fn(qp + h * D, lay, seg, it.q0, std::min(kBlockQ, seg.n - it.q0), kt + base, vp + base, op + h * D);
-    }
+  for_each_item(n_items * H, [&](int64_t w) {
+    const Item& it = items[w / H];
+    const int64_t h = w % H, base = (h / group) * head_words + packed_at[it.s] * D / 2;
+    const Segment& seg = segs[it.s];
+    fn(qp + h * D, lay, seg, it.q0, std::min(kBlockQ, seg.n - it.q0), kt + base, vp + base, op + h * D);
   });
 }
 
@@ -433,15 +461,12 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
               "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
   TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
-  for (const torch::Tensor* t : {&q, &k, &v, &out})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "q, k, v and out must be contiguous bfloat16");
+  check_cpu_bf16({&q, &k, &v, &out}, "q, k, v and out");
   const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2), num_slots = k.size(0);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
   const DecodeFn fn = decode_fn(D);
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
-  for (const torch::Tensor* t : {&rows, &kv_slots, &kv_offsets})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
-                "row and slot tables must be contiguous int64 CPU tensors");
+  check_tables({&rows, &kv_slots, &kv_offsets});
   const int64_t B = rows.numel();
   TORCH_CHECK(kv_offsets.numel() == B + 1, "one kv range per row");
   const int64_t *rp = rows.data_ptr<int64_t>(), *slots = kv_slots.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
@@ -458,26 +483,24 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const
   const auto* kp = k.data_ptr<at::BFloat16>();
   const auto* vp = v.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scores;
+  for_each_item(B * Hkv, [&](int64_t w) {
+    thread_local std::vector<float> scores;  // per worker thread
     if (scores.size() < size_t(G * max_ctx)) scores.resize(G * max_ctx);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / Hkv, h = w % Hkv, offset = (rp[b] * H + h * G) * D;
-      fn(qp + offset, G, kp + h * D, vp + h * D, Hkv * D, slots + ko[b], ko[b + 1] - ko[b], float(scale),
-         scores.data(), op + offset);
-    }
+    const int64_t b = w / Hkv, h = w % Hkv, offset = (rp[b] * H + h * G) * D;
+    fn(qp + offset, G, kp + h * D, vp + h * D, Hkv * D, slots + ko[b], ko[b + 1] - ko[b], float(scale),
+       scores.data(), op + offset);
   });
 }
 
 torch::Tensor linear_one_row_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(w.dim() == 2 && x.numel() == w.size(1), "x must hold one row of ", w.size(1), " features");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.is_contiguous(),
-              "x and the weight must be contiguous bfloat16");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1) && x.numel() == w.size(1),
+              "x must hold one row of ", w.size(1), " features");
+  check_cpu_bf16({&x, &w}, "x and the weight");
   const int64_t N = w.size(0), K = w.size(1);
   const at::BFloat16* bp = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N,
-                "the bias must be contiguous bfloat16 with one value per output");
+    check_cpu_bf16({&*bias}, "the bias");
+    TORCH_CHECK(bias->numel() == N, "the bias must have one value per output");
     bp = bias->data_ptr<at::BFloat16>();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -493,8 +516,10 @@ torch::Tensor linear_one_row_bf16(const torch::Tensor& x, const torch::Tensor& w
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch");
-  m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence");
+  using release = py::call_guard<py::gil_scoped_release>;  // no Python object is touched past argument conversion
+  m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch",
+        release());
+  m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence", release());
   m.def("linear_one_row_bf16", &linear_one_row_bf16, "bf16 linear layer of one input row", py::arg("x"), py::arg("w"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), release());
 }

@@ -169,7 +169,7 @@ class StepKV:
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the native kernel writes it
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-        native = native_attention(q) if k_flat.dtype == q.dtype else None
+        native = native_attention(q, k_flat, v_flat)
         if native is not None:  # K and V read through each sequence's slots: decode rows, then prefill chunks
             q = q.contiguous()
             if meta.decode_seqs:

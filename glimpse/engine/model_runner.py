@@ -20,6 +20,7 @@ from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.engine.request import Request
 from glimpse.engine.scheduler import ScheduledBatch
+from glimpse.kernels import cpu_kernels
 from glimpse.models.base import VisionLanguageModel
 from glimpse.models.evs import PrunedVideo, prune_video
 from glimpse.processing.inputs import MediaItem
@@ -43,6 +44,8 @@ class ModelRunner:
         self.device = model.device
         self.num_forwards = 0  # decoder forwards run (one per non-empty step)
         self._reduced_cpu = self.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
+        if self.device.type == "cpu" and model.dtype == torch.bfloat16:
+            cpu_kernels()  # build (or load) the native kernels now, not inside the first request
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
