@@ -13,7 +13,7 @@
 //
 // Why it exists: torch's CPU flash attention converts bf16 to float32 and runs float32 GEMMs on
 // machines without AMX (~175 GFLOP/s here); on AVX512-BF16 dot products the segment kernel runs
-// 2.5-3x faster (`glimpse bench kernels`). Numerics: scores, softmax and sums in float32; the
+// 2.5-4.3x faster (`glimpse bench kernels`). Numerics: scores, softmax and sums in float32; the
 // segment kernel rounds the probabilities to bf16 for the product with V (as torch's flash kernel
 // does), the decode kernel keeps them and V in float32.
 //
