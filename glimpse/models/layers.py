@@ -18,7 +18,7 @@ from glimpse.kernels import native_linear
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and weight names) whose one-row bf16 CPU calls, the matmuls of
-    batch-1 decode, run on the native kernel (glimpse/kernels.py): 1.1-1.6x the weight bandwidth
+    batch-1 decode, run on the native kernel (glimpse/kernels.py): 1.04-1.6x the weight bandwidth
     of torch's and oneDNN's one-row kernels here (`glimpse bench kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
