@@ -220,7 +220,7 @@ BlockFn block_fn(int64_t D) {
 // Decode: one query row per sequence, K and V read straight from the cache through the slots (a
 // single query cannot amortise packing). Per (sequence, kv head), each query head of the group
 // scores every key with AVX512-BF16 dot products over D, takes a float32 softmax, and sums the
-// float32 V rows weighted by it.
+// float32 V rows weighted by it, tile by tile of keys.
 template <int ND>  // D / 16
 void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t kv_stride,
                   const int64_t* slots, int64_t ctx, float scale, float* scores, at::BFloat16* out) {
@@ -266,28 +266,38 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
     const float inv = 1.f / _mm512_reduce_add_ps(sum);
     for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
   }
-  constexpr int64_t kHeads = ND <= 4 ? 4 : 2;  // query heads summed per pass over V (accumulators in registers)
-  for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
-    const int64_t ng = std::min(kHeads, G - g0);
-    __m512 acc[kHeads][ND];
-    for (int64_t g = 0; g < kHeads; ++g)
-      for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ctx; ++j) {
-      const at::BFloat16* vr = vc + slots[j] * kv_stride;
-      __m512 vf[ND];
-      for (int c = 0; c < ND; ++c)
-        vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
-      for (int64_t g = 0; g < ng; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * ctx + j]);
-        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
+  // O = P V over tiles of keys: every query head's pass over a tile reads V from L1, so V leaves
+  // memory once however many query heads share it. Partial sums wait in `sums` ([G][D] floats).
+  constexpr int64_t kHeads = ND <= 4 ? 4 : 2;  // query heads per pass (their accumulators in registers)
+  constexpr int64_t kTile = 64;                // keys per tile: 64 * D bf16 rows, at most 16 KB
+  float* sums = scores + G * ctx;
+  std::fill(sums, sums + G * D, 0.f);
+  for (int64_t j0 = 0; j0 < ctx; j0 += kTile) {
+    const int64_t j1 = std::min(ctx, j0 + kTile);
+    for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+      const int64_t ng = std::min(kHeads, G - g0);
+      __m512 acc[kHeads][ND];
+      for (int64_t g = 0; g < ng; ++g)
+        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + (g0 + g) * D + 16 * c);
+      for (int64_t j = j0; j < j1; ++j) {
+        const at::BFloat16* vr = vc + slots[j] * kv_stride;
+        __m512 vf[ND];
+        for (int c = 0; c < ND; ++c)
+          vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
+        for (int64_t g = 0; g < ng; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[(g0 + g) * ctx + j]);
+          for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
+        }
       }
+      for (int64_t g = 0; g < ng; ++g)
+        for (int c = 0; c < ND; ++c) _mm512_storeu_ps(sums + (g0 + g) * D + 16 * c, acc[g][c]);
     }
-    for (int64_t g = 0; g < ng; ++g)
-      for (int c = 0; c < ND; ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g0 + g) * D + 16 * c),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[g][c])));
   }
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < ND; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D + 16 * c),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + g * D + 16 * c))));
 }
 
 using DecodeFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, const at::BFloat16*, int64_t,
@@ -484,8 +494,8 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const
   const auto* vp = v.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
   for_each_item(B * Hkv, [&](int64_t w) {
-    thread_local std::vector<float> scores;  // per worker thread
-    if (scores.size() < size_t(G * max_ctx)) scores.resize(G * max_ctx);
+    thread_local std::vector<float> scores;  // per worker thread: [G][ctx] scores, then [G][D] sums
+    if (scores.size() < size_t(G * (max_ctx + D))) scores.resize(G * (max_ctx + D));
     const int64_t b = w / Hkv, h = w % Hkv, offset = (rp[b] * H + h * G) * D;
     fn(qp + offset, G, kp + h * D, vp + h * D, Hkv * D, slots + ko[b], ko[b + 1] - ko[b], float(scale),
        scores.data(), op + offset);
