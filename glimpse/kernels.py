@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 NATIVE_HEAD_DIMS = frozenset(range(32, 129, 16))  # what csrc/cpu_kernels.cpp is built for
+REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})  # /proc/cpuinfo names
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
 
 
@@ -68,7 +69,7 @@ def cpu_kernels() -> ModuleType | None:
     """The compiled module, or None where it cannot be built or run on this machine."""
     if os.environ.get("GLIMPSE_NATIVE_KERNELS", "1") == "0":
         return None
-    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} - _cpu_flags()
+    missing = REQUIRED_CPU_FLAGS - _cpu_flags()
     if missing:
         logger.info("native CPU kernels off: the CPU lacks %s", ", ".join(sorted(missing)))
         return None

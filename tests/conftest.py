@@ -11,16 +11,14 @@ import torch
 from glimpse import kernels
 from glimpse.testing import make_checkpoint
 
-_NATIVE_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
-
 
 @pytest.fixture(scope="session")
 def native_kernels():
     """The compiled native CPU kernels: required to build wherever the CPU runs them."""
     if os.environ.get("GLIMPSE_NATIVE_KERNELS", "1") == "0":
         pytest.skip("GLIMPSE_NATIVE_KERNELS=0: the native kernels are switched off for this run")
-    if not _NATIVE_CPU_FLAGS <= kernels._cpu_flags():
-        pytest.skip(f"this CPU lacks {sorted(_NATIVE_CPU_FLAGS - kernels._cpu_flags())}: the kernels never run here")
+    if missing := kernels.REQUIRED_CPU_FLAGS - kernels._cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(missing)}: the kernels never run here")
     module = kernels.cpu_kernels()
     assert module is not None, "the CPU supports the native kernels, so they must build (see the logged error)"
     return module

@@ -19,11 +19,6 @@ from glimpse.models.layers import Linear
 from glimpse.vision import attention as vision_attention
 
 
-@pytest.fixture
-def native(native_kernels):
-    return native_kernels
-
-
 def _reference(q, k_cache, v_cache, slots, n, causal, dtype):
     """Queries [n, H, D] against the keys at `slots`, grouped-query, the queries last when causal."""
     group = q.shape[1] // k_cache.shape[1]
@@ -43,7 +38,7 @@ def _check(out, q, k_cache, v_cache, slots, n, causal):
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (4, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, causal):
+def test_kernel_matches_float32_attention(native_kernels, head_dim, heads, kv_heads, causal):
     # (query start, queries, keys): single rows, a block edge (63/64/65), a causal chunk after
     # cached keys, a long segment, an odd tail of a 32-row query block.
     segments = [(0, 1, 1), (1, 63, 63), (64, 1, 70), (65, 65, 65), (130, 60, 300), (190, 777, 777), (967, 33, 100)]
@@ -55,7 +50,7 @@ def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, cau
     out = torch.full_like(q, 7.0)
     offsets = torch.tensor([0] + [ctx for *_, ctx in segments]).cumsum(0)
     starts, lens = (torch.tensor(col) for col in list(zip(*segments, strict=True))[:2])
-    native.segment_attention_bf16(q, k_cache, v_cache, starts, lens, torch.cat(slot_lists), offsets, causal,
+    native_kernels.segment_attention_bf16(q, k_cache, v_cache, starts, lens, torch.cat(slot_lists), offsets, causal,
                                   head_dim**-0.5, out)  # fmt: skip
     covered = torch.zeros(rows, dtype=torch.bool)
     for (start, n, _), slots in zip(segments, slot_lists, strict=True):
@@ -66,7 +61,7 @@ def test_kernel_matches_float32_attention(native, head_dim, heads, kv_heads, cau
 
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (32, 1), (20, 1), (6, 2)])
-def test_decode_kernel_matches_float32_attention(native, head_dim, heads, kv_heads):
+def test_decode_kernel_matches_float32_attention(native_kernels, head_dim, heads, kv_heads):
     # one query row per sequence, rows out of order, contexts of 1 key up to past several blocks;
     # 32 and 20 heads on one kv head cross the kernel's 16-head chunk (a full and a partial second)
     contexts, rows = [1, 15, 16, 17, 300, 1000], [5, 0, 3, 1, 2, 4]
@@ -77,14 +72,14 @@ def test_decode_kernel_matches_float32_attention(native, head_dim, heads, kv_hea
     slot_lists = [torch.randperm(num_slots, generator=gen)[:ctx] for ctx in contexts]
     out = torch.full_like(q, 7.0)
     offsets = torch.tensor([0, *contexts]).cumsum(0)
-    native.decode_attention_bf16(q, k_cache, v_cache, torch.tensor(rows), torch.cat(slot_lists), offsets,
+    native_kernels.decode_attention_bf16(q, k_cache, v_cache, torch.tensor(rows), torch.cat(slot_lists), offsets,
                                  head_dim**-0.5, out)  # fmt: skip
     for row, slots in zip(rows, slot_lists, strict=True):
         _check(out[row : row + 1], q[row : row + 1], k_cache, v_cache, slots, 1, False)
     assert (out[6] == 7).all()  # a row no sequence names is left alone
 
 
-def test_causal_rows_never_see_later_keys(native):
+def test_causal_rows_never_see_later_keys(native_kernels):
     """Keys after a query's position carry V = 1000: any leak shows in the output's size. Rows
     0-15 of the chunk sit at positions 240-255 and see nothing of the block from 256 on."""
     ctx, n = 300, 60
@@ -96,45 +91,45 @@ def test_causal_rows_never_see_later_keys(native):
     for last in range(ctx - n, ctx):  # the keys after each row's position, one row at a time
         v_leaky = v.clone()
         v_leaky[last + 1 :] = 1000
-        native.segment_attention_bf16(q, k, v_leaky, torch.tensor([0]), torch.tensor([n]), torch.arange(ctx),
+        native_kernels.segment_attention_bf16(q, k, v_leaky, torch.tensor([0]), torch.tensor([n]), torch.arange(ctx),
                                       torch.tensor([0, ctx]), True, 0.125, out)  # fmt: skip
         row = last - (ctx - n)
         assert out[row].abs().max() <= 1, (row, out[row].abs().max())
 
 
-def test_kernel_refuses_bad_tables(native):
+def test_kernel_refuses_bad_tables(native_kernels):
     q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
     one = torch.tensor([0]), torch.tensor([4])
     with pytest.raises(RuntimeError, match="kv slot out of range"):
-        native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2, 8]), torch.tensor([0, 4]), True, 0.125, q.clone())
+        native_kernels.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2, 8]), torch.tensor([0, 4]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="has 4 queries but 3 keys"):
-        native.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2]), torch.tensor([0, 3]), True, 0.125, q.clone())
+        native_kernels.segment_attention_bf16(q, kv, kv, *one, torch.tensor([0, 1, 2]), torch.tensor([0, 3]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="non-decreasing"):  # a range running backwards
-        native.segment_attention_bf16(q, kv, kv, torch.tensor([0, 0]), torch.tensor([1, 0]), torch.arange(8),
+        native_kernels.segment_attention_bf16(q, kv, kv, torch.tensor([0, 0]), torch.tensor([1, 0]), torch.arange(8),
                                       torch.tensor([0, 1000000, 5]), True, 0.125, q.clone())  # fmt: skip
     with pytest.raises(RuntimeError, match="query rows lie outside"):
-        native.segment_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([2**62]), torch.arange(8),
+        native_kernels.segment_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([2**62]), torch.arange(8),
                                       torch.tensor([0, 8]), False, 0.125, q.clone())  # fmt: skip
     with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU"):
-        native.segment_attention_bf16(q.float(), kv, kv, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
+        native_kernels.segment_attention_bf16(q.float(), kv, kv, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="contiguous bfloat16 CPU"):
         meta = kv.to("meta")
-        native.segment_attention_bf16(q, meta, meta, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
+        native_kernels.segment_attention_bf16(q, meta, meta, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q.clone())
     with pytest.raises(RuntimeError, match="head dim 40"):
         q40, kv40 = q[..., :40].contiguous(), kv[..., :40].contiguous()
-        native.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
+        native_kernels.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
 
 
-def test_decode_kernel_refuses_bad_tables(native):
+def test_decode_kernel_refuses_bad_tables(native_kernels):
     q = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
     kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="row 2 lies outside"):
-        native.decode_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([0]), torch.tensor([0, 1]), 0.125, q.clone())
+        native_kernels.decode_attention_bf16(q, kv, kv, torch.tensor([2]), torch.tensor([0]), torch.tensor([0, 1]), 0.125, q.clone())
     with pytest.raises(RuntimeError, match="has no keys"):
-        native.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 0]), 0.125, q.clone())
+        native_kernels.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 0]), 0.125, q.clone())
     with pytest.raises(RuntimeError, match="kv slot out of range"):
-        native.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([9]), torch.tensor([0, 1]), 0.125, q.clone())
+        native_kernels.decode_attention_bf16(q, kv, kv, torch.tensor([0]), torch.tensor([9]), torch.tensor([0, 1]), 0.125, q.clone())
 
 
 def test_vision_segments_match_grouped_sdpa(kernel_spy):
@@ -188,7 +183,7 @@ def _float(cache: PagedKVCache) -> PagedKVCache:
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (3, 8), (5, 40), (1023, 1000), (2048, 1536), (7, 8960)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_row_linear_matches_float32(native, out_features, in_features, bias):
+def test_one_row_linear_matches_float32(native_kernels, out_features, in_features, bias):
     """Row counts that are and are not multiples of 4, widths with and without a 32-wide tail (and
     one that is only a tail)."""
     gen = torch.Generator().manual_seed(out_features + in_features)
@@ -223,9 +218,9 @@ def test_linear_uses_native_kernel_only_for_one_bf16_row(kernel_spy):
     assert kernel_spy.calls == {"linear_one_row_bf16": 1}
 
 
-def test_one_row_linear_refuses_bad_shapes(native):
+def test_one_row_linear_refuses_bad_shapes(native_kernels):
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="one row of 64 features"):
-        native.linear_one_row_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), w)
+        native_kernels.linear_one_row_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), w)
     with pytest.raises(RuntimeError, match="one value per output"):
-        native.linear_one_row_bf16(torch.zeros(1, 64, dtype=torch.bfloat16), w, torch.zeros(7, dtype=torch.bfloat16))
+        native_kernels.linear_one_row_bf16(torch.zeros(1, 64, dtype=torch.bfloat16), w, torch.zeros(7, dtype=torch.bfloat16))

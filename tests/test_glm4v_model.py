@@ -241,6 +241,16 @@ def hf_bf16(kind: str, seed: int):
 BF16_TOL = 2.0**-4
 
 
+def _bf16_prompts(kind: str):
+    """((ids, types), media) for an image prompt and a video prompt, as the bf16 tests feed both sides."""
+    ipv, igrid = pixels([[1, 6, 8]], seed=9)
+    vpv, vgrid = pixels([[3, 4, 6]], seed=10)
+    image = build_prompt([text(4, 15), image_span([1, 6, 8]), text(4, 16)]), dict(pixel_values=ipv, image_grid_thw=igrid)
+    video = (build_prompt([text(4, 17), video_span(kind, [3, 4, 6], 40), text(4, 18)]),
+             dict(pixel_values_videos=vpv, video_grid_thw=vgrid))
+    return image, video
+
+
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v"])
 def test_bf16_logits_and_greedy_close_to_hf(kind, monkeypatch):
     # torch's kernels, as HF calls them: the native bf16 kernels (tested next) group their sums
@@ -248,11 +258,7 @@ def test_bf16_logits_and_greedy_close_to_hf(kind, monkeypatch):
     monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     hf = hf_bf16(kind, seed=4)  # a seed whose 16 greedy steps all have top-2 margins >= 2*BF16_TOL
     ours = glimpse_model(hf, torch.bfloat16)
-    ipv, igrid = pixels([[1, 6, 8]], seed=9)
-    vpv, vgrid = pixels([[3, 4, 6]], seed=10)
-    image = build_prompt([text(4, 15), image_span([1, 6, 8]), text(4, 16)]), dict(pixel_values=ipv, image_grid_thw=igrid)
-    video = (build_prompt([text(4, 17), video_span(kind, [3, 4, 6], 40), text(4, 18)]),
-             dict(pixel_values_videos=vpv, video_grid_thw=vgrid))
+    image, video = _bf16_prompts(kind)
     for (ids, types), media in (image, video):
         with torch.no_grad():
             ref = hf(input_ids=ids[None], mm_token_type_ids=types[None], **media).logits[0]
@@ -281,11 +287,7 @@ def test_bf16_with_native_attention_as_accurate_as_hf(kind, kernel_spy):
     hf32 = hf_model(tiny_config(kind), seed=4)
     hf = hf_bf16(kind, seed=4)
     ours = glimpse_model(hf, torch.bfloat16)
-    ipv, igrid = pixels([[1, 6, 8]], seed=9)
-    vpv, vgrid = pixels([[3, 4, 6]], seed=10)
-    image = build_prompt([text(4, 15), image_span([1, 6, 8]), text(4, 16)]), dict(pixel_values=ipv, image_grid_thw=igrid)
-    video = (build_prompt([text(4, 17), video_span(kind, [3, 4, 6], 40), text(4, 18)]),
-             dict(pixel_values_videos=vpv, video_grid_thw=vgrid))
+    image, video = _bf16_prompts(kind)
     for (ids, types), media in (image, video):
         with torch.no_grad():
             exact = hf32(input_ids=ids[None], mm_token_type_ids=types[None], **media).logits[0]

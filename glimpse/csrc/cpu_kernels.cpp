@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -204,19 +205,6 @@ void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, 
 using BlockFn = void (*)(const at::BFloat16*, const Layout&, const Segment&, int64_t, int64_t, const uint32_t*,
                          const uint32_t*, at::BFloat16*);
 
-BlockFn block_fn(int64_t D) {
-  switch (D) {
-    case 32: return attend_block<2>;
-    case 48: return attend_block<3>;
-    case 64: return attend_block<4>;
-    case 80: return attend_block<5>;
-    case 96: return attend_block<6>;
-    case 112: return attend_block<7>;
-    case 128: return attend_block<8>;
-    default: return nullptr;
-  }
-}
-
 // Decode: one query row per sequence, K and V read straight from the cache through the slots (a
 // single query cannot amortise packing). Per (sequence, kv head), each query head of the group
 // scores every key with AVX512-BF16 dot products over D, takes a float32 softmax, and sums the
@@ -303,15 +291,18 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
 using DecodeFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, const at::BFloat16*, int64_t,
                           const int64_t*, int64_t, float, float*, at::BFloat16*);
 
-DecodeFn decode_fn(int64_t D) {
+// The kernel instantiated for head dim D (make(std::integral_constant<int, D / 16>)); nullptr for
+// a head dim it is not built for (glimpse/kernels.py NATIVE_HEAD_DIMS lists the same ones).
+template <typename Make>
+auto for_head_dim(int64_t D, const Make& make) -> decltype(make(std::integral_constant<int, 2>{})) {
   switch (D) {
-    case 32: return decode_group<2>;
-    case 48: return decode_group<3>;
-    case 64: return decode_group<4>;
-    case 80: return decode_group<5>;
-    case 96: return decode_group<6>;
-    case 112: return decode_group<7>;
-    case 128: return decode_group<8>;
+    case 32: return make(std::integral_constant<int, 2>{});
+    case 48: return make(std::integral_constant<int, 3>{});
+    case 64: return make(std::integral_constant<int, 4>{});
+    case 80: return make(std::integral_constant<int, 5>{});
+    case 96: return make(std::integral_constant<int, 6>{});
+    case 112: return make(std::integral_constant<int, 7>{});
+    case 128: return make(std::integral_constant<int, 8>{});
     default: return nullptr;
   }
 }
@@ -400,27 +391,39 @@ void check_tables(std::initializer_list<const torch::Tensor*> tensors) {
                 "segment, row and slot tables must be contiguous int64 CPU tensors");
 }
 
+// q, out [T, heads, D] and k, v [slots, kv_heads, D]: contiguous bf16 CPU tensors, grouped-query heads.
+void check_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
+              "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
+  TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
+  check_cpu_bf16({&q, &k, &v, &out}, "q, k, v and out");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads (", q.size(1), ") must be a multiple of kv heads (",
+              k.size(1), ")");
+}
+
+// count key ranges kv_slots[ko[i] : ko[i+1]]: in order, within kv_slots, every slot a row of the cache.
+void check_kv_ranges(const torch::Tensor& kv_slots, const int64_t* ko, int64_t count, int64_t num_slots) {
+  TORCH_CHECK(ko[0] >= 0 && ko[count] <= kv_slots.numel(), "kv_offsets must lie within kv_slots");
+  for (int64_t i = 0; i < count; ++i) TORCH_CHECK(ko[i] <= ko[i + 1], "kv_offsets must be non-decreasing");
+  const int64_t* slots = kv_slots.data_ptr<int64_t>();
+  for (int64_t j = ko[0]; j < ko[count]; ++j) TORCH_CHECK(slots[j] >= 0 && slots[j] < num_slots, "kv slot out of range");
+}
+
 }  // namespace
 
 void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const torch::Tensor& q_starts, const torch::Tensor& q_lens, const torch::Tensor& kv_slots,
                             const torch::Tensor& kv_offsets, bool causal, double scale, const torch::Tensor& out) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
-              "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
-  TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
-  check_cpu_bf16({&q, &k, &v, &out}, "q, k, v and out");
-  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2), num_slots = k.size(0);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
-  const BlockFn fn = block_fn(D);
+  check_attention(q, k, v, out);
+  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2);
+  const BlockFn fn = for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value>; });
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
   check_tables({&q_starts, &q_lens, &kv_slots, &kv_offsets});
   const int64_t S = q_starts.numel();
   TORCH_CHECK(q_lens.numel() == S && kv_offsets.numel() == S + 1, "one q_start, q_len and kv range per segment");
   const int64_t *qs = q_starts.data_ptr<int64_t>(), *ql = q_lens.data_ptr<int64_t>();
   const int64_t *slots = kv_slots.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
-  TORCH_CHECK(ko[0] >= 0 && ko[S] <= kv_slots.numel(), "kv_offsets must lie within kv_slots");
-  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(ko[s] <= ko[s + 1], "kv_offsets must be non-decreasing");
-  for (int64_t j = ko[0]; j < ko[S]; ++j) TORCH_CHECK(slots[j] >= 0 && slots[j] < num_slots, "kv slot out of range");
+  check_kv_ranges(kv_slots, ko, S, k.size(0));
   std::vector<Segment> segs;
   std::vector<int64_t> packed_at;  // first packed row of each segment
   int64_t packed_rows = 0;
@@ -468,26 +471,21 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
 void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            const torch::Tensor& rows, const torch::Tensor& kv_slots, const torch::Tensor& kv_offsets,
                            double scale, const torch::Tensor& out) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && out.sizes() == q.sizes(),
-              "q and out must be [T, heads, D], k and v [slots, kv_heads, D]");
-  TORCH_CHECK(k.size(2) == q.size(2), "q, k and v must have the same head dim");
-  check_cpu_bf16({&q, &k, &v, &out}, "q, k, v and out");
-  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2), num_slots = k.size(0);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "heads (", H, ") must be a multiple of kv heads (", Hkv, ")");
-  const DecodeFn fn = decode_fn(D);
+  check_attention(q, k, v, out);
+  const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2);
+  const DecodeFn fn = for_head_dim(D, [](auto nd) -> DecodeFn { return decode_group<decltype(nd)::value>; });
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
   check_tables({&rows, &kv_slots, &kv_offsets});
   const int64_t B = rows.numel();
   TORCH_CHECK(kv_offsets.numel() == B + 1, "one kv range per row");
   const int64_t *rp = rows.data_ptr<int64_t>(), *slots = kv_slots.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
-  TORCH_CHECK(ko[0] >= 0 && ko[B] <= kv_slots.numel(), "kv_offsets must lie within kv_slots");
+  check_kv_ranges(kv_slots, ko, B, k.size(0));
   int64_t max_ctx = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(rp[b] >= 0 && rp[b] < T, "row ", rp[b], " lies outside the ", T, " rows");
     TORCH_CHECK(ko[b + 1] > ko[b], "row ", b, " has no keys");
     max_ctx = std::max(max_ctx, ko[b + 1] - ko[b]);
   }
-  for (int64_t j = ko[0]; j < ko[B]; ++j) TORCH_CHECK(slots[j] >= 0 && slots[j] < num_slots, "kv slot out of range");
   const int64_t G = H / Hkv;
   const auto* qp = q.data_ptr<at::BFloat16>();
   const auto* kp = k.data_ptr<at::BFloat16>();

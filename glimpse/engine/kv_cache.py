@@ -118,21 +118,22 @@ class AttentionMetadata:
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decode sequences for the native kernel, built once for all layers: their query rows,
         their context slots back to back, and those slots' [B+1] offsets (int64 CPU tensors)."""
-        seqs = self.decode_seqs
-        offsets = torch.tensor([0, *(self.context_lens[i] for i in seqs)]).cumsum(0)
-        slots = torch.cat([self.context_slots[i] for i in seqs]).cpu()
-        return torch.tensor([self.query_starts[i] for i in seqs]), slots, offsets
+        starts, _, slots, offsets = self._native_tables(self.decode_seqs)
+        return starts, slots, offsets
 
     @functools.cached_property
     def prefill_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The prefill chunks as segments of the native kernel, built once for all layers: their
-        query starts and lengths, their context slots back to back, and those slots' [S+1] offsets
-        (int64 CPU tensors)."""
-        seqs = self.prefill_seqs
+        query starts and lengths, their context slots back to back, and those slots' [S+1] offsets."""
+        return self._native_tables(self.prefill_seqs)
+
+    def _native_tables(self, seqs: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query starts, query lengths, context slots back to back, [len(seqs)+1] slot offsets) of
+        `seqs`, as int64 CPU tensors."""
         offsets = torch.tensor([0, *(self.context_lens[i] for i in seqs)]).cumsum(0)
         slots = torch.cat([self.context_slots[i] for i in seqs]).cpu()
-        return (torch.tensor([self.query_starts[i] for i in seqs]), torch.tensor([self.query_lens[i] for i in seqs]),
-                slots, offsets)  # fmt: skip
+        starts = torch.tensor([self.query_starts[i] for i in seqs])
+        return starts, torch.tensor([self.query_lens[i] for i in seqs]), slots, offsets
 
     @classmethod
     def build(cls, block_size: int, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
