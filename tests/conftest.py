@@ -46,7 +46,8 @@ def kernel_spy(native_kernels, monkeypatch) -> KernelSpy:
     monkeypatch.setattr(kernels, "cpu_kernels", lambda: spy)
     return spy
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+# The photographs and clips the tests read ship inside the repository (see data/media/README.md).
+MEDIA = Path(__file__).resolve().parent / "data" / "media"
 IMAGES = MEDIA / "images"
 VIDEOS = MEDIA / "videos"
 

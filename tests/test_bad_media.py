@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import MEDIA
 
 from glimpse.errors import GlimpseError, InvalidInputError, MediaError, MediaTooLargeError, VideoSamplingError
 from glimpse.media.image import load_image
@@ -27,7 +28,6 @@ from glimpse.processing.resize import preprocess_images, preprocess_video
 from glimpse.processing.sampling import sample_video
 from glimpse.processing.spec import image_spec_from_dict, video_spec_from_dict
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGE_FILES = sorted((MEDIA / "images").iterdir())
 VIDEO_FILES = sorted((MEDIA / "videos").iterdir())
 SIGNATURES = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8 ",

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 from transformers.image_utils import load_image as hf_load_image
 from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor
+from conftest import MEDIA
 
 from glimpse.errors import MediaTooLargeError
 from glimpse.media.image import load_image
@@ -26,7 +27,6 @@ from glimpse.media.video import probe_video, read_frames
 from glimpse.processing.resize import preprocess_images
 from glimpse.processing.spec import image_spec_from_dict
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGES, VIDEOS = MEDIA / "images", MEDIA / "videos"
 GLM = {"image_processor_type": "Glm4vImageProcessor"}
 

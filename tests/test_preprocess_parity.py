@@ -27,6 +27,7 @@ from transformers.models.glmga.video_processing_glmga import GlmgaVideoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.video_utils import VideoMetadata as HFVideoMetadata
+from conftest import MEDIA
 
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
 from glimpse.media.image import load_image
@@ -42,7 +43,6 @@ from glimpse.processing.spec import (
     with_overrides,
 )
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 IMAGE_FILES = sorted((MEDIA / "images").iterdir())
 VIDEO_FILES = sorted((MEDIA / "videos").iterdir())
 

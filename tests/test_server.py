@@ -26,10 +26,10 @@ import torch
 from hf_oracle import hf_inputs, hf_model, hf_processor, read_all_frames, rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import MEDIA
 
 from glimpse.server.reasoning import GlmReasoningParser, parse_box
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 MODEL = "tiny-glm"
@@ -45,7 +45,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m glimpse.cli serve CHECKPOINT ...` on a free loopback port, stopped by `stop()`."""
 
-    def __init__(self, checkpoint: Path, *args: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, checkpoint: Path, *args: str, api_key: str | None = None, timeout: float = 300.0,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.port = free_port()
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile("w+", prefix="glimpse-serve-", suffix=".log", delete=False)
@@ -55,7 +56,7 @@ class ServerProcess:
                "--log-level", "warning", "--served-model-name", MODEL, *args]  # fmt: skip
         if api_key:
             cmd += ["--api-key", api_key]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + timeout
@@ -69,11 +70,13 @@ class ServerProcess:
                 pass
             time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"glimpse serve did not become healthy:\n{self.output()}")
+        raise RuntimeError(f"glimpse serve did not become healthy within {timeout:g} s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-5000:]
+        """The server's log so far (also after stop(), which closes our handle on it)."""
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-5000:]
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
