@@ -93,7 +93,8 @@ class LLM:
 
     def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
                     chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None):  # fmt: skip
-        """Yield `RequestOutput`s of one conversation as tokens arrive (use `.outputs[0].delta_text`)."""
+        """Yield `RequestOutput`s of one conversation as tokens arrive (`.outputs[0].delta_text` for n=1; with
+        n > 1 each output lists only the completions that moved: read `.index`)."""
         processed = self.processor(messages, chat_template_kwargs=chat_template_kwargs, **(mm_processor_kwargs or {}))
         rid = self.engine.add_request(None, processed, sampling_params or self.get_default_sampling_params())
         try:

@@ -1,6 +1,10 @@
 """The engine loop: add requests, run steps (schedule -> model runner -> sampler -> detokenize),
 and hand back `RequestOutput`s shaped like vLLM's.
 
+A step's output work is linear in the sequences it advanced, never in a request's `n`: an
+unfinished request's output lists only its completions that got tokens this step (each with
+its deltas and cumulative text/token ids), and its final output lists all n in index order.
+
 One `LLMEngine` owns the model, the paged KV cache, the encoder cache and the scheduler.
 It is single-threaded; the server drives it from its own thread.
 """
@@ -70,6 +74,10 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One step's news of a request: `outputs` holds the completions that got tokens this step
+    (read `.index`); when `finished`, all n completions in index order, the earlier-finished ones
+    with empty deltas. `prompt_token_ids` is one list shared by all outputs of the request."""
+
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
@@ -92,11 +100,14 @@ class _Group:
     request_id: str
     prompt: ProcessedPrompt
     params: SamplingParams
-    seqs: list[_Sequence]
+    seqs: list[_Sequence]  # seqs[i].request.index == i
+    prompt_token_ids: list[int]  # one copy, handed to every output of the group
+    num_unfinished: int
+    num_preemptions: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(s.request.is_finished for s in self.seqs)
+        return self.num_unfinished == 0
 
 
 class LLMEngine:
@@ -180,18 +191,20 @@ class LLMEngine:
                                   f"more than encoder_cache_memory ({self.encoder_cache.max_bytes}); raise it or "
                                   "lower the item's resolution")  # fmt: skip
         positions, delta, pruned = self._prompt_positions(prompt)
+        prompt_ids = torch.tensor(prompt.input_ids, dtype=torch.long)  # converted once for all n sequences
         seqs = []
         for i in range(params.n):
             req = Request(
                 request_id=f"{request_id}-{i}" if params.n > 1 else request_id,
                 prompt_token_ids=list(prompt.input_ids),
                 sampling_params=params,
-                sampling_state=RequestSamplingState.from_params(params, prompt.input_ids, i),
+                sampling_state=RequestSamplingState.from_params(params, prompt_ids, i),
                 media=prompt.media,
                 prompt_positions=positions.clone() if pruned else positions,  # EVS fills its own copy
                 mrope_delta=int(delta),
                 eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
                 group_id=request_id,
+                index=i,
                 pruned_video_positions=pruned,
             )
             req.timings.preprocess = preprocess_seconds
@@ -199,7 +212,7 @@ class LLMEngine:
                                            params.include_stop_str_in_output)  # fmt: skip
             seqs.append(_Sequence(req, detok, i))
             self.scheduler.add(req)
-        self.groups[request_id] = _Group(request_id, prompt, params, seqs)
+        self.groups[request_id] = _Group(request_id, prompt, params, seqs, list(prompt.input_ids), params.n)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -207,10 +220,10 @@ class LLMEngine:
         group = self.groups.pop(request_id, None)
         if group is None:
             return False
-        for seq in group.seqs:
-            if not seq.request.is_finished:
-                seq.request.finish_reason = "abort"
-                self.scheduler.finish(seq.request)
+        live = [s.request for s in group.seqs if not s.request.is_finished]
+        for req in live:
+            req.finish_reason = "abort"
+        self.scheduler.finish(live)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -227,7 +240,11 @@ class LLMEngine:
             setattr(req.timings, phase, getattr(req.timings, phase) + result.forward_seconds)
             if any(m in batch.encode for m in req.media):
                 req.timings.encoder += result.encoder_seconds
+        for req in batch.preempted:
+            if req.group_id in self.groups:
+                self.groups[req.group_id].num_preemptions += 1
         self.scheduler.update(batch)
+        advanced: list[Request] = []
         if result.sample_requests:
             reqs = result.sample_requests
             out = sample(result.logits, [r.sampling_params for r in reqs], [r.sampling_state for r in reqs],
@@ -235,7 +252,10 @@ class LLMEngine:
             now = time.perf_counter()
             for req, token, logprob in zip(reqs, out.token_ids, out.logprobs, strict=True):
                 self._accept(req, token, logprob, now)
-        return self._outputs(batch.requests)
+            advanced = [r for r in reqs if r.group_id in self.groups]
+            # One pass over the scheduler's queues for all sequences that finished this step.
+            self.scheduler.finish([r for r in advanced if r.finish_reason is not None])
+        return self._outputs(advanced)
 
     def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float) -> None:
         params = req.sampling_params
@@ -258,28 +278,33 @@ class LLMEngine:
             self._finish(req, "length", None)
 
     def _finish(self, req: Request, reason: str, stop_reason) -> None:
+        """Mark a sequence finished; the step hands it to the scheduler with the others that finished."""
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.timings.finished = time.perf_counter()
         if stop_reason is None or isinstance(stop_reason, int):
             self._seq(req).detok.flush()
-        self.scheduler.finish(req)
+        self.groups[req.group_id].num_unfinished -= 1
 
     def _seq(self, req: Request) -> _Sequence:
-        return next(s for s in self.groups[req.group_id].seqs if s.request is req)
+        return self.groups[req.group_id].seqs[req.index]
 
-    def _outputs(self, stepped: list[Request]) -> list[RequestOutput]:
-        ids = dict.fromkeys(r.group_id for r in stepped if r.group_id in self.groups)
+    def _outputs(self, advanced: list[Request]) -> list[RequestOutput]:
+        """One output per group with a sequence that got tokens this step (each sampled once per step)."""
+        by_group: dict[str, list[_Sequence]] = {}
+        for req in advanced:
+            by_group.setdefault(req.group_id, []).append(self._seq(req))
         outputs = []
-        for gid in ids:
+        for gid, seqs in by_group.items():
             group = self.groups[gid]
-            outputs.append(self._make_output(group))
             if group.finished:
                 del self.groups[gid]
+                seqs = group.seqs  # the final output lists all n
+            outputs.append(self._make_output(group, seqs))
         return outputs
 
-    def _make_output(self, group: _Group) -> RequestOutput:
+    def _make_output(self, group: _Group, seqs: list[_Sequence]) -> RequestOutput:
         comps = []
-        for seq in group.seqs:
+        for seq in seqs:
             req = seq.request
             new_tokens = req.output_token_ids[seq.emitted_tokens :]
             seq.emitted_tokens = len(req.output_token_ids)
@@ -290,8 +315,8 @@ class LLMEngine:
                 logprobs=list(req.logprobs) if group.params.logprobs is not None else None,
                 delta_text=delta, delta_token_ids=new_tokens))  # fmt: skip
         first = group.seqs[0].request
-        metrics = first.timings.as_dict() | {"num_preemptions": sum(s.request.num_preemptions for s in group.seqs)}
-        return RequestOutput(group.request_id, list(group.prompt.input_ids), comps, group.finished,
+        metrics = first.timings.as_dict() | {"num_preemptions": group.num_preemptions}
+        return RequestOutput(group.request_id, group.prompt_token_ids, comps, group.finished,
                              group.prompt.media_token_counts, first.num_cached_prompt_tokens, metrics)  # fmt: skip
 
     # ---- helpers -------------------------------------------------------------------------

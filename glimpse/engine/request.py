@@ -56,6 +56,7 @@ class Request:
     mrope_delta: int  # decode position of token i is i + mrope_delta (all three axes)
     eos_token_ids: frozenset[int] = frozenset()
     group_id: str = ""  # the user's request id (an `n > 1` request has n sequences in one group)
+    index: int = 0  # which of the group's n sequences this is (its CompletionOutput.index)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)  # the block table

@@ -1,8 +1,8 @@
 """Step 4 for the server: the `LLMEngine` in its own thread, an asyncio stream per request, and admission.
 
 `await AsyncEngine.add(request_id, prompt, params)` queues a request and returns a handle whose
-`outputs()` yields `RequestOutput`s (one per engine step that touched it; the last has
-`finished=True`); `handle.abort()` (client gone, timeout, error) frees its KV blocks.
+`outputs()` yields `RequestOutput`s (one per engine step that gave it tokens, listing only the
+completions that moved; the last has `finished=True` and all n); `handle.abort()` (client gone, timeout, error) frees its KV blocks.
 `admit()` bounds the requests being served: `max_concurrent` at once plus `max_queue` waiting
 for a slot; beyond that it raises `ServerBusyError` (HTTP 429).
 """

@@ -128,6 +128,17 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
 
+def prompt_list(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str] | list[list[int]]:
+    """A completions `prompt` field as its list of prompts (a string or one token list is one prompt)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
+
+
+def num_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> int:
+    return len(prompt_list(prompt))
+
+
 # Fields of OpenAI's or vLLM's APIs that would change the output and that glimpse does not
 # implement -> a predicate saying which values are harmless (absent/neutral) and may pass.
 _UNSUPPORTED = MappingProxyType({
@@ -343,6 +354,7 @@ class ChatFormat(ResponseFormat):
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.parsers: dict[int, GlmReasoningParser] = {}
         self.logprobs_sent: dict[int, int] = {}
+        self.finish_sent: set[int] = set()  # choices whose finish chunk is out
         self.prompt_text: str | None = None
 
     def _split(self, index: int, text: str, finished: bool) -> ParsedDelta:
@@ -385,6 +397,8 @@ class ChatFormat(ResponseFormat):
     def step(self, out: RequestOutput) -> list[dict]:
         events = []
         for c in out.outputs:
+            if c.index in self.finish_sent:
+                continue  # the final output lists every choice again, earlier-finished ones included
             done = c.finish_reason is not None
             parsed = self._split(c.index, c.delta_text, done)
             delta: dict = {}
@@ -402,6 +416,7 @@ class ChatFormat(ResponseFormat):
             if delta or logprobs:
                 events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
             if done:
+                self.finish_sent.add(c.index)
                 events.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))  # fmt: skip
         return events
@@ -421,6 +436,7 @@ class CompletionFormat(ResponseFormat):
         self.created = now()
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.logprobs_sent: dict[int, tuple[int, bytes]] = {}  # index -> (entries sent, output bytes so far)
+        self.finish_sent: set[int] = set()  # choices whose finish chunk is out
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
         return chunk(self.id, self.model_name, self.created, choices, obj="text_completion",
@@ -444,11 +460,15 @@ class CompletionFormat(ResponseFormat):
     def step(self, out: RequestOutput) -> list[dict]:
         events = []
         for c in out.outputs:
+            if c.index in self.finish_sent:
+                continue  # the final output lists every choice again, earlier-finished ones included
             lp = None
             if c.logprobs is not None and c.delta_token_ids:
                 sent, prefix = self.logprobs_sent.get(c.index, (0, b""))
                 lp, prefix = completion_logprobs(c.logprobs[sent:], self.token_text, prefix)
                 self.logprobs_sent[c.index] = (len(c.logprobs), prefix)
+            if c.finish_reason is not None:
+                self.finish_sent.add(c.index)
             if c.delta_text or lp or c.finish_reason is not None:
                 events.append(self._chunk([{"index": c.index, "text": c.delta_text, "logprobs": lp,
                                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))  # fmt: skip
