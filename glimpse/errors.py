@@ -38,3 +38,11 @@ class PromptError(InvalidInputError):
 
 class CheckpointError(GlimpseError):
     """A checkpoint folder that cannot be loaded: missing, unexpected, truncated or corrupt tensors."""
+
+
+class DecodeBusyError(GlimpseError):
+    """The server's decoding budget (--max-decoding-pixels) is taken and its waiting line is full (HTTP 429)."""
+
+
+class PreprocessCancelled(GlimpseError):
+    """Preprocessing stopped because its request was cancelled (client gone, request aborted)."""

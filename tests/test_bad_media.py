@@ -12,14 +12,13 @@ import io
 import struct
 import time
 import zlib
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from conftest import MEDIA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import MEDIA
 
 from glimpse.errors import GlimpseError, InvalidInputError, MediaError, MediaTooLargeError, VideoSamplingError
 from glimpse.media.image import load_image

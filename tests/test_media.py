@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from conftest import MEDIA
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 from transformers.image_utils import load_image as hf_load_image
 from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor
-from conftest import MEDIA
 
 from glimpse.errors import MediaTooLargeError
 from glimpse.media.image import load_image

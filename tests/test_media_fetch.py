@@ -3,6 +3,7 @@
 Every remote case talks to servers this file starts on 127.0.0.1 / 127.0.0.2 (nothing leaves the
 machine); refusals are checked by the error type, by what the message must not reveal, and by the
 internal server's request log staying empty. Local-file cases build a real tree under tmp_path.
+127.0.0.2 passes the public-address rule only through GLIMPSE_UNSAFE_MEDIA_ADDRESSES (parsed here).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from PIL import Image
 
 from glimpse.errors import InvalidInputError, MediaError, MediaTooLargeError
 from glimpse.server.media_fetch import (
+    ENV_UNSAFE_ADDRESSES,
     MediaAccessError,
     MediaPolicy,
     address_is_public,
     fetch_media,
     host_allowed,
+    unsafe_media_addresses_from_env,
 )
 
-ALLOWED_IP = "127.0.0.2"  # the "public" media server; exempted through the test switch
+ALLOWED_IP = "127.0.0.2"  # the "public" media server; exempted through GLIMPSE_UNSAFE_MEDIA_ADDRESSES
 INTERNAL_IP = "127.0.0.1"  # an "internal" service that must never be reached
 
 # A self-signed certificate for DNS name media.test (valid 2000-2099), made with `openssl ca -selfsign`.
@@ -170,7 +173,9 @@ def fetch(url, policy, kind="image", **kw):
 
 def remote_policy(**kw) -> MediaPolicy:
     kw.setdefault("allowed_media_domains", (ALLOWED_IP, "media.test", "other.test"))
-    kw.setdefault("allow_loopback_for_tests", frozenset({ALLOWED_IP}))
+    kw.setdefault(
+        "unsafe_media_addresses", unsafe_media_addresses_from_env({ENV_UNSAFE_ADDRESSES: ALLOWED_IP})
+    )
     return MediaPolicy(**kw)
 
 
@@ -295,15 +300,47 @@ def test_redirect_rebinding_is_checked_again(media_server):
     [
         ("file:///etc/passwd", "only http and https"),
         ("http://elsewhere.example.net/a.png", "a host not listed"),
+        # Locations without '//' once escaped from httpx's own redirect parsing as InvalidURL (a 500).
+        ("data:image/png;base64,iVBORw0KGgo=", "only http and https"),
+        ("DATA:,elsewhere", "only http and https"),
+        ("javascript:alert('elsewhere')", "only http and https"),
+        ("mailto:elsewhere@example.net", "only http and https"),
     ],
 )
 def test_redirect_off_policy_refused(media_server, target, message):
     media_server.httpd.redirects["/hop"] = target
     with pytest.raises(MediaAccessError, match=message) as err:
-        fetch(f"http://{ALLOWED_IP}:{media_server.port}/hop", remote_policy())
-    assert "elsewhere" not in str(err.value) and "passwd" not in str(
-        err.value
-    )  # the hop's target is not echoed
+        fetch(
+            f"http://{ALLOWED_IP}:{media_server.port}/hop", remote_policy(allowed_media_domains=(ALLOWED_IP,))
+        )
+    assert "elsewhere" not in str(err.value) and "passwd" not in str(err.value)  # the target is not echoed
+    assert "base64" not in str(err.value) and "alert" not in str(err.value)
+    assert [p for p, _ in media_server.log] == ["/hop"]
+
+
+@pytest.mark.parametrize(
+    "target, error, message",
+    [
+        ("http://[::1", MediaError, r"\(redirect 1\): its Location is not a valid URL"),
+        ("http://xn--/a.png", MediaError, r"\(redirect 1\): the host name could not be resolved"),  # was IDNAError
+        ("http://x..localhost/a.png", MediaError, r"\(redirect 1\): the host is not a valid host name"),
+        (f"http://{'a' * 64}.localhost/a.png", MediaError, r"\(redirect 1\): the host is not a valid host name"),
+        (f"http://{ALLOWED_IP}:99999/img.png", MediaError, r"\(redirect 1\): the port is out of range \(1-65535\)"),
+    ],
+)  # fmt: skip
+def test_redirect_to_a_malformed_location(media_server, target, error, message):
+    """A Location that httpx or the resolver cannot handle is a clean 400 naming the hop, not echoing it."""
+    media_server.httpd.redirects["/hop"] = target
+    with pytest.raises(error, match=message) as err:
+        fetch(
+            f"http://{ALLOWED_IP}:{media_server.port}/hop",
+            remote_policy(allowed_media_domains=("*",)),
+            resolver=fixed_resolver({}),  # no host of these is looked up in real DNS
+        )
+    assert (
+        "xn--" not in str(err.value) and "localhost" not in str(err.value) and "99999" not in str(err.value)
+    )
+    assert [p for p, _ in media_server.log] == ["/hop"]
 
 
 def test_oversize_by_content_length(media_server):
@@ -340,6 +377,55 @@ def test_bad_responses(media_server, path, kind, message):
 def test_credentials_in_url_refused(media_server):
     with pytest.raises(MediaAccessError, match="credentials"):
         fetch(f"http://user:pw@{ALLOWED_IP}:{media_server.port}/img.png", remote_policy())
+
+
+# ---- malformed URLs: each once escaped fetch_media as an unhandled exception (a 500) ---------------
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "-1", "99999999999999999999"])
+@pytest.mark.parametrize("host", [ALLOWED_IP, "media.test"])
+def test_port_out_of_range(media_server, host, port):
+    calls: list[str] = []
+    url = f"http://{host}:{port}/img.png"
+    with pytest.raises(MediaError, match=rf"port {port} is out of range \(1-65535\)"):
+        fetch(url, remote_policy(), resolver=fixed_resolver({"media.test": [ALLOWED_IP]}, calls))
+    assert calls == [] and media_server.log == []
+
+
+@pytest.mark.parametrize("host", [f"{'a' * 64}.localhost", "x..localhost", ".localhost", f"{'a' * 300}"])
+def test_host_labels_idna_rejects_under_wildcard(host):
+    """The system resolver's IDNA step raised UnicodeError for these; now refused before any lookup."""
+    with pytest.raises(MediaError, match=r"is not a valid host name \(dot-separated labels of 1-63"):
+        fetch(f"http://{host}/x.png", MediaPolicy(allowed_media_domains=("*",)))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["x%00y.example", "x%2ey.example", "a b.example", "a!b.example", ".".join(["a" * 63] * 4) + ".example"],
+)
+def test_host_names_outside_dns_syntax_refused_without_a_lookup(host):
+    calls: list[str] = []
+    with pytest.raises(MediaError, match="is not a valid host name.*253 characters"):
+        fetch(
+            f"http://{host}/x.png",
+            MediaPolicy(allowed_media_domains=("*",)),
+            resolver=fixed_resolver({}, calls),
+        )
+    assert calls == []
+
+
+@pytest.mark.parametrize("scheme", ["file://{tree}/", "http://127.0.0.2/", "https://\ud800.example/"])
+def test_lone_surrogate_refused(tree, scheme):
+    url = scheme.format(tree=tree) + "a\ud800.png"
+    policy = remote_policy(allowed_local_media_path=tree, allowed_media_domains=("*",))
+    with pytest.raises(MediaError, match=r"lone surrogate \(U\+D800\).*percent-encode"):
+        fetch(url, policy)
+
+
+@pytest.mark.parametrize("url", ["file://[::1/a.png", "file://[/a.png"])
+def test_malformed_file_url(tree, url):
+    with pytest.raises(MediaError, match="is not a valid URL"):
+        fetch(url, MediaPolicy(allowed_local_media_path=tree))
 
 
 # ---- https: SNI and certificate checked against the URL's host, not the dialled IP ---------------
@@ -403,6 +489,7 @@ def tree(tmp_path):
     (root / "zero.png").symlink_to("/dev/zero")
     (root / "in.png").symlink_to(root / "sub" / "b.png")
     (root / "fifo_link.png").symlink_to(root / "pipe.png")
+    (root / "notes_link.png").symlink_to(root / "notes.txt")
     return root
 
 
@@ -429,6 +516,7 @@ def test_file_inside_root_gives_its_real_path(tree):
         ("fifo_link.png", MediaAccessError, "not a regular file"),
         ("notes.txt", MediaAccessError, "extension '.txt'"),
         ("missing.png", MediaError, "no such file"),
+        ("a%00.png", MediaAccessError, r"NUL \(%00\)"),
     ],
 )  # fmt: skip
 def test_file_refusals(tree, rel, error, message):
@@ -438,6 +526,13 @@ def test_file_refusals(tree, rel, error, message):
     assert os.path.realpath(tree.parent / "secret.png") not in str(err.value) and "/dev/zero" not in str(
         err.value
     )
+
+
+def test_file_link_to_another_extension_does_not_reveal_it(tree):
+    """The extension rule is judged on the file read, but the message names only the URL's own path."""
+    with pytest.raises(MediaAccessError, match="leads to a file whose extension is not one of") as err:
+        fetch(f"file://{tree}/notes_link.png", MediaPolicy(allowed_local_media_path=tree))
+    assert ".txt" not in str(err.value) and "notes.txt" not in str(err.value)
 
 
 def test_file_other_forms_refused(tree):
@@ -529,3 +624,75 @@ def test_policy_validation(tmp_path):
     with pytest.raises(InvalidInputError, match="--media-fetch-timeout"):
         MediaPolicy(timeout_s=float("nan"))
     assert any("is '/'" in w for w in MediaPolicy(allowed_local_media_path="/").warnings())
+
+
+# ---- GLIMPSE_UNSAFE_MEDIA_ADDRESSES: loopback test origins, and nothing else ---------------------
+
+
+def test_unsafe_addresses_from_env_takes_loopback_only():
+    assert unsafe_media_addresses_from_env({}) == frozenset()
+    assert unsafe_media_addresses_from_env({ENV_UNSAFE_ADDRESSES: " "}) == frozenset()
+    got = unsafe_media_addresses_from_env({ENV_UNSAFE_ADDRESSES: " 127.0.0.2, ::0001,127.255.0.9,"})
+    assert got == {"127.0.0.2", "::1", "127.255.0.9"}  # canonical text
+
+
+@pytest.mark.parametrize(
+    "value", ["169.254.169.254", "10.0.0.1", "127.0.0.2,10.0.0.1", "localhost", "0.0.0.0", "8.8.8.8",
+              "127.0.0.1:8080", "[::1]", "::1%lo", "127.0.0.0/8", "fd00:ec2::254"],
+)  # fmt: skip
+def test_unsafe_addresses_from_env_refuses_the_rest(value):
+    with pytest.raises(InvalidInputError, match=f"{ENV_UNSAFE_ADDRESSES}: .* is not a loopback IP address"):
+        unsafe_media_addresses_from_env({ENV_UNSAFE_ADDRESSES: value})
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "10.0.0.1", "localhost", 2130706433])
+def test_policy_refuses_non_loopback_unsafe_addresses(address):
+    with pytest.raises(InvalidInputError, match=ENV_UNSAFE_ADDRESSES):
+        MediaPolicy(allowed_media_domains=("*",), unsafe_media_addresses=frozenset({address}))
+
+
+def test_unsafe_addresses_are_named_in_the_startup_warning():
+    policy = MediaPolicy(unsafe_media_addresses=frozenset({"127.0.0.2", "::1"}))
+    (warning,) = policy.warnings()
+    assert ENV_UNSAFE_ADDRESSES in warning and "127.0.0.2" in warning and "::1" in warning
+
+
+def test_unsafe_address_is_exempt_from_the_address_rule_only(media_server, internal_server):
+    """The listed address passes the public-address rule; the allow-list and other addresses do not."""
+    unsafe = unsafe_media_addresses_from_env({ENV_UNSAFE_ADDRESSES: f"{ALLOWED_IP},::1"})
+    url = f"http://{ALLOWED_IP}:{media_server.port}/img.png"
+    with pytest.raises(MediaAccessError, match="non-public"):
+        fetch(url, MediaPolicy(allowed_media_domains=("*",)))  # not listed: refused
+    assert fetch(url, MediaPolicy(allowed_media_domains=("*",), unsafe_media_addresses=unsafe)) == PNG
+    with pytest.raises(MediaAccessError, match="not listed in --allowed-media-domains"):
+        fetch(url, MediaPolicy(allowed_media_domains=("media.test",), unsafe_media_addresses=unsafe))
+    with pytest.raises(MediaAccessError, match="non-public"):
+        fetch(
+            f"http://{INTERNAL_IP}:{internal_server.port}/img.png",
+            MediaPolicy(allowed_media_domains=("*",), unsafe_media_addresses=unsafe),
+        )
+    assert [p for p, _ in media_server.log] == ["/img.png"] and internal_server.log == []
+
+
+def test_serve_refuses_a_non_loopback_unsafe_address_and_the_old_flag(tiny_checkpoint, capsys):
+    """A real `glimpse serve` with the variable set to a metadata address exits 2 with one line."""
+    from test_server import ServerProcess  # imported here: it pulls in transformers
+
+    try:
+        server = ServerProcess(
+            tiny_checkpoint("glm46v"), env={ENV_UNSAFE_ADDRESSES: "169.254.169.254"}, timeout=120
+        )
+    except RuntimeError as exc:
+        failure = str(exc)
+    else:
+        server.stop()
+        pytest.fail(f"glimpse serve started with {ENV_UNSAFE_ADDRESSES}=169.254.169.254")
+    assert "exited with 2" in failure and "Traceback" not in failure
+    assert f"glimpse serve: {ENV_UNSAFE_ADDRESSES}: '169.254.169.254' is not a loopback IP address" in failure
+
+    from glimpse.cli import build_parser  # the flag that bypassed every address check is gone
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--test-allow-media-address", "127.0.0.2"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --test-allow-media-address" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MEDIA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,13 +28,20 @@ from transformers.models.glmga.video_processing_glmga import GlmgaVideoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.video_utils import VideoMetadata as HFVideoMetadata
-from conftest import MEDIA
 
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
 from glimpse.media.image import load_image
 from glimpse.media.video import probe_video, read_frames
 from glimpse.processing import resize
-from glimpse.processing.resize import preprocess_images, preprocess_video, smart_resize_glm, smart_resize_qwen
+from glimpse.processing.resize import (
+    frame_resizer,
+    preprocess_images,
+    preprocess_resized_video,
+    preprocess_video,
+    smart_resize_glm,
+    smart_resize_qwen,
+    video_target_size,
+)
 from glimpse.processing.sampling import sample_video
 from glimpse.processing.spec import (
     Ceilings,
@@ -117,6 +125,9 @@ VIDEO_CONFIGS = [
     ("glmga", {"video_processor_type": "GlmgaVideoProcessor", "fps": 3, "max_frames": 32}),
     ("glmga_e2", {"video_processor_type": "GlmgaVideoProcessor", "patch_expand_factor": 2}),
     ("qwen", {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "fps": 2.0}),
+    # Every frame kept (Qwen's default; a GLM checkpoint or request may ask for it too).
+    ("qwen_all", {"video_processor_type": "Qwen2VLVideoProcessor"}),
+    ("glm46v_all", {"video_processor_type": "Glm46VVideoProcessor", "do_sample_frames": False}),
     (
         "qwen_frames",
         {"video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "num_frames": 9},
@@ -256,7 +267,7 @@ def test_overrides_validated():
     glm4v = video_spec_from_dict({"video_processor_type": "Glm4vVideoProcessor"})
     with pytest.raises(InvalidInputError, match="HF ignores it"):
         with_overrides(glm4v, max_duration=10)
-    with pytest.raises(LimitExceededError, match="max_fps"):
+    with pytest.raises(LimitExceededError, match="--max-fps"):
         with_overrides(glm4v, fps=120)
 
     qwen = video_spec_from_dict({"video_processor_type": "Qwen2VLVideoProcessor", "fps": 2.0})
@@ -264,7 +275,7 @@ def test_overrides_validated():
     assert (switched.num_frames, switched.fps, switched.do_sample_frames) == (8, None, True)
     with pytest.raises(InvalidInputError, match="exclude each other"):
         with_overrides(qwen, num_frames=8, fps=1.0)
-    with pytest.raises(LimitExceededError, match="max_frames"):
+    with pytest.raises(LimitExceededError, match="--max-frames"):
         with_overrides(qwen, num_frames=10_000)
     with pytest.raises(InvalidInputError, match="do_sample_frames"):
         with_overrides(qwen, fps=1.0, do_sample_frames=False)
@@ -406,9 +417,13 @@ def _hf_replace_video_token(spec, grid, hf_meta):
     return [chunk for chunk in text.split("<|begin_of_image|><|end_of_image|>") if chunk]
 
 
+@pytest.mark.parametrize("how", ["batch", "while_decoding"])
 @pytest.mark.parametrize("video", [p.name for p in VIDEO_FILES])
 @pytest.mark.parametrize("name,cfg", VIDEO_CONFIGS, ids=[c[0] for c in VIDEO_CONFIGS])
-def test_videos_bit_exact(name, cfg, video, decoded_videos):
+def test_videos_bit_exact(name, cfg, video, how, decoded_videos):
+    """HF gets every full-size frame. glimpse resizes the sampled frames as one batch ("batch",
+    pre-decoded input) or one by one as read_frames decodes them ("while_decoding", the processor's
+    path for files: no full-size stack is held)."""
     frames, meta = decoded_videos[video]
     spec = video_spec_from_dict(cfg)
     sampled = sample_video(meta, spec)
@@ -419,14 +434,18 @@ def test_videos_bit_exact(name, cfg, video, decoded_videos):
         expected = hf_video_processor(cfg)(videos=[frames], video_metadata=[hf_meta], return_metadata=True,
                                            return_tensors="pt")  # fmt: skip
     hf_meta = expected["video_metadata"][0]
-    hf_indices = (
-        list(range(meta.total_num_frames))
-        if hf_meta.frames_indices is None
-        else [int(i) for i in hf_meta.frames_indices]
-    )
-    assert list(sampled.indices) == hf_indices
+    if hf_meta.frames_indices is None:  # HF kept every frame; its loaders then list them all (hf_oracle too)
+        hf_meta.frames_indices = list(range(meta.total_num_frames))
+    assert list(sampled.indices) == [int(i) for i in hf_meta.frames_indices]
 
-    pixel_values, grid = preprocess_video(frames[list(sampled.indices)], spec)
+    if how == "batch":
+        pixel_values, grid = preprocess_video(frames[list(sampled.indices)], spec)
+    else:
+        size = video_target_size(len(sampled.indices), meta.height, meta.width, spec)
+        resizer = frame_resizer(len(sampled.indices), spec)
+        resized = read_frames(MEDIA / "videos" / video, sampled.indices, frame_fn=resizer)
+        assert resized.shape == (len(sampled.indices), *size, 3)
+        pixel_values, grid = preprocess_resized_video(resized, spec)
     assert torch.equal(grid, expected["video_grid_thw"])
     assert torch.equal(pixel_values, expected["pixel_values_videos"])
 

@@ -23,10 +23,10 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import MEDIA
 from hf_oracle import hf_inputs, hf_model, hf_processor, read_all_frames, rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import MEDIA
 
 from glimpse.server.reasoning import GlmReasoningParser, parse_box
 
@@ -48,6 +48,7 @@ class ServerProcess:
     def __init__(self, checkpoint: Path, *args: str, api_key: str | None = None, timeout: float = 300.0,
                  env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.port = free_port()
+        self.checkpoint = checkpoint
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile("w+", prefix="glimpse-serve-", suffix=".log", delete=False)
         if "--encoder-graph" not in args:  # compiling the encoder at every start would slow the suite
@@ -87,8 +88,8 @@ class ServerProcess:
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def post(self, path: str, body=None, **kwargs) -> httpx.Response:
-        return httpx.post(self.base + path, json=body, headers=self.headers(), timeout=60, **kwargs)
+    def post(self, path: str, body=None, timeout: float = 60, **kwargs) -> httpx.Response:
+        return httpx.post(self.base + path, json=body, headers=self.headers(), timeout=timeout, **kwargs)
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {name: value}; labelled ones keyed as written, e.g. 'x{status="400"}'."""

@@ -2,8 +2,8 @@
 
 Media cases: corrupt and bomb images, truncated and zero-duration videos, bad base64, file://
 escapes, loopback / metadata URLs and a redirect to a private address (local HTTP servers on
-127.0.0.2 and 127.0.0.1; only 127.0.0.2 is exempted with the test-only flag). Limits: unknown
-mm kwargs, ceilings, oversize bodies, too many items, prompts too long, the queue (429) and the
+127.0.0.2 and 127.0.0.1; only 127.0.0.2 is exempted, through GLIMPSE_UNSAFE_MEDIA_ADDRESSES).
+Limits: unknown mm kwargs, ceilings, oversize bodies, too many items, prompts too long, the queue (429) and the
 per-request timeout (504). Afterwards a normal request works and /metrics shows nothing leaked.
 """
 
@@ -120,10 +120,11 @@ def root(tmp_path_factory):
 def server(tiny_checkpoint, root, web):
     srv = ServerProcess(
         tiny_checkpoint("glm46v"), "--allowed-local-media-path", str(root), "--allowed-media-domains", "*",
-        "--test-allow-media-address", "127.0.0.2", "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+        "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
         "--max-request-bytes", "1MiB", "--max-media-bytes", "300KiB", "--max-pixels", "100000",
         "--max-model-len", "1024", "--kv-cache-memory", "32MiB", "--max-concurrent-requests", "1", "--max-queue", "0",
-        "--request-timeout", "4", "--dtype", "float32")  # fmt: skip
+        "--request-timeout", "4", "--dtype", "float32",
+        env={"GLIMPSE_UNSAFE_MEDIA_ADDRESSES": "127.0.0.2"})  # fmt: skip
     yield srv
     srv.stop()
 

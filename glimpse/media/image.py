@@ -3,7 +3,9 @@
 `load_image(src) -> PIL.Image` in mode RGB: the header size is checked against `max_pixels`
 before any pixel is decoded, EXIF orientation is applied, and transparency is composited onto
 white exactly as HF's torchvision backend does for PIL input (parity-spec §1.1). Every failure
-is a MediaError (or MediaTooLargeError) whose text carries no object reprs.
+is a MediaError (or MediaTooLargeError) whose text carries no object reprs. `load_image` is
+`decode_image(open_image(...))`: between the two a caller knows the decoded size (`image.size`)
+and may wait for room to decode it (processing/control.py).
 """
 
 from __future__ import annotations
@@ -107,22 +109,27 @@ def _read_file(path: Path, name: str) -> bytes:
     return data
 
 
-def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `src` into an RGB PIL image, refusing images over `max_pixels` before decoding.
+def open_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`src` opened but not decoded (`.size` is the header's), refused when over `max_pixels`.
 
     `src`: a path (str or Path), raw bytes, base64 text, a `data:image/...;base64,` URL, or a
-    PIL image. Order: header size check, decode, EXIF transpose, composite onto white, RGB.
+    PIL image.
     """
     image = _open(src, name)
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise MediaError(f"{name}: the image has size {width}x{height}")
+    if width * height > max_pixels:
+        raise MediaTooLargeError(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
+            "(knob: max image pixels)"
+        )
+    return image
+
+
+def decode_image(image: Image.Image, name: str = "image") -> Image.Image:
+    """An image from `open_image` -> RGB PIL image: decode, EXIF transpose, composite onto white, RGB."""
     try:
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise MediaError(f"{name}: the image has size {width}x{height}")
-        if width * height > max_pixels:
-            raise MediaTooLargeError(
-                f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
-                "(knob: max image pixels)"
-            )
         image.load()
         image = ImageOps.exif_transpose(image) or image
         return to_rgb(image)
@@ -132,3 +139,12 @@ def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_
         raise MediaTooLargeError(f"{name}: {_sanitize(exc)} (Pillow's decompression-bomb limit)") from None
     except Exception as exc:
         raise MediaError(f"{name}: cannot decode the image ({_sanitize(exc)})") from None
+
+
+def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `src` into an RGB PIL image, refusing images over `max_pixels` before decoding.
+
+    `src` as for `open_image`. Order: header size check, decode, EXIF transpose, composite onto
+    white, RGB.
+    """
+    return decode_image(open_image(src, name, max_pixels), name)

@@ -2,16 +2,19 @@
 
 `probe_video(src) -> VideoMetadata` (frame count, fps, duration, size) without decoding a
 frame; `read_frames(src, indices) -> uint8 [n, H, W, 3]` RGB frames in the order asked,
-seeking to the keyframe before each needed frame when that skips decoding. `src` is a path
-or the file's bytes. PyAV is imported lazily so that a missing codec library only disables video.
+seeking to the keyframe before each needed frame when that skips decoding. With `frame_fn`
+each frame is mapped (resized) right after decoding, giving `[n, h, w, 3]`: one full-size frame
+is alive at a time. `src` is a path or the file's bytes; error texts never name the path.
+PyAV is imported lazily so that a missing codec library only disables video.
 """
 
 from __future__ import annotations
 
 import bisect
 import io
+import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,9 +25,16 @@ import numpy as np
 import torch
 
 from glimpse.buffers import empty_buffer
-from glimpse.errors import GlimpseError, MediaError, MediaTooLargeError, VideoSamplingError
+from glimpse.errors import (
+    GlimpseError,
+    LimitExceededError,
+    MediaError,
+    MediaTooLargeError,
+    VideoSamplingError,
+)
 
 VideoSource = str | Path | bytes | bytearray | memoryview
+FrameFn = Callable[[np.ndarray], np.ndarray]  # decoded RGB [H, W, 3] uint8 -> the frame to keep [h, w, 3]
 
 # Seeking flushes the decoder and re-reads from a keyframe; only worth it past this many frames.
 _SEEK_MIN_SKIP = 8
@@ -55,9 +65,26 @@ class _FrameIndex:
     count: int
 
 
-def _sanitize(exc: BaseException) -> str:
-    """Exception text without object reprs or addresses (they leak memory layout to clients)."""
-    text = re.sub(r"<[^>]*>", "<...>", str(exc))
+def _sanitize(exc: BaseException, src: VideoSource) -> str:
+    """Exception text without object reprs, addresses (they leak memory layout to clients) or file names.
+
+    PyAV's errors end with the path they opened; the server hands over the resolved path, so a
+    file:// URL to a symlink would otherwise reveal the link's hidden target. FFmpeg errors keep
+    only their message; any other text has the path, its real path and their file names cut out.
+    """
+    import av  # already imported: only PyAV's calls get here
+
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        text = str(exc.strerror)
+    else:
+        text = str(exc)
+        if isinstance(src, str | Path):
+            real = os.path.realpath(src)
+            names = {str(src), real, Path(src).name, Path(real).name}
+            # Whole paths before bare names; names of 1-2 characters reveal nothing and match too much.
+            for name in sorted((n for n in names if len(n) > 2), key=len, reverse=True):
+                text = text.replace(name, "[file]")
+    text = re.sub(r"<[^>]*>", "<...>", text)
     text = re.sub(r"0x[0-9a-fA-F]+", "0x?", text)
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
@@ -80,7 +107,7 @@ def _open(src: VideoSource, name: str) -> Any:
     try:
         container = av.open(file, mode="r")
     except Exception as exc:
-        raise MediaError(f"{name}: not a readable video container ({_sanitize(exc)})") from None
+        raise MediaError(f"{name}: not a readable video container ({_sanitize(exc, src)})") from None
     if not container.streams.video:
         container.close()
         raise MediaError(f"{name}: the container has no video stream")
@@ -128,7 +155,7 @@ def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = 
     its guessed rate to `frames / duration`. `max_pixels` caps `width*height` per frame
     (MediaTooLargeError) before anything is decoded.
     """
-    with _opened(_open(src, name), name, "read") as container:
+    with _opened(_open(src, name), src, name, "read") as container:
         stream = container.streams.video[0]
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if width <= 0 or height <= 0:
@@ -136,7 +163,7 @@ def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = 
         if max_pixels is not None and width * height > max_pixels:
             raise MediaTooLargeError(
                 f"{name}: frames are {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-                "(knob: max video frame pixels)"
+                "(server flag --max-video-frame-pixels)"
             )
         stated = _stated_duration(container, stream)
         count = _index(container, stream).count
@@ -150,21 +177,42 @@ def probe_video(src: VideoSource, name: str = "video", max_pixels: int | None = 
 
 
 def read_frames(
-    src: VideoSource, indices: Sequence[int], name: str = "video", max_decode_frames: int | None = None
+    src: VideoSource,
+    indices: Sequence[int],
+    name: str = "video",
+    max_decode_frames: int | None = None,
+    *,
+    max_frames: int | None = None,
+    frame_fn: FrameFn | None = None,
+    check: Callable[[], None] | None = None,
 ) -> np.ndarray:
-    """RGB frames `[len(indices), H, W, 3]` uint8 at `indices` (presentation order, 0-based), in the order given.
+    """Frames at `indices` (presentation order, 0-based), in the order given: `[len(indices), H, W, 3]` uint8 RGB.
 
     Indices may repeat. Frames are located by their timestamps; when the next wanted frame
     lies past a later keyframe, the reader seeks to that keyframe instead of decoding the gap,
-    so a long file is never decoded whole. `max_decode_frames` caps decoded frames (a DoS
-    guard: a tiny, highly compressible file can hold millions of frames).
+    so a long file is never decoded whole. The frames kept are exactly those listed, so the
+    output's size is fixed before the first decode:
+
+    - `max_frames` caps `len(indices)` (LimitExceededError before anything is decoded);
+    - `max_decode_frames` caps the frames decoded on the way (a DoS guard: a tiny, highly
+      compressible file can hold millions of frames), checked while decoding;
+    - `frame_fn` maps each decoded frame `[H, W, 3]` to the frame kept (the processor passes its
+      resize), right after decoding it: the result is `[len(indices), *frame_fn(frame).shape]`
+      and no stack of full-size frames is ever held. It must return the same shape every time;
+    - `check` is called after every decoded frame; whatever it raises (e.g. a cancellation)
+      stops the decode and propagates (GlimpseErrors unchanged, others as MediaError).
     """
     wanted = [int(i) for i in indices]
     if not wanted:
         raise VideoSamplingError(f"{name}: no frame indices to read")
     if min(wanted) < 0:
         raise VideoSamplingError(f"{name}: frame index {min(wanted)} is negative")
-    with _opened(_open(src, name), name, "decode") as container:
+    if max_frames is not None and len(wanted) > max_frames:
+        raise LimitExceededError(
+            f"{name}: {len(wanted)} frames asked for, over the limit of {max_frames} frames per video "
+            "(server flag --max-frames)"
+        )
+    with _opened(_open(src, name), src, name, "decode") as container:
         stream = container.streams.video[0]
         index = _index(container, stream)
         if index.count == 0:
@@ -174,50 +222,62 @@ def read_frames(
                 f"{name}: frame index {max(wanted)} is past the end (the video has {index.count} frames)"
             )
         stream.thread_type = "AUTO"
-        frames = _Output(wanted, name)
+        frames = _Output(wanted, name, frame_fn)
+        steps = _Steps(max_decode_frames, name, check)
         if index.pts is None:
-            _decode_in_order(container, stream, frames, max_decode_frames)
+            _decode_in_order(container, stream, frames, steps)
         else:
-            _decode_with_seeks(container, stream, index, frames, max_decode_frames)
+            _decode_with_seeks(container, stream, index, frames, steps)
     return frames.array()
 
 
 @contextmanager
-def _opened(container: Any, name: str, action: str) -> Iterator[Any]:
-    """Close `container` afterwards; PyAV's own exceptions become a MediaError naming the video."""
+def _opened(container: Any, src: VideoSource, name: str, action: str) -> Iterator[Any]:
+    """Close `container` afterwards; PyAV's own exceptions become a MediaError naming the video (not its path)."""
     try:
         yield container
     except GlimpseError:
         raise
     except Exception as exc:
-        raise MediaError(f"{name}: cannot {action} the video ({_sanitize(exc)})") from None
+        raise MediaError(f"{name}: cannot {action} the video ({_sanitize(exc, src)})") from None
     finally:
         container.close()
 
 
 class _Output:
-    """The frames asked for, converted to RGB once each and written straight into one
-    `[n, H, W, 3]` array (huge pages) at every place they were asked for."""
+    """The frames asked for, converted to RGB once each (and mapped by `frame_fn`), written straight
+    into one `[n, h, w, 3]` array (huge pages) at every place they were asked for.
 
-    def __init__(self, wanted: list[int], name: str) -> None:
+    The array is allocated at the first kept frame for exactly `len(wanted)` frames; only the
+    distinct indices in `wanted` are ever written, so what a decode holds is bounded before it
+    starts, whatever the container states about its length.
+    """
+
+    def __init__(self, wanted: list[int], name: str, frame_fn: FrameFn | None = None) -> None:
         self.name = name
+        self.frame_fn = frame_fn
         self.slots: dict[int, list[int]] = {}
         for k, i in enumerate(wanted):
             self.slots.setdefault(i, []).append(k)
         self.todo = sorted(self.slots)  # distinct frame indices, in decoding order
         self.count = len(wanted)
         self.out: np.ndarray | None = None
+        self.decoded_shape: tuple[int, ...] | None = None
         self.done: set[int] = set()
 
     def put(self, i: int, frame: Any) -> None:
         rgb = frame.to_ndarray(format="rgb24")
-        if self.out is None:
-            self.out = empty_buffer((self.count, *rgb.shape), torch.uint8).numpy()
-        elif rgb.shape != self.out.shape[1:]:
+        if self.decoded_shape is None:
+            self.decoded_shape = rgb.shape
+        elif rgb.shape != self.decoded_shape:
             raise MediaError(
                 f"{self.name}: the frame size changes inside the video; glimpse needs one size per video"
             )
-        self.out[self.slots[i]] = rgb
+        kept = rgb if self.frame_fn is None else self.frame_fn(rgb)
+        del rgb  # the full-size frame goes now: only the kept (resized) frames accumulate
+        if self.out is None:
+            self.out = empty_buffer((self.count, *kept.shape), torch.uint8).numpy()
+        self.out[self.slots[i]] = kept
         self.done.add(i)
 
     def missing(self, i: int) -> VideoSamplingError:
@@ -242,20 +302,28 @@ def _frames(container: Any, stream: Any) -> Iterator[Any]:
         yield frame
 
 
-def _count_step(counter: list[int], limit: int | None, name: str) -> None:
-    counter[0] += 1
-    if limit is not None and counter[0] > limit:
-        raise MediaTooLargeError(
-            f"{name}: decoding needs more than {limit} frames (knob: max decoded frames per video)"
-        )
+class _Steps:
+    """Runs after every decoded frame: the decode-walk cap (`max_decode_frames`) and the caller's `check`."""
+
+    def __init__(self, limit: int | None, name: str, check: Callable[[], None] | None) -> None:
+        self.limit, self.name, self.check = limit, name, check
+        self.decoded = 0
+
+    def __call__(self) -> None:
+        self.decoded += 1
+        if self.limit is not None and self.decoded > self.limit:
+            raise MediaTooLargeError(
+                f"{self.name}: decoding needs more than {self.limit} frames (server flag --max-decode-frames)"
+            )
+        if self.check is not None:
+            self.check()
 
 
-def _decode_in_order(container: Any, stream: Any, frames: _Output, limit: int | None) -> None:
+def _decode_in_order(container: Any, stream: Any, frames: _Output, step: _Steps) -> None:
     """Fallback without timestamps: decode from the start, counting frames (HF's PyAV reader does this)."""
     want = set(frames.todo)
-    counter = [0]
     for i, frame in enumerate(_frames(container, stream)):
-        _count_step(counter, limit, frames.name)
+        step()
         if i in want:
             frames.put(i, frame)
             if len(frames.done) == len(want):
@@ -263,10 +331,11 @@ def _decode_in_order(container: Any, stream: Any, frames: _Output, limit: int | 
     raise frames.missing(min(want - frames.done))
 
 
-def _decode_with_seeks(container: Any, stream: Any, index: _FrameIndex, frames: _Output, limit: int | None) -> None:
+def _decode_with_seeks(
+    container: Any, stream: Any, index: _FrameIndex, frames: _Output, step: _Steps
+) -> None:
     pts, keyframes = index.pts or [], index.keyframes
     position = {p: i for i, p in reversed(list(enumerate(pts)))}  # pts -> first frame index
-    counter = [0]
     decoded: Iterator[Any] | None = None
     last = -1  # index of the last decoded frame
     for target in frames.todo:
@@ -277,7 +346,7 @@ def _decode_with_seeks(container: Any, stream: Any, index: _FrameIndex, frames: 
             decoded = _frames(container, stream)
             last = -1
         for frame in decoded:
-            _count_step(counter, limit, frames.name)
+            step()
             i = position.get(frame.pts, -1) if frame.pts is not None else -1
             if i < 0:
                 continue  # a frame we cannot place (no timestamp): never guess

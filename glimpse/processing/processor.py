@@ -9,23 +9,41 @@ and content hash).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from glimpse.config import processor_kind, read_json
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
-from glimpse.media.image import load_image
+from glimpse.media.image import decode_image, open_image
 from glimpse.media.video import VideoMetadata, probe_video, read_frames
 from glimpse.models.evs import check_pruning_rate, retained_tokens
+from glimpse.processing.control import PreprocessControl
 from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
 from glimpse.processing.prompt import PlaceholderTokens, expand_prompt
-from glimpse.processing.resize import preprocess_images, preprocess_video
+from glimpse.processing.resize import (
+    frame_resizer,
+    image_target_size,
+    patchify_image,
+    preprocess_resized_video,
+    preprocess_video,
+    resize_uint8,
+    video_target_size,
+)
 from glimpse.processing.sampling import sample_video
-from glimpse.processing.spec import Ceilings, ImageSpec, VideoSpec, load_specs, with_overrides
+from glimpse.processing.spec import (
+    Ceilings,
+    ImageSpec,
+    VideoSpec,
+    check_overrides,
+    load_specs,
+    with_overrides,
+)
 
 _IMAGE_PARTS = ("image", "image_url", "input_image")
 _VIDEO_PARTS = ("video", "video_url")
@@ -40,6 +58,13 @@ class MediaLimits:
     max_image_pixels: int = 64_000_000  # decoded size, checked from the header before decoding
     max_video_frame_pixels: int = 8_294_400  # 3840x2160
     max_decode_frames: int = 20_000
+
+    def check_counts(self, images: int, videos: int) -> None:
+        """Refuse a prompt with more items than allowed (done before any item is fetched or decoded)."""
+        for kind, count, limit in (("images", images, self.max_images), ("videos", videos, self.max_videos)):
+            if count > limit:
+                raise LimitExceededError(f"{count} {kind} in one prompt; the limit is {limit} "
+                                         "(server flag --limit-mm-per-prompt)")  # fmt: skip
 
 
 class Processor:
@@ -60,14 +85,16 @@ class Processor:
     # ---- entry points --------------------------------------------------------------------
     def __call__(self, messages: list[dict] | None = None, *, text: str | None = None, images: Sequence[Any] = (),
                  videos: Sequence[Any] = (), chat_template_kwargs: dict | None = None,
-                 add_generation_prompt: bool = True, **overrides: Any) -> ProcessedPrompt:  # fmt: skip
+                 add_generation_prompt: bool = True, control: PreprocessControl | None = None,
+                 **overrides: Any) -> ProcessedPrompt:  # fmt: skip
+        """`control` (per request): its budget bounds the pixels decoded at once; `cancel()` stops it."""
         if (messages is None) == (text is None):
             raise InvalidInputError("pass either messages=[...] or text=... (with images/videos), not both")
         if messages is not None:
             if images or videos:
                 raise InvalidInputError("with messages=, put images and videos inside the message content parts")
             text, images, videos = self.render_chat(messages, chat_template_kwargs, add_generation_prompt)
-        return self.process(text, list(images), list(videos), overrides)
+        return self.process(text, list(images), list(videos), overrides, control)
 
     def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None,
                     add_generation_prompt: bool = True) -> tuple[str, list, list]:  # fmt: skip
@@ -97,8 +124,21 @@ class Processor:
             raise InvalidInputError(f"the chat template could not render these messages: {e}") from None
         return text, images, videos
 
-    def process(self, text: str, images: list, videos: list, overrides: dict | None = None) -> ProcessedPrompt:
-        """Preprocess media and expand the markers in `text` (which must hold one per item)."""
+    def process(self, text: str, images: list, videos: list, overrides: dict | None = None,
+                control: PreprocessControl | None = None) -> ProcessedPrompt:  # fmt: skip
+        """Preprocess media and expand the markers in `text` (which must hold one per item).
+
+        Items go one at a time, each holding a reservation of its decoded pixels in `control`'s
+        budget from before its decoding until it is reduced to `pixel_values`, so a request never
+        holds more than one decoded item. `control.cancel()` stops the work between items and
+        between a video's frames (PreprocessCancelled).
+        """
+        if control is None:
+            control = PreprocessControl()
+        elif not isinstance(control, PreprocessControl):
+            raise InvalidInputError(f"control must be a PreprocessControl, not {type(control).__name__}; "
+                                    "it is not a processor setting")  # fmt: skip
+        control.check()
         if len(images) > self.limits.max_images:
             raise LimitExceededError(f"{len(images)} images in one prompt; the limit is {self.limits.max_images} "
                                      "(server flag --limit-mm-per-prompt)")  # fmt: skip
@@ -109,9 +149,15 @@ class Processor:
         rate = self.video_pruning_rate
         if "video_pruning_rate" in overrides:
             rate = self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
-        image_spec, video_spec = self.specs(overrides)
-        image_items = self._images(images, image_spec)
-        video_items = [self._video(v, video_spec, f"video {i}", rate) for i, v in enumerate(videos)]
+        image_spec, video_spec = self.specs(overrides, images=bool(images), videos=bool(videos))
+        image_items = self._images(images, image_spec, control)
+        video_items = []
+        for i, src in enumerate(videos):
+            name = f"video {i}"
+            control.check()
+            with control.reserve(_frame_pixels(src, name, self.limits.max_video_frame_pixels), name):
+                video_items.append(self._video(src, video_spec, name, rate, check=control.check))
+        control.check()
         per_frame = [(vi["per_frame"], list(vi["stamp_text"])) if vi["stamp_text"] else (vi["tokens"], [])
                      for vi in video_items]  # fmt: skip
         ids, placements = expand_prompt(text, self.tokenizer, self.tokens, [it["tokens"] for it in image_items], per_frame)
@@ -125,13 +171,35 @@ class Processor:
                 pruning_rate=info.get("rate", 0.0), unpruned_tokens=info.get("unpruned")))  # fmt: skip
         return ProcessedPrompt(ids, tuple(items), text)
 
-    def specs(self, overrides: dict) -> tuple[ImageSpec, VideoSpec]:
-        """Per-request specs: `min_pixels`/`max_pixels` apply to images and videos, the rest to videos."""
+    def specs(self, overrides: dict, images: bool = True, videos: bool = True) -> tuple[ImageSpec, VideoSpec]:
+        """Per-request specs for a request that carries `images` / `videos` (or not).
+
+        `min_pixels`/`max_pixels` reach both of HF's processors (Qwen's image and video processors
+        both take them; GLM's take the `size` they stand for), the sampling knobs only the video one.
+        Every knob is validated, and each pixel value is held to its own modality's ceiling
+        (--max-pixels / --max-video-pixels, else that modality's checkpoint value), but only for a
+        modality the request carries: an image-only request is never refused for a video ceiling.
+        """
         if not isinstance(overrides, dict):
             raise InvalidInputError("mm_processor_kwargs must be an object")
+
+        def applied(spec: Any, present: bool, knobs: dict) -> Any:
+            if present:
+                return with_overrides(spec, self.ceilings, **knobs)
+            check_overrides(spec, **knobs)  # validated all the same, but held to no ceiling: unused
+            return spec
+
         image_keys = {k: v for k, v in overrides.items() if k in ("min_pixels", "max_pixels")}
-        return (with_overrides(self.image_spec, self.ceilings, **image_keys),
-                with_overrides(self.video_spec, self.ceilings, **overrides))  # fmt: skip
+        return applied(self.image_spec, images, image_keys), applied(self.video_spec, videos, overrides)
+
+    def precheck(self, images: int, videos: int, overrides: dict) -> None:
+        """The per-request limits that need no media (item counts, mm_processor_kwargs against the
+        ceilings), so that the server can refuse a request before fetching anything."""
+        self.limits.check_counts(images, videos)
+        overrides = dict(overrides) if isinstance(overrides, dict) else overrides
+        if isinstance(overrides, dict) and "video_pruning_rate" in overrides:
+            self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
+        self.specs(overrides, images=images > 0, videos=videos > 0)
 
     def _pruning_rate(self, rate: float, knob: str) -> float:
         """EVS (video token pruning) is a Qwen2.5-VL feature; refuse a rate > 0 for other families."""
@@ -160,33 +228,44 @@ class Processor:
             return {"type": "video"}
         raise InvalidInputError(f"{where}: unsupported content part type {kind!r}; use text, image_url or video_url")
 
-    def _images(self, images: list, spec: ImageSpec) -> list[dict]:
-        if not images:
-            return []
-        pil = [load_image(_local(src, f"image {i}"), f"image {i}", self.limits.max_image_pixels)
-               for i, src in enumerate(images)]  # fmt: skip
-        pixel_values, grids = preprocess_images(pil, spec)
-        out, start = [], 0
+    def _images(self, images: list, spec: ImageSpec, control: PreprocessControl) -> list[dict]:
+        """One image at a time: header -> reserve its pixels -> decode -> resize/normalize -> release."""
+        out = []
         m2 = spec.merge_size**2
-        for grid in grids.tolist():
+        for i, src in enumerate(images):
+            name = f"image {i}"
+            control.check()
+            image = open_image(_local(src, name), name, self.limits.max_image_pixels)  # header only
+            with control.reserve(image.width * image.height, name):
+                pv, grid = _preprocess_image(decode_image(image, name), spec, name)
+                del image  # the decoded pixels go before their reservation does
             n = grid[0] * grid[1] * grid[2]
-            pv = pixel_values[start : start + n]
             out.append({"pixel_values": pv, "grid": tuple(grid), "tokens": n // m2, "hash": content_hash("image", pv, grid)})
-            start += n
         return out
 
-    def _video(self, src: Any, spec: VideoSpec, name: str, pruning_rate: float = 0.0) -> dict:
+    def _video(self, src: Any, spec: VideoSpec, name: str, pruning_rate: float = 0.0,
+               check: Callable[[], None] | None = None) -> dict:  # fmt: skip
+        """One video -> its rows, grid, tokens and timestamps. `check` runs between decoded frames.
+
+        The frames kept are known before decoding (probe + sampling) and held to --max-frames
+        there; each is resized to the clip's target size right after it is decoded, so memory
+        follows the frames kept at their resized size, never a stack of full-size frames.
+        """
+        max_frames = self.ceilings.max_frames
         if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
             frames, meta = src
             meta = meta if isinstance(meta, VideoMetadata) else VideoMetadata(**meta)
-            sampled = sample_video(meta, spec, name)
-            frames = frames[list(sampled.indices)]
+            sampled = sample_video(meta, spec, name, max_frames)
+            pv, grid = preprocess_video(frames[list(sampled.indices)], spec, name)
         else:
             src = _local(src, name)
             meta = probe_video(src, name, self.limits.max_video_frame_pixels)
-            sampled = sample_video(meta, spec, name)
-            frames = read_frames(src, sampled.indices, name, self.limits.max_decode_frames)
-        pv, grid = preprocess_video(frames, spec, name)
+            sampled = sample_video(meta, spec, name, max_frames)
+            t = len(sampled.indices)
+            video_target_size(t, meta.height, meta.width, spec, name)  # refuses bad geometry before decoding
+            resized = read_frames(src, sampled.indices, name, self.limits.max_decode_frames, max_frames=max_frames,
+                                  frame_fn=frame_resizer(t, spec, name), check=check)  # fmt: skip
+            pv, grid = preprocess_resized_video(resized, spec)
         grid = tuple(int(x) for x in grid.reshape(-1).tolist())
         m2 = spec.merge_size**2
         tokens = grid[0] * grid[1] * grid[2] // m2
@@ -219,6 +298,24 @@ def _local(src: Any, name: str) -> Any:
         if src.startswith("file://"):
             return src[len("file://") :]
     return src
+
+
+def _preprocess_image(image: Image.Image, spec: ImageSpec, name: str) -> tuple[torch.Tensor, list[int]]:
+    """One RGB image -> (`[gh*gw, C*Tp*P*P]` float32, grid `[1, gh, gw]`): `preprocess_images` for one
+    image, the same calls in the same layout (so the same bits), naming the image in its errors."""
+    size = image_target_size(image.height, image.width, spec, name)
+    # A permuted HWC array is channels-last: torch's fast uint8 resize path, same pixels as HF.
+    hwc = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+    return patchify_image(resize_uint8(hwc, size, spec.resample)[0], spec)
+
+
+def _frame_pixels(src: Any, name: str, max_frame_pixels: int) -> int:
+    """Pixels of one decoded frame of a video: from the stream header (pre-decoded frames: their shape)."""
+    if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):
+        shape = src[0].shape
+        return int(shape[1]) * int(shape[2]) if len(shape) == 4 else 0
+    meta = probe_video(_local(src, name), name, max_frame_pixels)
+    return meta.width * meta.height
 
 
 def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:

@@ -3,14 +3,15 @@
 Takes RGB uint8 images (PIL or `[H, W, 3]` arrays) or a video `[T, H, W, 3]` uint8 and returns
 HF's `pixel_values` `[N_patches, C*Tp*P*P]` float32 plus `grid_thw` int64 rows, bit-exact with
 HF 5.23's torchvision backend on CPU (same `tvF.resize` call, same fused float32 normalize,
-same merge-block row order; parity-spec §1.2-§1.6 and §2.1).
+same merge-block row order; parity-spec §1.2-§1.6 and §2.1). A decoded video can also be
+resized frame by frame as it is decoded (`frame_resizer`), then patchified (`preprocess_resized_video`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -343,6 +344,42 @@ def preprocess_images(
     else:
         grids = list(_pool(workers).map(one, range(len(images))))  # raises the first failure in order
     return pixel_values, torch.tensor(grids, dtype=torch.int64)
+
+
+def frame_resizer(
+    num_frames: int, spec: VideoSpec, what: str = "video"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function `[H, W, 3]` uint8 -> `[h, w, 3]` uint8 that resizes a clip's frames one at a time.
+
+    `(h, w)` is `video_target_size(num_frames, H, W)`: the size `preprocess_video` gives the whole
+    clip of `num_frames` frames (the caller may compute it from the stream's stated size to refuse
+    a clip before decoding; here it follows the frames as decoded, as HF does). Each frame takes the
+    same `tvF.resize` call as `preprocess_video`'s batch, and that kernel works image by image, so
+    the pixels are the same (tests/test_preprocess_parity.py).
+    """
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def resize_frame(rgb: np.ndarray) -> np.ndarray:
+        hw = (rgb.shape[0], rgb.shape[1])
+        if hw not in sizes:
+            sizes[hw] = video_target_size(num_frames, *hw, spec, what)
+        if not rgb.flags.writeable:
+            rgb = rgb.copy()
+        # A permuted HWC array is channels-last: torch's fast uint8 path, same pixels as HF.
+        frame = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+        return resize_uint8(frame, sizes[hw], spec.resample)[0].permute(1, 2, 0).numpy()
+
+    return resize_frame
+
+
+def preprocess_resized_video(resized: np.ndarray, spec: VideoSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames already resized to the clip's target size, `[T, h, w, 3]` uint8 -> (`pixel_values_videos`, `[1, 3]` grid).
+
+    Same rows as `preprocess_video` on the frames before resizing: padding T to a multiple of Tp
+    (also a clip shorter than Tp) repeats the last frame, which commutes with the per-frame resize.
+    """
+    rows, grid = patchify_video(torch.from_numpy(resized).permute(0, 3, 1, 2), spec)
+    return rows, torch.tensor([grid], dtype=torch.int64)
 
 
 def preprocess_video(

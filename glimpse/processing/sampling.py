@@ -4,7 +4,8 @@ The four HF 5.23 samplers (glm4v, glm46v, glmga, qwen) as pure functions returni
 indices as HF's `sample_frames` (parity-spec §2.2), computed in closed form with numpy (no
 walk over every source frame), plus the GLM per-temporal-patch timestamps and their prompt
 text (§2.4) and Qwen's `second_per_grid_ts` (§2.5). One `SampledFrames` feeds both the
-decoder (which frames) and the prompt expansion (which timestamps).
+decoder (which frames) and the prompt expansion (which timestamps); `sample_video(...,
+max_frames)` refuses a video that would keep more frames than the server's --max-frames.
 
 Departures from HF, all where HF itself fails: fps 0 or missing, zero frames, a Qwen index
 past the end, and clips so short that glm46v/glmga sample 0 frames (shorter than one sampling
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glimpse.errors import VideoSamplingError
+from glimpse.errors import LimitExceededError, VideoSamplingError
 from glimpse.media.video import VideoMetadata
 from glimpse.processing.spec import VideoSpec
 
@@ -244,12 +245,41 @@ def second_per_grid_ts(
     return temporal_patch_size / sampled_fps
 
 
-def sample_video(meta: VideoMetadata, spec: VideoSpec, name: str = "video") -> SampledFrames:
-    """Indices (and timestamps) for one video under `spec`; every frame when `do_sample_frames` is off."""
+def check_frame_count(count: int, max_frames: int, spec: VideoSpec, name: str = "video") -> None:
+    """Refuse a video that would keep more than `max_frames` frames (the server's --max-frames).
+
+    Runs on the sampled indices, before any frame is decoded: memory and encoder work grow with
+    the frames kept, and with `do_sample_frames` off HF keeps every frame of the clip.
+    """
+    if count <= max_frames:
+        return
+    if not spec.do_sample_frames:
+        advice = (
+            "do_sample_frames=false keeps every frame of the clip; send a shorter clip or sample frames "
+            "(mm_processor_kwargs do_sample_frames=true"
+            + (", with fps or num_frames)" if spec.sampler == "qwen" else ")")
+        )
+    else:
+        advice = f"{spec.sampler} frame sampling picked them; send a shorter clip or lower fps/num_frames"
+    raise LimitExceededError(
+        f"{name}: keeps {count} frames, over the limit of {max_frames} frames per video "
+        f"(server flag --max-frames); {advice}"
+    )
+
+
+def sample_video(
+    meta: VideoMetadata, spec: VideoSpec, name: str = "video", max_frames: int | None = None
+) -> SampledFrames:
+    """Indices (and timestamps) for one video under `spec`; every frame when `do_sample_frames` is off.
+
+    `max_frames` (the server's --max-frames): more indices than this is a LimitExceededError.
+    """
     tp = spec.temporal_patch_size
     if not spec.do_sample_frames:
         if meta.total_num_frames < 1:
             raise VideoSamplingError(f"{name}: the video has no frames")
+        if max_frames is not None:  # before listing millions of indices
+            check_frame_count(meta.total_num_frames, max_frames, spec, name)
         indices = list(range(meta.total_num_frames))
     elif spec.sampler == "glm4v":
         indices = sample_glm4v(meta, spec.fps or 2.0, spec.max_duration or 300.0, name)
@@ -261,6 +291,8 @@ def sample_video(meta: VideoMetadata, spec: VideoSpec, name: str = "video") -> S
         indices = sample_qwen(
             meta, tp, spec.min_frames or 4, spec.max_frames or 768, spec.num_frames, spec.fps, name
         )
+    if max_frames is not None:
+        check_frame_count(len(indices), max_frames, spec, name)
     if spec.sampler == "qwen":
         spg = second_per_grid_ts(len(indices), meta, tp, name)
         return SampledFrames(tuple(indices), (), (), spg)

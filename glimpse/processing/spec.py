@@ -4,7 +4,8 @@
 `preprocessor_config.json` and `video_preprocessor_config.json` the way HF 5.23's processor
 classes apply them (class defaults for missing or null keys, Qwen's `min_pixels`/`max_pixels`
 aliases, the video processor falling back to the image config), keyed on the processor *class
-names*, never on `model_type`. `with_overrides` applies validated per-request knobs under `Ceilings`.
+names*, never on `model_type`. `with_overrides` applies validated per-request knobs under `Ceilings`
+(the server flags); `check_overrides` validates those of a modality a request does not carry.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -96,13 +98,20 @@ class VideoSpec(ImageSpec):
 class Ceilings:
     """Operator limits that per-request overrides may not exceed (a request may only lower them).
 
-    `None` for a pixel ceiling means "the checkpoint's own value".
+    Each field is the server flag in the comment; errors name the flag. `None` for a pixel
+    ceiling means "the checkpoint's own value" for that modality.
     """
 
-    max_pixels: int | None = None  # image resize area (size.longest_edge)
-    max_video_pixels: int | None = None  # video resize area, shared by all frames (GLM) / per frame (Qwen)
-    max_frames: int = 768  # frames a request may ask for (num_frames / max_frames)
-    max_fps: float = 30.0
+    max_pixels: int | None = None  # --max-pixels: image resize area (size.longest_edge)
+    max_video_pixels: int | None = None  # --max-video-pixels: video area, all frames (GLM) / per frame (Qwen)
+    max_frames: int = 768  # --max-frames: frames a request may ask for (num_frames / max_frames) or keep
+    max_fps: float = 30.0  # --max-fps
+
+
+# No ceiling at all (`check_overrides`: a modality the request does not carry).
+_UNBOUNDED = Ceilings(
+    max_pixels=sys.maxsize, max_video_pixels=sys.maxsize, max_frames=sys.maxsize, max_fps=math.inf
+)
 
 
 def _canonical(name: Any, table: MappingProxyType, path: str, key: str) -> str:
@@ -344,11 +353,14 @@ def _req_float(key: str, value: Any) -> float:
     return float(value)
 
 
-def _over(key: str, value: float, limit: float, knob: str) -> None:
+def _over(key: str, value: float, limit: float, flag: str, source: str | None = None, what: str = "") -> None:
+    """Refuse `value` over `limit`, naming the server flag that sets the limit (and, when the limit is
+    the checkpoint's own value because the flag is unset, saying so). `what`: " for videos" etc."""
     if value > limit:
-        raise LimitExceededError(
-            f"{key}={value} exceeds the server ceiling of {limit} (operator setting {knob})"
+        where = (
+            f"server flag {flag}" if source is None else f"{source}; the server flag {flag} can set another"
         )
+        raise LimitExceededError(f"{key}={value}{what} exceeds the ceiling of {limit} ({where})")
 
 
 def with_overrides(spec: ImageSpec, ceilings: Ceilings | None = None, **overrides: Any) -> ImageSpec:
@@ -363,28 +375,44 @@ def with_overrides(spec: ImageSpec, ceilings: Ceilings | None = None, **override
     """
     ceilings = ceilings or Ceilings()
     is_video = isinstance(spec, VideoSpec)
+    kind = "video" if is_video else "image"
     allowed = _VIDEO_KNOBS if is_video else _IMAGE_KNOBS
     for key in overrides:
         if key not in allowed:
-            kind = "video" if is_video else "image"
             raise InvalidInputError(f"unknown {kind} setting '{key}'; allowed: {', '.join(allowed)}")
     if not overrides:
         return spec
     changes: dict[str, Any] = {}
+    # Each modality has its own pixel ceiling: the operator's flag, else the checkpoint's own value.
     pixel_ceiling = ceilings.max_video_pixels if is_video else ceilings.max_pixels
-    pixel_knob = "Ceilings.max_video_pixels" if is_video else "Ceilings.max_pixels"
+    pixel_flag = "--max-video-pixels" if is_video else "--max-pixels"
+    source = None
     if pixel_ceiling is None:
-        pixel_ceiling, pixel_knob = spec.max_pixels, "the checkpoint's size.longest_edge"
+        pixel_ceiling, source = spec.max_pixels, f"the checkpoint's {kind} size.longest_edge"
     for key in ("min_pixels", "max_pixels"):
         if key in overrides:
             changes[key] = _req_int(key, overrides[key])
-            _over(key, changes[key], pixel_ceiling, pixel_knob)
+            _over(key, changes[key], pixel_ceiling, pixel_flag, source, f" for {kind}s")
     lo, hi = changes.get("min_pixels", spec.min_pixels), changes.get("max_pixels", spec.max_pixels)
     if lo > hi:
         raise InvalidInputError(f"min_pixels={lo} is larger than max_pixels={hi}")
     if is_video:
         changes.update(_video_changes(spec, ceilings, overrides))
     return dataclasses.replace(spec, **changes)
+
+
+def check_overrides(spec: ImageSpec, **overrides: Any) -> None:
+    """Validate per-request knobs for a modality the request does not carry, without applying them.
+
+    Each value is checked on its own (type, range, knobs HF would ignore for this family, pairs
+    given together such as min_pixels <= max_pixels), but against no ceiling and no checkpoint
+    value: nothing is resized with them, so a request without videos is never refused for a
+    video limit (and likewise for images).
+    """
+    loose = dataclasses.replace(spec, min_pixels=1, max_pixels=sys.maxsize)
+    if isinstance(loose, VideoSpec):
+        loose = dataclasses.replace(loose, min_frames=None, max_frames=None)
+    with_overrides(loose, _UNBOUNDED, **overrides)
 
 
 def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -403,13 +431,13 @@ def _video_changes(spec: VideoSpec, ceilings: Ceilings, overrides: dict[str, Any
         changes["do_sample_frames"] = overrides["do_sample_frames"]
     if "fps" in overrides:
         changes["fps"] = _req_float("fps", overrides["fps"])
-        _over("fps", changes["fps"], ceilings.max_fps, "Ceilings.max_fps")
+        _over("fps", changes["fps"], ceilings.max_fps, "--max-fps")
     for key in ("num_frames", "max_frames", "min_frames"):
         if key in overrides:
             changes[key] = _req_int(
                 key, overrides[key], spec.temporal_patch_size if key == "num_frames" else 1
             )
-            _over(key, changes[key], ceilings.max_frames, "Ceilings.max_frames")
+            _over(key, changes[key], ceilings.max_frames, "--max-frames")
     if spec.sampler == "qwen":
         if "fps" in changes and "num_frames" in changes:
             raise InvalidInputError("fps and num_frames exclude each other (HF raises); set only one")

@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from glimpse.engine.llm_engine import RequestOutput
-from glimpse.errors import GlimpseError, InvalidInputError
+from glimpse.errors import DecodeBusyError, GlimpseError, InvalidInputError, PreprocessCancelled
+from glimpse.processing.control import PixelBudget, PreprocessControl
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.processing.processor import Processor
 from glimpse.server import protocol as P
@@ -39,16 +40,11 @@ from glimpse.server.async_engine import (
     RequestHandle,
     ServerBusyError,
 )
+from glimpse.server.guard import ApiError, Guard, error_body, read_json
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger("glimpse.server")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
 class _ClientGone(Exception):
@@ -66,31 +62,31 @@ class ServerState:
     api_key: str | None = None
     max_request_bytes: int = 100 * 2**20
     request_timeout: float = 600.0
+    body_read_timeout: float = 5.0  # seconds the body may stall between chunks (--body-read-timeout)
+    max_n: int = 16  # sequences one request may ask for: n, times the prompts of a completions batch (--max-n)
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values served (--allowed-hosts)
     reasoning: bool = True  # GLM <think>/<answer>/box parsing of chat output
     template_kwargs: frozenset[str] = frozenset()  # chat_template_kwargs the template reads
     preprocess_workers: int = 2
     sampling_defaults: dict = field(default_factory=dict)  # from generation_config.json (--generation-config auto)
+    pixel_budget: PixelBudget | None = None  # decoded pixels held at once, all requests (--max-decoding-pixels)
     pool: ThreadPoolExecutor = field(init=False)
     metrics: ServerMetrics = field(init=False)
     token_text: P.TokenText = field(init=False)
+    preprocessing: int = field(init=False, default=0)  # requests whose media are in the pool now
 
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="glimpse-preprocess")
-        self.metrics = ServerMetrics(self.engine.stats, self.engine.server_stats)
+        self.metrics = ServerMetrics(self.engine.stats, self.server_stats)
         self.token_text = P.TokenText(self.processor.tokenizer)
+
+    def server_stats(self) -> dict:
+        budget = self.pixel_budget
+        return {**self.engine.server_stats(), "preprocessing": self.preprocessing,
+                "decoding_pixels": budget.in_use if budget else 0, "decode_waiting": budget.waiting if budget else 0}  # fmt: skip
 
 
 # ---- errors ------------------------------------------------------------------------------------
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
-_REPR = re.compile(r"<[\w.]+ object at [^>]*>")
-
-
-def _clean(message: str) -> str:
-    """No memory addresses or object reprs in anything sent to a client; long texts cut."""
-    message = _ADDRESS.sub("0x?", _REPR.sub("<object>", message))
-    return message if len(message) <= 2000 else message[:2000] + "..."
-
-
 def _code(exc: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
@@ -100,7 +96,7 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, InvalidInputError):
         return ApiError(400, str(exc), "invalid_request_error", _code(exc))
-    if isinstance(exc, ServerBusyError):
+    if isinstance(exc, ServerBusyError | DecodeBusyError):
         return ApiError(429, str(exc), "rate_limit_error", "server_busy")
     if isinstance(exc, TimeoutError):
         return ApiError(504, "the request did not finish within --request-timeout and was aborted", "timeout_error",
@@ -108,16 +104,14 @@ def _as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ClientDisconnect):
         return ApiError(400, "the client disconnected while sending the request", "invalid_request_error",
                         "client_disconnected")  # fmt: skip
+    if isinstance(exc, PreprocessCancelled):  # only after the client left or the deadline passed
+        return ApiError(400, str(exc), "invalid_request_error", "request_cancelled")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), "service_unavailable", "engine_dead")
     if isinstance(exc, EngineStepError):
         return ApiError(500, str(exc), "server_error", "engine_error")
     log.error("unexpected error while serving a request", exc_info=exc)
     return ApiError(500, "internal server error; see the server log", "server_error", "internal_error")
-
-
-def _error_body(err: ApiError) -> dict:
-    return {"error": {"message": _clean(err.message), "type": err.type, "param": err.param, "code": err.code}}
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -149,12 +143,12 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         err = _as_api_error(exc)
         state.metrics.observe_error(err.status)
-        return JSONResponse(_error_body(err), status_code=err.status)
+        return JSONResponse(error_body(err), status_code=err.status)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "not_found" if exc.status_code == 404
                        else "http_error")  # fmt: skip
-        return JSONResponse(_error_body(err), status_code=exc.status_code)
+        return JSONResponse(error_body(err), status_code=exc.status_code)
 
     # Expected errors are answered here; anything else also reaches Starlette's last-resort
     # handler, which logs the traceback server-side (the client still gets only on_error's JSON).
@@ -164,26 +158,6 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
 
 
 # ---- request plumbing ----------------------------------------------------------------------------
-async def _read_json(request: Request, limit: int) -> dict:
-    declared = request.headers.get("content-length", "")
-    too_big = ApiError(413, f"the request body is over the limit of {limit} bytes (--max-request-bytes)",
-                       "invalid_request_error", "request_too_large")  # fmt: skip
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_big
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
-    return data
-
-
 def _parse(model: type[P._Strict], body: dict):
     name = P.unsupported_field(body)
     if name is not None:
@@ -270,7 +244,7 @@ def _auth(state: ServerState) -> Callable:
 
 
 # ---- the app -------------------------------------------------------------------------------------
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState) -> Guard:
     app = FastAPI(title="glimpse", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app, state)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(state))])
@@ -295,26 +269,46 @@ def build_app(state: ServerState) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
-        req: P.ChatCompletionRequest = _parse(P.ChatCompletionRequest, await _read_json(request, state.max_request_bytes))
+        req: P.ChatCompletionRequest = _parse(P.ChatCompletionRequest, await _read_body(request, state))
         _check_model(state, req.model)
+        _check_n(state, req.n, 1)
         _check_chat_options(state, req)
         return await _serve(request, state, req, t0, P.ChatFormat(req, state.model_name, state.token_text, state.reasoning))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
-        req: P.CompletionRequest = _parse(P.CompletionRequest, await _read_json(request, state.max_request_bytes))
+        req: P.CompletionRequest = _parse(P.CompletionRequest, await _read_body(request, state))
         _check_model(state, req.model)
+        _check_n(state, req.n, P.num_prompts(req.prompt))
         return await _serve(request, state, req, t0, P.CompletionFormat(req, state.model_name, state.token_text))
 
     app.include_router(v1)
-    return app
+    return Guard(app, state.allowed_hosts)
+
+
+async def _read_body(request: Request, state: ServerState) -> dict:
+    """The JSON body, read within --request-timeout as a whole (and --body-read-timeout per chunk)."""
+    try:
+        async with asyncio.timeout(state.request_timeout):
+            return await read_json(request, state.max_request_bytes, state.body_read_timeout)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {state.request_timeout:g} s (--request-timeout)",
+                       "invalid_request_error", "body_read_timeout") from None  # fmt: skip
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise ApiError(404, f"model '{model}' is not served here; this server serves '{state.model_name}'",
                        "invalid_request_error", "model_not_found", "model")  # fmt: skip
+
+
+def _check_n(state: ServerState, n: int, prompts: int) -> None:
+    """n (times the prompts of a completions batch) is bounded before any work: each sequence costs KV and steps."""
+    if isinstance(n, int) and n >= 1 and n * prompts > state.max_n:
+        what = f"n={n}" if prompts == 1 else f"{prompts} prompts x n={n} = {n * prompts} sequences"
+        raise ApiError(400, f"{what} is over the limit of {state.max_n} sequences per request (server flag --max-n)",
+                       "invalid_request_error", "limit_exceeded_error", "n")  # fmt: skip
 
 
 def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest) -> None:
@@ -333,33 +327,51 @@ def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest) -> Non
 
 
 async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest) -> ProcessedPrompt:
-    """Fetch every media URL under the policy, then render and preprocess in the thread pool."""
+    """Check what needs no download, fetch every media URL under the policy, then render and
+    preprocess in the thread pool."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    fetches, slots = [], []
-    for msg in messages:
-        for part in msg.get("content") if isinstance(msg.get("content"), list) else ():
-            kind = {"image_url": "image", "video_url": "video"}.get(part["type"])
-            if kind is not None:
-                fetches.append(fetch_media(part[part["type"]]["url"], state.policy, kind))
-                slots.append(part)
-    for part, data in zip(slots, await asyncio.gather(*fetches), strict=True):
+    parts = [part for msg in messages if isinstance(msg.get("content"), list) for part in msg["content"]
+             if part["type"] in ("image_url", "video_url")]  # fmt: skip
+    mm = dict(req.mm_processor_kwargs or {})
+    # Counts and mm_processor_kwargs ceilings are refused before a single fetch.
+    state.processor.precheck(sum(p["type"] == "image_url" for p in parts),
+                             sum(p["type"] == "video_url" for p in parts), mm)  # fmt: skip
+    fetched = await asyncio.gather(*(fetch_media(p[p["type"]]["url"], state.policy, p["type"].removesuffix("_url"))
+                                     for p in parts))  # fmt: skip
+    for part, data in zip(parts, fetched, strict=True):
         part[part["type"]] = {"url": data}  # bytes or a vetted local path, read by the processor
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.continue_final_message:
         template_kwargs["continue_final_message"] = True
-    mm = dict(req.mm_processor_kwargs or {})
+
+    control = PreprocessControl(state.pixel_budget)
 
     def work() -> ProcessedPrompt:
         return state.processor(messages, chat_template_kwargs=template_kwargs,
-                               add_generation_prompt=req.add_generation_prompt, **mm)  # fmt: skip
+                               add_generation_prompt=req.add_generation_prompt, control=control, **mm)  # fmt: skip
 
-    return await asyncio.get_running_loop().run_in_executor(state.pool, work)
+    return await _in_pool(state, work, control)
+
+
+async def _in_pool(state: ServerState, work: Callable[[], ProcessedPrompt], control: PreprocessControl) -> ProcessedPrompt:
+    """Run `work` in the preprocessing pool. If the request is cancelled (client gone, timeout) the work
+    is told to stop, and this waits for the thread to let go before returning, so the admission slot
+    and the gauges stay true: a request counts as in flight for as long as its media are decoding."""
+    state.preprocessing += 1
+    future = asyncio.get_running_loop().run_in_executor(state.pool, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        control.cancel()
+        with contextlib.suppress(BaseException):
+            await future  # stops between items and between frames
+        raise
+    finally:
+        state.preprocessing -= 1
 
 
 def _prepare_completion(state: ServerState, req: P.CompletionRequest) -> list[ProcessedPrompt]:
-    prompts = req.prompt
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
+    prompts = P.prompt_list(req.prompt)
     if not prompts:
         raise InvalidInputError("prompt must not be empty")
     if len(prompts) > 1 and req.stream:
@@ -462,5 +474,5 @@ class _Run:
             self.abort()
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)
-            yield _sse(_error_body(err))
+            yield _sse(error_body(err))
         yield _sse("[DONE]")

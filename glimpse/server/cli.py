@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=int, default=8000)
     net.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
     net.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    net.add_argument("--allowed-hosts", nargs="*", default=None,
+                     help="Host header values the server answers (DNS-rebinding guard; '*' for any); default: "
+                          "the bind host, localhost and 127.0.0.1 on a loopback bind, any host otherwise")  # fmt: skip
+    net.add_argument("--max-connections", type=int, default=512,
+                     help="open HTTP connections (idle keep-alive ones included); 503 above")  # fmt: skip
+    net.add_argument("--body-read-timeout", type=float, default=5.0,
+                     help="seconds a request body may stall between chunks (408)")  # fmt: skip
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     media = p.add_argument_group("media sources (all off by default except data: URLs)")
     media.add_argument("--allowed-local-media-path", default=None,
@@ -38,17 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     media.add_argument("--max-media-bytes", default="64MiB", help="largest media item, any source")
     media.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds for one remote fetch")
     media.add_argument("--max-media-redirects", type=int, default=3)
-    media.add_argument("--test-allow-media-address", action="append", default=[], help=argparse.SUPPRESS)
     lim = p.add_argument_group("request limits")
     lim.add_argument("--limit-mm-per-prompt", default='{"image": 16, "video": 2}',
                      help='JSON, most items per prompt: {"image": N, "video": M}')  # fmt: skip
     lim.add_argument("--max-image-pixels", type=int, default=64_000_000, help="decoded image size, checked from the header")
+    lim.add_argument("--max-decoding-pixels", type=int, default=None,
+                     help="decoded pixels held at once across the server (default 2 x --max-image-pixels, at least "
+                          "--max-video-frame-pixels); "
+                          "requests wait for room, and beyond --max-queue waiting get 429")  # fmt: skip
     lim.add_argument("--max-video-frame-pixels", type=int, default=8_294_400, help="decoded video frame size")
     lim.add_argument("--max-decode-frames", type=int, default=20_000, help="frames a video decode may walk")
     lim.add_argument("--max-pixels", type=int, default=None, help="ceiling on a request's image max_pixels")
     lim.add_argument("--max-video-pixels", type=int, default=None, help="ceiling on a request's video max_pixels")
-    lim.add_argument("--max-frames", type=int, default=768, help="ceiling on a request's num_frames / max_frames")
+    lim.add_argument("--max-frames", type=int, default=768,
+                     help="frames a video may keep (sampled, or all of them with do_sample_frames=false); "
+                          "also the ceiling on a request's num_frames / max_frames")  # fmt: skip
     lim.add_argument("--max-fps", type=float, default=30.0, help="ceiling on a request's fps")
+    lim.add_argument("--max-n", type=int, default=16,
+                     help="sequences one request may ask for: n (a completions request counts prompts x n)")  # fmt: skip
     lim.add_argument("--max-request-bytes", default="100MiB", help="largest request body (413 above)")
     lim.add_argument("--max-concurrent-requests", type=int, default=64, help="requests served at once")
     lim.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot (429 beyond)")
@@ -121,25 +135,36 @@ def build_state(args: argparse.Namespace):
     from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
     from glimpse.models.evs import check_pruning_rate
+    from glimpse.processing.control import PixelBudget
     from glimpse.processing.processor import MediaLimits, load_processor
     from glimpse.processing.spec import Ceilings
     from glimpse.server.app import ServerState
     from glimpse.server.async_engine import AsyncEngine
-    from glimpse.server.media_fetch import MediaPolicy
+    from glimpse.server.guard import check_allowed_hosts, default_allowed_hosts
+    from glimpse.server.media_fetch import MediaPolicy, unsafe_media_addresses_from_env
     from glimpse.server.reasoning import GLM_FAMILIES
 
-    for name in ("max_concurrent_requests", "request_timeout", "preprocess_workers", "media_fetch_timeout"):
+    for name in ("max_concurrent_requests", "request_timeout", "preprocess_workers", "media_fetch_timeout", "max_n",
+                 "body_read_timeout", "max_connections"):  # fmt: skip
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.max_queue < 0:
         raise InvalidInputError("--max-queue must be >= 0")
+    decoding_pixels = args.max_decoding_pixels
+    if decoding_pixels is None:  # two images at the limit, and never less than one video frame at its limit
+        decoding_pixels = max(2 * args.max_image_pixels, args.max_video_frame_pixels)
+    if decoding_pixels < max(args.max_image_pixels, args.max_video_frame_pixels):
+        raise InvalidInputError(f"--max-decoding-pixels {decoding_pixels} is below --max-image-pixels "
+                                f"{args.max_image_pixels} or --max-video-frame-pixels {args.max_video_frame_pixels}: "
+                                "an item within those limits could never be decoded")  # fmt: skip
     check_pruning_rate(args.video_pruning_rate, "--video-pruning-rate")
+    hosts = check_allowed_hosts(args.allowed_hosts) if args.allowed_hosts is not None else default_allowed_hosts(args.host)
     max_images, max_videos = parse_mm_limits(args.limit_mm_per_prompt)
     domains = tuple(d.strip() for item in args.allowed_media_domains for d in item.split(",") if d.strip())
     policy = MediaPolicy(
         allowed_local_media_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         allowed_media_domains=domains, max_bytes=parse_bytes(args.max_media_bytes, "--max-media-bytes"),
         timeout_s=args.media_fetch_timeout, max_redirects=args.max_media_redirects,
-        allow_loopback_for_tests=frozenset(args.test_allow_media_address))  # fmt: skip
+        unsafe_media_addresses=unsafe_media_addresses_from_env())  # fmt: skip
     limits = MediaLimits(max_images=max_images, max_videos=max_videos, max_image_pixels=args.max_image_pixels,
                          max_video_frame_pixels=args.max_video_frame_pixels, max_decode_frames=args.max_decode_frames)  # fmt: skip
     ceilings = Ceilings(max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels, max_frames=args.max_frames,
@@ -163,7 +188,9 @@ def build_state(args: argparse.Namespace):
         engine=AsyncEngine(engine, args.max_concurrent_requests, args.max_queue), processor=processor,
         model_name=args.served_model_name or (args.model or "glimpse-demo"), policy=policy, api_key=args.api_key,
         max_request_bytes=parse_bytes(args.max_request_bytes, "--max-request-bytes"),
-        request_timeout=args.request_timeout, reasoning=reasoning,
+        request_timeout=args.request_timeout, body_read_timeout=args.body_read_timeout, max_n=args.max_n,
+        allowed_hosts=hosts, pixel_budget=PixelBudget(decoding_pixels, args.max_queue),
+        reasoning=reasoning,
         template_kwargs=template_variables(processor.chat_template), preprocess_workers=args.preprocess_workers,
         sampling_defaults=engine.model_config.generation_defaults if args.generation_config == "auto" else {})  # fmt: skip
 
@@ -183,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("glimpse.server").warning(
             "listening on %s without --api-key: anyone who can reach this address can use the model", args.host)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                                           http="h11", lifespan="off", timeout_graceful_shutdown=5))  # fmt: skip
+                                           http="h11", lifespan="off", timeout_graceful_shutdown=5,
+                                           limit_concurrency=args.max_connections))  # fmt: skip
     print(f"glimpse serve: {state.model_name} on http://{args.host}:{args.port} (max_model_len "
           f"{state.engine.engine.max_model_len})", flush=True)  # fmt: skip
     try:

@@ -3,7 +3,8 @@
 `fetch_media(url, policy, kind) -> bytes | str`: a data: URL gives its decoded bytes; a file:// URL
 gives the real path (str) of a regular media file under the operator's root; an http(s) URL gives
 the body fetched from a vetted public address. Policy refusals raise MediaAccessError; unreadable
-or oversize media raise MediaError / MediaTooLargeError. Messages never name resolved addresses.
+or oversize media and malformed URLs raise MediaError / MediaTooLargeError. Messages never name a
+resolved path or address, nor a redirect's target.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import ssl
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -35,6 +37,8 @@ FLAG_DOMAINS = "--allowed-media-domains"
 FLAG_MAX_BYTES = "--max-media-bytes"
 FLAG_TIMEOUT = "--media-fetch-timeout"
 FLAG_REDIRECTS = "--max-media-redirects"
+# Test-only: loopback addresses exempt from the public-address rule (comma-separated; no CLI flag).
+ENV_UNSAFE_ADDRESSES = "GLIMPSE_UNSAFE_MEDIA_ADDRESSES"
 
 KINDS = ("image", "video")
 IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .jpe .webp .gif .bmp .tif .tiff".split())
@@ -60,6 +64,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _OCTET_STREAM = ("application/octet-stream", "binary/octet-stream")
 _VIDEO_TYPES = ("application/mp4", "application/ogg", "application/x-matroska", "image/gif", "image/webp")
+_DNS_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # after IDNA encoding; '_' occurs in real host names
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # RFC 3986: a Location with one is absolute
+_HOST_RULE = "dot-separated labels of 1-63 letters, digits, '-' or '_', 253 characters in all"
 
 # host, port -> the addresses the name resolves to, in preference order.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -78,8 +85,9 @@ class MediaPolicy:
     max_bytes: int = 64 * 2**20
     timeout_s: float = 10.0  # total: DNS, every hop and the whole body
     max_redirects: int = 3
-    # Test-only: addresses exempt from the public-address rule at any hop (never set by the CLI).
-    allow_loopback_for_tests: frozenset[str] = frozenset()
+    # Test-only: loopback addresses exempt from the public-address rule (and from nothing else), at
+    # any hop; set from GLIMPSE_UNSAFE_MEDIA_ADDRESSES through unsafe_media_addresses_from_env.
+    unsafe_media_addresses: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         root = self.allowed_local_media_path
@@ -101,9 +109,8 @@ class MediaPolicy:
             )
         if not _int_at_least(self.max_redirects, 0):
             raise InvalidInputError(f"{FLAG_REDIRECTS} must be an integer >= 0, got {self.max_redirects!r}")
-        for address in self.allow_loopback_for_tests:
-            if not _is_ip(address):
-                raise InvalidInputError(f"allow_loopback_for_tests: {address!r} is not an IP address")
+        for address in self.unsafe_media_addresses:
+            _loopback_address(address)
 
     def warnings(self) -> list[str]:
         """Settings that work but that an operator should hear about at startup."""
@@ -113,9 +120,23 @@ class MediaPolicy:
             found.append(f"{FLAG_LOCAL_ROOT} is '/': any readable media file on the machine can be requested")
         if "*" in self.allowed_media_domains:
             found.append(f"{FLAG_DOMAINS} contains '*': any host with public addresses can be fetched")
-        if self.allow_loopback_for_tests:
-            found.append("allow_loopback_for_tests is set: loopback media fetches are allowed (tests only)")
+        if self.unsafe_media_addresses:
+            found.append(
+                f"{ENV_UNSAFE_ADDRESSES} is set: media may be fetched from "
+                f"{', '.join(sorted(self.unsafe_media_addresses))} although they are not public addresses "
+                "(for tests only; unset it in production)"
+            )
         return found
+
+
+def unsafe_media_addresses_from_env(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """GLIMPSE_UNSAFE_MEDIA_ADDRESSES ("127.0.0.2,::1"; default: os.environ) -> canonical addresses.
+
+    For tests that serve media from loopback: only loopback IP addresses are accepted; anything
+    else (a name, a private or metadata address, a port) raises InvalidInputError naming the variable.
+    """
+    text = (os.environ if environ is None else environ).get(ENV_UNSAFE_ADDRESSES, "")
+    return frozenset(_loopback_address(entry.strip()) for entry in text.split(",") if entry.strip())
 
 
 async def fetch_media(
@@ -138,6 +159,8 @@ async def fetch_media(
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _decode_data_url(url, policy, kind)
+    if scheme in ("file", "http", "https"):
+        _check_text(url, kind)
     if scheme == "file":
         return _local_path(url, policy, kind)
     if scheme in ("http", "https"):
@@ -209,13 +232,18 @@ def _local_path(url: str, policy: MediaPolicy, kind: str) -> str:
     root = policy.allowed_local_media_path
     if root is None:
         raise MediaAccessError(f"local files are off: {shown} refused; the server must set {FLAG_LOCAL_ROOT}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed '[' in the host
+        raise MediaError(f"{shown} is not a valid URL") from None
     if parts.netloc not in ("", "localhost"):
         raise MediaAccessError(f"{shown}: file:// URLs must name a local path (file:///...), not a host")
     if parts.query or parts.fragment:
         raise MediaAccessError(f"{shown}: file:// URLs may not carry '?' or '#' parts (percent-encode them)")
     path = unquote(parts.path)
-    if "\x00" in path or not os.path.isabs(path):
+    if "\x00" in path:
+        raise MediaAccessError(f"{shown}: file:// paths may not contain NUL (%00)")
+    if not os.path.isabs(path):
         raise MediaAccessError(f"{shown}: file:// URLs must name an absolute path (file:///dir/name.png)")
     # realpath resolves '..' and every symlink, so containment is judged on the file actually read.
     real = os.path.realpath(path)
@@ -233,11 +261,14 @@ def _local_path(url: str, policy: MediaPolicy, kind: str) -> str:
             f"{shown} is not a regular file (directories, FIFOs, devices, sockets are refused)"
         )
     extensions = IMAGE_EXTENSIONS if kind == "image" else VIDEO_EXTENSIONS
-    suffix = os.path.splitext(real)[1].lower()
+    suffix = os.path.splitext(real)[1].lower()  # judged on the file read, not the name asked for
     if suffix not in extensions:
+        allowed = ", ".join(sorted(extensions))
+        if suffix != os.path.splitext(path)[1].lower():  # a link: its target's name is not the client's
+            raise MediaAccessError(f"{shown} leads to a file whose extension is not one of {allowed}")
         raise MediaAccessError(
-            f"{shown} is not a {kind} file: its extension {suffix or '(none)'!r} is not one of "
-            f"{', '.join(sorted(extensions))}"
+            f"{shown} is not {'an' if kind == 'image' else 'a'} {kind} file: its extension "
+            f"{suffix or '(none)'!r} is not one of {allowed}"
         )
     if info.st_size > policy.max_bytes:
         raise _over(f"{shown} is {info.st_size} bytes", policy)
@@ -259,16 +290,15 @@ async def _fetch_remote(
         current = httpx.URL(url)
     except (httpx.InvalidURL, ValueError):
         raise MediaError(f"{shown} is not a valid URL") from None
-    # No proxies from the environment (a proxy would connect to whatever it resolves), no retries.
-    client = httpx.AsyncClient(
-        verify=ssl_context if ssl_context is not None else True,
-        trust_env=False,
-        follow_redirects=False,
-        timeout=httpx.Timeout(policy.timeout_s),
+    # A bare transport, not a client: a client parses every Location itself (and raises on odd ones)
+    # even with redirects off. No proxies from the environment (a proxy would connect to whatever
+    # it resolves), no retries.
+    transport = httpx.AsyncHTTPTransport(
+        verify=ssl_context if ssl_context is not None else True, trust_env=False, retries=0
     )
     try:
-        async with client, asyncio.timeout(policy.timeout_s):
-            return await _follow(client, current, policy, kind, resolve, shown)
+        async with transport, asyncio.timeout(policy.timeout_s):
+            return await _follow(transport, current, policy, kind, resolve, shown)
     except (TimeoutError, httpx.TimeoutException):
         raise MediaError(
             f"fetching {shown} took longer than {policy.timeout_s:g} s ({FLAG_TIMEOUT})"
@@ -281,11 +311,12 @@ async def _fetch_remote(
 
 
 async def _follow(
-    client: httpx.AsyncClient, current: httpx.URL, policy: MediaPolicy, kind: str, resolve: Resolver, shown: str
+    transport: httpx.AsyncHTTPTransport, current: httpx.URL, policy: MediaPolicy, kind: str, resolve: Resolver,
+    shown: str,
 ) -> bytes:  # fmt: skip
     for hop in range(policy.max_redirects + 1):
         addresses = await _vet(current, policy, resolve, hop, shown)
-        response = await _send_pinned(client, current, addresses, shown)
+        response = await _send_pinned(transport, current, addresses, policy, shown)
         try:
             if response.status_code in _REDIRECT_STATUSES:
                 location = response.headers.get("location")
@@ -295,15 +326,23 @@ async def _follow(
                     raise MediaAccessError(
                         f"{shown} redirects more than {policy.max_redirects} times ({FLAG_REDIRECTS})"
                     )
-                try:
-                    current = current.join(location)
-                except (httpx.InvalidURL, ValueError):
-                    raise MediaError(f"{shown}: redirect {hop + 1} has an invalid Location") from None
+                current = _redirect_target(current, location, f"{shown} (redirect {hop + 1})")
                 continue
             return await _read_body(response, policy, kind, shown)
         finally:
             await response.aclose()
     raise AssertionError("unreachable: the last hop returns or raises")
+
+
+def _redirect_target(current: httpx.URL, location: str, where: str) -> httpx.URL:
+    """The URL a Location header leads to; never echoed, since it came from the remote server."""
+    scheme = _URL_SCHEME.match(location)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):  # data:, javascript:, file:, ...
+        raise MediaAccessError(f"{where}: only http and https are allowed for remote media")
+    try:
+        return current.join(location)
+    except (httpx.InvalidURL, ValueError):  # ValueError covers UnicodeError from IDNA
+        raise MediaError(f"{where}: its Location is not a valid URL") from None
 
 
 async def _vet(current: httpx.URL, policy: MediaPolicy, resolve: Resolver, hop: int, shown: str) -> list[str]:
@@ -314,23 +353,31 @@ async def _vet(current: httpx.URL, policy: MediaPolicy, resolve: Resolver, hop: 
         raise MediaAccessError(f"{where}: only http and https are allowed for remote media")
     if current.userinfo:
         raise MediaAccessError(f"{where}: credentials in media URLs are not supported")
-    host = _normal_host(current.raw_host.decode("ascii"))
+    host = _normal_host(current.raw_host.decode("ascii", "replace"))
     if not host:
         raise MediaError(f"{where}: the URL has no host")
+    is_ip = _is_ip(host)
+    if not is_ip and not _is_host_name(host):
+        # Checked here, not by the resolver: its IDNA step raises UnicodeError on long or empty labels.
+        named = f"host {host[:100]!r}" if hop == 0 else "the host"
+        raise MediaError(f"{where}: {named} is not a valid host name ({_HOST_RULE})")
     if not host_allowed(host, policy.allowed_media_domains):
         named = f"host {host!r}" if hop == 0 else "a host"
         raise MediaAccessError(f"{where}: {named} not listed in {FLAG_DOMAINS}")
+    if current.port is not None and not 1 <= current.port <= 65535:
+        named = f"port {current.port}" if hop == 0 else "the port"
+        raise MediaError(f"{where}: {named} is out of range (1-65535)")
     port = current.port or (443 if current.scheme == "https" else 80)
-    if _is_ip(host):
+    if is_ip:
         addresses = [host]
     else:
         try:
             addresses = await resolve(host, port)
-        except OSError:
+        except (OSError, UnicodeError):
             raise MediaError(f"{where}: the host name could not be resolved") from None
     if not addresses:
         raise MediaError(f"{where}: the host name resolved to no address")
-    exempt = {_normal_ip(a) for a in policy.allow_loopback_for_tests}
+    exempt = {_normal_ip(a) for a in policy.unsafe_media_addresses}
     vetted = []
     for address in addresses:
         ip = _normal_ip(address)
@@ -345,8 +392,8 @@ async def _vet(current: httpx.URL, policy: MediaPolicy, resolve: Resolver, hop: 
 
 
 async def _send_pinned(
-    client: httpx.AsyncClient, current: httpx.URL, addresses: list[str], shown: str
-) -> httpx.Response:
+    transport: httpx.AsyncHTTPTransport, current: httpx.URL, addresses: list[str], policy: MediaPolicy, shown: str
+) -> httpx.Response:  # fmt: skip
     """GET `current` from a vetted address: dial the IP itself (no second DNS lookup that could be
     rebound), while Host and TLS SNI / certificate checks use the URL's own host name."""
     headers = {
@@ -354,13 +401,17 @@ async def _send_pinned(
         "Accept-Encoding": "identity",  # no transparent decompression behind the byte cap
         "User-Agent": "glimpse-media-fetch",
     }
-    extensions = {"sni_hostname": current.raw_host.decode("ascii")} if current.scheme == "https" else {}
+    extensions: dict = {"timeout": httpx.Timeout(policy.timeout_s).as_dict()}
+    if current.scheme == "https":
+        extensions["sni_hostname"] = current.raw_host.decode("ascii")
     for address in addresses:
-        url = current.copy_with(host=address)
+        request = httpx.Request(
+            "GET", current.copy_with(host=address), headers=headers, extensions=extensions
+        )
         try:
-            return await client.send(
-                client.build_request("GET", url, headers=headers, extensions=extensions), stream=True
-            )
+            response = await transport.handle_async_request(request)
+            response.request = request
+            return response
         except httpx.ConnectError as exc:  # try the next vetted address, as a browser would
             if "CERTIFICATE_VERIFY" in str(exc):
                 raise
@@ -421,6 +472,37 @@ def _normal_host(host: str) -> str:
         except UnicodeError:
             return host
     return host
+
+
+def _is_host_name(host: str) -> bool:
+    """A normalised (lower-case, IDNA-encoded) DNS name: labels of [a-z0-9_-], 1-63 each, 253 in all."""
+    return len(host) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def _loopback_address(entry: object) -> str:
+    """One GLIMPSE_UNSAFE_MEDIA_ADDRESSES entry -> its canonical text, if it is a loopback address."""
+    try:
+        ip = ipaddress.ip_address(entry) if isinstance(entry, str) and "%" not in entry else None
+    except ValueError:
+        ip = None
+    if ip is None or not ip.is_loopback:
+        shown = repr(entry[:100] if isinstance(entry, str) else entry)
+        raise InvalidInputError(
+            f"{ENV_UNSAFE_ADDRESSES}: {shown} is not a loopback IP address; this test-only variable "
+            "takes loopback addresses (127.0.0.0/8, ::1), comma-separated, without names or ports"
+        )
+    return str(ip)
+
+
+def _check_text(url: str, kind: str) -> None:
+    """Refuse a URL that is not valid Unicode text (a lone surrogate, e.g. from a JSON "\\ud800")."""
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MediaError(
+            f"{kind} URL {_shown(url)} contains a lone surrogate (U+{ord(url[exc.start]):04X}), which is not "
+            "valid Unicode; percent-encode the UTF-8 bytes of non-ASCII characters"
+        ) from None
 
 
 def _is_domain_entry(entry: object) -> bool:

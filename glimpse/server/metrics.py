@@ -48,6 +48,12 @@ class _EngineCollector(Collector):
             "server_requests_in_flight": ("HTTP requests admitted (fetching, preprocessing or generating)",
                                           s["in_flight"]),
             "server_requests_queued": ("HTTP requests waiting for an admission slot", s["queued"]),
+            "server_requests_preprocessing": ("HTTP requests whose media are being decoded and resized",
+                                              s["preprocessing"]),
+            "server_decoding_pixels": ("decoded pixels held at once by all requests (--max-decoding-pixels)",
+                                       s["decoding_pixels"]),
+            "server_requests_waiting_to_decode": ("requests waiting for room in --max-decoding-pixels",
+                                                  s["decode_waiting"]),
         }  # fmt: skip
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"glimpse_{name}", doc, value=float(value))
