@@ -24,7 +24,6 @@ from glimpse import load_processor
 from glimpse.errors import DecodeBusyError, MediaError, MediaTooLargeError, PreprocessCancelled
 from glimpse.media.image import load_image
 from glimpse.processing.control import PixelBudget, PreprocessControl
-from glimpse.processing.processor import Processor
 from glimpse.processing.resize import preprocess_images
 
 ALL_IMAGES = sorted(IMAGES.iterdir())
@@ -291,18 +290,18 @@ def test_cancel_stops_a_video_within_a_frame(tiny_checkpoint, monkeypatch):
     """Cancelled after its first decoded frame, a video decode stops at the next frame boundary."""
     frames, cancel_after = [], [None]
     control = [PreprocessControl()]
-    video = Processor._video
+    read = processor_module.read_frames
 
-    def counted(self, *args, check=None, **kwargs):  # counts the video's between-frames checks
+    def counted(*args, check, **kwargs):  # counts the video's between-frames checks
         def frame_check() -> None:
             frames.append(1)
             if len(frames) == cancel_after[0]:
                 control[0].cancel()  # the client goes away here
             check()
 
-        return video(self, *args, check=frame_check, **kwargs)
+        return read(*args, check=frame_check, **kwargs)
 
-    monkeypatch.setattr(Processor, "_video", counted)
+    monkeypatch.setattr(processor_module, "read_frames", counted)
     processor = load_processor(tiny_checkpoint("glm4v"))
     processor(_video_msg(str(VIDEO)), control=control[0])
     assert len(frames) >= 8  # uncancelled, the clip decodes many frames, each followed by a check

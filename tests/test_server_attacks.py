@@ -272,7 +272,8 @@ def test_keeping_every_4k_frame_is_bounded(server, frames_server, uhd_clip):  # 
 
 def test_decoded_pixels_are_bounded_across_requests(server):
     """Six requests of four 1000x1000 images at once: never more than --max-decoding-pixels (default
-    2 x --max-image-pixels = 2,000,000 here) decoded at a time, and every request still answered."""
+    2 x --max-image-pixels = 2,000,000 here) decoded at a time, every request still answered, and
+    /health answers within 1 s throughout."""
     import io
 
     from PIL import Image
@@ -280,11 +281,14 @@ def test_decoded_pixels_are_bounded_across_requests(server):
     buf = io.BytesIO()
     Image.new("RGB", (1000, 1000), (90, 30, 200)).save(buf, format="PNG")
     body = chat_body(*[image_part(b64(buf.getvalue(), "image/png"))] * 4, "Hi")
-    peak, done = [0.0], threading.Event()
+    peak, slowest_health, done = [0.0], [0.0], threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], server.metrics()["glimpse_server_decoding_pixels"])
+            t0 = time.monotonic()
+            assert httpx.get(server.base + "/health", timeout=10).status_code == 200
+            slowest_health[0] = max(slowest_health[0], time.monotonic() - t0)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -302,6 +306,7 @@ def test_decoded_pixels_are_bounded_across_requests(server):
         watcher.join()
     assert [r.status_code for r in results] == [200] * 6, [r.text for r in results if r.status_code != 200]
     assert 0 < peak[0] <= 2_000_000
+    assert slowest_health[0] < 1.0, f"/health took {slowest_health[0]:.2f} s while media decoded"
     m = server.wait_idle()
     assert m["glimpse_server_decoding_pixels"] == 0 and m["glimpse_server_requests_waiting_to_decode"] == 0
 

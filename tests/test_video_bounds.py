@@ -27,6 +27,7 @@ from glimpse.media import video
 from glimpse.media.image import load_image
 from glimpse.media.video import probe_video, read_frames
 from glimpse.processing import processor as processor_module
+from glimpse.processing.control import PreprocessControl
 from glimpse.processing.spec import Ceilings, image_spec_from_dict, video_spec_from_dict, with_overrides
 
 UHD = (2160, 3840)
@@ -201,7 +202,12 @@ def test_read_frames_calls_check_between_frames_and_stops_on_its_error():
 def test_processor_video_forwards_check(tiny_checkpoint):
     proc = load_processor(tiny_checkpoint("glm4v"))
     calls = []
-    proc._video(str(VIDEOS / "coffee_15frames_10fps.webm"), proc.video_spec, "video 0", check=lambda: calls.append(1))
+
+    class Counting(PreprocessControl):
+        def check(self) -> None:
+            calls.append(1)
+
+    proc._video(str(VIDEOS / "coffee_15frames_10fps.webm"), proc.video_spec, "video 0", control=Counting())
     assert len(calls) >= 4  # glm4v at 2 frames/s picks 4 frames of the 1.5 s clip
 
 

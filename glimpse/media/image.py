@@ -122,7 +122,7 @@ def open_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_
     if width * height > max_pixels:
         raise MediaTooLargeError(
             f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
-            "(knob: max image pixels)"
+            "(server flag --max-image-pixels)"
         )
     return image
 

@@ -9,7 +9,7 @@ and content hash).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,12 +139,7 @@ class Processor:
             raise InvalidInputError(f"control must be a PreprocessControl, not {type(control).__name__}; "
                                     "it is not a processor setting")  # fmt: skip
         control.check()
-        if len(images) > self.limits.max_images:
-            raise LimitExceededError(f"{len(images)} images in one prompt; the limit is {self.limits.max_images} "
-                                     "(server flag --limit-mm-per-prompt)")  # fmt: skip
-        if len(videos) > self.limits.max_videos:
-            raise LimitExceededError(f"{len(videos)} videos in one prompt; the limit is {self.limits.max_videos} "
-                                     "(server flag --limit-mm-per-prompt)")  # fmt: skip
+        self.limits.check_counts(len(images), len(videos))
         overrides = dict(overrides or {})
         rate = self.video_pruning_rate
         if "video_pruning_rate" in overrides:
@@ -153,10 +148,8 @@ class Processor:
         image_items = self._images(images, image_spec, control)
         video_items = []
         for i, src in enumerate(videos):
-            name = f"video {i}"
             control.check()
-            with control.reserve(_frame_pixels(src, name, self.limits.max_video_frame_pixels), name):
-                video_items.append(self._video(src, video_spec, name, rate, check=control.check))
+            video_items.append(self._video(src, video_spec, f"video {i}", rate, control))
         control.check()
         per_frame = [(vi["per_frame"], list(vi["stamp_text"])) if vi["stamp_text"] else (vi["tokens"], [])
                      for vi in video_items]  # fmt: skip
@@ -244,13 +237,16 @@ class Processor:
         return out
 
     def _video(self, src: Any, spec: VideoSpec, name: str, pruning_rate: float = 0.0,
-               check: Callable[[], None] | None = None) -> dict:  # fmt: skip
-        """One video -> its rows, grid, tokens and timestamps. `check` runs between decoded frames.
+               control: PreprocessControl | None = None) -> dict:  # fmt: skip
+        """One video -> its rows, grid, tokens and timestamps.
 
         The frames kept are known before decoding (probe + sampling) and held to --max-frames
         there; each is resized to the clip's target size right after it is decoded, so memory
-        follows the frames kept at their resized size, never a stack of full-size frames.
+        follows the frames kept at their resized size, never a stack of full-size frames. The
+        decode holds one full-size frame's pixels of `control`'s budget and checks `control`
+        between frames.
         """
+        control = control or PreprocessControl()
         max_frames = self.ceilings.max_frames
         if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
             frames, meta = src
@@ -263,8 +259,10 @@ class Processor:
             sampled = sample_video(meta, spec, name, max_frames)
             t = len(sampled.indices)
             video_target_size(t, meta.height, meta.width, spec, name)  # refuses bad geometry before decoding
-            resized = read_frames(src, sampled.indices, name, self.limits.max_decode_frames, max_frames=max_frames,
-                                  frame_fn=frame_resizer(t, spec, name), check=check)  # fmt: skip
+            with control.reserve(meta.width * meta.height, name):
+                resized = read_frames(src, sampled.indices, name, self.limits.max_decode_frames,
+                                      max_frames=max_frames, frame_fn=frame_resizer(t, spec, name),
+                                      check=control.check)  # fmt: skip
             pv, grid = preprocess_resized_video(resized, spec)
         grid = tuple(int(x) for x in grid.reshape(-1).tolist())
         m2 = spec.merge_size**2
@@ -307,15 +305,6 @@ def _preprocess_image(image: Image.Image, spec: ImageSpec, name: str) -> tuple[t
     # A permuted HWC array is channels-last: torch's fast uint8 resize path, same pixels as HF.
     hwc = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
     return patchify_image(resize_uint8(hwc, size, spec.resample)[0], spec)
-
-
-def _frame_pixels(src: Any, name: str, max_frame_pixels: int) -> int:
-    """Pixels of one decoded frame of a video: from the stream header (pre-decoded frames: their shape)."""
-    if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):
-        shape = src[0].shape
-        return int(shape[1]) * int(shape[2]) if len(shape) == 4 else 0
-    meta = probe_video(_local(src, name), name, max_frame_pixels)
-    return meta.width * meta.height
 
 
 def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:
