@@ -514,7 +514,7 @@ def test_file_inside_root_gives_its_real_path(tree):
         ("dir.png", MediaAccessError, "not a regular file"),
         ("pipe.png", MediaAccessError, "not a regular file"),
         ("fifo_link.png", MediaAccessError, "not a regular file"),
-        ("notes.txt", MediaAccessError, "extension '.txt'"),
+        ("notes.txt", MediaAccessError, "is not an image file: its extension '.txt'"),
         ("missing.png", MediaError, "no such file"),
         ("a%00.png", MediaAccessError, r"NUL \(%00\)"),
     ],

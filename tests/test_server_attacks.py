@@ -10,6 +10,7 @@ content types, and an idle server that stays idle. Media come from a local HTTP 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -35,6 +36,19 @@ class _Media(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         self.hits.append(self.path)
+        if self.path == "/slow":  # a 10 MB image trickled at 20 KB/s: a fetch of it is only ever cut short
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10_000_000))
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b"x" * 1000)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                self.hits.append("cut /slow")
+            return
         if self.path == "/to-data":
             self.send_response(302)
             self.send_header("Location", "data:image/png;base64,AAAA")
@@ -140,6 +154,10 @@ def _raw(body: dict) -> bytes:
     ("a host label of 64+ characters", _raw(chat_body(image_part(f"http://{'a' * 70}.localhost/x.png"))), None),
     ("an empty host label", _raw(chat_body(image_part("http://x..localhost/x.png"))), None),
     ("port 99999", _raw(chat_body(image_part("http://example.com:99999/x.png"))), None),
+    ("JSON nested 984 deep around a lone surrogate", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+     b'"metadata": ' + b"[" * 984 + b'"\\ud800"' + b"]" * 984 + b"}", "invalid_json"),
+    ("JSON nested 65 deep", _raw({**chat_body("hi"), "mm_processor_kwargs": {"fps": json.loads("[" * 64 + "]" * 64)}}),
+     "invalid_json"),
     ("an internal keyword in mm_processor_kwargs", _raw(chat_body("Hi", mm_processor_kwargs={"control": 1})), None),
 ])  # fmt: skip
 def test_former_500s_are_400s_on_a_live_connection(server, name, body, code):
@@ -152,6 +170,21 @@ def test_former_500s_are_400s_on_a_live_connection(server, name, body, code):
 def test_redirect_to_a_data_url_is_a_400(server, media_host):
     status, payload = on_one_connection(server, _raw(chat_body(image_part(f"{media_host}/to-data"), "Hi")))
     assert status == 400 and payload["error"]["code"] in ("media_error", "media_access_error"), payload
+
+
+def test_a_refused_item_stops_the_other_fetches(server, media_host):
+    """One bad item among slow downloads: the 400 comes at once and the downloads are cut, not left running."""
+    _Media.hits.clear()
+    body = chat_body(image_part(f"{media_host}/slow"), image_part(f"{media_host}/slow"),
+                     image_part("data:image/png;base64,***"), "Hi")  # fmt: skip
+    t0 = time.monotonic()
+    expect_error(server.post("/v1/chat/completions", body), 400, "media_error")
+    assert time.monotonic() - t0 < 5
+    time.sleep(1.5)  # a fetch left running has connected by now
+    deadline = time.monotonic() + 5  # well under --media-fetch-timeout (10 s), when a left-over fetch would end
+    while _Media.hits.count("cut /slow") < _Media.hits.count("/slow"):
+        assert time.monotonic() < deadline, _Media.hits
+        time.sleep(0.05)
 
 
 def test_valid_surrogate_pairs_pass(server):
@@ -392,6 +425,48 @@ def test_guard_answers_a_bug_with_json_and_keeps_the_connection():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_deadline_cancels_the_work_it_waits_for():
+    """--request-timeout (a cancellation from outside) stops the awaited work and waits for it to let go."""
+    from glimpse.server.app import _unless_disconnected
+
+    events = []
+
+    class Connected:  # a client that stays connected
+        async def receive(self) -> dict:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # letting go takes a moment (a thread finishing its frame)
+            events.append("stopped")
+            raise
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await _unless_disconnected(Connected(), work())
+        events.append("timed out")
+
+    asyncio.run(main())
+    assert events == ["stopped", "timed out"]
+
+
+def test_frames_that_decode_to_another_size_are_refused():
+    """The frame-size limits and the decoding budget judge the stated size; a frame of another size is refused."""
+    from types import SimpleNamespace
+
+    from glimpse.errors import MediaError
+    from glimpse.media.video import _Steps
+
+    steps = _Steps(None, "video 0", None, (64, 64))
+    steps(SimpleNamespace(width=64, height=64))
+    with pytest.raises(MediaError, match="7680x4320 but the stream states 64x64"):
+        steps(SimpleNamespace(width=7680, height=4320))
 
 
 def test_host_of():

@@ -223,7 +223,8 @@ def read_frames(
             )
         stream.thread_type = "AUTO"
         frames = _Output(wanted, name, frame_fn)
-        steps = _Steps(max_decode_frames, name, check)
+        stated = (int(stream.codec_context.width or 0), int(stream.codec_context.height or 0))
+        steps = _Steps(max_decode_frames, name, check, stated if all(stated) else None)
         if index.pts is None:
             _decode_in_order(container, stream, frames, steps)
         else:
@@ -305,11 +306,17 @@ def _frames(container: Any, stream: Any) -> Iterator[Any]:
 class _Steps:
     """Runs after every decoded frame: the decode-walk cap (`max_decode_frames`) and the caller's `check`."""
 
-    def __init__(self, limit: int | None, name: str, check: Callable[[], None] | None) -> None:
-        self.limit, self.name, self.check = limit, name, check
+    def __init__(self, limit: int | None, name: str, check: Callable[[], None] | None,
+                 stated: tuple[int, int] | None = None) -> None:  # fmt: skip
+        self.limit, self.name, self.check, self.stated = limit, name, check, stated
         self.decoded = 0
 
-    def __call__(self) -> None:
+    def __call__(self, frame: Any = None) -> None:
+        # Every limit on frame size (and the decoding budget's reservation) was judged on the size the
+        # stream header states; a frame that decodes to another size (an in-band header that lies) is refused.
+        if frame is not None and self.stated is not None and (frame.width, frame.height) != self.stated:
+            raise MediaError(f"{self.name}: a frame decodes to {frame.width}x{frame.height} but the stream "
+                             f"states {self.stated[0]}x{self.stated[1]}; glimpse needs one size per video")  # fmt: skip
         self.decoded += 1
         if self.limit is not None and self.decoded > self.limit:
             raise MediaTooLargeError(
@@ -323,7 +330,7 @@ def _decode_in_order(container: Any, stream: Any, frames: _Output, step: _Steps)
     """Fallback without timestamps: decode from the start, counting frames (HF's PyAV reader does this)."""
     want = set(frames.todo)
     for i, frame in enumerate(_frames(container, stream)):
-        step()
+        step(frame)
         if i in want:
             frames.put(i, frame)
             if len(frames.done) == len(want):
@@ -346,7 +353,7 @@ def _decode_with_seeks(
             decoded = _frames(container, stream)
             last = -1
         for frame in decoded:
-            step()
+            step(frame)
             i = position.get(frame.pts, -1) if frame.pts is not None else -1
             if i < 0:
                 continue  # a frame we cannot place (no timestamp): never guess

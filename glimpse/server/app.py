@@ -179,14 +179,22 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # our own deadline (--request-timeout) or shutdown: stop the work too
+        await _cancel_and_wait(task)
+        raise
     finally:
         watcher.cancel()
     if task in done:
         return task.result()
+    await _cancel_and_wait(task)
+    raise _ClientGone()
+
+
+async def _cancel_and_wait(task: asyncio.Future) -> None:
+    """Cancel `task` and wait until it has let go of what it holds (a pool thread, fetches, an engine add)."""
     task.cancel()
     with contextlib.suppress(BaseException):
-        await task
-    raise _ClientGone()
+        await asyncio.shield(task)
 
 
 class SSEResponse(StreamingResponse):
@@ -336,8 +344,15 @@ async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest) -> Pro
     # Counts and mm_processor_kwargs ceilings are refused before a single fetch.
     state.processor.precheck(sum(p["type"] == "image_url" for p in parts),
                              sum(p["type"] == "video_url" for p in parts), mm)  # fmt: skip
-    fetched = await asyncio.gather(*(fetch_media(p[p["type"]]["url"], state.policy, p["type"].removesuffix("_url"))
-                                     for p in parts))  # fmt: skip
+    fetches = [asyncio.ensure_future(fetch_media(p[p["type"]]["url"], state.policy, p["type"].removesuffix("_url")))
+               for p in parts]  # fmt: skip
+    try:
+        fetched = await asyncio.gather(*fetches)
+    except BaseException:  # one refused or failed (or the request is cancelled): stop the others
+        for fetch in fetches:
+            fetch.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        raise
     for part, data in zip(parts, fetched, strict=True):
         part[part["type"]] = {"url": data}  # bytes or a vetted local path, read by the processor
     template_kwargs = dict(req.chat_template_kwargs or {})
@@ -358,8 +373,8 @@ async def _in_pool(state: ServerState, work: Callable[[], ProcessedPrompt], cont
     is told to stop, and this waits for the thread to let go before returning, so the admission slot
     and the gauges stay true: a request counts as in flight for as long as its media are decoding."""
     state.preprocessing += 1
-    future = asyncio.get_running_loop().run_in_executor(state.pool, work)
     try:
+        future = asyncio.get_running_loop().run_in_executor(state.pool, work)
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         control.cancel()

@@ -131,6 +131,9 @@ class Guard:
 
 # ---- JSON bodies ----------------------------------------------------------------------------------
 _JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json")
+# Deeper than any field of the API (a JSON schema in response_format included) but far below the
+# parser's and the validators' recursion limits, so that nothing downstream can exhaust the stack.
+MAX_JSON_DEPTH = 64
 # A \uD800-\uDFFF escape: the only way a JSON text can smuggle a surrogate into a Python str.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
@@ -175,11 +178,27 @@ async def read_json(request: Request, limit: int, chunk_timeout: float) -> dict:
                        "invalid_json") from None  # fmt: skip
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_request_error", "invalid_json")
+    if not _depth_at_most(data, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} deep; no field of "
+                            "this API needs that", "invalid_request_error", "invalid_json")  # fmt: skip
     if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(data):
         raise ApiError(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
                             "pair), which is not Unicode text; send valid Unicode", "invalid_request_error",
                        "invalid_json")  # fmt: skip
     return data
+
+
+def _depth_at_most(data: object, limit: int) -> bool:
+    """Whether `data` nests dicts and lists at most `limit` deep (iterative: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        for child in node.values() if isinstance(node, dict) else node:  # type: ignore[union-attr]
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return True
 
 
 def _has_lone_surrogate(data: object) -> bool:
