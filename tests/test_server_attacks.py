@@ -78,7 +78,7 @@ def media_host():
 def server(tiny_checkpoint, media_host):
     srv = ServerProcess(
         tiny_checkpoint("glm46v"), "--allowed-media-domains", "*", "--limit-mm-per-prompt", '{"image": 4, "video": 1}',
-        "--max-image-pixels", "1000000", "--max-pixels", "100000", "--max-frames", "64", "--body-read-timeout", "1",
+        "--max-image-pixels", "1000000", "--max-pixels", "100000", "--max-frames", "64", "--body-read-timeout", "2",
         "--max-connections", "24", "--max-model-len", "1024", "--kv-cache-memory", "32MiB", "--dtype", "float32",
         env={"GLIMPSE_UNSAFE_MEDIA_ADDRESSES": "127.0.0.1"})  # fmt: skip
     yield srv
@@ -229,7 +229,7 @@ def test_stalled_body_times_out(server):
 def test_open_connections_are_bounded(server):
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(24)]
     try:
-        time.sleep(0.5)
+        time.sleep(0.1)  # under --body-read-timeout (2 s here), after which the idle sockets are closed
         r = httpx.get(server.base + "/health", timeout=10)
         assert r.status_code == 503
     finally:
@@ -239,6 +239,37 @@ def test_open_connections_are_bounded(server):
     while httpx.get(server.base + "/health", timeout=10).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHo"])
+def test_a_connection_must_send_its_head_in_time(server, sent):
+    """A socket that sends nothing, or trickles its request head a byte at a time, is closed after
+    --body-read-timeout (2 s here) instead of holding a place of --max-connections forever."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    t0 = time.monotonic()
+    closed = False
+    try:
+        sock.sendall(sent)
+        for _ in range(40):  # one more byte every 0.25 s: each resets uvicorn's own idle timer
+            time.sleep(0.25)
+            try:
+                sock.sendall(b"s")
+            except OSError:
+                closed = True
+                break
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(1024) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            sock.setblocking(True)
+            if closed:
+                break
+    finally:
+        sock.close()
+    assert closed and time.monotonic() - t0 < 8, "the connection was still open"
 
 
 def test_host_header_allow_list(server):

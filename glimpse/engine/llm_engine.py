@@ -162,6 +162,7 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.groups: dict[str, _Group] = {}
+        self.ran_last_step = False  # whether the latest step() found a batch to run (the server idles if not)
         self._counter = itertools.count()
 
     # ---- requests ----------------------------------------------------------------------
@@ -231,7 +232,10 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; [] when nothing could be scheduled (see `ran_last_step`) or when the
+        batch only prefilled (no request got a token)."""
         batch = self.scheduler.schedule()
+        self.ran_last_step = bool(batch)
         if not batch:
             return []
         result = self.runner.execute(batch)

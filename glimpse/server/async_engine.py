@@ -175,8 +175,8 @@ class AsyncEngine:
                     if out.finished:
                         del self._streams[out.request_id]
             self._stats = engine.stats()
-            if not outputs:
-                time.sleep(0.001)  # nothing schedulable this step (e.g. waiting for blocks): do not spin
+            if not engine.ran_last_step:
+                time.sleep(0.001)  # nothing schedulable (e.g. waiting for blocks): do not spin
 
     def _drain(self) -> None:
         while True:

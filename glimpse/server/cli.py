@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--max-connections", type=int, default=512,
                      help="open HTTP connections (idle keep-alive ones included); 503 above")  # fmt: skip
     net.add_argument("--body-read-timeout", type=float, default=5.0,
-                     help="seconds a request body may stall between chunks (408)")  # fmt: skip
+                     help="seconds a request body may stall between chunks (408); also the time a connection "
+                          "has to send a whole request line and headers (closed otherwise)")  # fmt: skip
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     media = p.add_argument_group("media sources (all off by default except data: URLs)")
     media.add_argument("--allowed-local-media-path", default=None,
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from glimpse.server.app import build_app
+    from glimpse.server.guard import h11_with_head_deadline
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -209,9 +211,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
         logging.getLogger("glimpse.server").warning(
             "listening on %s without --api-key: anyone who can reach this address can use the model", args.host)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                                           http="h11", lifespan="off", timeout_graceful_shutdown=5,
-                                           limit_concurrency=args.max_connections))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(
+        build_app(state), host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
+        http=h11_with_head_deadline(args.body_read_timeout), timeout_graceful_shutdown=5,
+        limit_concurrency=args.max_connections))  # fmt: skip
     print(f"glimpse serve: {state.model_name} on http://{args.host}:{args.port} (max_model_len "
           f"{state.engine.engine.max_model_len})", flush=True)  # fmt: skip
     try:

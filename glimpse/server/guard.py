@@ -129,6 +129,48 @@ class Guard:
                 await send(message)
 
 
+# ---- connections ----------------------------------------------------------------------------------
+def h11_with_head_deadline(head_timeout: float) -> type:
+    """uvicorn's h11 protocol plus a deadline on each request's line and headers.
+
+    uvicorn times out a keep-alive connection that stays silent between requests, but not one that
+    opens and sends nothing, nor one that trickles its headers a byte at a time (each byte resets
+    its timer): 512 such sockets would hold every place of `--max-connections`. Here a connection
+    that has not sent a whole request head within `head_timeout` seconds of opening, or of its
+    previous response, is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class H11WithHeadDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def _arm_head_deadline(self) -> None:
+            self._head_cycle = self.cycle  # a request head that arrives makes a new cycle
+            self._head_deadline = self.loop.call_later(head_timeout, self._head_expired)
+
+        def _head_expired(self) -> None:
+            if self.cycle is self._head_cycle and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._head_cycle:
+                self._head_deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return H11WithHeadDeadline
+
+
 # ---- JSON bodies ----------------------------------------------------------------------------------
 _JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json")
 # Deeper than any field of the API (a JSON schema in response_format included) but far below the
