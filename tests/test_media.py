@@ -2,7 +2,7 @@
 
 References: HF's own `convert_to_rgb` / `load_image` and its image processor on the same PIL
 input (transparency compositing is pixel-exact), PyAV decoding every frame in order (frame
-reads), and the frame counts / rates documented in shared/media/README.md.
+reads), and the frame counts / rates documented in tests/data/media/README.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """glimpse preprocessing vs HF 5.23's torchvision processors: settings, grids and bit-exact pixel_values.
 
 Reference: HF's image/video processor classes instantiated directly with the same config dicts
-(no tokenizer). Images: every file in shared/media plus hypothesis-random sizes and aspect
+(no tokenizer). Images: every file in tests/data/media plus hypothesis-random sizes and aspect
 ratios. Videos: frames decoded by glimpse's reader; HF gets the whole clip with its metadata
 and samples frames itself, so indices, timestamps and pixels are all compared.
 """

@@ -274,16 +274,20 @@ def test_ceiling_errors_name_the_server_flags():
         with_overrides(qwen, max_pixels=qwen.max_pixels + 1)
 
 
-@pytest.fixture
-def hidden_target(tmp_path):
-    """A symlink `link.mp4` to a corrupt file whose directory and name must stay hidden."""
+def _hidden_link(tmp_path, suffix: str, payload: bytes):
+    """A symlink `link<suffix>` to a corrupt file whose directory and name must stay hidden."""
     secret = tmp_path / "secret_dir_q7"
     secret.mkdir()
-    target = secret / "hidden_target_x9.mp4"
-    target.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video at all " * 64)
-    link = tmp_path / "link.mp4"
+    target = secret / f"hidden_target_x9{suffix}"
+    target.write_bytes(payload)
+    link = tmp_path / f"link{suffix}"
     link.symlink_to(target)
     return link, target
+
+
+@pytest.fixture
+def hidden_target(tmp_path):
+    return _hidden_link(tmp_path, ".mp4", b"\x00\x00\x00\x18ftypmp42" + b"not a video at all " * 64)
 
 
 def _assert_hides(text: str, *paths) -> None:
@@ -328,12 +332,7 @@ def test_video_errors_hide_the_file_while_decoding(tmp_path, monkeypatch):
 
 
 def test_image_errors_never_name_the_file(tmp_path):
-    secret = tmp_path / "secret_img_dir_w4"
-    secret.mkdir()
-    target = secret / "hidden_image_w4.png"
-    target.write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 40)
-    link = tmp_path / "link.png"
-    link.symlink_to(target)
+    link, target = _hidden_link(tmp_path, ".png", b"\x89PNG\r\n\x1a\n" + b"broken" * 40)
     for src in (link, str(link), os.path.realpath(link)):
         with pytest.raises(InvalidInputError) as err:
             load_image(src, "image 0")
