@@ -230,7 +230,7 @@ def test_concurrent_requests_hold_at_most_the_budget(tiny_checkpoint, monkeypatc
     per_image = 1200 * 1200
     capacity = 2 * per_image + per_image // 2
     lock, held, peak = threading.Lock(), [0], [0]
-    decode, preprocess = processor_module.decode_image, processor_module._preprocess_image
+    decode, preprocess = processor_module.decode_image, processor_module.preprocess_image
 
     def counted_decode(image, name):  # a decoded image is held from here ...
         with lock:
@@ -247,7 +247,7 @@ def test_concurrent_requests_hold_at_most_the_budget(tiny_checkpoint, monkeypatc
                 held[0] -= pixels
 
     monkeypatch.setattr(processor_module, "decode_image", counted_decode)
-    monkeypatch.setattr(processor_module, "_preprocess_image", counted_preprocess)
+    monkeypatch.setattr(processor_module, "preprocess_image", counted_preprocess)
     processor = load_processor(tiny_checkpoint("glm4v"))
     budget = PixelBudget(capacity, max_waiters=3)
     results, errors = [], []

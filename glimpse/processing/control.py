@@ -113,10 +113,6 @@ class PreprocessControl:
         if self.budget is not None:
             self.budget.wake()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     def check(self) -> None:
         """Raise PreprocessCancelled once `cancel()` was called."""
         if self._cancelled.is_set():

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from glimpse.config import processor_kind, read_json
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
@@ -28,11 +26,9 @@ from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
 from glimpse.processing.prompt import PlaceholderTokens, expand_prompt
 from glimpse.processing.resize import (
     frame_resizer,
-    image_target_size,
-    patchify_image,
+    preprocess_image,
     preprocess_resized_video,
     preprocess_video,
-    resize_uint8,
     video_target_size,
 )
 from glimpse.processing.sampling import sample_video
@@ -139,12 +135,7 @@ class Processor:
             raise InvalidInputError(f"control must be a PreprocessControl, not {type(control).__name__}; "
                                     "it is not a processor setting")  # fmt: skip
         control.check()
-        self.limits.check_counts(len(images), len(videos))
-        overrides = dict(overrides or {})
-        rate = self.video_pruning_rate
-        if "video_pruning_rate" in overrides:
-            rate = self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
-        image_spec, video_spec = self.specs(overrides, images=bool(images), videos=bool(videos))
+        rate, image_spec, video_spec = self.precheck(len(images), len(videos), overrides)
         image_items = self._images(images, image_spec, control)
         video_items = []
         for i, src in enumerate(videos):
@@ -185,14 +176,19 @@ class Processor:
         image_keys = {k: v for k, v in overrides.items() if k in ("min_pixels", "max_pixels")}
         return applied(self.image_spec, images, image_keys), applied(self.video_spec, videos, overrides)
 
-    def precheck(self, images: int, videos: int, overrides: dict) -> None:
-        """The per-request limits that need no media (item counts, mm_processor_kwargs against the
-        ceilings), so that the server can refuse a request before fetching anything."""
+    def precheck(self, images: int, videos: int, overrides: dict | None) -> tuple[float, ImageSpec, VideoSpec]:
+        """A request's settings (EVS rate, image and video specs) under the limits that need no media:
+        item counts, mm_processor_kwargs against the ceilings. The server calls it before fetching
+        anything; `process` before decoding."""
         self.limits.check_counts(images, videos)
-        overrides = dict(overrides) if isinstance(overrides, dict) else overrides
-        if isinstance(overrides, dict) and "video_pruning_rate" in overrides:
-            self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
-        self.specs(overrides, images=images > 0, videos=videos > 0)
+        overrides = {} if overrides is None else overrides
+        if not isinstance(overrides, dict):
+            raise InvalidInputError("mm_processor_kwargs must be an object")
+        overrides = dict(overrides)
+        rate = self.video_pruning_rate
+        if "video_pruning_rate" in overrides:
+            rate = self._pruning_rate(overrides.pop("video_pruning_rate"), "mm_processor_kwargs.video_pruning_rate")
+        return (rate, *self.specs(overrides, images=images > 0, videos=videos > 0))
 
     def _pruning_rate(self, rate: float, knob: str) -> float:
         """EVS (video token pruning) is a Qwen2.5-VL feature; refuse a rate > 0 for other families."""
@@ -230,7 +226,7 @@ class Processor:
             control.check()
             image = open_image(_local(src, name), name, self.limits.max_image_pixels)  # header only
             with control.reserve(image.width * image.height, name):
-                pv, grid = _preprocess_image(decode_image(image, name), spec, name)
+                pv, grid = preprocess_image(decode_image(image, name), spec, name)
                 del image  # the decoded pixels go before their reservation does
             n = grid[0] * grid[1] * grid[2]
             out.append({"pixel_values": pv, "grid": tuple(grid), "tokens": n // m2, "hash": content_hash("image", pv, grid)})
@@ -296,15 +292,6 @@ def _local(src: Any, name: str) -> Any:
         if src.startswith("file://"):
             return src[len("file://") :]
     return src
-
-
-def _preprocess_image(image: Image.Image, spec: ImageSpec, name: str) -> tuple[torch.Tensor, list[int]]:
-    """One RGB image -> (`[gh*gw, C*Tp*P*P]` float32, grid `[1, gh, gw]`): `preprocess_images` for one
-    image, the same calls in the same layout (so the same bits), naming the image in its errors."""
-    size = image_target_size(image.height, image.width, spec, name)
-    # A permuted HWC array is channels-last: torch's fast uint8 resize path, same pixels as HF.
-    hwc = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
-    return patchify_image(resize_uint8(hwc, size, spec.resample)[0], spec)
 
 
 def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:

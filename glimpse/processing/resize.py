@@ -331,9 +331,7 @@ def preprocess_images(
 
     def one(i: int) -> list[int]:
         """Image i's rows, written into its slice of `pixel_values`; its grid."""
-        hwc = _hwc_array(images[i])
-        # A permuted HWC view is channels-last: torch's fast uint8 path, same pixels as HF.
-        resized = resize_uint8(torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0), sizes[i], spec.resample)
+        resized = _resized_image(images[i], sizes[i], spec)
         return _patch_rows(resized, spec, mean_r, std_r, True, pixel_values[starts[i] : starts[i + 1]])[1]
 
     # Images are independent and PIL, torch's resize and NumPy release the GIL: a batch runs on
@@ -344,6 +342,19 @@ def preprocess_images(
     else:
         grids = list(_pool(workers).map(one, range(len(images))))  # raises the first failure in order
     return pixel_values, torch.tensor(grids, dtype=torch.int64)
+
+
+def preprocess_image(image: Image.Image | np.ndarray, spec: ImageSpec, name: str = "image 0") -> tuple[torch.Tensor, list[int]]:
+    """One RGB image -> (`[gh*gw, C*Tp*P*P]` float32, grid `[1, gh, gw]`): `preprocess_images` for a single
+    image (the same calls, so the same bits), naming it in its errors."""
+    height, width = _image_hw(image, name)
+    return patchify_image(_resized_image(image, image_target_size(height, width, spec, name), spec)[0], spec)
+
+
+def _resized_image(image: Image.Image | np.ndarray, size: tuple[int, int], spec: ImageSpec) -> torch.Tensor:
+    """One RGB image -> `[1, 3, h, w]` uint8 at `size`. A permuted HWC view is channels-last: torch's fast
+    uint8 path, the same pixels as HF."""
+    return resize_uint8(torch.from_numpy(_hwc_array(image)).permute(2, 0, 1).unsqueeze(0), size, spec.resample)
 
 
 def frame_resizer(

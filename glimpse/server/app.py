@@ -288,7 +288,7 @@ def build_app(state: ServerState) -> Guard:
         t0 = time.perf_counter()
         req: P.CompletionRequest = _parse(P.CompletionRequest, await _read_body(request, state))
         _check_model(state, req.model)
-        _check_n(state, req.n, P.num_prompts(req.prompt))
+        _check_n(state, req.n, len(P.prompt_list(req.prompt)))
         return await _serve(request, state, req, t0, P.CompletionFormat(req, state.model_name, state.token_text))
 
     app.include_router(v1)

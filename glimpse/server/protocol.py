@@ -135,10 +135,6 @@ def prompt_list(prompt: str | list[int] | list[str] | list[list[int]]) -> list[s
     return prompt  # type: ignore[return-value]
 
 
-def num_prompts(prompt: str | list[int] | list[str] | list[list[int]]) -> int:
-    return len(prompt_list(prompt))
-
-
 # Fields of OpenAI's or vLLM's APIs that would change the output and that glimpse does not
 # implement -> a predicate saying which values are harmless (absent/neutral) and may pass.
 _UNSUPPORTED = MappingProxyType({
