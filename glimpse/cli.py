@@ -12,6 +12,8 @@ BENCHES = {
     "preprocess": "glimpse.bench.preprocess",
     "throughput": "glimpse.bench.throughput",
     "serve": "glimpse.bench.serve",
+    "compare": "glimpse.bench.compare",
+    "offline-compare": "glimpse.bench.offline_compare",
     "mm-encoder": "glimpse.bench.mm_encoder",
     "kernels": "glimpse.bench.kernels",
 }
@@ -20,11 +22,18 @@ BENCHES = {
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from glimpse.testing import make_checkpoint
 
-    path = make_checkpoint(
-        args.family, args.size, args.path, seed=args.seed, dtype=args.dtype, shards=args.shards,
-        legacy_names=args.legacy_names,
-    )  # fmt: skip
-    print(f"wrote a {args.size} {args.family} checkpoint with RANDOM weights to {path}")
+    try:
+        path = make_checkpoint(
+            args.family, args.size, args.path, seed=args.seed, dtype=args.dtype, shards=args.shards,
+            legacy_names=args.legacy_names, weights=not args.no_weights,
+        )  # fmt: skip
+    except ValueError as exc:  # a size the family does not have
+        print(f"glimpse make-checkpoint: {exc}", file=sys.stderr)
+        return 2
+    if args.no_weights:
+        print(f"wrote a {args.size} {args.family} checkpoint WITHOUT weights to {path} (serve it with --load-format dummy)")  # fmt: skip
+    else:
+        print(f"wrote a {args.size} {args.family} checkpoint with RANDOM weights to {path}")
     return 0
 
 
@@ -42,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     mk.add_argument("--shards", type=int, default=1)
     mk.add_argument("--legacy-names", action="store_true", help="write the older model.*/visual.* tensor names")
+    mk.add_argument("--no-weights", action="store_true",
+                    help="config, tokenizer and processor files only, for --load-format dummy (e.g. --size 3b)")  # fmt: skip
     mk.set_defaults(func=_make_checkpoint)
 
     from glimpse.entrypoints import add_commands

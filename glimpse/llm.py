@@ -35,7 +35,8 @@ def demo_checkpoint(family: str = "glm46v", size: str = "tiny") -> Path:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, kv_cache_memory: int | str = "1GiB",
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = 512,
+                 kv_cache_memory: int | str = "1GiB",
                  encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
                  enable_prefix_caching: bool = True, enable_encoder_cache: bool = True, block_size: int = 16,
                  encoder_graph: str = "off", encoder_budgets: tuple[int, ...] | None = None,
@@ -44,7 +45,8 @@ class LLM:
         if model is None:
             model = demo_checkpoint()
         config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                              max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
+                              kv_cache_memory=kv_cache_memory,
                               encoder_cache_memory=encoder_cache_memory, block_size=block_size,
                               enable_prefix_caching=enable_prefix_caching, enable_encoder_cache=enable_encoder_cache,
                               encoder_graph=encoder_graph, encoder_budgets=encoder_budgets,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from glimpse import backends, platform
 from glimpse.buffers import move_to_huge_pages
 from glimpse.config import ModelConfig, load_config
 from glimpse.errors import CheckpointError
@@ -76,10 +77,21 @@ def load_model(
         _fill_dummy(model, config, seed, torch_dtype, device)
     else:
         load_weights(model, config.path, torch_dtype, device)
+    model.fuse_projections()  # after loading, which reads HF's per-projection names
     if torch.device(device).type == "cpu":
         move_to_huge_pages(model)
     model.glimpse_config = config
+    head_dim, vision_head_dim = _attention_head_dims(config.hf_config)
+    chosen = backends.select_backends(platform.detect(device), torch_dtype, head_dim, vision_head_dim)
+    backends.bind_backends(model, chosen)  # once, at start-up: every layer runs on these from now on
     return model.eval()
+
+
+def _attention_head_dims(hf_config) -> tuple[int, int]:
+    """(decoder head dim, vision head dim): what the attention backends are chosen for."""
+    text, vision = hf_config.get_text_config(), hf_config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return head_dim, vision.hidden_size // vision.num_heads
 
 
 def load_weights(

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glimpse.engine import kv_cache as kv_mod
+from glimpse.backends.native_cpu import NativeCpuAttention
+from glimpse.backends.torch_sdpa import TorchAttention, grouped_sdpa
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.models.layers import Linear
-from glimpse.vision import attention as vision_attention
+from glimpse.vision.attention import varlen_attention
 
 
 def _reference(q, k_cache, v_cache, slots, n, causal, dtype):
@@ -139,16 +140,16 @@ def test_vision_segments_match_grouped_sdpa(kernel_spy):
     n, heads, head_dim = 900, 6, 80
     q, k, v = ((2 * torch.randn(n, heads, head_dim, generator=gen)).bfloat16() for _ in range(3))
     cu = torch.tensor([0, 196, 392, 393, 700, 850, 850, 850], dtype=torch.int32)
-    got = vision_attention.varlen_attention(q, k, v, cu, n)
+    got = varlen_attention(q, k, v, cu, n, NativeCpuAttention())
     assert kernel_spy.calls == {"segment_attention_bf16": 1}
-    exact = vision_attention._grouped_sdpa(q.float(), k.float(), v.float(), cu)
-    torch_bf16 = vision_attention._grouped_sdpa(q, k, v, cu).float()
+    exact = grouped_sdpa(q.float(), k.float(), v.float(), cu)
+    torch_bf16 = grouped_sdpa(q, k, v, cu).float()
     assert (got[850:] == 0).all()
     err, torch_err = (got.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
-def test_paged_step_matches_torch_path(kernel_spy, monkeypatch):
+def test_paged_step_matches_torch_path(kernel_spy):
     """One step over the paged cache with decode rows, a fresh prefill and a chunk after cached
     tokens: the native call against StepKV's torch path (buckets, SDPA), layer by layer."""
     gen = torch.Generator().manual_seed(5)
@@ -164,13 +165,13 @@ def test_paged_step_matches_torch_path(kernel_spy, monkeypatch):
     k, v = (torch.randn(t, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
     for layer in range(2):
         before = cache.k.clone(), cache.v.clone()
+        cache.attention = NativeCpuAttention()
         got = StepKV(cache, meta).attend(layer, q, k, v)
         assert kernel_spy.calls == {"decode_attention_bf16": layer + 1, "segment_attention_bf16": layer + 1}
         cache.k.copy_(before[0]), cache.v.copy_(before[1])
-        with monkeypatch.context() as m:
-            m.setattr(kv_mod, "native_attention", lambda *tensors: None)
-            torch_bf16 = StepKV(cache, meta).attend(layer, q, k, v).float()
-            exact = StepKV(_float(cache), meta).attend(layer, q.float(), k.float(), v.float())
+        cache.attention = TorchAttention()
+        torch_bf16 = StepKV(cache, meta).attend(layer, q, k, v).float()
+        exact = StepKV(_float(cache), meta).attend(layer, q.float(), k.float(), v.float())
         err, torch_err = (got.float() - exact).abs().max().item(), (torch_bf16 - exact).abs().max().item()
         assert err <= 1.5 * torch_err + 1e-3, (layer, err, torch_err)
 
@@ -178,6 +179,7 @@ def test_paged_step_matches_torch_path(kernel_spy, monkeypatch):
 def _float(cache: PagedKVCache) -> PagedKVCache:
     out = PagedKVCache(cache.k.shape[0], cache.k.shape[1], cache.block_size, cache.k.shape[3], cache.k.shape[4], torch.float32)
     out.k.copy_(cache.k), out.v.copy_(cache.v)
+    out.attention = TorchAttention()  # the float32 reference
     return out
 
 

@@ -143,20 +143,20 @@ def test_one_row_kernel_switch_is_restored_across_threads():
     last one leaves, then is exactly as before (a naive save/restore would leave it off)."""
     import threading
 
-    from glimpse.engine.model_runner import _one_row_kernels
+    from glimpse.platform import one_row_matmuls
 
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
     seen = {}
 
     def a():
-        with _one_row_kernels(True):
+        with one_row_matmuls(1, torch.bfloat16, torch.device("cpu")):
             a_in.set()
             b_in.wait(5)
         a_out.set()
 
     def b():
         a_in.wait(5)
-        with _one_row_kernels(True):
+        with one_row_matmuls(1, torch.bfloat16, torch.device("cpu")):
             b_in.set()
             a_out.wait(5)
             seen["after_a_left"] = torch.backends.mkldnn.enabled

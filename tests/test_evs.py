@@ -280,7 +280,7 @@ def test_engine_matches_brute_force_forward(evs_llm):
         steps += 1
     assert steps > 2  # the video was prefilled over several chunks
     assert engine.encoder_cache.get(item.content_hash).kept.tolist() == ref_kept
-    assert torch.equal(req.prompt_positions, ref_pos)
+    assert torch.equal(engine.runner.requests[req.request_id].prompt_positions, ref_pos)
     assert req.mrope_delta == next_pos - len(prompt.input_ids)
     final = None
     while engine.has_unfinished_requests():
@@ -374,7 +374,7 @@ def test_serve_flag(qwen, tiny_checkpoint):
         build_state(parser.parse_args([str(tiny_checkpoint("glm4v")), "--video-pruning-rate", "0.5", "--encoder-graph", "off"]))
     state = build_state(parser.parse_args([str(qwen), "--video-pruning-rate", "0.5", "--encoder-graph", "off"]))
     try:
-        assert state.engine.engine.config.video_pruning_rate == 0.5
+        assert state.engine.config.video_pruning_rate == 0.5
         assert state.processor.video_pruning_rate == 0.5
         assert state.processor(_video_conv(), **FPS).videos[0].num_tokens == 140
     finally:

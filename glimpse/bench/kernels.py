@@ -8,7 +8,11 @@ and the speed-up:
 - decode attention: 64 sequences of 400-760 cached tokens in a paged cache, one query row each,
   against the bucketed path torch runs (gather + SDPA);
 - one-row linear: the 24 layers of a 705M decoder's shapes (2.3 GB of weights, beyond the
-  caches), against torch's one-row kernel and oneDNN's.
+  caches), against torch's one-row kernel and oneDNN's;
+- linear layers by row count: one Qwen2.5-VL-3B decoder layer with q/k/v and gate/up fused (154 MB
+  of bf16 weights) at 1-64 rows through F.linear (oneDNN) and, at one row, the native kernel, each
+  as a fraction of a probe from the same run: GB/s of weights against the read probe (`torch.sum`
+  of 1 GiB), GFLOP/s against the compute probe (a 2048^3 bf16 matmul).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import torch.nn.functional as F
 from glimpse.bench.throughput import read_bandwidth
 from glimpse.buffers import empty_buffer
 from glimpse.kernels import cpu_kernels
+from glimpse.platform import one_row_matmuls
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--only-rows", action="store_true", help="only the linear-by-rows sweep and its probes")
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -119,18 +125,42 @@ def _linear_rows(native, repeats: int) -> list[dict]:
         return lambda: [fn(xs[w.shape[1]], w) for w in weights]
 
     ours = _median_seconds(sweep(native.linear_one_row_bf16), repeats)
-    saved = torch.backends.mkldnn.enabled
-    try:
-        torch.backends.mkldnn.enabled = False
+    with one_row_matmuls(1, torch.bfloat16, torch.device("cpu")):  # oneDNN off: torch's own one-row kernel
         ref = _median_seconds(sweep(F.linear), repeats)
-        torch.backends.mkldnn.enabled = True
-        onednn = _median_seconds(sweep(F.linear), repeats)
-    finally:
-        torch.backends.mkldnn.enabled = saved
+    onednn = _median_seconds(sweep(F.linear), repeats)  # oneDNN, torch's default
     return [dict(kernel="one-row linear vs torch's own kernel", unit="GB/s of weights", native=total / ours / 1e9,
                  torch=total / ref / 1e9, speedup=ref / ours),
             dict(kernel="one-row linear vs oneDNN", unit="GB/s of weights", native=total / ours / 1e9,
                  torch=total / onednn / 1e9, speedup=onednn / ours)]  # fmt: skip
+
+
+# One Qwen2.5-VL-3B decoder layer, fused as glimpse runs it: qkv, o, gate_up, down ([out, in]).
+QWEN_3B_LAYER = ((2560, 2048), (2048, 2048), (22016, 2048), (2048, 11008))
+ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def compute_rate(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one large bf16 matmul ([size, size] @ [size, size], median of `repeats`)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(size, size, generator=gen).bfloat16() for _ in range(2))
+    return 2 * size**3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def _row_sweep(native, repeats: int, read_bw: float, flops: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(4)
+    weights = [empty_buffer(s, torch.bfloat16).copy_(torch.randn(s, generator=gen)) for s in QWEN_3B_LAYER]
+    nbytes = sum(w.nbytes for w in weights)
+    params = sum(w.numel() for w in weights)
+    rows = []
+    for n in ROW_COUNTS:
+        xs = {w.shape[1]: torch.randn(n, w.shape[1], generator=gen).bfloat16() for w in weights}
+        impls = [("oneDNN", F.linear)] + ([("native", native.linear_one_row_bf16)] if n == 1 else [])
+        for name, fn in impls:
+            seconds = _median_seconds(lambda fn=fn, xs=xs: [fn(xs[w.shape[1]], w) for w in weights], repeats)
+            flop_s = 2 * n * params / seconds
+            rows.append(dict(rows=n, impl=name, gb_per_s=nbytes / seconds / 1e9, gflop_per_s=flop_s / 1e9,
+                             of_read_probe=nbytes / seconds / read_bw, of_compute_probe=flop_s / flops))  # fmt: skip
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,14 +171,24 @@ def run(args: argparse.Namespace) -> int:
         print("the native kernels do not run on this machine (see the log): nothing to compare")
         return 1
     with torch.inference_mode():
-        rows = _attention_rows(native, args.repeats) + [_decode_row(native, args.repeats)]
-        rows += _linear_rows(native, args.repeats)
-    probe = read_bandwidth()
-    result = {"threads": torch.get_num_threads(), "rows": rows, "read_bandwidth_bytes_per_s": probe}
+        rows = []
+        if not args.only_rows:
+            rows = _attention_rows(native, args.repeats) + [_decode_row(native, args.repeats)]
+            rows += _linear_rows(native, args.repeats)
+        probe, flops = read_bandwidth(), compute_rate()
+        sweep = _row_sweep(native, args.repeats, probe, flops)
+    result = {"threads": torch.get_num_threads(), "rows": rows, "read_bandwidth_bytes_per_s": probe,
+              "compute_flop_per_s": flops, "linear_by_rows": sweep}  # fmt: skip
     if not args.json:
         print(f"{'kernel':44s} {'unit':16s} {'native':>8s} {'torch':>8s} {'speed-up':>9s}")
         for r in rows:
             print(f"{r['kernel']:44s} {r['unit']:16s} {r['native']:8.1f} {r['torch']:8.1f} {r['speedup']:8.2f}x")
-        print(f"machine read bandwidth (summing 2 GiB of float32, as `bench throughput`): {probe / 1e9:.1f} GB/s")
+        print(f"probes: read {probe / 1e9:.1f} GB/s (torch.sum of 1 GiB float32, median of 5); "
+              f"compute {flops / 1e9:.0f} GFLOP/s (2048^3 bf16 matmul)")
+        print("Qwen2.5-VL-3B decoder layer (fused q/k/v and gate/up), bf16, by rows:")
+        print(f"{'rows':>4s} {'impl':7s} {'GB/s':>7s} {'of read':>8s} {'GFLOP/s':>8s} {'of compute':>10s}")
+        for r in sweep:
+            print(f"{r['rows']:4d} {r['impl']:7s} {r['gb_per_s']:7.1f} {100 * r['of_read_probe']:7.0f}% "
+                  f"{r['gflop_per_s']:8.1f} {100 * r['of_compute_probe']:9.0f}%")
     print(json.dumps(result))
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from glimpse.backends.compiled_graphs import EXTERN_KERNELS  # what the compiled graph calls as eager does
 from glimpse.vision import EncoderRunner, VisionItem
 from glimpse.vision.runner import budgets_arg
 
@@ -26,11 +27,6 @@ FAMILIES = ("glm4v", "qwen2_5_vl")
 IMAGE_GRID = (1, 16, 16)  # 224x224 -> 16x16 patches -> 64 merged tokens
 VIDEO_GRID = (4, 16, 16)  # 8 frames at temporal patch 2 -> 4 x 64 = 256 merged tokens
 TARGET = {"mean": 1.3, "p99": 1.5}  # the targets for graph mode on this CPU
-# Library kernels a compiled graph calls exactly as eager does (it can only shrink the rest)
-EXTERN_KERNELS = (
-    "aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "mkldnn::_linear_pointwise",
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

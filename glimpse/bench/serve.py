@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict | int:
     delays = arrival_delays(args.num_prompts, args.request_rate, args.burstiness, rng)
     try:
         results, duration, model = asyncio.run(_drive(args, payloads, delays))
-    except _EndpointError as exc:
+    except EndpointError as exc:
         print(f"glimpse bench serve: {exc}", file=sys.stderr)
         return 1
     summary = summarize(results, duration, args.metric_percentiles)
@@ -174,23 +174,37 @@ def arrival_delays(n: int, rate: float, burstiness: float, rng: np.random.Genera
 
 def _payload(args: argparse.Namespace, rng: np.random.Generator, items: list[tuple[int, int, int]]) -> dict:
     n_in = _vary(rng, args.random_input_len, args.random_range_ratio)
-    content: list[dict] = []
+    content = media_parts(rng, items, args.video_fps)
+    n_out = _vary(rng, args.random_output_len, args.random_range_ratio)
+    return chat_body(content, rng, n_in, n_out, temperature=args.temperature, ignore_eos=args.ignore_eos)
+
+
+def media_parts(
+    rng: np.random.Generator, items: list[tuple[int, int, int]], video_fps: float = 2.0
+) -> list[dict]:
+    """Chat content parts for media items (H, W, T): a random JPEG when T=1, else an MP4 of T frames."""
+    parts = []
     for h, w, t in items:
         if t == 1:
-            content.append({"type": "image_url", "image_url": {"url": _jpeg_data_url(rng, h, w)}})
+            parts.append({"type": "image_url", "image_url": {"url": _jpeg_data_url(rng, h, w)}})
         else:
-            content.append(
-                {"type": "video_url", "video_url": {"url": _mp4_data_url(rng, h, w, t, args.video_fps)}}
-            )
-    content.append({"type": "text", "text": " ".join(rng.choice(WORDS, size=n_in))})
+            parts.append({"type": "video_url", "video_url": {"url": _mp4_data_url(rng, h, w, t, video_fps)}})
+    return parts
+
+
+def chat_body(media: list[dict], rng: np.random.Generator, input_words: int, max_tokens: int, *,
+              temperature: float = 0.0, ignore_eos: bool = False) -> dict:  # fmt: skip
+    """A streaming chat request without its model: the media parts, then `input_words` random
+    words; usage is asked for, so token counts come from the server."""
+    text = {"type": "text", "text": " ".join(rng.choice(WORDS, size=input_words))}
     body = {
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": _vary(rng, args.random_output_len, args.random_range_ratio),
-        "temperature": args.temperature,
+        "messages": [{"role": "user", "content": [*media, text]}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if args.ignore_eos:
+    if ignore_eos:
         body["ignore_eos"] = True
     return body
 
@@ -225,7 +239,7 @@ def _mp4_data_url(rng: np.random.Generator, h: int, w: int, t: int, fps: float) 
 # ---- driving the endpoint -----------------------------------------------------------------------------
 
 
-class _EndpointError(Exception):
+class EndpointError(Exception):
     """The endpoint cannot be benchmarked (no model, warm-up failed)."""
 
 
@@ -246,12 +260,12 @@ async def _drive(
         trust_env=False,
         limits=limits,
     ) as client:
-        model = args.model or await _first_model(client)
+        model = args.model or await first_model(client)
         bodies = [json.dumps({"model": model, **p}).encode() for p in payloads]
         for body in bodies[: args.warmup_requests]:
-            result = await _one(client, args.endpoint, body)
+            result = await stream_request(client, args.endpoint, body)
             if not result.ok:
-                raise _EndpointError(f"warm-up request failed: {result.error}")
+                raise EndpointError(f"warm-up request failed: {result.error}")
         measured = bodies[args.warmup_requests :]
         gate = asyncio.Semaphore(args.max_concurrency or len(measured))
         t0 = time.perf_counter()
@@ -259,22 +273,24 @@ async def _drive(
         async def timed(body: bytes, at: float) -> RequestResult:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             async with gate:
-                return await _one(client, args.endpoint, body)
+                return await stream_request(client, args.endpoint, body)
 
         results = await asyncio.gather(*(timed(b, float(d)) for b, d in zip(measured, delays, strict=True)))
         return list(results), time.perf_counter() - t0, model
 
 
-async def _first_model(client: httpx.AsyncClient) -> str:
+async def first_model(client: httpx.AsyncClient) -> str:
     try:
         response = await client.get("/v1/models")
         return response.json()["data"][0]["id"]
     except Exception as exc:  # any failure here means: tell the user to pass --model
-        raise _EndpointError(f"could not read GET /v1/models ({type(exc).__name__}); pass --model") from None
+        raise EndpointError(f"could not read GET /v1/models ({type(exc).__name__}); pass --model") from None
 
 
-async def _one(client: httpx.AsyncClient, endpoint: str, body: bytes) -> RequestResult:
-    """One streaming chat completion; every SSE chunk whose delta carries text is one token arrival."""
+async def stream_request(client: httpx.AsyncClient, endpoint: str, body: bytes) -> RequestResult:
+    """One streaming chat completion; every SSE chunk whose delta carries generated text is one token
+    arrival (a role-only or empty chunk is not: TTFT is stamped at the first chunk with content,
+    reasoning_content or vLLM's newer `reasoning`)."""
     import httpx
 
     result = RequestResult(ok=False, start=time.perf_counter())
@@ -297,8 +313,7 @@ async def _one(client: httpx.AsyncClient, endpoint: str, body: bytes) -> Request
                     result.error = str(chunk["error"])[:300]
                     return result
                 now = time.perf_counter()
-                if any((c.get("delta") or {}).get("content") or (c.get("delta") or {}).get("reasoning_content")
-                       for c in chunk.get("choices") or ()):  # fmt: skip
+                if any(_generated(c.get("delta") or {}) for c in chunk.get("choices") or ()):
                     result.token_times.append(now)
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"].get("prompt_tokens")
@@ -311,6 +326,10 @@ async def _one(client: httpx.AsyncClient, endpoint: str, body: bytes) -> Request
     if result.output_tokens is None:
         result.output_tokens = len(result.token_times)
     return result
+
+
+def _generated(delta: dict) -> bool:
+    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"))
 
 
 # ---- metrics ---------------------------------------------------------------------------------------

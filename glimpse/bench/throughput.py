@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -121,15 +122,17 @@ def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int) -> d
             "tokens_per_s": tokens / seconds}  # fmt: skip
 
 
-def read_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of summing a tensor much larger than the caches (best of 5)."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of `torch.sum` over a float32 tensor much larger than the caches, on torch's current
+    threads (median of `repeats` after one untimed pass)."""
     x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
+    x.sum()
+    times = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.nbytes / best
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / statistics.median(times)
 
 
 DECODE_WINDOWS = 3  # decode windows, each right after its own bandwidth probe

@@ -1,14 +1,13 @@
 """Step 8 attention over the paged KV cache.
 
-`PagedKVCache` owns per-layer K and V tensors `[num_blocks, block_size, Hkv, D]`. For each
-step the runner builds an `AttentionMetadata` (slot mapping of the new tokens, each
-sequence's query range, context length and block table) and a `StepKV` that implements the
-`KVCache.attend` protocol the decoders call: it writes only the new tokens' K and V into
-their slots, then reads K and V through the block tables. Decode rows (one query each) run
-as batched SDPA calls, one per bucket of similar context lengths (little padding); prefill
-chunks run per sequence with a causal mask offset by the tokens already cached. On CPU in bf16
-the native kernels (glimpse/kernels.py) replace both and read K and V through each sequence's
-slots, with no gather: one call for all decode rows, one for all prefill chunks.
+`PagedKVCache` owns per-layer K and V tensors `[num_blocks, block_size, Hkv, D]` and the attention
+backend that reads them (glimpse/backends, bound once from the model's). For each step the runner
+builds an `AttentionMetadata` (slot mapping of the new tokens, each sequence's query range, context
+length and block table) and a `StepKV` that implements the `KVCache.attend` protocol the decoders
+call: it writes only the new tokens' K and V into their slots, then the backend reads K and V
+through the block tables: torch's SDPA path (decode rows bucketed by context length, prefill chunks
+per sequence) or the native CPU bf16 kernels (one call for all decode rows, one for all prefill
+chunks). The metadata builds each backend's tables lazily, once per step for all layers.
 """
 
 from __future__ import annotations
@@ -17,9 +16,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from glimpse.kernels import native_attention
+from glimpse.backends import AttentionBackend, backends_for
 
 
 class PagedKVCache:
@@ -29,6 +27,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.attention: AttentionBackend | None = None  # the model's (ModelRunner binds it); None: per call
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -168,45 +167,5 @@ class StepKV:
         v_flat = self.cache.v[layer_idx].view(-1, *v.shape[1:])
         k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the native kernel writes it
-        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-        native = native_attention(q, k_flat, v_flat)
-        if native is not None:  # K and V read through each sequence's slots: decode rows, then prefill chunks
-            q = q.contiguous()
-            if meta.decode_seqs:
-                native.decode_attention_bf16(q, k_flat, v_flat, *meta.decode_tables, head_dim**-0.5, out)
-            if meta.prefill_seqs:
-                native.segment_attention_bf16(q, k_flat, v_flat, *meta.prefill_tables, True, head_dim**-0.5, out)
-            return out
-        group = num_heads // num_kv_heads
-        for bucket in meta.decode_buckets:
-            # One query per sequence: the query heads of a KV group become that group's queries,
-            # [B, Hkv, G, D] against [B, Hkv, ctx, D]. Same maths as GQA attention, and it avoids
-            # CPU SDPA's slow single-query GQA path (16x faster in bf16, measured).
-            b = bucket.rows.shape[0]
-            qd = q.index_select(0, bucket.rows).view(b, num_kv_heads, group, head_dim)
-            # index_select, not advanced indexing: on a large cache tensor the latter costs
-            # milliseconds per call with 2 threads (measured), the former microseconds.
-            gather_shape = (b, bucket.slots.shape[1], num_kv_heads, head_dim)
-            kd = k_flat.index_select(0, bucket.slots.view(-1)).view(gather_shape).transpose(1, 2)
-            vd = v_flat.index_select(0, bucket.slots.view(-1)).view(gather_shape).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)
-            out.index_copy_(0, bucket.rows, o.reshape(b, num_heads, head_dim))
-        for i in meta.prefill_seqs:
-            s, n, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
-            if n == ctx:  # nothing cached before this chunk: plain causal attention on the new k, v
-                ks = k[s : s + n].transpose(0, 1).repeat_interleave(group, dim=0)
-                vs = v[s : s + n].transpose(0, 1).repeat_interleave(group, dim=0)
-                o = F.scaled_dot_product_attention(q[s : s + n].transpose(0, 1), ks, vs, is_causal=True)
-                out[s : s + n] = o.transpose(0, 1)
-                continue
-            # A chunk after cached tokens: query j sits at ctx - n + j. Grouped-query layout again,
-            # [Hkv, G*n, D], with the offset causal mask repeated per group member.
-            slots = meta.context_slots[i]
-            qg = q[s : s + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
-            ks = k_flat.index_select(0, slots).transpose(0, 1)
-            vs = v_flat.index_select(0, slots).transpose(0, 1)
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n).repeat(group, 1)
-            o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)
-            out[s : s + n] = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
-        return out
+        attention = self.cache.attention or backends_for(q, q.shape[-1]).attention
+        return attention.paged(q, k, v, k_flat, v_flat, meta)

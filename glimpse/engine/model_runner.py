@@ -1,92 +1,173 @@
-"""Steps 6-8 for one engine step: encode scheduled media (pruning EVS videos), merge embeddings,
-build positions (placing EVS videos' kept tokens) and attention metadata, run ONE decoder forward
-over every scheduled token, and return the logits of the requests that need a new token.
+"""Steps 6-8 for one engine step, and the sampling of step 9: the model runner.
+
+It takes the scheduler's plain-data `SchedulerOutput` and keeps its own record of each request
+(`CachedRequestState`: tokens, positions, block table, sampling state), so it could live in
+another process. Per step: encode scheduled media (pruning EVS videos), merge embeddings, build
+positions (placing EVS videos' kept tokens) and attention metadata, run ONE decoder forward over
+every scheduled token, and sample the requests that need a new token.
 
 Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` positions,
-`[T, hidden]` embeddings. Output: `[R, vocab]` float32 logits for the R sampling rows.
+`[T, hidden]` embeddings; `[R, vocab]` float32 logits for the R sampling rows. Output: a
+`ModelRunnerOutput` (request ids -> sampled token id and logprobs), plain data too.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from glimpse.engine.encoder_cache import EncoderCache
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
-from glimpse.engine.request import Request
-from glimpse.engine.scheduler import ScheduledBatch
-from glimpse.kernels import cpu_kernels
+from glimpse.engine.sampler import RequestSamplingState, TopLogprobs, sample
+from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.scheduler import NewRequestData, SchedulerOutput
 from glimpse.models.base import VisionLanguageModel
 from glimpse.models.evs import PrunedVideo, prune_video
+from glimpse.platform import one_row_matmuls
 from glimpse.processing.inputs import MediaItem
 
 
 @dataclass
-class StepResult:
-    sample_requests: list[Request]  # requests whose next token is sampled from `logits`
-    logits: torch.Tensor  # [len(sample_requests), vocab] float32
-    encoder_seconds: float
-    forward_seconds: float
+class ModelRunnerOutput:
+    """One step's result: `sampled_token_ids[i]` (and its logprobs) for request `req_ids[i]`."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[TopLogprobs | None]  # None where the request asked for none
+    encoder_seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class CachedRequestState:
+    """The runner's record of one request: made from its `NewRequestData`, then kept up to date from
+    each step's `SchedulerOutput` and from the tokens the runner samples for it."""
+
+    request_id: str
+    token_ids: list[int]  # prompt, then sampled tokens
+    num_prompt_tokens: int
+    prompt_positions: torch.Tensor  # [3, num_prompt_tokens]; EVS videos' slots set by `place_kept`
+    mrope_delta: int  # decode position of token i is i + mrope_delta (all three axes)
+    media: tuple[MediaItem, ...]
+    pruned_video_positions: dict[int, torch.Tensor]  # EVS: span start -> [3, unpruned] positions
+    sampling_params: SamplingParams
+    sampling_state: RequestSamplingState
+    block_ids: list[int]  # the block table
+    num_computed_tokens: int
+
+    @classmethod
+    def from_new(cls, data: NewRequestData) -> CachedRequestState:
+        # EVS writes kept positions into the table: a copy, not the scheduler's (or another sequence's).
+        positions = data.prompt_positions.clone() if data.pruned_video_positions else data.prompt_positions
+        return cls(data.request_id, list(data.prompt_token_ids), len(data.prompt_token_ids), positions,
+                   data.mrope_delta, data.media, data.pruned_video_positions, data.sampling_params,
+                   RequestSamplingState(data.prompt_token_ids, data.seed), list(data.block_ids),
+                   data.num_computed_tokens)  # fmt: skip
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] M-RoPE positions of tokens start..end-1 (prompt table, then i + delta)."""
+        p = self.num_prompt_tokens
+        parts = []
+        if start < p:
+            parts.append(self.prompt_positions[:, start : min(end, p)])
+        if end > p:
+            tail = torch.arange(max(start, p), end, dtype=torch.long) + self.mrope_delta
+            parts.append(tail.expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def place_kept(self, item: MediaItem, kept: torch.Tensor) -> None:
+        """EVS: a pruned video's kept tokens ([K] raster indices) take their positions in the unpruned layout."""
+        self.prompt_positions[:, item.start : item.end] = self.pruned_video_positions[item.start][:, kept]
+
+    def media_in(self, start: int, end: int) -> list[MediaItem]:
+        """Media whose embedding slots overlap tokens start..end-1."""
+        return [m for m in self.media if m.start < end and m.end > start]
 
 
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache,
-                 encoder_runner=None) -> None:  # fmt: skip
+                 encoder_runner=None, eos_token_ids: frozenset[int] = frozenset(), seed: int = 0) -> None:  # fmt: skip
         self.model = model
         self.encoder_runner = encoder_runner  # glimpse.vision.runner.EncoderRunner, or None: eager tower calls
         self.kv_cache = kv_cache
         self.encoder_cache = encoder_cache
         self.device = model.device
+        self.eos_token_ids = sorted(eos_token_ids)  # banned while a request's min_tokens is unmet
+        self.generator = torch.Generator().manual_seed(seed)  # the draws of requests without a seed
+        self.requests: dict[str, CachedRequestState] = {}
         self.num_forwards = 0  # decoder forwards run (one per non-empty step)
-        self._reduced_cpu = self.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16)
-        if self.device.type == "cpu" and model.dtype == torch.bfloat16:
-            cpu_kernels()  # build (or load) the native kernels now, not inside the first request
+        kv_cache.attention = model.backends.attention  # chosen once when the model was loaded (glimpse/backends)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's request updates, then (when it has tokens) encode, forward and sample."""
+        self._update_states(sched)
+        if not sched.num_scheduled_tokens:
+            return ModelRunnerOutput([], [], [])
+        states = [self.requests[request_id] for request_id in sched.num_scheduled_tokens]
+        counts = list(sched.num_scheduled_tokens.values())
         t0 = time.perf_counter()
-        self._encode(batch.encode)
+        self._encode(sched.encode, states)
         t1 = time.perf_counter()
 
-        ids, positions, sample_rows, sample_requests = [], [], [], []
+        ids, positions, sample_rows, sampled = [], [], [], []
         row = 0
-        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-            start = req.num_computed_tokens
-            for item in req.media_in(start, start + n):
+        for state, n in zip(states, counts, strict=True):
+            start = state.num_computed_tokens
+            for item in state.media_in(start, start + n):
                 if item.pruning_rate:  # EVS: positions of the kept tokens, known now that they are encoded
-                    req.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
-            ids.extend(req.token_ids(start, start + n))
-            positions.append(req.positions(start, start + n))
+                    state.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
+            ids.extend(state.token_ids[start : start + n])
+            positions.append(state.positions(start, start + n))
             row += n
-            if start + n == req.num_tokens:
+            if start + n == len(state.token_ids):
                 sample_rows.append(row - 1)
-                sample_requests.append(req)
+                sampled.append(state)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.model.embed_tokens(input_ids)
-        self._merge_media(batch, embeds)
+        self._merge_media(states, counts, embeds)
         meta = AttentionMetadata.build(
             self.kv_cache.block_size,
-            [r.block_ids for r in batch.requests],
-            [r.num_computed_tokens for r in batch.requests],
-            batch.num_new_tokens,
+            [s.block_ids for s in states],
+            [s.num_computed_tokens for s in states],
+            counts,
             self.device,
         )
-        with _one_row_kernels(input_ids.shape[0] == 1 and self._reduced_cpu):
+        with one_row_matmuls(input_ids.shape[0], self.model.dtype, self.device):
             hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
         self.num_forwards += 1
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        with _one_row_kernels(len(sample_rows) == 1 and self._reduced_cpu):  # the LM head: one row to sample
+        with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample
             logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
-        return StepResult(sample_requests, logits, t1 - t0, time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        if not sampled:
+            return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)
+        out = sample(logits, [s.sampling_params for s in sampled], [s.sampling_state for s in sampled],
+                     self.eos_token_ids, self.generator)  # fmt: skip
+        for state, token in zip(sampled, out.token_ids, strict=True):
+            state.token_ids.append(token)
+            state.sampling_state.append(token)
+        req_ids = [s.request_id for s in sampled]
+        return ModelRunnerOutput(req_ids, out.token_ids, out.logprobs, t1 - t0, t2 - t1)
 
-    def _encode(self, items: list[MediaItem]) -> None:
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for request_id in sched.finished_req_ids:
+            del self.requests[request_id]
+        for request_id in sched.preempted_req_ids:  # its blocks went back to the pool; tokens stay
+            self.requests[request_id].block_ids = []
+        for new in sched.new_requests:
+            self.requests[new.request_id] = CachedRequestState.from_new(new)
+        for cached in sched.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _encode(self, keys: list[str], states: list[CachedRequestState]) -> None:
         """Encode media not yet cached, in batches per kind, and store their embeddings (EVS videos pruned)."""
-        todo = list({m.content_hash: m for m in items if m.content_hash not in self.encoder_cache}.values())
+        items = {m.content_hash: m for s in states for m in s.media}  # the scheduled chunks touch them all
+        todo = [items[key] for key in dict.fromkeys(keys) if key not in self.encoder_cache]
         if not todo:
             return
         if self.encoder_runner is not None:  # token-budget batches through the captured graphs
@@ -110,12 +191,12 @@ class ModelRunner:
             else:
                 self.encoder_cache.put(item.content_hash, emb.clone())
 
-    def _merge_media(self, batch: ScheduledBatch, embeds: torch.Tensor) -> None:
+    def _merge_media(self, states: list[CachedRequestState], counts: list[int], embeds: torch.Tensor) -> None:
         """Write each media item's embedding rows into the slots of this step's tokens."""
         row = 0
-        for req, n in zip(batch.requests, batch.num_new_tokens, strict=True):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            for item in req.media_in(start, end):
+        for state, n in zip(states, counts, strict=True):
+            start, end = state.num_computed_tokens, state.num_computed_tokens + n
+            for item in state.media_in(start, end):
                 emb = self.encoder_cache.get(item.content_hash)
                 if isinstance(emb, PrunedVideo):
                     emb = emb.embeddings
@@ -127,35 +208,3 @@ class ModelRunner:
                     offset += b - a
             row += n
 
-
-_ONE_ROW_LOCK = threading.Lock()
-_one_row_depth = 0  # forwards inside `_one_row_kernels` right now, over all threads
-_one_row_saved = True  # torch.backends.mkldnn.enabled when the first of them entered
-
-
-@contextmanager
-def _one_row_kernels(active: bool) -> Iterator[None]:
-    """Matmuls with one row (batch-1 decode, a one-row LM head) in bf16/fp16 on CPU run on torch's own
-    kernels instead of oneDNN's. At one row they stream bf16 weights at ~45-54 GB/s here against
-    ~22-31 GB/s for oneDNN's (fp16: 43 vs 41; measured); from two rows on oneDNN wins, so everything
-    else stays on it. Both accumulate in float32. The switch is process-wide: the first thread in
-    turns oneDNN off and the last one out restores it (a counter under a lock, so engines on
-    several threads never leave it off); another thread's matmuls in that window may run on
-    torch's kernels too. Where the native kernels build, `models.layers.Linear` layers bypass both
-    (~70 GB/s); this switch still serves fp16 and matmuls outside those layers (MoE experts)."""
-    global _one_row_depth, _one_row_saved
-    if not active:
-        yield
-        return
-    with _ONE_ROW_LOCK:
-        _one_row_depth += 1
-        if _one_row_depth == 1:
-            _one_row_saved = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        with _ONE_ROW_LOCK:
-            _one_row_depth -= 1
-            if _one_row_depth == 0:
-                torch.backends.mkldnn.enabled = _one_row_saved

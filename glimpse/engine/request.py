@@ -1,8 +1,9 @@
 """Step 4 state: one request's progress through the engine.
 
-Everything per-request lives here, never on modules: token ids (prompt + output), the
-M-RoPE positions of the prompt and the decode delta, the block table, how many tokens
-have KV computed, which media still need their embeddings, sampling state and timings.
+Everything per-request the engine and scheduler track lives here, never on modules: token ids
+(prompt + output), the M-RoPE positions of the prompt and the decode delta (handed to the model
+runner once), the block table, how many tokens have KV computed, the media, sampling settings
+and timings. The runner keeps its own copy of what a forward and the sampler need.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glimpse.engine.sampler import RequestSamplingState
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.processing.inputs import MediaItem
 
@@ -50,13 +50,13 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    sampling_state: RequestSamplingState
     media: tuple[MediaItem, ...]
     prompt_positions: torch.Tensor  # [3, num_prompt_tokens] M-RoPE positions
     mrope_delta: int  # decode position of token i is i + mrope_delta (all three axes)
     eos_token_ids: frozenset[int] = frozenset()
     group_id: str = ""  # the user's request id (an `n > 1` request has n sequences in one group)
     index: int = 0  # which of the group's n sequences this is (its CompletionOutput.index)
+    seed: int | None = None  # this sequence's sampler seed (params.seed + index; None: the shared stream)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)  # the block table
@@ -68,8 +68,8 @@ class Request:
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
-    # EVS: span start of each pruned video -> [3, t*h*w/m²] positions of that video unpruned; its
-    # slots in `prompt_positions` are filled by `place_kept` once its kept tokens are known.
+    # EVS: span start of each pruned video -> [3, t*h*w/m²] positions of that video unpruned; the
+    # runner fills its slots in its copy of `prompt_positions` once the kept tokens are known.
     pruned_video_positions: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -85,21 +85,6 @@ class Request:
         if end <= p:
             return self.prompt_token_ids[start:end]
         return (self.prompt_token_ids[start:p] if start < p else []) + self.output_token_ids[max(start - p, 0) : end - p]
-
-    def positions(self, start: int, end: int) -> torch.Tensor:
-        """[3, end - start] M-RoPE positions of tokens start..end-1 (prompt table, then i + delta)."""
-        p = self.num_prompt_tokens
-        parts = []
-        if start < p:
-            parts.append(self.prompt_positions[:, start : min(end, p)])
-        if end > p:
-            tail = torch.arange(max(start, p), end, dtype=torch.long) + self.mrope_delta
-            parts.append(tail.expand(3, -1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def place_kept(self, item: MediaItem, kept: torch.Tensor) -> None:
-        """EVS: a pruned video's kept tokens ([K] raster indices) take their positions in the unpruned layout."""
-        self.prompt_positions[:, item.start : item.end] = self.pruned_video_positions[item.start][:, kept]
 
     def media_in(self, start: int, end: int) -> list[MediaItem]:
         """Media whose embedding slots overlap tokens start..end-1."""

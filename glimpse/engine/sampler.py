@@ -11,7 +11,7 @@ row is processed in this order (vLLM v1's, documented once here):
   5. temperature; 6. min_p; 7. top_k; 8. top_p (filters set dropped tokens to -inf);
   9. a draw by exponential race, argmax(p_i / E_i) with E_i ~ Exp(1), which picks i with
      probability p_i exactly. Seeded rows draw E from their own generator and unseeded rows
-     from the engine's, so a seeded row's tokens do not depend on the batch it sits in.
+     from the runner's shared one, so a seeded row's tokens do not depend on the batch it sits in.
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ class SamplerOutput:
     logprobs: list[TopLogprobs | None]  # [B]; None where params.logprobs is None
 
 
+def sequence_seed(params: SamplingParams, index: int) -> int | None:
+    """The seed of the `index`-th of the `n` sequences of a request (seed + index, like vLLM)."""
+    return None if params.seed is None else (params.seed + index) % 2**64
+
+
 class RequestSamplingState:
     """Per-request mutable sampling state: RNG stream, prompt ids, output ids so far.
 
-    The engine makes one per sequence (an `n > 1` request makes `n`, see `from_params`) and
-    calls `append` with every token it accepts.
+    The model runner makes one per sequence (an `n > 1` request makes `n`, seeded by
+    `sequence_seed`) and calls `append` with every token it samples.
     """
 
     def __init__(self, prompt_token_ids: Sequence[int] | torch.Tensor = (), seed: int | None = None) -> None:
@@ -60,9 +65,8 @@ class RequestSamplingState:
     @classmethod
     def from_params(cls, params: SamplingParams, prompt_token_ids: Sequence[int] | torch.Tensor,
                     index: int = 0) -> RequestSamplingState:  # fmt: skip
-        """State for the `index`-th of the `n` sequences of a request (seed + index, like vLLM)."""
-        seed = None if params.seed is None else (params.seed + index) % 2**64
-        return cls(prompt_token_ids, seed)
+        """State for the `index`-th of the `n` sequences of a request (see `sequence_seed`)."""
+        return cls(prompt_token_ids, sequence_seed(params, index))
 
     @property
     def output_token_ids(self) -> torch.Tensor:
@@ -223,8 +227,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], states: Seque
            eos_token_ids: Sequence[int], generator: torch.Generator | None = None) -> SamplerOutput:  # fmt: skip
     """[B, V] float logits -> one token per row (order in the module docstring).
 
-    generator: the engine's stream for unseeded rows (None: torch's global generator).
-    Does not modify `logits` or `states`; the engine calls `states[i].append` on acceptance.
+    generator: the runner's shared stream for unseeded rows (None: torch's global generator).
+    Does not modify `logits` or `states`; the runner calls `states[i].append` after it.
     """
     num_rows = logits.shape[0]
     if logits.dim() != 2 or len(params) != num_rows or len(states) != num_rows:

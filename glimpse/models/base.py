@@ -92,6 +92,16 @@ class VisionLanguageModel(nn.Module):
         """State-dict names kept in float32 whatever the model dtype."""
         return set()
 
+    def fuse_projections(self) -> None:
+        """Concatenate each group of sibling projections of one input (q/k/v, gate/up) into one Linear,
+        for modules that define `fuse_projections` (the loader calls this once the weights are in).
+
+        Before it the model holds HF's parameter names, so checkpoints and HF state dicts load as they
+        are; after it a decode step makes one matmul call where it made two or three.
+        """
+        for module in [m for m in self.modules() if m is not self and hasattr(m, "fuse_projections")]:
+            module.fuse_projections()
+
     def tie_weights(self) -> None:
         """Share `lm_head.weight` with the input embeddings when the config ties them.
 

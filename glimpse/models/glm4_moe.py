@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.errors import CheckpointError
-from glimpse.models.layers import Linear
+from glimpse.models.layers import Linear, fuse_linears
 
 MOE_TEXT_TYPES = ("glm4v_moe_text",)
 
@@ -93,9 +93,17 @@ class Glm4MoeMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.act = _activation(hidden_act)
+        self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Glm4MoeRouter(nn.Module):

@@ -20,9 +20,9 @@ from torch import nn
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
 from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
-from glimpse.models.layers import KVCache, Linear, RMSNorm, rotate_half, rotate_interleaved
+from glimpse.models.layers import KVCache, Linear, RMSNorm, fuse_linears, rotate_half, rotate_interleaved
 from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
-from glimpse.vision.attention import pad_offsets, varlen_attention
+from glimpse.vision.attention import VarlenAttention, pad_offsets
 
 # ----------------------------------------------------------------------------------------
 # Family check: which HF configs this file serves
@@ -225,6 +225,7 @@ class Glm4vVisionAttention(nn.Module):
         self.num_heads = vc.num_heads
         self.qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
         self.proj = Linear(vc.hidden_size, vc.hidden_size, bias=variant.proj_bias)
+        self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
         if variant.ocr:  # per-head RMSNorm of q and k before the rotary
             head_dim = vc.hidden_size // vc.num_heads
             self.q_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
@@ -237,7 +238,7 @@ class Glm4vVisionAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _vision_rotary(q, cos, sin), _vision_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, n)  # every segment fits in the n rows
+        out = self.varlen(q, k, v, cu_seqlens, n)  # every segment fits in the n rows
         return self.proj(out.reshape(n, -1))
 
 
@@ -400,9 +401,10 @@ def mrope_cos_sin(
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
     angles = positions[..., None].float() * inv_freq  # [3, T, rd/2]
-    axis = torch.repeat_interleave(torch.arange(len(mrope_section)) % 3, torch.tensor(mrope_section))
-    angles = angles.gather(0, axis.to(positions.device).expand(1, angles.shape[1], -1))[0]
-    angles = torch.cat([angles, angles], dim=-1) if neox else angles.repeat_interleave(2, dim=-1)
+    axis = torch.tensor([i % 3 for i, n in enumerate(mrope_section) for _ in range(n)], device=angles.device)
+    angles = angles.gather(0, axis.expand(1, angles.shape[1], -1))[0]
+    # (the duplication as a view: repeat_interleave costs ~0.2 ms a call on CPU, every decode step)
+    angles = torch.cat([angles, angles], dim=-1) if neox else angles[..., None].expand(-1, -1, 2).flatten(-2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -420,20 +422,29 @@ class Glm4vTextAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = variant.head_dim
         self.neox = variant.neox_rotary
+        self.heads = (tc.num_attention_heads, tc.num_key_value_heads)
         q_out = tc.num_attention_heads * self.head_dim
         kv_out = tc.num_key_value_heads * self.head_dim
         self.q_proj = Linear(tc.hidden_size, q_out, bias=variant.qkv_bias)
         self.k_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
         self.v_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
         self.o_proj = Linear(q_out, tc.hidden_size, bias=False)
+        self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, -1, self.head_dim)
-        k = self.k_proj(x).view(t, -1, self.head_dim)
-        v = self.v_proj(x).view(t, -1, self.head_dim)
-        q, k = apply_text_rotary(q, cos, sin, self.neox), apply_text_rotary(k, cos, sin, self.neox)
-        return self.o_proj(kv.attend(self.layer_idx, q, k, v).reshape(t, -1))
+        t, (hq, hkv) = x.shape[0], self.heads
+        if self.qkv_proj is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        else:
+            qkv = self.qkv_proj(x)
+        qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
+        # q and k heads side by side take one rotary pass (the same per-head arithmetic as two)
+        q, k = apply_text_rotary(qkv[:, : hq + hkv], cos, sin, self.neox).split([hq, hkv], dim=1)
+        return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
 
 
 class Glm4vTextMLP(nn.Module):
@@ -472,8 +483,9 @@ class Glm4vTextDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        x = x + (self.post_self_attn_layernorm(attn) if self.sandwich else attn)
-        mlp = self.mlp(self.post_attention_layernorm(x))
+        attn = self.post_self_attn_layernorm(attn) if self.sandwich else attn
+        x, h = self.post_attention_layernorm.add(x, attn)  # x + attn, and its norm
+        mlp = self.mlp(h)
         return x + (self.post_mlp_layernorm(mlp) if self.sandwich else mlp)
 
 

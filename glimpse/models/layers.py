@@ -7,24 +7,26 @@ stored is the job of a `KVCache` (plain contiguous here, paged in the engine).
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glimpse.kernels import native_linear
+from glimpse.backends import LinearMethod, backends_for
+from glimpse.kernels import cpu_kernels
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and weight names) whose one-row bf16 CPU calls, the matmuls of
-    batch-1 decode, run on the native kernel (glimpse/kernels.py): 1.04-1.6x the weight bandwidth
-    of torch's and oneDNN's one-row kernels here (`glimpse bench kernels`)."""
+    """nn.Linear (same parameters and weight names) whose matmul is the bound linear method's
+    (glimpse/backends: e.g. the native one-row bf16 GEMV for batch-1 decode on CPU)."""
+
+    linear_method: LinearMethod | None = None  # set by glimpse.backends.bind_backends; None: chosen per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (native := native_linear(x, self.weight, self.bias)) is not None:
-            return native.linear_one_row_bf16(x.contiguous(), self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        method = self.linear_method or backends_for(x).linear
+        return method.apply(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -36,10 +38,22 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (native := _native_norm(x, self.weight)) is not None:  # bf16 on CPU: one call instead of eight ops
+            return native.rms_norm_bf16(x.contiguous(), None, self.weight, self.variance_epsilon)[1]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the norm after it: (x + delta, self(x + delta)), in one native call where
+        `forward` makes one (the sum rounds as torch's bf16 add does, the norm as `forward`)."""
+        if (native := _native_norm(x, self.weight)) is not None and delta.dtype == x.dtype:
+            eps = self.variance_epsilon
+            h, y = native.rms_norm_bf16(x.contiguous(), delta.contiguous(), self.weight, eps)
+            return h, y
+        x = x + delta
+        return x, self(x)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -106,3 +120,32 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     return out.transpose(0, 1)
+
+
+def _native_norm(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
+    """The native module when it serves RMSNorm of x: bf16 rows on CPU (torch's ops otherwise: other
+    dtypes and devices, autograd, torch.compile tracing)."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() == 0:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) or torch.compiler.is_compiling():
+        return None
+    return cpu_kernels()
+
+
+def fuse_linears(*parts: nn.Linear) -> Linear:
+    """One Linear whose output is the parts' outputs side by side ([..., sum of out_features]).
+
+    For sibling projections of one input (q/k/v, gate/up): one matmul streams all their weights,
+    where a decode step otherwise pays a call and a thread fork-join per part. Each output value
+    is the same dot product; a GEMM may block the wider matrix differently (bf16 sums can then
+    round differently, float32 ones agree to rounding).
+    """
+    assert len({p.in_features for p in parts}) == 1 and len({p.bias is None for p in parts}) == 1
+    out_features = sum(p.out_features for p in parts)
+    with torch.device("meta"):
+        fused = Linear(parts[0].in_features, out_features, bias=parts[0].bias is not None)
+    grad = parts[0].weight.requires_grad
+    fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=grad)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=grad)
+    return fused

@@ -17,9 +17,9 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
-from glimpse.models.layers import KVCache, Linear, RMSNorm, rotate_half
+from glimpse.models.layers import KVCache, Linear, RMSNorm, fuse_linears, rotate_half
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
-from glimpse.vision.attention import pad_offsets, varlen_attention
+from glimpse.vision.attention import VarlenAttention, pad_offsets
 
 VIDEO_POSITION_RULES = ("reference", "hf")
 
@@ -166,6 +166,7 @@ class Qwen2_5_VisionAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = Linear(dim, dim * 3, bias=True)
         self.proj = Linear(dim, dim, bias=True)
+        self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -175,7 +176,7 @@ class Qwen2_5_VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(v.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
-        return self.proj(varlen_attention(q, k, v, cu_seqlens, n).reshape(n, -1))
+        return self.proj(self.varlen(q, k, v, cu_seqlens, n).reshape(n, -1))
 
 
 class Qwen2_5_VisionMLP(nn.Module):
@@ -379,17 +380,25 @@ class Qwen2Attention(nn.Module):
         self.k_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, tc.hidden_size, bias=False)
+        self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        # Rotary in the activation dtype with cos/sin already cast to it, as HF does.
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return self.o_proj(kv.attend(self.layer_idx, q, k, v).reshape(t, -1))
+        t, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        if self.qkv_proj is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        else:
+            qkv = self.qkv_proj(x)
+        qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
+        # Rotary in the activation dtype with cos/sin already cast to it, as HF does; q and k heads
+        # side by side take one pass (the same per-head arithmetic as two).
+        qk = qkv[:, : hq + hkv]
+        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
+        q, k = qk.split([hq, hkv], dim=1)
+        return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
 
 
 class Qwen2MLP(nn.Module):
@@ -399,9 +408,17 @@ class Qwen2MLP(nn.Module):
         self.up_proj = Linear(tc.hidden_size, tc.intermediate_size, bias=False)
         self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, bias=False)
         self.act = _activation(tc.hidden_act, "text_config")
+        self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -413,8 +430,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(tc)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), cos, sin, kv))
+        return x + self.mlp(h)
 
 
 class Qwen2TextModel(nn.Module):

@@ -261,7 +261,7 @@ def build_app(state: ServerState) -> Guard:
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive():
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return JSONResponse({"status": "engine stopped", "reason": engine.stop_reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -271,7 +271,7 @@ def build_app(state: ServerState) -> Guard:
     @v1.get("/models")
     async def models() -> dict:
         card = {"id": state.model_name, "object": "model", "created": P.now(), "owned_by": "glimpse",
-                "max_model_len": engine.engine.max_model_len}  # fmt: skip
+                "max_model_len": engine.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @v1.post("/chat/completions")
@@ -408,7 +408,7 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: P.Re
                 prompts = [await _unless_disconnected(request, _prepare_chat(state, req))]
             else:
                 prompts = await loop.run_in_executor(state.pool, _prepare_completion, state, req)
-            max_len = state.engine.engine.max_model_len
+            max_len = state.engine.max_model_len
             params = [P.sampling_params(req, len(p.input_ids), max_len, state.sampling_defaults) for p in prompts]
             run = _Run(state, fmt, prompts, params, t0)
             stack.callback(run.abort)

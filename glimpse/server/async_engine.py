@@ -1,10 +1,15 @@
-"""Step 4 for the server: the `LLMEngine` in its own thread, an asyncio stream per request, and admission.
+"""Step 4 for the server: the engine core (its own process, or a thread), an asyncio stream per request, and admission.
 
-`await AsyncEngine.add(request_id, prompt, params)` queues a request and returns a handle whose
-`outputs()` yields `RequestOutput`s (one per engine step that gave it tokens, listing only the
-completions that moved; the last has `finished=True` and all n); `handle.abort()` (client gone, timeout, error) frees its KV blocks.
-`admit()` bounds the requests being served: `max_concurrent` at once plus `max_queue` waiting
-for a slot; beyond that it raises `ServerBusyError` (HTTP 429).
+`AsyncEngine.in_process(config)` spawns the engine-core process (glimpse/engine/core.py) and waits
+for its model to load; the API process keeps HTTP, media fetching and preprocessing, so the
+decode loop no longer shares a GIL with them. `AsyncEngine.in_thread(engine)` runs the same core
+loop in a thread (`--no-engine-process`; tests that need a hook into the engine use it).
+`await add(request_id, prompt, params)` queues a request and returns a handle whose `outputs()`
+yields `RequestOutput`s (one per engine step that gave it tokens, listing only the completions
+that moved; the last has `finished=True` and all n); `handle.abort()` frees its KV blocks.
+`admit()` bounds the requests being served: `max_concurrent` at once plus `max_queue` waiting for
+a slot; beyond that it raises `ServerBusyError` (HTTP 429). If the core dies, every request in
+flight gets `EngineDeadError` (HTTP 503) at once, and so does every new one.
 """
 
 from __future__ import annotations
@@ -15,19 +20,18 @@ import contextlib
 import logging
 import queue
 import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from glimpse.engine.llm_engine import LLMEngine, RequestOutput
+import torch.multiprocessing as mp
+
+from glimpse.engine.core import CoreInfo, EngineCore, ErrorInfo, QueueCommands, core_info, run_core_process
+from glimpse.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from glimpse.engine.sampling_params import SamplingParams
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, InvalidInputError
 from glimpse.processing.inputs import ProcessedPrompt
 
 log = logging.getLogger("glimpse.server")
-
-# How long the idle engine thread sleeps between checks for new commands (seconds).
-_IDLE_POLL = 0.25
 
 
 class ServerBusyError(GlimpseError):
@@ -35,19 +39,24 @@ class ServerBusyError(GlimpseError):
 
 
 class EngineDeadError(GlimpseError):
-    """The engine thread stopped; the server cannot serve (HTTP 503)."""
+    """The engine core stopped; the server cannot serve (HTTP 503)."""
 
 
 class EngineStepError(GlimpseError):
     """An unexpected failure inside an engine step; the requests in it were aborted (HTTP 500)."""
 
 
+class EngineStartError(GlimpseError):
+    """The engine core could not load the model (the message is the core's own error)."""
+
+
 @dataclass(eq=False)
 class _Stream:
-    """Where the engine thread delivers one request's outputs (or an exception)."""
+    """Where one request's outputs (or an exception) are delivered, from the core's reader thread."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    prompt_token_ids: list[int]  # the core sends outputs without them (see glimpse/engine/core.py)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -67,7 +76,7 @@ class RequestHandle:
         while not self.finished:
             item = await self._stream.queue.get()
             if isinstance(item, BaseException):
-                self.finished = True  # the engine thread already dropped it
+                self.finished = True  # the core already dropped it
                 raise item
             self.finished = item.finished
             yield item
@@ -75,29 +84,74 @@ class RequestHandle:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self._engine._commands.put(("abort", self.request_id))
+            self._engine._abort(self.request_id)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_concurrent: int = 64, max_queue: int = 256) -> None:
-        self.engine = engine
+    """The server's view of the engine core: admission, request streams, stats and liveness."""
+
+    def __init__(self, info: CoreInfo, max_concurrent: int, max_queue: int) -> None:
+        self.config: EngineConfig = info.config
+        self.max_model_len: int = info.max_model_len
+        self.model_config = info.model_config
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # touched only by the engine thread
-        self._stats = engine.stats()  # replaced (never mutated) by the engine thread after each step
+        self.core_pid: int | None = None  # the engine-core process (None in the in-thread mode)
+        self._stats = info.stats  # replaced (never mutated) by each snapshot the core sends
+        self._lock = threading.Lock()  # guards the three below (event loop and reader thread)
+        self._streams: dict[str, _Stream] = {}
+        self._adding: dict[str, concurrent.futures.Future] = {}
+        self._stopped: str | None = None  # why the core stopped, once it has
+        self._submit: Callable[[tuple], None] = lambda command: None  # set by the constructors
+        self._close: Callable[[], None] = lambda: None
         self._slots: asyncio.Semaphore | None = None  # made lazily inside the server's event loop
         self._in_flight = 0
         self._queued = 0
         self._rejected = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="glimpse-engine", daemon=True)
-        self._thread.start()
+
+    @classmethod
+    def in_process(cls, config: EngineConfig, max_concurrent: int = 64, max_queue: int = 256,
+                   log_level: str = "warning") -> AsyncEngine:  # fmt: skip
+        """Spawn the engine-core process and wait for its model to load (EngineStartError if it cannot)."""
+        core = _CoreProcess(config, log_level)
+        self = cls(core.wait_ready(), max_concurrent, max_queue)
+        self.core_pid = core.process.pid
+        self._submit, self._close = core.submit, core.close
+        core.serve(self._on_message, self._on_core_stopped)
+        return self
+
+    @classmethod
+    def in_thread(cls, engine: LLMEngine, max_concurrent: int = 64, max_queue: int = 256) -> AsyncEngine:
+        """Drive an already loaded engine from a thread of this process."""
+        self = cls(core_info(engine), max_concurrent, max_queue)
+        commands = QueueCommands()
+        stopping = threading.Event()
+
+        def run() -> None:
+            reason = "the engine thread stopped"
+            try:
+                EngineCore(engine, self._on_message).run(commands)
+            except BaseException as exc:
+                log.exception("the engine thread stopped")
+                reason = f"the engine thread stopped ({type(exc).__name__}); restart the server"
+            self._on_core_stopped(reason, expected=stopping.is_set())
+
+        thread = threading.Thread(target=run, name="glimpse-engine", daemon=True)
+
+        def close() -> None:
+            stopping.set()
+            commands.put(("shutdown",))
+            thread.join(timeout=10)
+
+        self._submit, self._close = commands.put, close
+        thread.start()
+        return self
 
     # ---- admission (event-loop side) -----------------------------------------------------
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
         """Hold one of `max_concurrent` slots for the body; wait in a queue of `max_queue` places."""
+        self._check_alive()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent)
         if self._in_flight + self._queued >= self.max_concurrent + self.max_queue:
@@ -122,89 +176,203 @@ class AsyncEngine:
         return {"in_flight": self._in_flight, "queued": self._queued, "rejected": self._rejected}
 
     def stats(self) -> dict:
-        """The engine's stats after its latest step (a snapshot; safe from any thread)."""
+        """The engine's stats as of the core's latest snapshot (safe from any thread)."""
         return self._stats
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._stopped is None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the core stopped (None while it runs)."""
+        return self._stopped
 
     # ---- requests (event-loop side) ------------------------------------------------------
     async def add(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                   preprocess_seconds: float = 0.0) -> RequestHandle:  # fmt: skip
-        """Queue a request in the engine; raises the engine's InvalidInputError for a bad prompt."""
-        if not self.is_alive():
-            raise EngineDeadError("the engine thread has stopped; restart the server")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        """Queue a request in the core; raises the engine's InvalidInputError for a bad prompt."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), prompt.input_ids)
         added: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, prompt, params, preprocess_seconds, stream, added))
+        with self._lock:
+            self._check_alive()
+            # Registered before the core can answer: its outputs may arrive before this coroutine resumes.
+            self._streams[request_id], self._adding[request_id] = stream, added
+        self._submit(("add", request_id, prompt, params, preprocess_seconds))
         try:
-            await asyncio.wrap_future(added)
+            error: ErrorInfo | None = await asyncio.wrap_future(added)
         except asyncio.CancelledError:
-            self._commands.put(("abort", request_id))  # after the add, so the engine sees them in order
+            self._abort(request_id)  # sent after the add, so the core sees them in order
             raise
+        if error is not None:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            rebuilt = error.rebuild()
+            if isinstance(rebuilt, InvalidInputError):
+                raise rebuilt
+            raise EngineStepError("the engine failed to add this request (see server log)")
         return RequestHandle(self, request_id, stream)
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._commands.put(("wake",))
-        self._thread.join(timeout=10)
+        """Stop the core (the process exits, the thread ends) and wait for it."""
+        self._close()
 
-    # ---- the engine thread ---------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        while not self._stop.is_set():
-            if not engine.has_unfinished_requests():  # idle: block until a command arrives
-                try:
-                    self._handle(self._commands.get(timeout=_IDLE_POLL))
-                except queue.Empty:
-                    continue
-            self._drain()
-            if not engine.has_unfinished_requests():
-                self._stats = engine.stats()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception:  # a bug, not bad input: fail the requests in flight, keep serving
-                log.exception("engine step failed; aborting the requests in flight")
-                self._fail_all(EngineStepError("the engine failed while running this request (see server log)"))
-                continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._adding.pop(request_id, None)
+            alive = self._stopped is None
+        if alive:
+            self._submit(("abort", request_id))
+
+    def _check_alive(self) -> None:
+        if self._stopped is not None:
+            raise EngineDeadError(self._stopped)
+
+    # ---- the core's messages (reader or engine thread) -----------------------------------
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            _, outputs, stats = message
+            with self._lock:
+                for out in outputs:
+                    take = self._streams.pop if out.finished else self._streams.get
+                    stream = take(out.request_id, None)
+                    if stream is not None:  # None: aborted, and this news crossed the abort
+                        out.prompt_token_ids = stream.prompt_token_ids
+                        stream.put(out)
+            if stats is not None:
+                self._stats = stats
+        elif kind == "added":
+            _, request_id, error = message
+            with self._lock:
+                added = self._adding.pop(request_id, None)
+            if added is not None:
+                added.set_result(error)
+        elif kind == "failed":
+            _, request_ids, text = message
+            with self._lock:
+                streams = [self._streams.pop(r, None) for r in request_ids]
+            for stream in streams:
                 if stream is not None:
-                    stream.put(out)
-                    if out.finished:
-                        del self._streams[out.request_id]
-            self._stats = engine.stats()
-            if not engine.ran_last_step:
-                time.sleep(0.001)  # nothing schedulable (e.g. waiting for blocks): do not spin
+                    stream.put(EngineStepError(text))
+        elif kind == "stats":
+            self._stats = message[1]
+        else:
+            log.error("unexpected message from the engine core: %r", kind)
 
-    def _drain(self) -> None:
-        while True:
+    def _on_core_stopped(self, reason: str, expected: bool) -> None:
+        """Fail everything in flight with EngineDeadError; later requests get it from `admit()`/`add()`."""
+        with self._lock:
+            self._stopped = reason
+            streams, self._streams = list(self._streams.values()), {}
+            adding, self._adding = list(self._adding.values()), {}
+        if not expected:
+            log.error("%s; answering 503 from now on", reason)
+        for stream in streams:
+            stream.put(EngineDeadError(reason))
+        for added in adding:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                added.set_exception(EngineDeadError(reason))
+
+
+class _CoreProcess:
+    """The engine-core process and the two threads that talk to it: a writer (pickling, and moving
+    media pixels into shared memory, happen off the event loop, which never blocks on a full pipe)
+    and a reader that hands the core's messages on and notices the pipe's end when the core dies."""
+
+    def __init__(self, config: EngineConfig, log_level: str) -> None:
+        ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
+        self._commands_out: queue.SimpleQueue = queue.SimpleQueue()
+        command_reader, self._command_writer = ctx.Pipe(duplex=False)
+        self._output_reader, output_writer = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=run_core_process, args=(config, command_reader, output_writer, log_level),
+                                   name="glimpse-engine-core", daemon=True)  # fmt: skip
+        self.process.start()
+        # Only the child holds these ends now, so each side sees end-of-file when the other dies.
+        command_reader.close()
+        output_writer.close()
+        self._stopping = self._serving = False
+
+    def wait_ready(self) -> CoreInfo:
+        try:
+            message = self._output_reader.recv()
+        except (EOFError, OSError):
+            message = None
+        except BaseException:  # Ctrl-C while the model loads
+            self._stop(grace=0)
+            raise
+        if message is not None and message[0] == "ready":
+            return message[1]
+        self._stop(grace=10)
+        if message is not None and message[0] == "fatal":
+            error: ErrorInfo = message[1]
+            raise error.rebuild() or EngineStartError(f"the engine core failed to start: {error}")
+        raise EngineStartError(f"the engine core failed to start: {_exit_description(self.process)}")
+
+    def serve(self, on_message: Callable[[tuple], None], on_stopped: Callable[[str, bool], None]) -> None:
+        self._serving = True
+        threading.Thread(target=self._write, name="glimpse-core-writer", daemon=True).start()
+        threading.Thread(target=self._read, args=(on_message, on_stopped), name="glimpse-core-reader",
+                         daemon=True).start()  # fmt: skip
+
+    def submit(self, command: tuple) -> None:
+        self._commands_out.put(command)
+
+    def close(self) -> None:
+        self._stop(grace=10)
+
+    def _stop(self, grace: float) -> None:
+        """Ask the core to stop, wait up to `grace` s (then SIGTERM, then SIGKILL), and reap it: no zombie."""
+        self._stopping = True
+        if self._serving:  # the writer thread owns the pipe
+            self.submit(("shutdown",))
+            self.submit(None)  # ends the writer thread
+        else:
+            with contextlib.suppress(OSError):
+                self._command_writer.send(("shutdown",))
+        for stop, wait in ((None, grace), (self.process.terminate, 5), (self.process.kill, 5)):
+            if stop is not None:
+                stop()
+            self.process.join(timeout=wait)
+            if not self.process.is_alive():
+                break
+
+    def _write(self) -> None:
+        while (command := self._commands_out.get()) is not None:
+            if command[0] == "add":  # a fresh prompt: no cached HF view (a concatenated copy of the pixels)
+                _, request_id, prompt, params, prep = command
+                prompt = ProcessedPrompt(prompt.input_ids, prompt.media, prompt.text)
+                command = ("add", request_id, prompt, params, prep)
             try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
+                self._command_writer.send(command)
+            except (OSError, ValueError):  # the core is gone; the reader reports it
                 return
-            self._handle(command)
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, request_id, prompt, params, prep, stream, added = command
-            try:
-                self.engine.add_request(request_id, prompt, params, preprocess_seconds=prep)
-            except Exception as exc:  # InvalidInputError for a bad prompt; anything else is reported too
-                added.set_exception(exc)
-                return
-            self._streams[request_id] = stream
-            added.set_result(None)
-        elif kind == "abort":
-            self.engine.abort(command[1])
-            self._streams.pop(command[1], None)
-            self._stats = self.engine.stats()
+    def _read(self, on_message: Callable[[tuple], None], on_stopped: Callable[[str, bool], None]) -> None:
+        reason = None
+        try:
+            while True:
+                message = self._output_reader.recv()
+                if message[0] == "fatal":
+                    reason = f"the engine core failed: {message[1]}"
+                else:
+                    on_message(message)
+        except (EOFError, OSError):
+            pass
+        except Exception:  # a bug on this side: stop the core rather than leave requests waiting
+            log.exception("reading the engine core's messages failed")
+            reason = "the server stopped reading the engine core (see server log)"
+            self.process.terminate()
+        self.process.join(timeout=5)
+        if reason is None:
+            reason = f"the engine core process (pid {self.process.pid}) {_exit_description(self.process)}"
+        on_stopped(f"{reason}; restart the server", self._stopping)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            stream.put(exc)
-        self._streams.clear()
-        self._stats = self.engine.stats()
+
+def _exit_description(process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        return f"was killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")
+    return f"exited with code {code}"

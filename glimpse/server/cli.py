@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from glimpse.errors import InvalidInputError
+from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.units import parse_bytes
 
 # Chat-template variables a request may never set through chat_template_kwargs.
@@ -76,7 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--reasoning-parser", choices=("auto", "glm", "none"), default="auto",
                      help="split <think> reasoning and box markers from content (auto: on for GLM checkpoints)")  # fmt: skip
     eng = p.add_argument_group("engine")
+    eng.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the engine core (scheduler + model) in its own process, so decoding does not share "
+                          "a GIL with HTTP and preprocessing; --no-engine-process: a thread of the API process")  # fmt: skip
     eng.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    eng.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"),
+                     help="dummy: seeded random weights instead of the folder's safetensors (benchmarks of a "
+                          "config-only checkpoint, as vLLM's --load-format dummy)")  # fmt: skip
     eng.add_argument("--encoder-graph", choices=("on", "off"), default="on",
                      help="vision encoder in token budgets with one compiled graph each: measured faster on CPU, "
                           "at the cost of compiling at start-up (see docs/benchmarks.md); off: eager tower calls")  # fmt: skip
@@ -84,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=32)
     eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    eng.add_argument("--max-prefill-tokens", type=int, default=512,
+                     help="prompt tokens per step, after every decoding sequence's token (at most "
+                          "--max-num-batched-tokens); lower favours time per output token over time to first "
+                          "token")  # fmt: skip
     eng.add_argument("--kv-cache-memory", default="1GiB")
     eng.add_argument("--encoder-cache-memory", default="256MiB")
     eng.add_argument("--block-size", type=int, default=16)
@@ -131,7 +141,7 @@ def template_variables(template: str | None) -> frozenset[str]:
 
 
 def build_state(args: argparse.Namespace):
-    """Load everything `glimpse serve` needs; returns the ServerState (engine thread started)."""
+    """Load everything `glimpse serve` needs; returns the ServerState (engine core started, model loaded)."""
     from glimpse.engine.llm_engine import EngineConfig, LLMEngine
     from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
@@ -172,12 +182,16 @@ def build_state(args: argparse.Namespace):
                         max_fps=args.max_fps)  # fmt: skip
     model = Path(args.model) if args.model else demo_checkpoint()
     config = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_tokens=args.max_prefill_tokens,
+                          kv_cache_memory=args.kv_cache_memory,
                           encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
-                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                          enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, load_format=args.load_format,
                           video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
                           encoder_budgets=parse_budgets(args.encoder_budgets))  # fmt: skip
-    engine = LLMEngine(config)
+    if args.engine_process:
+        engine = AsyncEngine.in_process(config, args.max_concurrent_requests, args.max_queue, args.log_level)
+    else:
+        engine = AsyncEngine.in_thread(LLMEngine(config), args.max_concurrent_requests, args.max_queue)
     processor = load_processor(model, ceilings, limits, args.video_pruning_rate)
     if args.reasoning_parser == "auto":
         reasoning = engine.model_config.processor_kind in GLM_FAMILIES
@@ -186,7 +200,7 @@ def build_state(args: argparse.Namespace):
     for warning in policy.warnings():
         logging.getLogger("glimpse.server").warning(warning)
     return ServerState(
-        engine=AsyncEngine(engine, args.max_concurrent_requests, args.max_queue), processor=processor,
+        engine=engine, processor=processor,
         model_name=args.served_model_name or (args.model or "glimpse-demo"), policy=policy, api_key=args.api_key,
         max_request_bytes=parse_bytes(args.max_request_bytes, "--max-request-bytes"),
         request_timeout=args.request_timeout, body_read_timeout=args.body_read_timeout, max_n=args.max_n,
@@ -200,12 +214,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from glimpse.server.app import build_app
+    from glimpse.server.async_engine import EngineStartError
     from glimpse.server.guard import h11_with_head_deadline
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         state = build_state(args)
-    except InvalidInputError as exc:
+    except (InvalidInputError, CheckpointError, EngineStartError) as exc:  # e.g. weights missing
         print(f"glimpse serve: {exc}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
@@ -215,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
         build_app(state), host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
         http=h11_with_head_deadline(args.body_read_timeout), timeout_graceful_shutdown=5,
         limit_concurrency=args.max_connections))  # fmt: skip
+    core = f", engine core pid {state.engine.core_pid}" if state.engine.core_pid is not None else ""
     print(f"glimpse serve: {state.model_name} on http://{args.host}:{args.port} (max_model_len "
-          f"{state.engine.engine.max_model_len})", flush=True)  # fmt: skip
+          f"{state.engine.max_model_len}{core})", flush=True)  # fmt: skip
     try:
         server.run()
     finally:

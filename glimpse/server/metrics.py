@@ -16,9 +16,16 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Latency buckets (seconds) spanning CPU tiny-model runs to GPU production latencies.
-_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+# TTFT, TPOT and end-to-end buckets (seconds) are vLLM's (v1 `vllm:*_seconds`), so one dashboard reads
+# both servers; TPOT adds 1-5 ms buckets below vLLM's first (10 ms), where small models decode on CPU.
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+         80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+         10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+        960.0, 1920.0, 7680.0)  # fmt: skip
+# Encoder and preprocessing seconds per request: from CPU tiny-model runs to large videos.
+_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 
 
 def _ratio(hits: float, total: float) -> float:
@@ -63,7 +70,7 @@ class _EngineCollector(Collector):
             "encoder_cache_lookups": ("media items looked up in the encoder cache", e["encoder_cache_lookups"]),
             "encoder_cache_hits": ("media items found in the encoder cache", e["encoder_cache_hits"]),
             "server_requests_rejected_busy": ("requests refused with 429 (admission queue full)", s["rejected"]),
-        }
+        }  # fmt: skip
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"glimpse_{name}", doc, value=float(value))
 
@@ -73,17 +80,17 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.ttft = Histogram("glimpse_time_to_first_token_seconds", "request received -> first output token",
-                              buckets=_LATENCY, registry=reg)  # fmt: skip
+                              buckets=_TTFT, registry=reg)  # fmt: skip
         self.tpot = Histogram("glimpse_time_per_output_token_seconds",
-                              "(end-to-end - TTFT) / (output tokens - 1), per sequence", buckets=_TOKEN_LATENCY,
+                              "(end-to-end - TTFT) / (output tokens - 1), per sequence", buckets=_TPOT,
                               registry=reg)  # fmt: skip
         self.e2e = Histogram("glimpse_e2e_request_latency_seconds", "request received -> last token",
-                             buckets=_LATENCY, registry=reg)  # fmt: skip
+                             buckets=_E2E, registry=reg)  # fmt: skip
         self.encoder = Histogram("glimpse_encoder_seconds", "vision-encoder time per request (0 on a cache hit)",
                                  buckets=_LATENCY, registry=reg)  # fmt: skip
         self.preprocess = Histogram("glimpse_preprocess_seconds", "media fetch + decode + resize + prompt expansion",
                                     buckets=_LATENCY, registry=reg)  # fmt: skip
-        self.prompt_tokens = Counter("glimpse_prompt_tokens", "prompt tokens of finished requests", registry=reg)
+        self.prompt_tokens = Counter("glimpse_prompt_tokens", "prompt tokens of finished requests", registry=reg)  # fmt: skip
         self.generation_tokens = Counter("glimpse_generation_tokens", "output tokens of finished requests",
                                          registry=reg)  # fmt: skip
         self.finished = Counter("glimpse_request_finished", "finished sequences by finish reason",

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer
 
 from glimpse.testing.tokenizer import GLM41V_TEMPLATE, GLM46V_TEMPLATE, QWEN25VL_TEMPLATE, build_tokenizer
 
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")
-MOE_FAMILIES = ("glm4v_moe", "glm46v_moe")  # GLM-4.5V, and GLM-4.6V: model_type glm46v over a glm4v_moe_text tower
-SIZES = ("tiny", "small", "medium")  # medium (~700M parameters) is meant for load_format="dummy"
+MOE_FAMILIES = ("glm4v_moe", "glm46v_moe")  # GLM-4.5V, and GLM-4.6V: model_type glm46v over a glm4v_moe_text tower  # fmt: skip
+# medium (~700M parameters) is meant for load_format="dummy"; 3b (qwen2_5_vl only) has Qwen2.5-VL-3B-Instruct's
+# shapes and token ids, written with weights=False for side-by-side serving benchmarks (vLLM --load-format dummy).
+SIZES = ("tiny", "small", "medium", "3b")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -60,6 +63,8 @@ class _Dims:
     mrope_section: tuple[int, int, int]
     image_max_tokens: int  # processor ceiling per image (keeps CPU tests and benches quick)
     video_max_tokens: int  # processor ceiling per video (GLM) / per frame-pair (Qwen)
+    fullatt_blocks: tuple[int, ...] | None = None  # Qwen vision blocks with full attention (None: two)
+    max_positions: int = 32768
 
 
 _DIMS = {
@@ -69,7 +74,15 @@ _DIMS = {
     ("qwen", "tiny"): _Dims(640, 64, 4, 2, 96, 0, 128, 2, 4, 2, 256, (4, 6, 6), 64, 32),
     ("qwen", "small"): _Dims(4096, 384, 8, 6, 1024, 0, 768, 12, 12, 2, 2048, (8, 12, 12), 1024, 256),
     ("qwen", "medium"): _Dims(4096, 384, 8, 6, 1024, 0, 1536, 24, 12, 4, 4608, (16, 24, 24), 1024, 256),
-}
+    ("qwen", "3b"): _Dims(151936, 1280, 32, 16, 3420, 0, 2048, 36, 16, 2, 11008, (16, 24, 24), 16384, 16384,
+                          fullatt_blocks=(7, 15, 23, 31), max_positions=128000),
+}  # fmt: skip
+# ("qwen", "3b") is Qwen/Qwen2.5-VL-3B-Instruct's config.json: text 2048 x 36 layers, 16 heads / 2 KV heads,
+# MLP 11008, vocab 151936, 128000 positions; vision 1280 x 32 blocks, 16 heads, MLP 3420, full attention in
+# blocks 7/15/23/31; preprocessor max_pixels 12845056 (= 16384 merged tokens of 28x28).
+# The real Qwen2.5-VL vocabulary puts its special tokens from id 151643 on (in QWEN_SPECIAL's order).
+_QWEN_FIRST_SPECIAL_ID = 151643
+_PADDED_TRAINED_VOCAB = 4096  # the part of a padded vocabulary that is a trained BPE
 
 
 @dataclass(frozen=True)
@@ -131,20 +144,23 @@ def make_checkpoint(
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    is_qwen = family == "qwen2_5_vl"
+    if size not in SIZES or (size == "3b" and not is_qwen):
+        raise ValueError(f"unknown size {size!r} for {family}; choose one of {', '.join(SIZES)} (3b: qwen2_5_vl only)")  # fmt: skip
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    is_qwen = family == "qwen2_5_vl"
     dims = _DIMS[("qwen" if is_qwen else "glm", size)]
 
     special, added = (QWEN_SPECIAL, QWEN_ADDED) if is_qwen else (GLM_SPECIAL, GLM_ADDED)
-    tok = build_tokenizer(dims.vocab, special, added)
+    if size == "3b":
+        tok = _padded_tokenizer(dims.vocab, special, added)
+    else:
+        tok = build_tokenizer(dims.vocab, special, added)
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in special + added}
     vocab_size = tok.get_vocab_size()
 
-    config = _qwen_config(dims, ids, vocab_size) if is_qwen else _glm_config(family, size, dims, ids, vocab_size)
+    config = _qwen_config(dims, ids, vocab_size) if is_qwen else _glm_config(family, size, dims, ids, vocab_size)  # fmt: skip
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(is_qwen, ids))
     _write_tokenizer_files(out, family, ids)
@@ -160,9 +176,30 @@ def make_checkpoint(
     if layout not in ("per_expert", "stacked"):
         raise ValueError(f"expert_layout {expert_layout!r}: choose per_expert or stacked")
     if family in MOE_FAMILIES:
-        tensors = _moe_on_disk(tensors, config["text_config"]["moe_intermediate_size"], layout == "per_expert")
+        tensors = _moe_on_disk(tensors, config["text_config"]["moe_intermediate_size"], layout == "per_expert")  # fmt: skip
     _save_shards(out, tensors, shards)
     return out
+
+
+def _padded_tokenizer(vocab_size: int, special: list[str], added: list[str]) -> Tokenizer:
+    """A tokenizer of exactly `vocab_size` ids with the specials at the real Qwen2.5-VL ids.
+
+    A BPE trained on the factory's corpus cannot reach a real vocabulary (~150k), so a small trained
+    BPE is padded with unreachable `<|pad_i|>` vocabulary entries up to id 151643, the specials and
+    added tokens follow there, and special `<|placeholder_i|>` tokens fill the rest: HF and vLLM see a
+    tokenizer as long as the config's vocabulary, and every id the model can emit decodes.
+    """
+    tok = build_tokenizer(_PADDED_TRAINED_VOCAB, [], [])
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    vocab.update({f"<|pad_{i}|>": i for i in range(len(vocab), _QWEN_FIRST_SPECIAL_ID)})
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    rest = vocab_size - tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(f"<|placeholder_{i}|>", special=True, normalized=False) for i in range(rest)])  # fmt: skip
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id(special[0]) == _QWEN_FIRST_SPECIAL_ID
+    return tok
 
 
 # ---- config.json ---------------------------------------------------------------------------
@@ -172,7 +209,7 @@ def _text_dims(d: _Dims, vocab: int) -> dict:
     """The text-tower sizes every family's text_config shares."""
     return {"vocab_size": vocab, "hidden_size": d.hidden, "intermediate_size": d.inter,
             "num_hidden_layers": d.layers, "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
-            "hidden_act": "silu", "max_position_embeddings": 32768}  # fmt: skip
+            "hidden_act": "silu", "max_position_embeddings": d.max_positions}  # fmt: skip
 
 
 def _glm_config(family: str, size: str, d: _Dims, ids: dict[str, int], vocab: int) -> dict:
@@ -215,7 +252,7 @@ def _glm_config(family: str, size: str, d: _Dims, ids: dict[str, int], vocab: in
         # GLM-OCR: full rotary, no qkv bias, text MLP 3 x hidden (= the merger width HF derives)
         text.update({"model_type": "glm_ocr_text", "head_dim": extras.head_dim, "intermediate_size": 3 * d.hidden,
                      "attention_bias": False, "num_nextn_predict_layers": 1})  # fmt: skip
-        text["rope_parameters"].update({"partial_rotary_factor": 1.0, "mrope_section": list(extras.ocr_section)})
+        text["rope_parameters"].update({"partial_rotary_factor": 1.0, "mrope_section": list(extras.ocr_section)})  # fmt: skip
     vision = {
         "model_type": "glm4v_vision",
         "depth": d.v_depth,
@@ -265,7 +302,7 @@ def _qwen_config(d: _Dims, ids: dict[str, int], vocab: int) -> dict:
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "tie_word_embeddings": True,
-    }
+    }  # fmt: skip
     vision = {
         "model_type": "qwen2_5_vl",
         "depth": d.v_depth,
@@ -279,7 +316,7 @@ def _qwen_config(d: _Dims, ids: dict[str, int], vocab: int) -> dict:
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
         "window_size": 112,
-        "fullatt_block_indexes": [d.v_depth // 2 - 1, d.v_depth - 1],
+        "fullatt_block_indexes": list(d.fullatt_blocks or (d.v_depth // 2 - 1, d.v_depth - 1)),
         "tokens_per_second": 2,
     }
     return {
@@ -301,7 +338,7 @@ def _generation_config(is_qwen: bool, ids: dict[str, int]) -> dict:
     if is_qwen:
         eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"],
-                "do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
+                "do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}  # fmt: skip
     eos = [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
     return {"eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
             "temperature": 1.0, "top_p": 0.0001, "top_k": 2}  # fmt: skip
@@ -324,7 +361,7 @@ def _write_tokenizer_files(out: Path, family: str, ids: dict[str, int]) -> None:
                "do_lower_case": False, "remove_space": False}  # fmt: skip
     cfg["chat_template"] = template
     _write_json(out / "tokenizer_config.json", cfg)
-    _write_json(out / "special_tokens_map.json", {"eos_token": cfg["eos_token"], "pad_token": cfg["pad_token"]})
+    _write_json(out / "special_tokens_map.json", {"eos_token": cfg["eos_token"], "pad_token": cfg["pad_token"]})  # fmt: skip
 
 
 def _processor_configs(family: str, d: _Dims) -> dict[str, dict]:
@@ -344,8 +381,8 @@ def _processor_configs(family: str, d: _Dims) -> dict[str, dict]:
     # GLM-4.5V (glm4v_moe) ships the GLM-4.1V processors (HF's auto map too); GLM-OCR the GLM-4.6V ones.
     kind = "glm4v" if family in ("glm4v", "glm4v_moe") else family
     proc = "Glm4vProcessor" if kind == "glm4v" else "Glm46VProcessor"
-    img_cls = {"glm4v": "Glm4vImageProcessor", "glmga": "GlmgaImageProcessor"}.get(kind, "Glm46VImageProcessor")
-    vid_cls = {"glm4v": "Glm4vVideoProcessor", "glmga": "GlmgaVideoProcessor"}.get(kind, "Glm46VVideoProcessor")
+    img_cls = {"glm4v": "Glm4vImageProcessor", "glmga": "GlmgaImageProcessor"}.get(kind, "Glm46VImageProcessor")  # fmt: skip
+    vid_cls = {"glm4v": "Glm4vVideoProcessor", "glmga": "GlmgaVideoProcessor"}.get(kind, "Glm46VVideoProcessor")  # fmt: skip
     # GLM sizes are pixel *areas* over the (2-frame) temporal patch: tokens = area / (2 * 784).
     image = {**common, "image_processor_type": img_cls, "processor_class": proc,
              "size": {"shortest_edge": 12544, "longest_edge": 2 * 784 * d.image_max_tokens}}  # fmt: skip
@@ -418,7 +455,7 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden
     return normal(std)
 
 
-def _moe_on_disk(tensors: dict[str, torch.Tensor], moe_inter: int, per_expert: bool) -> dict[str, torch.Tensor]:
+def _moe_on_disk(tensors: dict[str, torch.Tensor], moe_inter: int, per_expert: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """HF's in-memory MoE tensors -> the checkpoint's: router bias in float32 (as GLM-4.5V ships it)
     and, if per_expert, `experts.gate_up_proj` [E, 2I, H] split into `experts.E.gate_proj` (rows [0, I))
     and `up_proj` (rows [I, 2I)), `experts.down_proj` [E, H, I] into `experts.E.down_proj`."""
@@ -465,7 +502,7 @@ def _save_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> No
         part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
         save_file(part, str(out / fname), metadata=meta)
         weight_map.update(dict.fromkeys(part, fname))
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})  # fmt: skip
 
 
 def _write_json(path: Path, obj: dict) -> None:

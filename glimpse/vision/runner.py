@@ -2,8 +2,8 @@
 
 `EncoderRunner(model, budgets, max_num_batched_tokens)` captures one static graph per budget at
 start-up; `encode([VisionItem])` returns one [t*h*w / m^2, hidden] tensor per item, in input order.
-CPU: torch.compile(dynamic=False), one graph per budget, recompiles refused at replay, inductor's
-on-disk cache making a restart fast. CUDA: torch.cuda.CUDAGraph capture/replay (untested: no GPU).
+How a graph is captured is the model's graph backend's (glimpse/backends: torch.compile on CPU,
+one graph per budget, recompiles refused at replay; CUDA graphs, untested here).
 Items larger than every budget, and graph=False, run the same static-shape tower eagerly, unpadded.
 """
 
@@ -19,6 +19,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from glimpse.backends import Backends, backends_for, bind_backends
 from glimpse.errors import InvalidInputError
 from glimpse.models.base import VisionLanguageModel
 from glimpse.vision.batching import (
@@ -85,6 +86,7 @@ class EncoderRunner:
         weight = self.tower.patch_embed.proj.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.patch_dim = weight[0].numel()
+        self.backends = _bound_backends(model, weight)
         self.graph = graph
         self._tables: OrderedDict[tuple[int, int], dict] = OrderedDict()
         self._table_cache_size = table_cache_size
@@ -97,19 +99,13 @@ class EncoderRunner:
     # ---- start-up ---------------------------------------------------------------------------
     def _capture(self) -> None:
         start, before = time.perf_counter(), counters["stats"]["unique_graphs"]
-        fn = self.tower.forward_static
-        if self.device.type == "cpu":
-            fn = torch.compile(fn, dynamic=False, fullgraph=True)
+        fn = self.backends.graphs.prepare(self.tower.forward_static)
         with torch.inference_mode(), torch._dynamo.config.patch(
             recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT
         ):
             for budget in reversed(self.budgets):  # largest first, as vLLM does (peak memory first)
                 inputs = self._dummy_inputs(self._capacity(budget))
-                if self.device.type == "cuda":  # pragma: no cover - needs a GPU
-                    self._graphs[budget] = _CudaGraph(fn, inputs)
-                else:
-                    fn(**inputs)
-                    self._graphs[budget] = fn
+                self._graphs[budget] = self.backends.graphs.capture(fn, inputs)
         self.compiled_graphs = counters["stats"]["unique_graphs"] - before
         self.capture_seconds = time.perf_counter() - start
 
@@ -223,8 +219,8 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's vision-encoder flags: --encoder-graph, --encoder-budgets and the packing limits."""
     parser.add_argument(
         "--encoder-graph", choices=("auto", "on", "off"), default="auto",
-        help="one captured graph per token budget for the vision encoder (auto: on for CPU, where it "
-        "is measured faster; off on CUDA, whose CUDAGraph path is untested)",
+        help="one captured graph per token budget for the vision encoder (auto: the graph backend's "
+        "default: on for CPU, where it is measured faster; off where capture is untested)",
     )  # fmt: skip
     parser.add_argument(
         "--encoder-budgets", type=budgets_arg, default=None,
@@ -236,7 +232,8 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 def runner_from_args(model: VisionLanguageModel, args: argparse.Namespace, max_num_batched_tokens: int) -> EncoderRunner:
     """An EncoderRunner configured by `add_encoder_arguments`' flags."""
-    graph = args.encoder_graph == "on" or (args.encoder_graph == "auto" and model.device.type == "cpu")
+    default_on = _bound_backends(model).graphs.default_on
+    graph = args.encoder_graph == "on" or (args.encoder_graph == "auto" and default_on)
     return EncoderRunner(
         model, args.encoder_budgets, max_num_batched_tokens, args.encoder_max_items_per_batch,
         args.encoder_max_frames_per_batch, graph=graph,
@@ -251,22 +248,12 @@ def budgets_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-class _CudaGraph:  # pragma: no cover - needs a GPU; untested here (see docs)
-    """One budget on CUDA: static input buffers, the captured graph, and its output buffer."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
-        self.inputs = {k: v.clone() for k, v in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(**self.inputs)  # warm-up: kernel choice and workspaces happen outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(**self.inputs)
-
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        for key, value in inputs.items():
-            self.inputs[key].copy_(value)
-        self.graph.replay()
-        return self.output.clone()  # the buffer is overwritten by the next replay
+def _bound_backends(model: VisionLanguageModel, weight: torch.Tensor | None = None) -> Backends:
+    """The model's backends (bound by the loader); a hand-built model is bound here, once, so that a
+    captured graph never selects inside its trace."""
+    backends = getattr(model, "backends", None)
+    if backends is None:
+        weight = model.model.visual.patch_embed.proj.weight if weight is None else weight
+        backends = backends_for(weight)
+        bind_backends(model, backends)
+    return backends

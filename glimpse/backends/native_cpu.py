@@ -1,0 +1,93 @@
+"""The native CPU kernels (glimpse/kernels.py, glimpse/csrc) as a backend: bf16 on AVX512-BF16.
+
+Attention: one call over all vision segments; in the paged cache one call for every decode row
+and one for every prefill chunk, K and V read through each sequence's slots (no gather), float32
+softmax; 2.5-2.8x torch's SDPA here. Linear: one-row GEMV (batch-1 decode), 1.04-1.6x the weight
+bandwidth of torch's and oneDNN's one-row kernels here (`glimpse bench kernels`); other shapes,
+autograd and torch.compile tracing go to `F.linear`. Selected only for a bf16 model on a CPU that
+runs the kernels, with head dims in `NATIVE_HEAD_DIMS` (glimpse/backends/__init__.py).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from glimpse import kernels
+
+if TYPE_CHECKING:
+    from glimpse.engine.kv_cache import AttentionMetadata
+
+
+def _ops() -> ModuleType:
+    """The compiled module: built once per process (glimpse/kernels.py); selection made sure it exists."""
+    module = kernels.cpu_kernels()
+    assert module is not None, "native CPU backend selected where the kernels do not run"
+    return module
+
+
+class NativeCpuAttention:
+    name = "native-cpu-bf16"
+
+    def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_seqlen: int) -> torch.Tensor:  # fmt: skip
+        return native_segments_op(q, k, v, cu_seqlens)
+
+    def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
+        ops, q = _ops(), q.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype)
+        scale = q.shape[-1] ** -0.5
+        if meta.decode_seqs:
+            ops.decode_attention_bf16(q, k_cache, v_cache, *meta.decode_tables, scale, out)
+        if meta.prefill_seqs:
+            ops.segment_attention_bf16(q, k_cache, v_cache, *meta.prefill_tables, True, scale, out)
+        return out
+
+
+@torch.library.custom_op("glimpse::native_varlen_attention", mutates_args=())
+def native_segments_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """Every segment in one kernel call; a segment's keys are its own rows."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    offsets = cu_seqlens.to("cpu", torch.long)
+    rows = torch.arange(q.shape[0])
+    out = q.new_empty(q.shape)
+    out[int(offsets[-1]) :].zero_()
+    _ops().segment_attention_bf16(
+        q, k, v, offsets[:-1], offsets.diff(), rows, offsets, False, q.shape[-1] ** -0.5, out
+    )
+    return out
+
+
+@native_segments_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+class NativeOneRowLinear:
+    name = "native-cpu-one-row-bf16"
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._serves(x, weight, bias):
+            return _ops().linear_one_row_bf16(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def _serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """One bf16 row for this layer's bf16 weight (a bf16 model may keep some weights in float32),
+        outside autograd and torch.compile tracing (both need torch's ops)."""
+        if x.dim() == 0 or x.numel() != weight.shape[-1] or x.shape[-1] != weight.shape[-1]:
+            return False
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+            return False
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+            return False
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        return not grad and not torch.compiler.is_compiling()

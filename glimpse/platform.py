@@ -1,0 +1,115 @@
+"""The one module that names devices and CPU features (what the backends in glimpse/backends are chosen from).
+
+`detect(device) -> Platform`: the device kind ("cpu" or "cuda"), the CPU's feature flags (from
+/proc/cpuinfo), torch's thread count and whether the native CPU kernels (glimpse/kernels.py) run
+here. `one_row_matmuls(rows, dtype, device)` is the one process-wide switch the engine flips (oneDNN
+off for one-row reduced-precision matmuls). Nothing else in glimpse names a device or a CPU feature;
+tests/test_platform_seam.py keeps it so.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+# /proc/cpuinfo names of what csrc/cpu_kernels.cpp is compiled for, and the compiler flags that target them
+NATIVE_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+NATIVE_COMPILER_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
+NATIVE_KERNELS_ENV = "GLIMPSE_NATIVE_KERNELS"  # "0" turns the native kernels off
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the backends are selected from; made once at start-up by `detect`."""
+
+    device: str  # "cpu" or "cuda"
+    cpu_flags: frozenset[str]
+    num_threads: int  # torch's intra-op threads
+    native_kernels: bool  # the native CPU kernels are on, the CPU runs them and they built
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.cpu_flags
+
+    @property
+    def amx(self) -> bool:
+        return {"amx_tile", "amx_bf16"} <= self.cpu_flags
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        features = [
+            name for name, present in (("avx512_bf16", self.avx512_bf16), ("amx", self.amx)) if present
+        ]
+        return (f"{self.device}, {self.num_threads} threads, CPU features: {', '.join(features) or 'none of note'}, "
+                f"native kernels {'on' if self.native_kernels else 'off'}")  # fmt: skip
+
+
+def detect(device: str | torch.device = "cpu") -> Platform:
+    """The platform a model on `device` runs on. Builds the native kernels where they can run (cached
+    per machine: ~20 s the first time), so call it at start-up, not inside a request."""
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {kind!r} is not supported; use 'cpu' or 'cuda'")
+    native = False
+    if kind == "cpu":
+        from glimpse import kernels  # it needs this module's flags; imported here to keep the two acyclic
+
+        native = kernels.cpu_kernels() is not None
+    return Platform(kind, cpu_flags(), torch.get_num_threads(), native)
+
+
+def native_kernels_requested() -> bool:
+    """False when `GLIMPSE_NATIVE_KERNELS=0`."""
+    return os.environ.get(NATIVE_KERNELS_ENV, "1") != "0"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_ONE_ROW_LOCK = threading.Lock()
+_one_row_depth = 0  # forwards inside `one_row_matmuls` right now, over all threads
+_one_row_saved = True  # torch.backends.mkldnn.enabled when the first of them entered
+
+
+@contextmanager
+def one_row_matmuls(rows: int, dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Matmuls with one row (batch-1 decode, a one-row LM head) in bf16/fp16 on CPU run on torch's own
+    kernels instead of oneDNN's; anything else (more rows, float32, another device) is left alone.
+    At one row torch's kernels stream bf16 weights at ~45-54 GB/s here against ~22-31 GB/s for oneDNN's
+    (fp16: 43 vs 41; measured); from two rows on oneDNN wins. Both accumulate in float32. The switch is
+    process-wide: the first thread in turns oneDNN off and the last one out restores it (a counter
+    under a lock, so engines on several threads never leave it off); another thread's matmuls in that
+    window may run on torch's kernels too. The native one-row linear (glimpse/backends/native_cpu.py)
+    bypasses both (~70 GB/s); this switch still serves fp16 and matmuls outside `Linear` (MoE experts)."""
+    global _one_row_depth, _one_row_saved
+    if rows != 1 or torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    with _ONE_ROW_LOCK:
+        _one_row_depth += 1
+        if _one_row_depth == 1:
+            _one_row_saved = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        with _ONE_ROW_LOCK:
+            _one_row_depth -= 1
+            if _one_row_depth == 0:
+                torch.backends.mkldnn.enabled = _one_row_saved

@@ -1,0 +1,282 @@
+"""The engine core in its own process (glimpse/engine/core.py) behind a real `glimpse serve`.
+
+References: the offline `LLM` (which drives `LLMEngine.step()` itself, in this process) on the
+same checkpoint and prompt, for the greedy tokens; the HF tokenizer for each token's bytes; and
+the operating system (/proc, signals) for process lifetimes and CPU time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MEDIA
+from test_server import MODEL, REPO, ServerProcess, data_url, image_part, user
+
+from glimpse.engine.core import ErrorInfo
+from glimpse.errors import CheckpointError, PromptError
+from glimpse.server.async_engine import AsyncEngine, EngineStepError
+
+IMAGE = MEDIA / "images" / "rocket.jpg"
+# How `glimpse serve` ends on SIGTERM: uvicorn shuts down gracefully, then re-raises the signal.
+STOPPED = (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint("glm46v")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    srv = ServerProcess(ckpt, "--kv-cache-memory", "64MiB", "--max-model-len", "4096", "--dtype", "float32",
+                        "--generation-config", "none")  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    from glimpse import LLM
+
+    return LLM(ckpt, dtype="float32", kv_cache_memory="64MiB", max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(ckpt)
+
+
+def core_pid(srv: ServerProcess) -> int:
+    """The engine core's pid, from the start-up line `glimpse serve: ... (max_model_len N, engine core pid P)`."""
+    match = re.search(r"engine core pid (\d+)\)", srv.output())
+    assert match, srv.output()
+    return int(match.group(1))
+
+
+def gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for a reaper that is not its old parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(check, timeout: float) -> float:
+    """Seconds until `check()` held; fails after `timeout`."""
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"not within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def assert_same_tokens(choice, ref_ids: list[int], ref_text: str, tok) -> None:
+    """The served tokens are the offline ones: same count, same bytes per token, same text."""
+    entries = choice.logprobs.content
+    assert len(entries) == len(ref_ids)
+    for entry, token_id in zip(entries, ref_ids, strict=True):
+        alone = tok.decode([token_id])
+        if "\ufffd" not in alone:  # a token holding part of a character has no text of its own
+            assert bytes(entry.bytes) == alone.encode()
+    assert choice.message.content == ref_text
+
+
+def test_error_info_crosses_the_boundary_as_plain_data():
+    import pickle
+
+    class Unpicklable(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a}/{b}")
+
+    info = pickle.loads(pickle.dumps(ErrorInfo.of(PromptError("the prompt is empty"))))
+    rebuilt = info.rebuild()
+    assert type(rebuilt) is PromptError and str(rebuilt) == "the prompt is empty"
+    assert type(ErrorInfo.of(CheckpointError("x")).rebuild()) is CheckpointError
+    other = pickle.loads(pickle.dumps(ErrorInfo.of(Unpicklable(1, 2))))
+    assert other.rebuild() is None and str(other) == "Unpicklable: 1/2"
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_core_process_gives_the_offline_greedy_tokens(server, llm, tok, with_image):
+    from glimpse import SamplingParams
+
+    parts = [image_part(data_url(IMAGE, "image/jpeg"))] if with_image else []
+    messages = user(*parts, "Describe the weather on Mars in detail.")
+    ref = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    ref_ids = ref.outputs[0].token_ids
+    assert len(ref_ids) >= 2  # precondition: a stream of several tokens to compare
+
+    r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                logprobs=True)  # fmt: skip
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert_same_tokens(r.choices[0], ref_ids, ref.outputs[0].text, tok)
+
+
+def test_bad_prompt_is_a_400_across_the_process_boundary(server, tok):
+    r = server.post("/v1/completions", {"model": MODEL, "prompt": [len(tok) + 10**6], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "prompt_error" and "outside the vocabulary" in error["message"]
+
+
+def test_abort_mid_stream_frees_the_request(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True,
+            "temperature": 0}  # fmt: skip
+    with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few events: the request is running in the core
+        assert all(not line or line.startswith("data: ") for line in got)
+        assert server.metrics()["glimpse_num_requests_running"] == 1
+    # Closing the connection aborts the request; the core's stats snapshot shows it gone.
+    m = server.wait_idle(timeout=10)
+    assert m["glimpse_num_requests_running"] == 0 and m["glimpse_kv_cache_blocks_used"] == 0
+    assert m["glimpse_server_requests_in_flight"] == 0
+    # A stream whose last tokens race with aborts: harmless, and the server keeps serving.
+    for max_tokens in (1, 2, 3):
+        with httpx.stream("POST", server.base + "/v1/completions", json={**body, "max_tokens": max_tokens},
+                          timeout=60) as r:  # fmt: skip
+            next(r.iter_lines())
+    m = server.wait_idle(timeout=10)
+    assert m["glimpse_num_requests_running"] == 0 and m["glimpse_kv_cache_blocks_used"] == 0
+    r = server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_idle_server_does_not_spin(server):
+    server.wait_idle()
+    pids = [server.proc.pid, core_pid(server)]
+    time.sleep(1.0)  # let OpenMP's spinning workers and the last stats message settle
+    before = [cpu_seconds(p) for p in pids]
+    time.sleep(3.0)
+    used = [cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+    # A process blocked in a read uses nothing; one clock tick (10 ms) of slack per process.
+    assert used[1] <= 0.02, f"the idle core used {used[1]:.3f} s of CPU in 3 s"
+    assert used[0] <= 0.1, f"the idle API process used {used[0]:.3f} s of CPU in 3 s"
+
+
+def test_killed_core_is_reported_and_in_flight_requests_fail(ckpt):
+    srv = ServerProcess(ckpt, "--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "4096")
+    try:
+        pid = core_pid(srv)
+        assert pid != srv.proc.pid and not gone(pid)
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}
+        plain: dict = {}
+        waiting = threading.Thread(target=lambda: plain.update(r=srv.post("/v1/completions", body, timeout=30)))  # fmt: skip
+        waiting.start()
+        with httpx.stream("POST", srv.base + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:  # fmt: skip
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            events = [line.removeprefix("data: ") for line in lines if line]
+            elapsed = time.monotonic() - t0
+        assert elapsed < 5, f"the stream ended {elapsed:.1f} s after the kill"
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_dead" and "signal 9" in error["message"]
+        waiting.join(5)
+        assert plain["r"].status_code == 503 and plain["r"].json()["error"]["code"] == "engine_dead"
+        health = httpx.get(srv.base + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+        assert "signal 9" in health.json()["reason"]
+        r = srv.post("/v1/completions", {**body, "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert gone(pid)  # reaped by the server: no zombie
+    finally:
+        srv.stop()
+    assert srv.proc.returncode in STOPPED, srv.output()
+
+
+def test_core_exits_when_the_api_process_dies(ckpt):
+    srv = ServerProcess(ckpt, "--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "4096")
+    try:
+        pid = core_pid(srv)
+        srv.proc.kill()
+        srv.proc.wait(10)
+        took = wait_until(lambda: gone(pid), timeout=10)
+        assert took < 10
+    finally:
+        srv.stop()
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_clean_stop_leaves_no_process(ckpt):
+    srv = ServerProcess(ckpt, "--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "4096")
+    pid = core_pid(srv)
+    srv.stop()
+    assert srv.proc.returncode in STOPPED, srv.output()
+    wait_until(lambda: gone(pid), timeout=10)
+
+
+def test_start_failure_is_one_line(ckpt):
+    """An error the engine raises while loading (here a KV cache too small for --max-model-len) comes
+    from the core process to the CLI as one line and exit status 2."""
+    cmd = [sys.executable, "-m", "glimpse.cli", "serve", str(ckpt), "--encoder-graph", "off", "--port", "1",
+           "--kv-cache-memory", "1MiB", "--max-model-len", "4096"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("glimpse serve: max_model_len 4096 needs") and "raise kv_cache_memory" in last
+    assert "Traceback" not in done.stderr
+
+
+def test_thread_mode_reports_a_failed_step_and_keeps_serving(llm, monkeypatch):
+    """--no-engine-process runs the same core loop in a thread; a step that raises fails its requests
+    with EngineStepError (HTTP 500) and the next request is served."""
+    from glimpse import SamplingParams
+
+    engine = llm.engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_once)
+    prompt = llm.processor(user("Hello there"))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def serve() -> list:
+        core = AsyncEngine.in_thread(engine)
+        try:
+            handle = await core.add("a", prompt, params)
+            with pytest.raises(EngineStepError):
+                async for _ in handle.outputs():
+                    pass
+            handle = await core.add("b", prompt, params)
+            outs = [out async for out in handle.outputs()]
+            for _ in range(100):  # the idle core's stats snapshot follows its last output
+                if core.stats()["running"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return [core.stats()["running"], outs[-1]]
+        finally:
+            core.shutdown()
+
+    running, final = asyncio.run(serve())
+    assert final.finished and len(final.outputs[0].token_ids) == 4
+    assert final.prompt_token_ids == prompt.input_ids
+    assert running == 0 and not engine.has_unfinished_requests()
