@@ -22,6 +22,7 @@ import torch
 NATIVE_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
 NATIVE_COMPILER_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
 NATIVE_KERNELS_ENV = "GLIMPSE_NATIVE_KERNELS"  # "0" turns the native kernels off
+PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": bf16 linear layers run on F.linear, no repacked copy
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Platform:
     cpu_flags: frozenset[str]
     num_threads: int  # torch's intra-op threads
     native_kernels: bool  # the native CPU kernels are on, the CPU runs them and they built
+    packed_weights: bool = False  # bf16 linear weights may be repacked for oneDNN (CPU with bf16 support)
 
     @property
     def avx512_bf16(self) -> bool:
@@ -47,7 +49,8 @@ class Platform:
             name for name, present in (("avx512_bf16", self.avx512_bf16), ("amx", self.amx)) if present
         ]
         return (f"{self.device}, {self.num_threads} threads, CPU features: {', '.join(features) or 'none of note'}, "
-                f"native kernels {'on' if self.native_kernels else 'off'}")  # fmt: skip
+                f"native kernels {'on' if self.native_kernels else 'off'}, "
+                f"packed weights {'on' if self.packed_weights else 'off'}")  # fmt: skip
 
 
 def detect(device: str | torch.device = "cpu") -> Platform:
@@ -56,12 +59,18 @@ def detect(device: str | torch.device = "cpu") -> Platform:
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"device {kind!r} is not supported; use 'cpu' or 'cuda'")
-    native = False
+    native = packed = False
     if kind == "cpu":
         from glimpse import kernels  # it needs this module's flags; imported here to keep the two acyclic
 
         native = kernels.cpu_kernels() is not None
-    return Platform(kind, cpu_flags(), torch.get_num_threads(), native)
+        packed = packed_weights_requested() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed)
+
+
+def packed_weights_requested() -> bool:
+    """False when `GLIMPSE_PACKED_WEIGHTS=0` (bf16 linear layers then keep one copy of their weights)."""
+    return os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0"
 
 
 def native_kernels_requested() -> bool:

@@ -116,6 +116,11 @@ def test_selection_follows_platform_dtype_and_head_dim():
         "torch-sdpa",
         "torch",
     )
+    packed = platform.Platform("cpu", frozenset(platform.NATIVE_CPU_FLAGS), 2, True, packed_weights=True)
+    assert names(backends.select_backends(packed, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16+native-one-row"
+    assert names(backends.select_backends(packed, torch.float32, 128, 80))[2] == "torch"
+    packed_only = platform.Platform("cpu", frozenset(), 2, False, packed_weights=True)
+    assert names(backends.select_backends(packed_only, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16"
     gpu = platform.Platform("cuda", frozenset(), 2, False)  # selection only: nothing runs on it here
     assert names(backends.select_backends(gpu, torch.bfloat16, 128, 80))[1:] == (
         "cuda-flash-varlen",
@@ -140,7 +145,8 @@ print(json.dumps({"backends": [b.attention.name, b.vision_attention.name, b.line
 
 
 def _engine_run(path: Path, conv: list, native: bool) -> dict:
-    env = {**os.environ, platform.NATIVE_KERNELS_ENV: "1" if native else "0"}
+    flag = "1" if native else "0"  # "native": glimpse's kernels and packed weights; else torch's plain ops
+    env = {**os.environ, platform.NATIVE_KERNELS_ENV: flag, platform.PACKED_WEIGHTS_ENV: flag}
     done = subprocess.run([sys.executable, "-c", _RUN, str(path), json.dumps(conv)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,7 +164,8 @@ def test_native_kernels_off_selects_torch_and_decodes_the_same(tiny_checkpoint):
         pytest.skip("this machine does not run the native kernels: nothing to compare the torch path with")
     on = _engine_run(path, conv, native=True)
     # the decoder's head dim (32) is one the kernels are built for; the tiny tower's is not (torch's SDPA)
-    assert on["backends"] == ["native-cpu-bf16", "torch-sdpa", "native-cpu-one-row-bf16"] and on["kv_cache"]
+    linear = "onednn-packed-bf16+native-one-row" if platform.detect().packed_weights else "native-cpu-one-row-bf16"
+    assert on["backends"] == ["native-cpu-bf16", "torch-sdpa", linear] and on["kv_cache"]
 
     # the float32 model (torch's kernels, no rounding to speak of) scores each path's tokens
     llm32 = LLM(path, dtype="float32")
@@ -199,3 +206,28 @@ def test_backends_selected_once_per_engine(tiny_checkpoint, monkeypatch):
     llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(calls) == 1
     assert llm.engine.kv_cache.attention is llm.engine.model.backends.attention
+
+
+@pytest.mark.skipif(not platform.detect().packed_weights, reason="oneDNN has no bf16 matmuls on this CPU")
+@pytest.mark.parametrize(("k", "n", "bias"), [(768, 4096, True), (2048, 768, False), (96, 40, True)])
+def test_packed_linear_equals_f_linear(k, n, bias):
+    """The packed-weight method runs the same oneDNN kernel as F.linear on the plain weight: equal
+    bit for bit at every row count (several rows; one row goes to the native GEMV when it runs),
+    also for a leading batch dim, and F.linear's under autograd."""
+    from glimpse.backends.onednn_packed import PackedOneDnnLinear
+    from glimpse.models.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(k, n, bias=bias).to(torch.bfloat16)
+    method = PackedOneDnnLinear()
+    method.prepare(layer)
+    assert layer.packed_weight is not None and "packed_weight" not in layer.state_dict()
+    with torch.no_grad():
+        for rows in (1, 2, 5, 16, 33, 64, 300):
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias)), rows
+        x = torch.randn(2, 7, k, dtype=torch.bfloat16)
+        assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    x = torch.randn(4, k, dtype=torch.bfloat16, requires_grad=True)
+    method.apply(layer, x).float().sum().backward()  # autograd goes through F.linear
+    assert x.grad is not None

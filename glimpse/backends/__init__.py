@@ -24,6 +24,7 @@ from glimpse.backends.base import AttentionBackend, GraphCapture, LinearMethod
 from glimpse.backends.compiled_graphs import CompiledGraphs
 from glimpse.backends.cuda import CudaAttention, CudaGraphs
 from glimpse.backends.native_cpu import NativeCpuAttention, NativeOneRowLinear
+from glimpse.backends.onednn_packed import PackedOneDnnLinear
 from glimpse.backends.torch_linear import TorchLinear
 from glimpse.backends.torch_sdpa import TorchAttention
 from glimpse.kernels import NATIVE_HEAD_DIMS
@@ -61,7 +62,10 @@ def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None
         def attention_for(dim: int | None) -> AttentionBackend:
             return NativeCpuAttention() if native and dim in NATIVE_HEAD_DIMS else TorchAttention()
 
-        linear = NativeOneRowLinear() if native else TorchLinear()
+        if dtype == torch.bfloat16 and platform.packed_weights:
+            linear = PackedOneDnnLinear(NativeOneRowLinear() if native else None)
+        else:
+            linear = NativeOneRowLinear() if native else TorchLinear()
         backends = Backends(attention_for(head_dim), attention_for(vision_head_dim), linear, CompiledGraphs())
     logger.info("backends for %s on %s: %s", dtype, platform.describe(), backends.describe())
     return backends
@@ -75,6 +79,7 @@ def bind_backends(model: nn.Module, backends: Backends) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.linear_method = backends.linear
+            backends.linear.prepare(module)
         elif isinstance(module, VarlenAttention):
             module.backend = backends.vision_attention
     model.backends = backends

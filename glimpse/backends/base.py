@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from glimpse.engine.kv_cache import AttentionMetadata
@@ -34,8 +35,12 @@ class AttentionBackend(Protocol):
 class LinearMethod(Protocol):
     name: str
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] @ weight[out, in].T + bias -> [..., out], as `F.linear`."""
+    def prepare(self, layer: nn.Linear) -> None:
+        """Once per layer, after its weights are loaded (and fused): keep what `apply` needs on the
+        layer (e.g. a weight repacked for the kernel)."""
+
+    def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ layer.weight[out, in].T + layer.bias -> [..., out], as `F.linear`."""
 
 
 class GraphCapture(Protocol):

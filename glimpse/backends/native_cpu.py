@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from glimpse import kernels
 
@@ -72,22 +73,27 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tenso
 class NativeOneRowLinear:
     name = "native-cpu-one-row-bf16"
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._serves(x, weight, bias):
-            return _ops().linear_one_row_bf16(x.contiguous(), weight, bias)
-        return F.linear(x, weight, bias)
+    def prepare(self, layer: nn.Linear) -> None:
+        pass
+
+    def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.serves(layer, x):
+            return _ops().linear_one_row_bf16(x.contiguous(), layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
 
     @staticmethod
-    def _serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    def serves(layer: nn.Linear, x: torch.Tensor) -> bool:
         """One bf16 row for this layer's bf16 weight (a bf16 model may keep some weights in float32),
         outside autograd and torch.compile tracing (both need torch's ops)."""
+        weight, bias = layer.weight, layer.bias
         if x.dim() == 0 or x.numel() != weight.shape[-1] or x.shape[-1] != weight.shape[-1]:
             return False
         if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
             return False
         if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
             return False
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        return not grad and not torch.compiler.is_compiling()
+        return not _records_autograd(x, weight, bias) and not torch.compiler.is_compiling()
+
+
+def _records_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,51 @@
+"""bf16 linear layers on oneDNN with weights repacked once at load, for CPUs with bf16 matmuls.
+
+`F.linear` hands oneDNN the plain [out, in] weight, and oneDNN reorders it into its blocked layout
+on every call: a full pass over the weight before the matmul. Repacking once (`prepare`, at bind
+time) and calling oneDNN's linear on the packed copy skips that pass. Measured on this project's
+2-core CPU (AMX-BF16, `glimpse bench kernels`): 1.3-2x faster for 1-64 rows and ~1.3x for a few
+hundred, the same values as `F.linear` bit for bit (same kernel, asserted in
+tests/test_platform_seam.py). One row still goes to the native GEMV where it runs (it streams the
+plain weight faster than oneDNN's packed one-row path), so a layer keeps both copies: the packed one
+costs as much memory as the layer's weight (`GLIMPSE_PACKED_WEIGHTS=0` turns this method off).
+Autograd, torch.compile tracing, other dtypes and weights that were not packed go to `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glimpse.backends.native_cpu import NativeOneRowLinear, _records_autograd
+
+# The batch size oneDNN tunes the packed layout for. From 16 up, the packed weight gives results equal
+# to F.linear's at every row count tried (2-2048); 512 was the fastest of 1/16/64/512 here.
+PACK_BATCH_HINT = 512
+
+
+class PackedOneDnnLinear:
+    name = "onednn-packed-bf16"
+
+    def __init__(self, one_row: NativeOneRowLinear | None = None) -> None:
+        self.one_row = one_row  # the native GEMV for single rows, where the kernels run
+        if one_row is not None:
+            self.name += "+native-one-row"
+
+    def prepare(self, layer: nn.Linear) -> None:
+        weight = layer.weight
+        if weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.device.type == "cpu":
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+            layer.register_buffer("packed_weight", packed, persistent=False)
+
+    def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.one_row is not None and self.one_row.serves(layer, x):
+            return self.one_row.apply(layer, x)
+        packed = getattr(layer, "packed_weight", None)
+        if (packed is None or x.dtype != torch.bfloat16 or torch.compiler.is_compiling()
+                or _records_autograd(x, layer.weight, layer.bias)):  # fmt: skip
+            return F.linear(x, layer.weight, layer.bias)
+        bias = layer.bias
+        if bias is not None and bias.dtype != torch.bfloat16:
+            return F.linear(x, layer.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
