@@ -28,7 +28,15 @@ class TorchAttention:
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        self.paged_decode(q, k_cache, v_cache, meta, out)
+        self.paged_prefill(q, k, v, k_cache, v_cache, meta, out)
+        return out
+
+    @staticmethod
+    def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     out: torch.Tensor) -> None:  # fmt: skip
+        """The decode rows' attention, written into their rows of `out`."""
+        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
         group = num_heads // num_kv_heads
         for bucket in meta.decode_buckets:
             # One query per sequence: the query heads of a KV group become that group's queries,
@@ -43,6 +51,13 @@ class TorchAttention:
             vd = v_cache.index_select(0, bucket.slots.view(-1)).view(gather_shape).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)
             out.index_copy_(0, bucket.rows, o.reshape(b, num_heads, head_dim))
+
+    @staticmethod
+    def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:  # fmt: skip
+        """The prefill chunks' attention, written into their rows of `out`."""
+        num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        group = num_heads // num_kv_heads
         for i in meta.prefill_seqs:
             s, n, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
             if n == ctx:  # nothing cached before this chunk: plain causal attention on the new k, v
@@ -69,7 +84,6 @@ class TorchAttention:
             out[s : s + n] = (
                 o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
             )
-        return out
 
 
 # A custom op so that a compiled vision tower keeps it as one node (its Python reads the offsets).

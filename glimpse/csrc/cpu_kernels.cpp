@@ -366,16 +366,33 @@ void rms_norm_row(const at::BFloat16* x, const at::BFloat16* delta, const at::BF
                   at::BFloat16* sum, at::BFloat16* y) {
   thread_local std::vector<float> row;
   if (row.size() < size_t(H)) row.resize(H);
-  float ss = 0.f;
-  for (int64_t i = 0; i < H; ++i) {
+  // The mean square sums in 16 float32 lanes (the compiler vectorizes a fixed-width inner loop; one
+  // running sum is a serial chain of dependent adds, ~1 ns per value), then adds the lanes.
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= H; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      float v = float(x[i + j]);
+      if (delta) {
+        sum[i + j] = at::BFloat16(v + float(delta[i + j]));
+        v = float(sum[i + j]);
+      }
+      row[i + j] = v;
+      acc[j] += v * v;
+    }
+  }
+  for (; i < H; ++i) {
     float v = float(x[i]);
     if (delta) {
       sum[i] = at::BFloat16(v + float(delta[i]));
       v = float(sum[i]);
     }
     row[i] = v;
-    ss += v * v;
+    acc[i % kLanes] += v * v;
   }
+  float ss = 0.f;
+  for (int j = 0; j < kLanes; ++j) ss += acc[j];
   const float r = 1.f / std::sqrt(ss / float(H) + eps);
   for (int64_t i = 0; i < H; ++i) y[i] = at::BFloat16(float(w[i]) * float(at::BFloat16(row[i] * r)));
 }
