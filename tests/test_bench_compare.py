@@ -217,7 +217,7 @@ def test_two_real_glimpse_servers(tiny_checkpoint, tmp_path, capsys):
         report = compare.run(args)
         assert isinstance(report, dict), capsys.readouterr().err
         assert json.loads(out.read_text()) == report
-        assert set(report) == {"model", "glimpse_url", "other_url", "rounds", "workload", "results", "warnings",
+        assert set(report) == {"model", "seed", "glimpse_url", "other_url", "rounds", "workload", "results", "warnings",
                                "vllm_command"}  # fmt: skip
         assert (
             report["model"] == "tiny-glm"

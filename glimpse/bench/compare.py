@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -77,13 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--timeout", type=serve._positive, default=600.0, help="seconds per request")
     run_.add_argument("--start-timeout", type=serve._positive, default=900.0,
                       help="seconds the glimpse serve this starts may take to become healthy")  # fmt: skip
-    run_.add_argument("--seed", type=serve._int_min(0), default=0)
+    run_.add_argument("--seed", type=serve._int_min(0), default=None,
+                      help="media and words seed (default: a random one, printed; a running server "
+                           "remembers the images of an earlier run with the same seed in its caches)")  # fmt: skip
     parser.add_argument(
         "--json", default=None, metavar="FILE", help="also write every round and the medians here"
     )
 
 
 def run(args: argparse.Namespace) -> dict | int:
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    print(f"seed {args.seed} (pass --seed {args.seed} to draw the same media again)", file=sys.stderr)
     if not args.url and not args.checkpoint:
         print("glimpse bench compare: give --url (a running glimpse serve) or --checkpoint (to start one)",
               file=sys.stderr)  # fmt: skip
@@ -249,7 +255,7 @@ async def _compare(args: argparse.Namespace, urls: dict[str, str], model: str) -
             await client.aclose()
     workload = {"image": [args.image_size, args.image_size], "input_words": args.input_len,
                 "output_tokens": args.output_len, "ignore_eos": True, "stream": True}  # fmt: skip
-    report = {"model": model, "glimpse_url": urls["glimpse"], "other_url": urls["other"], "rounds": args.rounds,
+    report = {"model": model, "seed": args.seed, "glimpse_url": urls["glimpse"], "other_url": urls["other"], "rounds": args.rounds,
               "workload": workload, "results": results}  # fmt: skip
     report["warnings"] = warnings(report, args)
     return report
