@@ -22,7 +22,7 @@ import torch
 NATIVE_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
 NATIVE_COMPILER_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
 NATIVE_KERNELS_ENV = "GLIMPSE_NATIVE_KERNELS"  # "0" turns the native kernels off
-PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": bf16 linear layers run on F.linear, no repacked copy
+PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": never pack; "1": always; unset: while they fit (below)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,16 @@ class Platform:
     num_threads: int  # torch's intra-op threads
     native_kernels: bool  # the native CPU kernels are on, the CPU runs them and they built
     packed_weights: bool = False  # bf16 linear weights may be repacked for oneDNN (CPU with bf16 support)
+    memory_bytes: int = 0  # the machine's RAM (0: unknown)
+
+    def pack_weights(self, linear_weight_bytes: int) -> bool:
+        """Whether to keep a packed copy of `linear_weight_bytes` of linear weights: by default only
+        while that copy takes at most a quarter of the RAM (a 9B model's 18 GB would not double on a
+        32 GB machine); GLIMPSE_PACKED_WEIGHTS=1 packs whatever the size, =0 never."""
+        if not self.packed_weights:
+            return False
+        forced = os.environ.get(PACKED_WEIGHTS_ENV) == "1"
+        return forced or not self.memory_bytes or linear_weight_bytes <= self.memory_bytes // 4
 
     @property
     def avx512_bf16(self) -> bool:
@@ -65,7 +75,19 @@ def detect(device: str | torch.device = "cpu") -> Platform:
 
         native = kernels.cpu_kernels() is not None
         packed = packed_weights_requested() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed)
+    return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed, memory_bytes())
+
+
+def memory_bytes() -> int:
+    """MemTotal from /proc/meminfo (0 where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def packed_weights_requested() -> bool:

@@ -122,6 +122,13 @@ def test_selection_follows_platform_dtype_and_head_dim():
     packed = platform.Platform("cpu", frozenset(platform.NATIVE_CPU_FLAGS), 2, True, packed_weights=True)
     assert names(backends.select_backends(packed, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16+native-one-row"
     assert names(backends.select_backends(packed, torch.float32, 128, 80))[2] == "torch"
+    # by default the packed copy may take a quarter of the RAM; GLIMPSE_PACKED_WEIGHTS=1 forces it
+    small_ram = platform.Platform("cpu", frozenset(), 2, False, packed_weights=True, memory_bytes=4 << 30)
+    assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, 1 << 30))[2] == "onednn-packed-bf16"
+    assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (1 << 30) + 1))[2] == "torch"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(platform.PACKED_WEIGHTS_ENV, "1")
+        assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, 3 << 30))[2] == "onednn-packed-bf16"
     packed_only = platform.Platform("cpu", frozenset(), 2, False, packed_weights=True)
     assert names(backends.select_backends(packed_only, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16"
     gpu = platform.Platform("cuda", frozenset(), 2, False)  # selection only: nothing runs on it here

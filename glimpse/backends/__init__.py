@@ -49,9 +49,9 @@ class Backends:
 
 
 def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None,
-                    vision_head_dim: int | None = None) -> Backends:  # fmt: skip
-    """The backends for a `dtype` model with decoder `head_dim` (None: no decoder attention) and vision
-    `vision_head_dim` (None: the same) on `platform`."""
+                    vision_head_dim: int | None = None, linear_weight_bytes: int = 0) -> Backends:  # fmt: skip
+    """The backends for a `dtype` model with decoder `head_dim` (None: no decoder attention), vision
+    `vision_head_dim` (None: the same) and `linear_weight_bytes` of linear weights on `platform`."""
     vision_head_dim = head_dim if vision_head_dim is None else vision_head_dim
     if platform.device == "cuda":
         attention = CudaAttention()
@@ -64,7 +64,7 @@ def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None
                 return TorchAttention()
             return NativeDecodeSdpaAttention() if decoder and platform.amx else NativeCpuAttention()
 
-        if dtype == torch.bfloat16 and platform.packed_weights:
+        if dtype == torch.bfloat16 and platform.pack_weights(linear_weight_bytes):
             linear = PackedOneDnnLinear(NativeOneRowLinear() if native else None)
         else:
             linear = NativeOneRowLinear() if native else TorchLinear()
