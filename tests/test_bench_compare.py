@@ -110,9 +110,11 @@ def test_ttft_is_stamped_at_the_first_generated_chunk(fakes, field):
     # The role-only chunk arrives at once; the first generated text 0.3 s later, then two more 0.1 s apart.
     assert result.ok and len(result.token_times) == 3 and stats["token_counts_from"] == "usage"
     assert stats["mean_ttft_ms"] >= 300
-    # TPOT = (latency - TTFT) / (usage completion_tokens - 1) >= (2 x 0.1 s) / 2
+    # TPOT = (latency - TTFT) / (usage completion_tokens - 1), about (2 x 0.1 s) / 2. Only about: on a
+    # loaded machine the client may read the first chunk late, which shortens the measured span (a CI
+    # run read 99.3 ms), so the bound is half the server's gap.
     assert stats["mean_tpot_ms"] == pytest.approx((result.end - result.token_times[0]) * 1e3 / 2)
-    assert stats["mean_tpot_ms"] >= 100 and stats["output_tokens"] == 3
+    assert stats["mean_tpot_ms"] >= 50 and stats["output_tokens"] == 3
 
 
 def test_rounds_alternate_with_fresh_images_and_ratios(fakes, tmp_path, capsys):
