@@ -40,14 +40,18 @@ class NativeCpuAttention:
 
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
-        ops, q = _ops(), q.contiguous()
+        q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype)
-        scale = q.shape[-1] ** -0.5
         if meta.decode_seqs:
-            ops.decode_attention_bf16(q, k_cache, v_cache, *meta.decode_tables, scale, out)
-        if meta.prefill_seqs:
-            ops.segment_attention_bf16(q, k_cache, v_cache, *meta.prefill_tables, True, scale, out)
+            _ops().decode_attention_bf16(q, k_cache, v_cache, *meta.decode_tables, q.shape[-1] ** -0.5, out)
+        self.paged_prefill(q, k, v, k_cache, v_cache, meta, out)
         return out
+
+    def paged_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:  # fmt: skip
+        """The prefill chunks' attention (q contiguous), written into their rows of `out`."""
+        if meta.prefill_seqs:
+            _ops().segment_attention_bf16(q, k_cache, v_cache, *meta.prefill_tables, True, q.shape[-1] ** -0.5, out)
 
 
 class NativeDecodeSdpaAttention(NativeCpuAttention):
@@ -62,15 +66,7 @@ class NativeDecodeSdpaAttention(NativeCpuAttention):
     kernel's float32 softmax and sums keep them within it."""
 
     name = "native-decode+sdpa"
-
-    def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
-        q = q.contiguous()
-        out = torch.empty(q.shape, dtype=q.dtype)
-        if meta.decode_seqs:
-            _ops().decode_attention_bf16(q, k_cache, v_cache, *meta.decode_tables, q.shape[-1] ** -0.5, out)
-        TorchAttention.paged_prefill(q, k, v, k_cache, v_cache, meta, out)
-        return out
+    paged_prefill = staticmethod(TorchAttention.paged_prefill)
 
 
 @torch.library.custom_op("glimpse::native_varlen_attention", mutates_args=())

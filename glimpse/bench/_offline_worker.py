@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 
-# Short common words, each usually one token. A copy of glimpse.bench.serve.WORDS: this file must run
-# under vLLM's python, where glimpse is not installed.
+# Short common words: each is usually one token, so N words ~ N prompt tokens. Defined here rather
+# than in glimpse.bench.serve (which imports it) because this file must run under vLLM's python,
+# where glimpse is not installed.
 WORDS = (
     "the of and to in is was for on that with as by at from his her are be this have not but had "
     "they you were which their one all we can there been has an more when will would who so if out "

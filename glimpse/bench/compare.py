@@ -33,6 +33,25 @@ MIN_ROUNDS = 3  # fewer rounds per server give a median of one or two noisy numb
 SIDES = ("glimpse", "other")
 
 
+def add_engine_settings(group: argparse._ArgumentGroup) -> None:
+    """The settings both sides of a side-by-side run get (here and in `bench offline-compare`)."""
+    group.add_argument("--max-num-seqs", type=serve._int_min(1), default=64)
+    group.add_argument("--max-model-len", type=serve._int_min(1), default=4096)
+    group.add_argument("--kv-cache-gib", type=serve._int_min(1), default=2,
+                       help="KV cache size (glimpse: kv_cache_memory; vLLM: VLLM_CPU_KVCACHE_SPACE)")  # fmt: skip
+    group.add_argument("--threads", type=serve._int_min(1), default=2,
+                       help="compute threads (glimpse: OMP_NUM_THREADS; vLLM: VLLM_CPU_OMP_THREADS_BIND=0-N-1)")  # fmt: skip
+    group.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+
+
+def add_media_workload(group: argparse._ArgumentGroup) -> None:
+    """Each request's media and words (here and in `bench offline-compare`)."""
+    group.add_argument("--image-size", type=serve._int_min(28), default=224, help="side of the square JPEG")
+    group.add_argument(
+        "--input-len", type=serve._int_min(1), default=64, help="prompt words (~tokens) besides the image"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--other-url", required=True, help="root of the other server, e.g. http://127.0.0.1:8001"
@@ -48,14 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     same = parser.add_argument_group(
         "settings both servers get (the started glimpse and the printed vLLM command)"
     )
-    same.add_argument("--max-num-seqs", type=serve._int_min(1), default=64)
-    same.add_argument("--max-model-len", type=serve._int_min(1), default=4096)
-    same.add_argument(
-        "--kv-cache-gib", type=serve._int_min(1), default=2, help="KV cache size (VLLM_CPU_KVCACHE_SPACE)"
-    )
-    same.add_argument("--threads", type=serve._int_min(1), default=2,
-                      help="compute threads (glimpse: OMP_NUM_THREADS; vLLM: VLLM_CPU_OMP_THREADS_BIND=0-N-1)")  # fmt: skip
-    same.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    add_engine_settings(same)
     run_ = parser.add_argument_group("workload")
     run_.add_argument(
         "--concurrency", type=_concurrencies, default=[1, 16, 64], help="comma-separated, e.g. 1,16,64"
@@ -70,10 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument(
         "--warmup-requests", type=serve._int_min(0), default=2, help="unmeasured, per server, first"
     )
-    run_.add_argument("--image-size", type=serve._int_min(28), default=224, help="side of the square JPEG")
-    run_.add_argument(
-        "--input-len", type=serve._int_min(1), default=64, help="prompt words (~tokens) besides the image"
-    )
+    add_media_workload(run_)
     run_.add_argument("--output-len", type=serve._int_min(2), default=32, help="max_tokens, with ignore_eos")
     run_.add_argument("--timeout", type=serve._positive, default=600.0, help="seconds per request")
     run_.add_argument("--start-timeout", type=serve._positive, default=900.0,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from glimpse.bench import serve
+from glimpse.bench import compare, serve
 from glimpse.bench.compare import MIN_ROUNDS, _fmt, _load_format, _median, _ratio
 
 WORKER = Path(__file__).with_name("_offline_worker.py")
@@ -39,21 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     same = parser.add_argument_group("settings both engines get")
     same.add_argument("--load-format", default=None, choices=("auto", "dummy"),
                       help="default: dummy for a folder without *.safetensors, else auto")  # fmt: skip
-    same.add_argument("--max-num-seqs", type=serve._int_min(1), default=64)
-    same.add_argument("--max-model-len", type=serve._int_min(1), default=4096)
-    same.add_argument("--kv-cache-gib", type=serve._int_min(1), default=2,
-                      help="KV cache size (glimpse: kv_cache_memory; vLLM: VLLM_CPU_KVCACHE_SPACE)")  # fmt: skip
-    same.add_argument("--threads", type=serve._int_min(1), default=2,
-                      help="compute threads (glimpse: OMP_NUM_THREADS; vLLM: VLLM_CPU_OMP_THREADS_BIND=0-N-1)")  # fmt: skip
-    same.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    compare.add_engine_settings(same)
     work = parser.add_argument_group("workload")
     work.add_argument(
         "--requests", type=serve._int_min(1), default=64, help="chats in one timed LLM.chat call"
     )
-    work.add_argument("--image-size", type=serve._int_min(28), default=224, help="side of the square JPEG")
-    work.add_argument(
-        "--input-len", type=serve._int_min(1), default=64, help="prompt words (~tokens) besides the image"
-    )
+    compare.add_media_workload(work)
     work.add_argument("--output-len", type=serve._int_min(1), default=32, help="max_tokens, with ignore_eos")
     work.add_argument("--rounds", type=serve._int_min(1), default=MIN_ROUNDS, help="timed runs per engine")
     work.add_argument("--seed", type=serve._int_min(0), default=0, help="round r uses seed + r")

@@ -25,17 +25,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glimpse.bench._offline_worker import WORDS
+
 if TYPE_CHECKING:  # httpx is imported when a run starts, not when the CLI builds its parser
     import httpx
 
-# Short common words: each is usually one token, so `--random-input-len` words ~ that many tokens.
-WORDS = (
-    "the of and to in is was for on that with as by at from his her are be this have not but had "
-    "they you were which their one all we can there been has an more when will would who so if out "
-    "no what up into them time only new some could these two may then do first any my now such like "
-    "our over man me even most made after also did many before must through back years where much "
-    "your way well down should because each just those people how too little state good very make"
-).split()
 DEFAULT_BUCKETS = "{(256, 256, 1): 0.4, (512, 384, 1): 0.4, (224, 224, 8): 0.2}"
 
 
