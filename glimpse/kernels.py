@@ -39,7 +39,7 @@ def cpu_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(name="glimpse_cpu_kernels", sources=[str(_CSRC / "cpu_kernels.cpp")],
-                    extra_cflags=["-O3", *NATIVE_COMPILER_FLAGS, "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    extra_cflags=["-O3", "-ffp-contract=off", *NATIVE_COMPILER_FLAGS, "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)  # fmt: skip
     except Exception as e:  # no compiler, no ninja, a failed build: torch's SDPA still works
         logger.warning("native CPU kernels unavailable (%s: %s); using torch's", type(e).__name__, e)

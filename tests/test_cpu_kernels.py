@@ -226,3 +226,73 @@ def test_one_row_linear_refuses_bad_shapes(native_kernels):
         native_kernels.linear_one_row_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), w)
     with pytest.raises(RuntimeError, match="one value per output"):
         native_kernels.linear_one_row_bf16(torch.zeros(1, 64, dtype=torch.bfloat16), w, torch.zeros(7, dtype=torch.bfloat16))
+
+
+# ---- elementwise kernels: SwiGLU's product and the vision rotary, bit for bit with torch's ops -------
+
+
+@pytest.mark.parametrize(("rows", "width"), [(1, 2048), (7, 74), (515, 4096), (3, 2)])
+def test_silu_mul_is_torchs_ops_bit_for_bit(native_kernels, rows, width):
+    gen = torch.Generator().manual_seed(rows * width)
+    x = (4 * torch.randn(rows, width, generator=gen)).bfloat16()
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(native_kernels.silu_mul_bf16(x), up * F.silu(gate))
+
+
+def test_silu_mul_special_values(native_kernels):
+    gate = torch.tensor([-200.0, -88.0, -20.0, -0.0, 0.0, 1e-38, 20.0, 100.0, float("inf"), -float("inf"), float("nan")])
+    x = torch.cat([gate, torch.linspace(-3, 3, len(gate))]).bfloat16()[None]
+    g, u = x.chunk(2, dim=-1)
+    torch.testing.assert_close(native_kernels.silu_mul_bf16(x), u * F.silu(g), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("rows", "heads", "head_dim"), [(768, 6, 64), (5, 3, 40), (9, 16, 80), (1, 1, 2)])
+def test_vision_rotary_is_torchs_float32_formula_bit_for_bit(native_kernels, rows, heads, head_dim):
+    gen = torch.Generator().manual_seed(rows + head_dim)
+    qkv = torch.randn(rows, 3, heads, head_dim, generator=gen).bfloat16()
+    angles = 10 * torch.randn(rows, head_dim, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    q, k = native_kernels.vision_rotary_bf16(qkv, cos, sin)
+    for got, x in ((q, qkv[:, 0]), (k, qkv[:, 1])):
+        xf = x.float()  # HF: x * cos + rotate_half(x) * sin in float32, then the cast
+        ref = (xf * cos[:, None] + torch.cat([-xf[..., head_dim // 2 :], xf[..., : head_dim // 2]], -1) * sin[:, None])
+        assert torch.equal(got, ref.bfloat16())
+
+
+def test_elementwise_kernels_refuse_bad_shapes(native_kernels):
+    with pytest.raises(RuntimeError, match="even number"):
+        native_kernels.silu_mul_bf16(torch.zeros(2, 5, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        native_kernels.silu_mul_bf16(torch.zeros(2, 4))
+    qkv = torch.zeros(4, 3, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"\[N, 3, heads, D\]"):
+        native_kernels.vision_rotary_bf16(qkv[:, :2].contiguous(), torch.zeros(4, 8), torch.zeros(4, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        native_kernels.vision_rotary_bf16(qkv, torch.zeros(3, 8), torch.zeros(3, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        native_kernels.vision_rotary_bf16(qkv, torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8))
+
+
+def test_glm_patch_embedding_as_matmul_is_as_accurate_as_the_conv(kernel_spy):
+    """With the native kernels on, GLM's patch Conv3d (kernel = stride) runs as one bf16 matmul: its
+    error against the float64 convolution stays within 1.5x that of torch's own bf16 Conv3d."""
+    from transformers import Glm4vConfig
+
+    from glimpse.models.glm4v import Glm4vVisionPatchEmbed
+
+    vc = Glm4vConfig(vision_config={"hidden_size": 64, "patch_size": 14, "temporal_patch_size": 2}).vision_config
+    gen = torch.Generator().manual_seed(3)
+    embed = Glm4vVisionPatchEmbed(vc)
+    with torch.no_grad():
+        for p in embed.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    pixels = torch.randn(100, 3 * 2 * 14 * 14, generator=gen)
+    with torch.inference_mode():
+        exact = embed.double()(pixels.double())
+        embed.bfloat16()
+        conv = embed.proj(pixels.bfloat16().view(-1, 3, 2, 14, 14)).view(100, -1)
+        embed.proj.forward = lambda x: pytest.fail("the Conv3d ran on the native path")
+        got = embed(pixels)
+    assert got.dtype == torch.bfloat16
+    err, conv_err = (got.double() - exact).abs().max().item(), (conv.double() - exact).abs().max().item()
+    assert err <= 1.5 * conv_err, (err, conv_err)

@@ -10,8 +10,7 @@ import torch
 from conftest import KernelSpy, meta_model
 from torch import nn
 
-import glimpse.models.layers as layers
-from glimpse import load_model
+from glimpse import kernels, load_model
 from glimpse.loader import load_weights
 from glimpse.models.layers import RMSNorm, fuse_linears
 from glimpse.testing import make_checkpoint
@@ -40,7 +39,7 @@ def _reference_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 @pytest.mark.parametrize(("rows", "hidden"), [(1, 768), (7, 2048), (130, 100)])
 def test_native_rms_norm_and_residual_add(native_kernels, monkeypatch, rows, hidden):
     spy = KernelSpy(native_kernels)
-    monkeypatch.setattr(layers, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: spy)
     gen = torch.Generator().manual_seed(rows)
     norm = RMSNorm(hidden, eps=1e-5).bfloat16()
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.errors import CheckpointError
-from glimpse.models.layers import Linear, fuse_linears
+from glimpse.models.layers import SwiGluMLP
 
 MOE_TEXT_TYPES = ("glm4v_moe_text",)
 
@@ -84,26 +84,11 @@ def route_tokens(
     return weights * routed_scaling_factor, expert_ids
 
 
-class Glm4MoeMLP(nn.Module):
+class Glm4MoeMLP(SwiGluMLP):
     """SwiGLU with separate gate/up/down (no bias): the dense layers and the shared experts."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
-        super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        self.act = _activation(hidden_act)
-        self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
-
-    def fuse_projections(self) -> None:
-        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        super().__init__(hidden_size, intermediate_size, _activation(hidden_act))
 
 
 class Glm4MoeRouter(nn.Module):

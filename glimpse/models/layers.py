@@ -7,6 +7,7 @@ stored is the job of a `KVCache` (plain contiguous here, paged in the engine).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse.backends import LinearMethod, backends_for
-from glimpse.kernels import cpu_kernels
+from glimpse import kernels
 
 
 class Linear(nn.Linear):
@@ -125,11 +126,67 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def _native_norm(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
     """The native module when it serves RMSNorm of x: bf16 rows on CPU (torch's ops otherwise: other
     dtypes and devices, autograd, torch.compile tracing)."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() == 0:
+    return _native_for(x, weight) if x.dim() else None
+
+
+def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The native kernels when they serve these tensors: all bf16 on CPU, outside autograd and
+    torch.compile tracing (None: use torch's ops)."""
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
         return None
-    return cpu_kernels()
+    return kernels.cpu_kernels()  # looked up per call: tests switch the kernels off by patching it
+
+
+def native_matmul_ok(x: torch.Tensor) -> bool:
+    """Whether a convolution whose kernel is its stride may run as a matmul for x: where the native
+    kernels serve x (bf16 on CPU). The matmul sums the same products in another order; the native
+    path is bounded against float32 truth, torch's path compared with HF cast for cast."""
+    return _native_for(x) is not None
+
+
+def swiglu(gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """act(gate) * up for `gate_up` laid out (gate, up) on its last dim, rounded as HF rounds it
+    (act to the dtype, then the product); SiLU in bf16 on CPU is one native pass (bit-equal)."""
+    if act is F.silu and (native := _native_for(gate_up)) is not None:
+        return native.silu_mul_bf16(gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+class SwiGluMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) under HF's names. `fuse_projections` (called by the loader) makes
+    gate and up one matmul, whose output `swiglu` turns into the product in one pass."""
+
+    def __init__(self, dim: int, hidden: int, act: Callable[[torch.Tensor], torch.Tensor], bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.act = act
+        self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_up_proj(x), self.act))
+
+
+def rotate_vision_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision towers' rotary of q and k from qkv [N, 3, heads, D]: NeoX halves over the whole
+    head, in float32 as HF computes it (cos, sin [N, D] float32), cast back to qkv's dtype. bf16 on
+    CPU: one native pass with the same roundings (bit-equal)."""
+    if cos.dtype == torch.float32 and sin.dtype == torch.float32 and (native := _native_for(qkv)) is not None:
+        q, k = native.vision_rotary_bf16(qkv.contiguous(), cos.contiguous(), sin.contiguous())
+        return q, k
+    cos, sin = cos[:, None], sin[:, None]
+    q, k = qkv[:, 0].float(), qkv[:, 1].float()
+    return (q * cos + rotate_half(q) * sin).to(qkv.dtype), (k * cos + rotate_half(k) * sin).to(qkv.dtype)
 
 
 def fuse_linears(*parts: nn.Linear) -> Linear:

@@ -17,7 +17,15 @@ from torch import nn
 
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
-from glimpse.models.layers import KVCache, Linear, RMSNorm, fuse_linears, rotate_half
+from glimpse.models.layers import (
+    KVCache,
+    Linear,
+    RMSNorm,
+    SwiGluMLP,
+    fuse_linears,
+    rotate_half,
+    rotate_vision_qk,
+)
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
 from glimpse.vision.attention import VarlenAttention, pad_offsets
 
@@ -170,25 +178,14 @@ class Qwen2_5_VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
-        # HF rotates in fp32 and casts back, whatever the activation dtype.
-        cos, sin = cos[:, None], sin[:, None]
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + rotate_half(qf) * sin).to(v.dtype)
-        k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, -1)
+        (q, k), v = rotate_vision_qk(qkv, cos, sin), qkv[:, 2]  # in fp32 as HF, whatever the activation dtype
         return self.proj(self.varlen(q, k, v, cu_seqlens, n).reshape(n, -1))
 
 
-class Qwen2_5_VisionMLP(nn.Module):
+class Qwen2_5_VisionMLP(SwiGluMLP):
     def __init__(self, dim: int, hidden: int, act: str) -> None:
-        super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=True)
-        self.up_proj = Linear(dim, hidden, bias=True)
-        self.down_proj = Linear(hidden, dim, bias=True)
-        self.act = _activation(act, "vision_config")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(dim, hidden, _activation(act, "vision_config"), bias=True)
 
 
 class Qwen2_5_VisionBlock(nn.Module):
@@ -401,24 +398,9 @@ class Qwen2Attention(nn.Module):
         return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
 
 
-class Qwen2MLP(nn.Module):
+class Qwen2MLP(SwiGluMLP):
     def __init__(self, tc) -> None:
-        super().__init__()
-        self.gate_proj = Linear(tc.hidden_size, tc.intermediate_size, bias=False)
-        self.up_proj = Linear(tc.hidden_size, tc.intermediate_size, bias=False)
-        self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, bias=False)
-        self.act = _activation(tc.hidden_act, "text_config")
-        self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
-
-    def fuse_projections(self) -> None:
-        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        super().__init__(tc.hidden_size, tc.intermediate_size, _activation(tc.hidden_act, "text_config"))
 
 
 class Qwen2DecoderLayer(nn.Module):
