@@ -296,3 +296,23 @@ def test_glm_patch_embedding_as_matmul_is_as_accurate_as_the_conv(kernel_spy):
     assert got.dtype == torch.bfloat16
     err, conv_err = (got.double() - exact).abs().max().item(), (conv.double() - exact).abs().max().item()
     assert err <= 1.5 * conv_err, (err, conv_err)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize(("rows", "heads", "rot_heads", "head_dim", "rd"), [(7, 20, 16, 64, 32), (300, 6, 4, 128, 128), (1, 3, 3, 40, 20)])
+def test_text_rotary_is_torchs_bf16_ops_bit_for_bit_in_place(native_kernels, neox, rows, heads, rot_heads, head_dim, rd):
+    gen = torch.Generator().manual_seed(rows * heads + rd)
+    qkv = (3 * torch.randn(rows, heads, head_dim, generator=gen)).bfloat16()
+    angles = 50 * torch.rand(rows, rd, generator=gen)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    x = qkv[:, :rot_heads].clone()
+    rot = x[..., :rd]  # HF's bf16 ops: rot * cos + rotated(rot) * sin, each op rounding to bf16
+    if neox:
+        rotated = torch.cat([-rot[..., rd // 2 :], rot[..., : rd // 2]], -1)
+    else:
+        rotated = torch.stack([-rot[..., 1::2], rot[..., 0::2]], -1).flatten(-2)
+    ref = torch.cat([rot * cos[:, None] + rotated * sin[:, None], x[..., rd:]], -1)
+    untouched = qkv[:, rot_heads:].clone()
+    native_kernels.text_rotary_bf16_(qkv, rot_heads, cos, sin, neox)
+    assert torch.equal(qkv[:, :rot_heads], ref)
+    assert torch.equal(qkv[:, rot_heads:], untouched)

@@ -97,7 +97,7 @@ def test_n_sequences_and_streamed_deltas_concatenate(llm):
 def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_checkpoint, monkeypatch):
     """One-token steps in bf16 run their matmuls outside oneDNN (engine/model_runner.py), on the
     native kernels where they run (vision attention, prefill attention without AMX, decode
-    attention, one-row linear; RMSNorm, SwiGLU and the vision rotary on every step);
+    attention, one-row linear; RMSNorm, SwiGLU and the rotaries on every step);
     every other step inside. The decode logprobs are no further from HF's float32 ones than HF's
     own bf16 model."""
     path = tiny_checkpoint("glm4v")
@@ -120,7 +120,7 @@ def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_chec
         # with AMX the decoder's prefill attention runs on torch's SDPA (glimpse/backends/native_cpu.py);
         # the tiny tower's heads (16) are not a native head dim either
         prefill = set() if platform.detect().amx else {"segment_attention_bf16"}
-        elementwise = {"rms_norm_bf16", "silu_mul_bf16", "vision_rotary_bf16"}  # every step
+        elementwise = {"rms_norm_bf16", "silu_mul_bf16", "text_rotary_bf16_", "vision_rotary_bf16"}  # every step
         assert set(kernel_spy.calls) == {"decode_attention_bf16", "linear_one_row_bf16"} | prefill | elementwise
     assert seen[0][0] > 1 and seen[0][1] is True  # the prompt: oneDNN
     assert [enabled for rows, enabled in seen[1:]] == [False] * 11 and all(rows == 1 for rows, _ in seen[1:])

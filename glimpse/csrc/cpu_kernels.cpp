@@ -680,6 +680,40 @@ std::vector<torch::Tensor> vision_rotary_bf16(const torch::Tensor& qkv, const to
   return {q, k};
 }
 
+// The text towers' rotary as HF computes it in bf16, in place: for the first `heads` heads of qkv
+// [T, all heads, D] (q and k side by side), the first rd = cos.size(1) dims become
+// x * cos + rotated(x) * sin, with each product and the sum rounded to bf16 (three torch ops), and
+// the rest of each head passes. Pairs: NeoX halves of the rd dims (neox) or GPT-J neighbours
+// (x[2i], x[2i+1]). cos, sin [T, rd] bf16.
+inline float round_bf16(float v) { return float(at::BFloat16(v)); }
+
+void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& cos, const torch::Tensor& sin, bool neox) {
+  check_cpu_bf16({&qkv, &cos, &sin}, "qkv, cos and sin");
+  TORCH_CHECK(qkv.dim() == 3 && heads >= 0 && heads <= qkv.size(1), "qkv must be [T, heads, D] with at least `heads` heads");
+  const int64_t T = qkv.size(0), H = qkv.size(1), D = qkv.size(2), rd = cos.dim() == 2 ? cos.size(1) : -1;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && sin.sizes() == cos.sizes() && rd % 2 == 0 && rd <= D,
+              "cos and sin must be [T, rd] with rd even and at most the head dim");
+  auto* xp = qkv.data_ptr<at::BFloat16>();
+  const auto *cp = cos.data_ptr<at::BFloat16>(), *sp = sin.data_ptr<at::BFloat16>();
+  const int64_t half = rd / 2;
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> x(rd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const at::BFloat16 *c = cp + t * rd, *s = sp + t * rd;
+      for (int64_t h = 0; h < heads; ++h) {
+        at::BFloat16* row = xp + (t * H + h) * D;
+        for (int64_t i = 0; i < rd; ++i) x[i] = float(row[i]);
+        for (int64_t i = 0; i < rd; ++i) {
+          float other;  // rotated(x)[i]
+          if (neox) other = i < half ? -x[i + half] : x[i - half];
+          else other = i % 2 ? x[i - 1] : -x[i + 1];
+          row[i] = at::BFloat16(round_bf16(x[i] * float(c[i])) + round_bf16(other * float(s[i])));
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;  // no Python object is touched past argument conversion
   m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch",
@@ -690,6 +724,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "bf16 RMSNorm of each row, after an optional residual add", py::arg("x"),
         py::arg("delta"), py::arg("weight"), py::arg("eps"), release());
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bf16 rows laid out (gate, up)", release());
+  m.def("text_rotary_bf16_", &text_rotary_bf16_, "bf16 rotary of the first heads of a [T, heads, D] qkv, in place",
+        release());
   m.def("vision_rotary_bf16", &vision_rotary_bf16, "float32 NeoX rotary of q and k from a [N, 3, heads, D] qkv",
         release());
 }

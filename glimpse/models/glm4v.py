@@ -28,7 +28,7 @@ from glimpse.models.layers import (
     fuse_linears,
     native_matmul_ok,
     rotate_half,
-    rotate_interleaved,
+    rotate_text_qk,
     rotate_vision_qk,
     swiglu,
 )
@@ -418,14 +418,6 @@ def mrope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_text_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool = False) -> torch.Tensor:
-    """x [T, heads, D]; rotate the first cos.shape[-1] dims (GPT-J pairs, or NeoX halves), pass the rest."""
-    rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
-    rot = rot * cos[:, None] + (rotate_half(rot) if neox else rotate_interleaved(rot)) * sin[:, None]
-    return torch.cat([rot, rest], dim=-1)
-
-
 class Glm4vTextAttention(nn.Module):
     def __init__(self, tc, layer_idx: int, variant: TextVariant) -> None:
         super().__init__()
@@ -453,7 +445,7 @@ class Glm4vTextAttention(nn.Module):
             qkv = self.qkv_proj(x)
         qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
         # q and k heads side by side take one rotary pass (the same per-head arithmetic as two)
-        q, k = apply_text_rotary(qkv[:, : hq + hkv], cos, sin, self.neox).split([hq, hkv], dim=1)
+        q, k = rotate_text_qk(qkv, hq + hkv, cos, sin, self.neox).split([hq, hkv], dim=1)
         return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
 
 

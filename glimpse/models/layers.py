@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glimpse.backends import LinearMethod, backends_for
 from glimpse import kernels
+from glimpse.backends import LinearMethod, backends_for
 
 
 class Linear(nn.Linear):
@@ -175,6 +175,20 @@ class SwiGluMLP(nn.Module):
         if self.gate_up_proj is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(swiglu(self.gate_up_proj(x), self.act))
+
+
+def rotate_text_qk(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """The text towers' rotary of q and k: the first `heads` heads of qkv [T, all heads, D] with their
+    first rd = cos.shape[-1] dims rotated (NeoX halves or GPT-J pairs) and the rest passed, computed as
+    HF does in the activation dtype (cos, sin [T, rd] in it too). bf16 on CPU: one native pass, in
+    place in qkv (bit-equal to torch's three ops); otherwise a new tensor."""
+    if (native := _native_for(qkv, cos, sin)) is not None and qkv.is_contiguous():
+        native.text_rotary_bf16_(qkv, heads, cos.contiguous(), sin.contiguous(), neox)
+        return qkv[:, :heads]
+    x, rd = qkv[:, :heads], cos.shape[-1]
+    rot = x[..., :rd]
+    rot = rot * cos[:, None] + (rotate_half(rot) if neox else rotate_interleaved(rot)) * sin[:, None]
+    return rot if rd == x.shape[-1] else torch.cat([rot, x[..., rd:]], dim=-1)
 
 
 def rotate_vision_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from glimpse.models.layers import (
     RMSNorm,
     SwiGluMLP,
     fuse_linears,
-    rotate_half,
+    rotate_text_qk,
     rotate_vision_qk,
 )
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
@@ -392,9 +392,7 @@ class Qwen2Attention(nn.Module):
         qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
         # Rotary in the activation dtype with cos/sin already cast to it, as HF does; q and k heads
         # side by side take one pass (the same per-head arithmetic as two).
-        qk = qkv[:, : hq + hkv]
-        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
-        q, k = qk.split([hq, hkv], dim=1)
+        q, k = rotate_text_qk(qkv, hq + hkv, cos, sin, neox=True).split([hq, hkv], dim=1)
         return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
 
 
