@@ -5,10 +5,9 @@ A prompt is a string, a list of token ids, or `{"prompt": str, "multi_modal_data
 e.g. `<|image|>` for GLM; `LLM.image_placeholder` gives it). Without `model`, a built-in demo
 checkpoint with RANDOM weights is made on first use and cached.
 
-Offline, a step's prompt tokens may fill the whole `max_num_batched_tokens` budget
-(`max_prefill_tokens=None`): larger prefill matmuls read each weight once for more rows (64 image
-chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md). The server keeps
-512 by default, which bounds how long a prefill step delays the sequences that are decoding.
+A step's prompt tokens may fill the whole default `max_num_batched_tokens` budget
+(`max_prefill_tokens=2048`): larger prefill matmuls read each weight once for more rows (64 image
+chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def demo_checkpoint(family: str = "glm46v", size: str = "tiny") -> Path:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = 2048,
                  kv_cache_memory: int | str = "1GiB",
                  encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
                  enable_prefix_caching: bool = True, enable_encoder_cache: bool = True, block_size: int = 16,

@@ -46,10 +46,11 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     # Prompt tokens per step, after every decoding sequence's token (None: up to max_num_batched_tokens).
-    # 512: 16 decoders + 4 image prompts of 640 tokens (small GLM, 1 CPU thread) wait 1.5 s per token
-    # on average instead of 3.7 s (worst 2.0 s, not 7.1 s) while the prompts' mean TTFT drops 7.2 -> 6.1 s
-    # and the last one's rises 2% (7.4 -> 7.6 s); 256 halves the decoders' wait again for +5% TTFT.
-    max_prefill_tokens: int | None = 512
+    # Lower shortens the steps that delay decoding sequences; higher lets a prefill matmul read each
+    # weight once for more rows. 2048 against 512 (docs/benchmarks.md, small GLM, 2 threads, AMX):
+    # offline 64 image chats 1.25x the tok/s; served at concurrency 16, 1.14x the tok/s, 0.72x the
+    # time per output token, 1.13x the time to first token.
+    max_prefill_tokens: int | None = 2048
     kv_cache_memory: int | str = "1GiB"
     encoder_cache_memory: int | str = "256MiB"
     block_size: int = 16
