@@ -1,7 +1,7 @@
 """The native CPU library (glimpse/csrc), compiled on first use by torch's C++ extension loader.
 
 `cpu_kernels()` returns the compiled module (`segment_attention_bf16`, `decode_attention_bf16`,
-`linear_one_row_bf16`), or None where it cannot run: a CPU without the features glimpse/platform.py
+`linear_one_row_bf16`, `rms_norm_bf16`, `silu_mul_bf16`, `text_rotary_bf16_`, `vision_rotary_bf16`), or None where it cannot run: a CPU without the features glimpse/platform.py
 names, no C++ compiler, or `GLIMPSE_NATIVE_KERNELS=0`. Which callers use it is decided once, by
 `glimpse.backends.select_backends`; a missing compiler costs speed, never correctness. The build is
 cached per machine in torch's extension directory (`TORCH_EXTENSIONS_DIR`), about 20 s the first

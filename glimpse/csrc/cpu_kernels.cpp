@@ -1,7 +1,8 @@
 // Steps 5 and 8 on CPU in bf16, on AVX512-BF16 dot products with float32 accumulation:
 // attention inside segments of a flat batch (vision segments, bidirectional; prefill chunks over
 // the paged cache, causal), decode attention (one query row per sequence), one-row linear
-// layers (batch-1 decode), and RMSNorm fused with the residual add before it.
+// layers (batch-1 decode), RMSNorm fused with the residual add before it, and the elementwise steps
+// of prefill and the vision tower (SwiGLU's product, the text and vision rotaries) with torch's roundings.
 //
 // segment_attention_bf16(q, k, v, q_starts, q_lens, kv_slots, kv_offsets, causal, scale, out)
 //   q, out: [T, heads, D] bf16 contiguous; k, v: [slots, kv_heads, D] bf16 contiguous (a flat
