@@ -36,6 +36,7 @@ def cpu_kernels() -> ModuleType | None:
         logger.info("native CPU kernels off: the CPU lacks %s", ", ".join(sorted(missing)))
         return None
     try:
+        quiet_cuda_home_warning()
         from torch.utils.cpp_extension import load
 
         return load(name="glimpse_cpu_kernels", sources=[str(_CSRC / "cpu_kernels.cpp")],
@@ -44,3 +45,17 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, a failed build: torch's SDPA still works
         logger.warning("native CPU kernels unavailable (%s: %s); using torch's", type(e).__name__, e)
         return None
+
+
+def quiet_cuda_home_warning() -> None:
+    """torch's extension loader warns "No CUDA runtime is found, using CUDA_HOME=..." on import on
+    every machine without a GPU that has a CUDA folder; building CPU kernels needs no CUDA, so that
+    one message is dropped (its other messages pass)."""
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")  # the logger torch creates on import
+    if not any(isinstance(f, _NoCudaRuntimeFilter) for f in torch_logger.filters):
+        torch_logger.addFilter(_NoCudaRuntimeFilter())
+
+
+class _NoCudaRuntimeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")

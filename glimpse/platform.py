@@ -73,6 +73,7 @@ def detect(device: str | torch.device = "cpu") -> Platform:
     if kind == "cpu":
         from glimpse import kernels  # it needs this module's flags; imported here to keep the two acyclic
 
+        kernels.quiet_cuda_home_warning()  # before anything imports torch's extension loader (inductor does)
         native = kernels.cpu_kernels() is not None
         packed = packed_weights_requested() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed, memory_bytes())

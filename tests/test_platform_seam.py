@@ -242,3 +242,23 @@ def test_packed_linear_equals_f_linear(k, n, bias):
     x = torch.randn(4, k, dtype=torch.bfloat16, requires_grad=True)
     method.apply(layer, x).float().sum().backward()  # autograd goes through F.linear
     assert x.grad is not None
+
+
+def test_no_cuda_home_warning_on_a_cpu_machine(tmp_path):
+    """torch's extension loader warns "No CUDA runtime is found, using CUDA_HOME=..." when a CUDA folder
+    exists but no GPU does (forced here with CUDA_HOME); glimpse builds CPU kernels and compiles CPU graphs
+    with it, so that line must not reach the user's terminal."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from glimpse.platform import detect; detect('cpu'); "
+            "import torch.utils.cpp_extension as c; c._find_cuda_home()")  # fmt: skip
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "No CUDA runtime is found" not in done.stderr
+    # the control: without glimpse's filter torch does print it in this environment
+    control = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "No CUDA runtime is found" in control.stderr
