@@ -199,8 +199,30 @@ def test_caches_stay_within_budgets(tiny_checkpoint):
     while engine.has_unfinished_requests():
         engine.step()
         assert engine.encoder_cache.used_bytes <= enc_budget
+        # the runner's tensors: only what the scheduler's manager still counts, so within its budget too
+        # (or what it dropped since the last schedule: the runner frees those at the next step)
+        held, manager = engine.runner.encoder_cache, engine.encoder_cache
+        assert set(held.entries) <= set(manager.sizes) | set(manager.freed)
+        assert sum(held.entries[k].nbytes for k in held.entries if k in manager.sizes) <= enc_budget
         assert engine.blocks.num_used_blocks <= engine.blocks.num_blocks
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_encoder_cache_off_leaves_the_runner_no_embeddings(tiny_checkpoint):
+    """enable_encoder_cache=False: the scheduler's manager drops an entry when its last request is done,
+    and the runner (which holds the tensors) is told to free it, even when no step follows."""
+    llm = LLM(tiny_checkpoint("glm4v"), dtype="float32", enable_encoder_cache=False)
+    engine = llm.engine
+    im = Image.fromarray(np.random.default_rng(2).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": im}}, {"type": "text", "text": "Hi"}]}]
+    for i in range(2):  # the same image twice: no reuse across requests with the cache off
+        engine.add_request(f"r{i}", engine.processor(conv), GREEDY)
+        while engine.has_unfinished_requests():
+            engine.step()
+            manager = engine.encoder_cache  # the runner holds at most what it counts or just dropped
+            assert set(engine.runner.encoder_cache.entries) <= set(manager.sizes) | set(manager.freed)
+        assert not engine.runner.encoder_cache.entries and not engine.encoder_cache.sizes
+    assert engine.encoder_cache.hits == 0
 
 
 @pytest.mark.parametrize("family", ["glm46v", "qwen2_5_vl"])

@@ -47,3 +47,4 @@ def test_soak_500_requests_no_rss_growth(tiny_checkpoint):
     assert not engine.groups and not engine.scheduler.running and not engine.scheduler.waiting
     assert not engine.encoder_cache.pins
     assert engine.encoder_cache.used_bytes <= 2**20
+    assert set(engine.runner.encoder_cache.entries) <= set(engine.encoder_cache.sizes)  # the runner freed the rest

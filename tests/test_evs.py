@@ -279,7 +279,7 @@ def test_engine_matches_brute_force_forward(evs_llm):
         engine.step()
         steps += 1
     assert steps > 2  # the video was prefilled over several chunks
-    assert engine.encoder_cache.get(item.content_hash).kept.tolist() == ref_kept
+    assert engine.runner.encoder_cache.get(item.content_hash).kept.tolist() == ref_kept
     assert torch.equal(engine.runner.requests[req.request_id].prompt_positions, ref_pos)
     assert req.mrope_delta == next_pos - len(prompt.input_ids)
     final = None

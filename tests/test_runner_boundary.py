@@ -25,7 +25,7 @@ def _replay(setup: dict, steps: list[bytes]) -> list[tuple[list[str], list[int],
     torch.set_num_threads(setup["threads"])  # the same float32 sums as the parent's
     model = load_model(setup["model"], dtype=torch.float32)
     runner = ModelRunner(
-        model, PagedKVCache(*setup["kv_cache"]), EncoderCache(1 << 30), None, setup["eos"], setup["seed"]
+        model, PagedKVCache(*setup["kv_cache"]), EncoderCache(), None, setup["eos"], setup["seed"]
     )
     results = []
     for blob in steps:

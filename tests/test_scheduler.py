@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glimpse.engine.block_manager import BlockManager
-from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.encoder_cache import EncoderCacheManager
 from glimpse.engine.request import Request
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig
@@ -25,7 +25,7 @@ def _request(request_id: str, num_prompt_tokens: int) -> Request:
 def _scheduler(budget: int, prefill: int | None, num_blocks: int = 64, block_size: int = 16) -> Scheduler:
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_prefill_tokens=prefill)
     return Scheduler(
-        config, BlockManager(num_blocks, block_size), EncoderCache(1 << 20), embedding_bytes_per_token=4
+        config, BlockManager(num_blocks, block_size), EncoderCacheManager(1 << 20), embedding_bytes_per_token=4
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from glimpse.config import ModelConfig
 from glimpse.engine.block_manager import BlockManager
 from glimpse.engine.detokenizer import IncrementalDetokenizer
-from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.encoder_cache import EncoderCache, EncoderCacheManager
 from glimpse.engine.kv_cache import PagedKVCache
 from glimpse.engine.model_runner import ModelRunner
 from glimpse.engine.request import Request
@@ -155,8 +155,9 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size,
                                      text_cfg.num_key_value_heads, head_dim, dtype, config.device)  # fmt: skip
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.encoder_cache = EncoderCache(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
-                                          retain=config.enable_encoder_cache)
+        # the scheduler's half of the encoder cache (budget, pins, eviction); the runner holds the tensors
+        self.encoder_cache = EncoderCacheManager(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
+                                                 retain=config.enable_encoder_cache)  # fmt: skip
         emb_bytes = text_cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                 encoder_budget=max(config.max_num_batched_tokens, 4096),
@@ -171,7 +172,7 @@ class LLMEngine:
             encoder_runner = EncoderRunner(self.model, config.encoder_budgets, config.max_num_batched_tokens,
                                            graph=self.model.device.type == "cpu")  # fmt: skip
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.encoder_cache, encoder_runner,
+        self.runner = ModelRunner(self.model, self.kv_cache, EncoderCache(), encoder_runner,
                                   self.eos_token_ids, config.seed)  # fmt: skip
         self.groups: dict[str, _Group] = {}
         self.ran_last_step = False  # whether the latest step() found a batch to run (the server idles if not)
@@ -252,8 +253,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.ran_last_step = bool(sched)
         if not sched:
-            if sched.finished_req_ids:
-                self.runner.execute(sched)  # only drops the finished requests' state
+            if sched.finished_req_ids or sched.freed_encoder_keys:
+                self.runner.execute(sched)  # only drops finished requests' state and freed embeddings
             return []
         result = self.runner.execute(sched)
         requests = self.scheduler.requests
@@ -279,9 +280,10 @@ class LLMEngine:
         return self._outputs(advanced)
 
     def _release_finished(self) -> None:
-        """With no request left to schedule, hand the runner the finished ids now rather than at the
-        next step, which may be far off: it holds their pixels and tokens until told."""
-        if not self.scheduler.has_work and self.scheduler.finished_ids:
+        """With no request left to schedule, hand the runner the finished ids (and the embeddings the
+        encoder cache dropped) now rather than at the next step, which may be far off: it holds their
+        pixels, tokens and embeddings until told."""
+        if not self.scheduler.has_work and (self.scheduler.finished_ids or self.encoder_cache.freed):
             self.runner.execute(self.scheduler.schedule())
 
     def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float) -> None:

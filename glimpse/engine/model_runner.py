@@ -153,6 +153,7 @@ class ModelRunner:
         return ModelRunnerOutput(req_ids, out.token_ids, out.logprobs, t1 - t0, t2 - t1)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
+        self.encoder_cache.free(sched.freed_encoder_keys)
         for request_id in sched.finished_req_ids:
             del self.requests[request_id]
         for request_id in sched.preempted_req_ids:  # its blocks went back to the pool; tokens stay
@@ -165,7 +166,8 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _encode(self, keys: list[str], states: list[CachedRequestState]) -> None:
-        """Encode media not yet cached, in batches per kind, and store their embeddings (EVS videos pruned)."""
+        """Encode the media the scheduler named (it allocated their cache room), in batches per kind, and
+        store their embeddings (EVS videos pruned)."""
         items = {m.content_hash: m for s in states for m in s.media}  # the scheduled chunks touch them all
         todo = [items[key] for key in dict.fromkeys(keys) if key not in self.encoder_cache]
         if not todo:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glimpse.engine.block_manager import BlockManager
-from glimpse.engine.encoder_cache import EncoderCache
+from glimpse.engine.encoder_cache import EncoderCacheManager
 from glimpse.engine.request import Request, RequestStatus
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.processing.inputs import MediaItem
@@ -75,6 +75,7 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     encode: list[str] = field(default_factory=list)
+    freed_encoder_keys: list[str] = field(default_factory=list)  # embeddings the runner must drop first
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
 
@@ -87,7 +88,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, encoder_cache: EncoderCache,
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, encoder_cache: EncoderCacheManager,
                  embedding_bytes_per_token: int) -> None:  # fmt: skip
         self.config = config
         self.blocks = blocks
@@ -163,6 +164,9 @@ class Scheduler:
             out.num_scheduled_tokens[req.request_id] = n
         touched = {m.content_hash for req in step for m in req.media}  # not those of requests preempted since
         out.encode = [key for key in encoding if key in touched]
+        for key in out.encode:  # evicts unpinned entries if it must: freed before the runner encodes
+            self.encoder_cache.allocate(key, self.item_bytes(encoding[key]))
+        out.freed_encoder_keys = self.encoder_cache.take_freed()
         return out
 
     def _describe(self, req: Request, out: SchedulerOutput) -> None:
