@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import MEDIA
-from test_server import MODEL, REPO, ServerProcess, data_url, image_part, user
+from test_server import MODEL, REPO, ServerProcess, data_url, free_port, image_part, user
 
 from glimpse.engine.core import ErrorInfo
 from glimpse.errors import CheckpointError, PromptError
@@ -230,13 +230,13 @@ def test_clean_stop_leaves_no_process(ckpt):
 def test_start_failure_is_one_line(ckpt):
     """An error the engine raises while loading (here a KV cache too small for --max-model-len) comes
     from the core process to the CLI as one line and exit status 2."""
-    cmd = [sys.executable, "-m", "glimpse.cli", "serve", str(ckpt), "--encoder-graph", "off", "--port", "1",
-           "--kv-cache-memory", "1MiB", "--max-model-len", "4096"]  # fmt: skip
+    cmd = [sys.executable, "-m", "glimpse.cli", "serve", str(ckpt), "--encoder-graph", "off", "--port",
+           str(free_port()), "--kv-cache-memory", "1MiB", "--max-model-len", "4096"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("glimpse serve: max_model_len 4096 needs") and "raise kv_cache_memory" in last
+    assert last.startswith("glimpse: error: max_model_len 4096 needs") and "raise kv_cache_memory" in last
     assert "Traceback" not in done.stderr
 
 

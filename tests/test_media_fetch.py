@@ -688,7 +688,7 @@ def test_serve_refuses_a_non_loopback_unsafe_address_and_the_old_flag(tiny_check
         server.stop()
         pytest.fail(f"glimpse serve started with {ENV_UNSAFE_ADDRESSES}=169.254.169.254")
     assert "exited with 2" in failure and "Traceback" not in failure
-    assert f"glimpse serve: {ENV_UNSAFE_ADDRESSES}: '169.254.169.254' is not a loopback IP address" in failure
+    assert f"glimpse: error: {ENV_UNSAFE_ADDRESSES}: '169.254.169.254' is not a loopback IP address" in failure
 
     from glimpse.cli import build_parser  # the flag that bypassed every address check is gone
 

@@ -1,7 +1,8 @@
 """Step 0 of the data path, the HTTP front of `glimpse serve`: a FastAPI app over an `AsyncEngine`.
 
 `build_app(state)` serves POST /v1/chat/completions and /v1/completions (JSON or SSE), GET
-/v1/models, /health and /metrics. A request flows: API key -> body-size cap -> JSON + schema
+/v1/models and /v1/models/{id}, /openapi.json and /docs (behind --api-key like /v1), and the open
+probes /health, /ping, /version and /metrics. A request flows: API key -> body-size cap -> JSON + schema
 (unknown fields 400) -> admission slot (429) -> media fetch under the MediaPolicy -> processor
 (thread pool) -> engine -> reasoning parser -> OpenAI JSON. Errors are OpenAI-shaped
 `{"error": {message, type, param, code}}` with sanitised text.
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from glimpse import __version__
 from glimpse.engine.llm_engine import RequestOutput
 from glimpse.errors import DecodeBusyError, GlimpseError, InvalidInputError, PreprocessCancelled
 from glimpse.processing.control import PixelBudget, PreprocessControl
@@ -146,9 +149,17 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         return JSONResponse(error_body(err), status_code=err.status)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "not_found" if exc.status_code == 404
-                       else "http_error")  # fmt: skip
-        return JSONResponse(error_body(err), status_code=exc.status_code)
+        # Only routing raises these (the routes raise ApiError): no route, or not this method.
+        where = f"{request.method} {request.url.path[:200]}"
+        if exc.status_code == 404:
+            err = ApiError(404, f"no route for {where} (GET /openapi.json lists the routes)",
+                           "invalid_request_error", "not_found")  # fmt: skip
+        elif exc.status_code == 405:
+            err = ApiError(405, f"{where}: this route does not take {request.method}", "invalid_request_error",
+                           "method_not_allowed")  # fmt: skip
+        else:
+            err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "http_error")
+        return JSONResponse(error_body(err), status_code=exc.status_code, headers=exc.headers)
 
     # Expected errors are answered here; anything else also reaches Starlette's last-resort
     # handler, which logs the traceback server-side (the client still gets only on_error's JSON).
@@ -253,26 +264,52 @@ def _auth(state: ServerState) -> Callable:
 
 # ---- the app -------------------------------------------------------------------------------------
 def build_app(state: ServerState) -> Guard:
-    app = FastAPI(title="glimpse", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own /docs and /openapi.json are plain routes that no dependency reaches, so they are
+    # switched off here and served below behind the same API key as /v1.
+    app = FastAPI(title="glimpse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app, state)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(state))])
+    auth = Depends(_auth(state))
+    v1 = APIRouter(prefix="/v1", dependencies=[auth])
     engine = state.engine
+    card = P.model_card(state.model_name, engine.max_model_len, P.now())
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while the engine core runs, 503 once it has stopped."""
         if not engine.is_alive():
             return JSONResponse({"status": "engine stopped", "reason": engine.stop_reason}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """vLLM's (and SageMaker's) liveness probe: the same answer as /health."""
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[auth])
+    async def openapi() -> dict:
+        return _openapi(app)
+
+    @app.get("/docs", include_in_schema=False, dependencies=[auth])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="glimpse API")
+
     @v1.get("/models")
     async def models() -> dict:
-        card = {"id": state.model_name, "object": "model", "created": P.now(), "owned_by": "glimpse",
-                "max_model_len": engine.max_model_len}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        """One model by id; an id may be a folder path, slashes and all (the default id is MODEL as given)."""
+        _check_model(state, model_id)
+        return card
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
@@ -293,6 +330,23 @@ def build_app(state: ServerState) -> Guard:
 
     app.include_router(v1)
     return Guard(app, state.allowed_hosts)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, plus the JSON bodies of the two POST routes, which read their
+    body by hand (see _parse) so that FastAPI does not know them."""
+    if app.openapi_schema is None:
+        schema = app.openapi()  # built once and kept in app.openapi_schema
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        bodies = {"/v1/chat/completions": P.ChatCompletionRequest, "/v1/completions": P.CompletionRequest}
+        for path, model in bodies.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                            "content": {"application/json": {"schema": ref}}}  # fmt: skip
+    return app.openapi_schema
 
 
 async def _read_body(request: Request, state: ServerState) -> dict:

@@ -1,15 +1,18 @@
 """`glimpse serve [MODEL]`: flags -> engine, processor limits, media policy -> uvicorn on host:port.
 
-`add_arguments(parser)` declares the flags; `run(args)` loads the checkpoint (a demo one with
-RANDOM weights when MODEL is omitted), starts the engine thread and serves until interrupted.
-Safe defaults: loopback only, no local files, no remote media, bounded bodies, queues and time.
+`add_arguments(parser)` declares the flags; `run(args)` checks that host:port can be bound, loads
+the checkpoint (a demo one with RANDOM weights when MODEL is omitted), starts the engine and
+serves until interrupted. Start-up errors are one `glimpse: error: ...` line (exit 2 for flag values,
+1 otherwise). Safe defaults: loopback only, no local files, no remote media, bounded bodies, queues and time.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -90,10 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=32)
     eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    eng.add_argument("--max-prefill-tokens", type=int, default=512,
+    eng.add_argument("--max-prefill-tokens", type=int, default=2048,
                      help="prompt tokens per step, after every decoding sequence's token (at most "
-                          "--max-num-batched-tokens); lower favours time per output token over time to first "
-                          "token")  # fmt: skip
+                          "--max-num-batched-tokens); lower shortens the steps that delay decoding sequences, "
+                          "higher makes prefill matmuls more efficient (default: %(default)s)")  # fmt: skip
     eng.add_argument("--kv-cache-memory", default="1GiB")
     eng.add_argument("--encoder-cache-memory", default="256MiB")
     eng.add_argument("--block-size", type=int, default=16)
@@ -210,19 +213,66 @@ def build_state(args: argparse.Namespace):
         sampling_defaults=engine.model_config.generation_defaults if args.generation_config == "auto" else {})  # fmt: skip
 
 
+def bind_problem(host: str, port: int) -> tuple[str, int] | None:
+    """Why uvicorn could not listen on host:port, as (message, exit status), or None if it can.
+
+    Binds and closes a socket for each address of `host` the way uvicorn's server does (asyncio's
+    create_server: SO_REUSEADDR, IPv6 sockets v6-only), so that a port in use is reported at once
+    rather than after the model has loaded (minutes on a real checkpoint)."""
+    if not 0 <= port <= 65535:
+        return f"--port must be in 0..65535, got {port}", 2
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"--host {host!r} is not an address or a name this machine resolves ({exc.strerror})", 2
+    for family, kind, proto, _, address in addresses:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks: asyncio skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} on {host} is in use (pick another with --port)", 1
+                if exc.errno == errno.EACCES:
+                    return (f"no permission to listen on port {port} on {host}: ports below 1024 need root "
+                            "(pick another with --port)", 1)  # fmt: skip
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"{host} is not an address of this machine (pick another with --host)", 2
+                return f"cannot listen on port {port} on {host}: {exc.strerror or exc} (see --host and --port)", 1
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from glimpse.entrypoints import DEMO_BANNER
     from glimpse.server.app import build_app
     from glimpse.server.async_engine import EngineStartError
     from glimpse.server.guard import h11_with_head_deadline
 
+    problem = bind_problem(args.host, args.port)
+    if problem is not None:
+        print(f"glimpse: error: {problem[0]}", file=sys.stderr)
+        return problem[1]
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.model is None:
+        from glimpse.llm import demo_checkpoint
+
+        print(DEMO_BANNER.format(path=demo_checkpoint()), file=sys.stderr)
     try:
         state = build_state(args)
-    except (InvalidInputError, CheckpointError, EngineStartError) as exc:  # e.g. weights missing
-        print(f"glimpse serve: {exc}", file=sys.stderr)
+    except InvalidInputError as exc:  # a flag value (the engine's too, e.g. a KV cache too small for --max-model-len)
+        print(f"glimpse: error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointError, EngineStartError) as exc:  # e.g. weights missing or corrupt
+        print(f"glimpse: error: {exc}", file=sys.stderr)
+        return 1
     if args.host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
         logging.getLogger("glimpse.server").warning(
             "listening on %s without --api-key: anyone who can reach this address can use the model", args.host)

@@ -323,6 +323,12 @@ def now() -> int:
     return int(time.time())
 
 
+def model_card(model_id: str, max_model_len: int, created: int) -> dict:
+    """One entry of GET /v1/models (and the answer of GET /v1/models/{id}), with vLLM's `max_model_len`."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "glimpse",
+            "max_model_len": max_model_len}  # fmt: skip
+
+
 # ---- response formats: engine outputs -> one endpoint's JSON ----------------------------------
 class ResponseFormat:
     """Turns engine outputs into one endpoint's JSON: `full` (non-streaming) or start/step/end chunks."""
