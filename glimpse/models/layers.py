@@ -132,8 +132,9 @@ def _native_norm(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
 def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
     """The native kernels when they serve these tensors: all bf16 on CPU, outside autograd and
     torch.compile tracing (None: use torch's ops)."""
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
-        return None
+    for t in tensors:  # a loop, not any(genexpr): this runs several times per layer per step
+        if t.dtype is not torch.bfloat16 or not t.is_cpu:
+            return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
         return None
     return kernels.cpu_kernels()  # looked up per call: tests switch the kernels off by patching it
