@@ -27,6 +27,7 @@ BENCHES = {
     "offline-compare": ("glimpse.bench.offline_compare", "glimpse's offline LLM.chat against vLLM's, side by side"),
     "mm-encoder": ("glimpse.bench.mm_encoder", "vision-encoder latency, captured graphs vs eager"),
     "kernels": ("glimpse.bench.kernels", "the native CPU kernels against torch's, side by side"),
+    "startup": ("glimpse.bench.startup", "seconds to glimpse --help and to the first token of glimpse generate, cold and warm"),
 }
 # The checkpoint factory's choices (glimpse.testing imports torch); tests/test_cli_usage.py keeps them equal.
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")

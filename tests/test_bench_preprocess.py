@@ -1,7 +1,7 @@
 """`glimpse bench preprocess` in a tiny mode: the JSON it prints, and that the seek path decodes less.
 
-The bench runs as a program (a subprocess, as a user runs it) on a 12 s clip with two image
-passes. The references are independent of glimpse: the clip's frame count comes from the
+The bench runs as a program (a subprocess, as a user runs it) on a 12 s clip with three image
+passes (the fewest it accepts). The references are independent of glimpse: the clip's frame count comes from the
 recipe (12 s x 30 fps), every returned frame carries its own index as a barcode, and the full
 decode is a plain PyAV loop over the file.
 """
@@ -32,7 +32,7 @@ def test_barcode_round_trip_hand_made():
 
 
 def test_bench_preprocess_tiny(tmp_path):
-    cmd = [sys.executable, "-m", "glimpse.bench.preprocess", "--video-minutes", "0.2", "--image-iters", "2",
+    cmd = [sys.executable, "-m", "glimpse.bench.preprocess", "--video-minutes", "0.2", "--image-iters", "3",
            "--limits", "checkpoint", "--image-sides", "224,1024", "--workdir", str(tmp_path)]  # fmt: skip
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
@@ -72,3 +72,25 @@ def test_bench_preprocess_tiny(tmp_path):
         assert r["glimpse_images_per_s"] > 0 and r["hf_images_per_s"] > 0
         # the JSON rounds each figure to 0.01, hence the tolerance
         assert r["ratio"] == pytest.approx(r["glimpse_images_per_s"] / r["hf_images_per_s"], rel=0.02)
+        # The spread, recomputed from the three timed passes per side: HF's fastest over glimpse's
+        # slowest, to HF's slowest over glimpse's fastest.
+        ours, hf = r["pass_s"]["glimpse"], r["pass_s"]["hf"]
+        assert len(ours) == len(hf) == 3 and min(ours) > 0
+        assert r["ratio_range"] == pytest.approx([min(hf) / max(ours), max(hf) / min(ours)], rel=0.02)
+        lo, hi = r["ratio_range"]
+        assert lo <= r["ratio_median"] + 0.01 and r["ratio"] - 0.01 <= hi
+    table = next(line for line in lines if line.startswith(("glm46v", "qwen2_5_vl")))
+    first = rows[0]
+    lo, hi = first["ratio_range"]
+    assert f"{first['ratio']:.2f}x ({lo:.2f}-{hi:.2f})" in table  # the spread printed next to the ratio
+
+
+@pytest.mark.parametrize("iters", ["1", "2"])
+def test_too_few_image_passes_are_refused(iters, capsys):
+    from glimpse.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "preprocess", "--image-iters", iters])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "glimpse: error: argument --image-iters: must be >= 3" in err and "Traceback" not in err

@@ -29,12 +29,24 @@ TOKEN_GAP = 0.005  # ... and this long between tokens
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions streams `max_tokens` one-word chunks, then a usage chunk and [DONE]."""
+    """POST /v1/chat/completions streams `max_tokens` one-word chunks, then a usage chunk and [DONE];
+    GET /v1/models lists one model. Any other path is a 404, remembered in `server.bad_paths`."""
 
     def log_message(self, *args):
         pass
 
+    def _unknown_path(self, expected: str) -> bool:
+        if self.path == expected:
+            return False
+        self.server.bad_paths.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_GET(self):  # noqa: N802
+        if self._unknown_path("/v1/models"):
+            return
         body = json.dumps({"object": "list", "data": [{"id": "fake-vlm", "object": "model"}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -45,6 +57,8 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         srv = self.server
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self._unknown_path("/v1/chat/completions"):
+            return
         if srv.fail_status:
             body = json.dumps({"error": {"message": "overloaded"}}).encode()
             self.send_response(srv.fail_status)
@@ -92,6 +106,7 @@ def fake_server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     httpd.daemon_threads = True
     httpd.requests, httpd.lock, httpd.in_flight, httpd.peak, httpd.fail_status = [], threading.Lock(), 0, 0, 0
+    httpd.bad_paths = []
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
@@ -140,6 +155,7 @@ def test_drives_an_openai_compatible_server(fake_server, capsys):
 
     # What the server saw: 1 warm-up + 10 measured requests, each well-formed and authorised.
     requests = fake_server.requests
+    assert fake_server.bad_paths == []
     assert len(requests) == 11 and fake_server.peak <= 3
     allowed = {(48, 64, 1), (32, 32, 1), (40, 56, 3)}
     kinds = []
@@ -206,6 +222,27 @@ def test_failed_requests_are_counted_not_timed(fake_server, capsys):
     assert summary["mean_ttft_ms"] is None and summary["total_output_tokens"] == 0
     assert serve.run(_args(*base)) == 1  # a failed warm-up stops the run before measuring
     assert "warm-up request failed: HTTP 503" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+def test_base_url_as_the_openai_client_takes_it(fake_server, capsys, suffix):
+    # The openai client's base_url ends in /v1; the bench's endpoint and GET /v1/models carry it already.
+    root = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    summary = serve.run(_args("--base-url", root + suffix, "--num-prompts", "2", "--warmup-requests", "0", "--json",
+                              "--random-output-len", "2", "--random-mm-base-items-per-request", "0"))  # fmt: skip
+    assert fake_server.bad_paths == []  # a doubled /v1/v1/... would be a 404 here
+    assert summary["completed"] == 2 and summary["failed"] == 0
+    assert summary["model"] == "fake-vlm" and summary["base_url"] == root  # the model came from GET /v1/models
+    assert len(fake_server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "given, root",
+    [("http://h:8000", "http://h:8000"), ("http://h:8000/v1", "http://h:8000"), ("https://h/v1/", "https://h"),
+     ("http://h:8000/proxy/v1", "http://h:8000/proxy"), ("http://h:8000/v1beta", "http://h:8000/v1beta")],
+)  # fmt: skip
+def test_base_url_drops_only_a_trailing_v1(given, root):
+    assert _args("--base-url", given).base_url == root
 
 
 def _brute_percentile(values: list[float], p: float) -> float:
@@ -275,7 +312,8 @@ def test_item_sampling_respects_caps_and_bucket_weights():
     "flag, value",
     [("--random-mm-bucket-config", "{(0, 8, 1): 1.0}"), ("--random-mm-bucket-config", "__import__('os')"),
      ("--random-mm-limit-mm-per-prompt", '{"audio": 1}'), ("--metric-percentiles", "0"),
-     ("--random-range-ratio", "1.5"), ("--request-rate", "0"), ("--burstiness", "nan")],
+     ("--random-range-ratio", "1.5"), ("--request-rate", "0"), ("--burstiness", "nan"),
+     ("--base-url", "127.0.0.1:8000")],
 )  # fmt: skip
 def test_bad_arguments_are_refused(flag, value):
     with pytest.raises(SystemExit):

@@ -1,8 +1,9 @@
 """`glimpse bench kernels`: the native CPU kernels (glimpse/csrc) against torch's, side by side.
 
-Each row times both on the same bf16 inputs (median of `--repeats` after warm-up) and prints the
+Each row times both on the same bf16 inputs (median of `--repeats` >= 3 after warm-up) and prints the
 rate each reaches (GFLOP/s for attention, GB/s of weights or K/V for the memory-bound kernels)
-and the speed-up:
+and the speed-up of the medians with its spread (torch's fastest run over glimpse's slowest, to
+torch's slowest over glimpse's fastest):
 - vision attention: one image of L patches, 6 heads of 64 (the `small` checkpoint's tower);
 - causal prefill: one 700-token chunk, 12 query heads on 4 kv heads;
 - decode attention: 64 sequences of 400-760 cached tokens in a paged cache, one query row each,
@@ -22,6 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,22 +33,56 @@ from glimpse.buffers import empty_buffer
 from glimpse.kernels import cpu_kernels
 from glimpse.platform import one_row_matmuls
 
+# Fewer timed runs per side let one scheduler hiccup decide the speed-up (`--repeats 1` printed 0.19x).
+MIN_REPEATS = 3
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per side (the median is reported)")
+    p.add_argument("--repeats", type=_repeats, default=5,
+                   help=f"timed runs per side, >= {MIN_REPEATS} (median reported, min-max as the spread)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--only-rows", action="store_true", help="only the linear-by-rows sweep and its probes")
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def _repeats(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < MIN_REPEATS:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_REPEATS}: fewer runs make the speed-up noise; got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of one side's timed runs."""
+
+    median: float
+    fastest: float
+    slowest: float
+
+
+def speedup(ref: Timing, ours: Timing) -> dict:
+    """torch's median over glimpse's, and the range the runs allow: the slowest of ours against the fastest
+    of torch's, up to the fastest of ours against the slowest of torch's."""
+    return {"speedup": ref.median / ours.median,
+            "speedup_range": [ref.fastest / ours.slowest, ref.slowest / ours.fastest]}  # fmt: skip
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> Timing:
     fn(), fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return Timing(statistics.median(times), min(times), max(times))
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    return _timed(fn, repeats).median
 
 
 def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict:
@@ -54,10 +90,10 @@ def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict
     out = torch.empty_like(q)
     tables = torch.tensor([0]), torch.tensor([length]), torch.arange(length), torch.tensor([0, length])
     flops = 4 * length * length * 64 * 6
-    ours = _median_seconds(lambda: native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out), repeats)
-    ref = _median_seconds(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))), repeats)
-    return dict(kernel=f"vision attention, L={length}", unit="GFLOP/s", native=flops / ours / 1e9,
-                torch=flops / ref / 1e9, speedup=ref / ours)  # fmt: skip
+    ours = _timed(lambda: native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out), repeats)
+    ref = _timed(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))), repeats)
+    return dict(kernel=f"vision attention, L={length}", unit="GFLOP/s", native=flops / ours.median / 1e9,
+                torch=flops / ref.median / 1e9, **speedup(ref, ours))  # fmt: skip
 
 
 def _attention_rows(native, repeats: int) -> list[dict]:
@@ -74,10 +110,10 @@ def _attention_rows(native, repeats: int) -> list[dict]:
         ks, vs = (t.transpose(0, 1).repeat_interleave(3, 0) for t in (k, v))
         return F.scaled_dot_product_attention(q.transpose(0, 1), ks, vs, is_causal=True)
 
-    ours = _median_seconds(lambda: native.segment_attention_bf16(q, k, v, *tables, True, 0.125, out), repeats)
-    ref = _median_seconds(sdpa_causal, repeats)
-    rows.append(dict(kernel=f"causal prefill, {n} tokens, GQA 12/4", unit="GFLOP/s", native=flops / ours / 1e9,
-                     torch=flops / ref / 1e9, speedup=ref / ours))  # fmt: skip
+    ours = _timed(lambda: native.segment_attention_bf16(q, k, v, *tables, True, 0.125, out), repeats)
+    ref = _timed(sdpa_causal, repeats)
+    rows.append(dict(kernel=f"causal prefill, {n} tokens, GQA 12/4", unit="GFLOP/s", native=flops / ours.median / 1e9,
+                     torch=flops / ref.median / 1e9, **speedup(ref, ours)))  # fmt: skip
     return rows
 
 
@@ -108,10 +144,11 @@ def _decode_row(native, repeats: int) -> dict:
         return F.scaled_dot_product_attention(q.view(seqs, kv_heads, heads // kv_heads, dim), kd, vd, attn_mask=mask)
 
     kv_bytes = 2 * sum(contexts) * kv_heads * dim * 2
-    ours = _median_seconds(lambda: native.decode_attention_bf16(q, k_cache, v_cache, rows, slots, offsets, 0.125, out), repeats)
-    ref = _median_seconds(torch_path, repeats)
-    return dict(kernel="decode attention, 64 rows x 400-760 keys", unit="GB/s of K/V", native=kv_bytes / ours / 1e9,
-                torch=kv_bytes / ref / 1e9, speedup=ref / ours)  # fmt: skip
+    ours = _timed(lambda: native.decode_attention_bf16(q, k_cache, v_cache, rows, slots, offsets, 0.125, out), repeats)
+    ref = _timed(torch_path, repeats)
+    return dict(kernel="decode attention, 64 rows x 400-760 keys", unit="GB/s of K/V",
+                native=kv_bytes / ours.median / 1e9, torch=kv_bytes / ref.median / 1e9,
+                **speedup(ref, ours))  # fmt: skip
 
 
 def _linear_rows(native, repeats: int) -> list[dict]:
@@ -124,14 +161,15 @@ def _linear_rows(native, repeats: int) -> list[dict]:
     def sweep(fn):
         return lambda: [fn(xs[w.shape[1]], w) for w in weights]
 
-    ours = _median_seconds(sweep(native.linear_one_row_bf16), repeats)
+    ours = _timed(sweep(native.linear_one_row_bf16), repeats)
     with one_row_matmuls(1, torch.bfloat16, torch.device("cpu")):  # oneDNN off: torch's own one-row kernel
-        ref = _median_seconds(sweep(F.linear), repeats)
-    onednn = _median_seconds(sweep(F.linear), repeats)  # oneDNN, torch's default
-    return [dict(kernel="one-row linear vs torch's own kernel", unit="GB/s of weights", native=total / ours / 1e9,
-                 torch=total / ref / 1e9, speedup=ref / ours),
-            dict(kernel="one-row linear vs oneDNN", unit="GB/s of weights", native=total / ours / 1e9,
-                 torch=total / onednn / 1e9, speedup=onednn / ours)]  # fmt: skip
+        ref = _timed(sweep(F.linear), repeats)
+    onednn = _timed(sweep(F.linear), repeats)  # oneDNN, torch's default
+    native_rate = total / ours.median / 1e9
+    return [dict(kernel="one-row linear vs torch's own kernel", unit="GB/s of weights", native=native_rate,
+                 torch=total / ref.median / 1e9, **speedup(ref, ours)),
+            dict(kernel="one-row linear vs oneDNN", unit="GB/s of weights", native=native_rate,
+                 torch=total / onednn.median / 1e9, **speedup(onednn, ours))]  # fmt: skip
 
 
 # One Qwen2.5-VL-3B decoder layer, fused as glimpse runs it: qkv, o, gate_up, down ([out, in]).
@@ -163,6 +201,12 @@ def _row_sweep(native, repeats: int, read_bw: float, flops: float) -> list[dict]
     return rows
 
 
+def format_speedup(row: dict) -> str:
+    """`1.85x (1.62-2.03)`: the speed-up of the medians, then its spread."""
+    lo, hi = row["speedup_range"]
+    return f"{row['speedup']:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,12 +221,13 @@ def run(args: argparse.Namespace) -> int:
             rows += _linear_rows(native, args.repeats)
         probe, flops = read_bandwidth(), compute_rate()
         sweep = _row_sweep(native, args.repeats, probe, flops)
-    result = {"threads": torch.get_num_threads(), "rows": rows, "read_bandwidth_bytes_per_s": probe,
+    result = {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows,
+              "read_bandwidth_bytes_per_s": probe,
               "compute_flop_per_s": flops, "linear_by_rows": sweep}  # fmt: skip
     if not args.json:
-        print(f"{'kernel':44s} {'unit':16s} {'native':>8s} {'torch':>8s} {'speed-up':>9s}")
+        print(f"{'kernel':44s} {'unit':16s} {'native':>8s} {'torch':>8s} {'speed-up (spread)':>20s}")
         for r in rows:
-            print(f"{r['kernel']:44s} {r['unit']:16s} {r['native']:8.1f} {r['torch']:8.1f} {r['speedup']:8.2f}x")
+            print(f"{r['kernel']:44s} {r['unit']:16s} {r['native']:8.1f} {r['torch']:8.1f} {format_speedup(r):>20s}")
         print(f"probes: read {probe / 1e9:.1f} GB/s (torch.sum of 1 GiB float32, median of 5); "
               f"compute {flops / 1e9:.0f} GFLOP/s (2048^3 bf16 matmul)")
         print("Qwen2.5-VL-3B decoder layer (fused q/k/v and gate/up), bf16, by rows:")

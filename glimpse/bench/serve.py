@@ -47,9 +47,8 @@ class RequestResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base-url", default="http://127.0.0.1:8000", help="server root, e.g. http://host:8000"
-    )
+    parser.add_argument("--base-url", type=base_url, default="http://127.0.0.1:8000",
+                        help="server root, e.g. http://host:8000 (a trailing /v1, as openai clients take, is dropped)")
     parser.add_argument("--endpoint", default="/v1/chat/completions")
     parser.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
     parser.add_argument(
@@ -398,6 +397,17 @@ def print_table(s: dict, percentiles: list[float]) -> None:
 
 
 # ---- argument parsing -----------------------------------------------------------------------------
+
+
+def base_url(text: str) -> str:
+    """The server root: `http://host:8000/v1/` -> `http://host:8000`. The openai client's base URL ends
+    in /v1, and --endpoint and GET /v1/models already carry it (kept, it would double: /v1/v1/...)."""
+    root = text.strip().rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")].rstrip("/")
+    if not root.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http(s):// URL such as http://127.0.0.1:8000, got {text!r}")
+    return root
 
 
 def _modality(key: tuple[int, int, int]) -> str:
