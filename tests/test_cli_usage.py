@@ -64,6 +64,11 @@ class FakeLLM:
         self.calls: list[list[dict]] = []
         self.closed = 0
 
+    def get_default_sampling_params(self):
+        from glimpse.engine.sampling_params import SamplingParams
+
+        return SamplingParams()
+
     def chat(self, messages, params, **kwargs):
         self.calls.append(json.loads(json.dumps(messages)))
         comp = SimpleNamespace(text=self.reply, token_ids=[1, 2], finish_reason="length")
@@ -262,7 +267,7 @@ def test_every_flag_shows_its_default(command, capsys):
 
 def test_bench_names_load_their_module_only_when_run():
     assert set(cli.BENCHES) == {"rope-index", "preprocess", "throughput", "serve", "compare", "offline-compare",
-                                "mm-encoder", "kernels"}  # fmt: skip
+                                "mm-encoder", "kernels", "startup"}  # fmt: skip
     args = cli.build_parser().parse_args(["bench", "rope-index", "--repeats", "2"])
     assert args.repeats == 2 and args.func.__module__ == "glimpse.bench.rope_index"
 

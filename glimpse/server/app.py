@@ -2,7 +2,8 @@
 
 `build_app(state)` serves POST /v1/chat/completions and /v1/completions (JSON or SSE), GET
 /v1/models and /v1/models/{id}, /openapi.json and /docs (behind --api-key like /v1), and the open
-probes /health, /ping, /version and /metrics. A request flows: API key -> body-size cap -> JSON + schema
+probes /health, /ping, /version and /metrics. A request flows: Host check (Guard) -> CORS (with
+--allowed-origins) -> API key -> body-size cap -> JSON + schema
 (unknown fields 400) -> admission slot (429) -> media fetch under the MediaPolicy -> processor
 (thread pool) -> engine -> reasoning parser -> OpenAI JSON. Errors are OpenAI-shaped
 `{"error": {message, type, param, code}}` with sanitised text.
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -73,6 +75,8 @@ class ServerState:
     preprocess_workers: int = 2
     sampling_defaults: dict = field(default_factory=dict)  # from generation_config.json (--generation-config auto)
     pixel_budget: PixelBudget | None = None  # decoded pixels held at once, all requests (--max-decoding-pixels)
+    mm_processor_kwargs: dict = field(default_factory=dict)  # defaults under each request's own (--mm-processor-kwargs)
+    cors: dict = field(default_factory=dict)  # CORSMiddleware's arguments (--allowed-origins ...); {}: no CORS headers
     pool: ThreadPoolExecutor = field(init=False)
     metrics: ServerMetrics = field(init=False)
     token_text: P.TokenText = field(init=False)
@@ -268,6 +272,8 @@ def build_app(state: ServerState) -> Guard:
     # switched off here and served below behind the same API key as /v1.
     app = FastAPI(title="glimpse", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app, state)
+    if state.cors:  # inside Guard, so the Host check still comes first; preflights are answered before auth, as vLLM
+        app.add_middleware(CORSMiddleware, **state.cors)
     auth = Depends(_auth(state))
     v1 = APIRouter(prefix="/v1", dependencies=[auth])
     engine = state.engine
@@ -388,13 +394,22 @@ def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest) -> Non
                                 "message to continue")  # fmt: skip
 
 
+def _mm_kwargs(defaults: dict, given: dict | None) -> dict:
+    """The server's --mm-processor-kwargs under the request's own, key by key. fps and num_frames are two ways to
+    choose frames (Qwen's processor refuses both at once), so a request naming either replaces both defaults."""
+    given = given or {}
+    if given.keys() & {"fps", "num_frames"}:
+        defaults = {k: v for k, v in defaults.items() if k not in ("fps", "num_frames")}
+    return {**defaults, **given}
+
+
 async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest) -> ProcessedPrompt:
     """Check what needs no download, fetch every media URL under the policy, then render and
     preprocess in the thread pool."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     parts = [part for msg in messages if isinstance(msg.get("content"), list) for part in msg["content"]
              if part["type"] in ("image_url", "video_url")]  # fmt: skip
-    mm = dict(req.mm_processor_kwargs or {})
+    mm = _mm_kwargs(state.mm_processor_kwargs, req.mm_processor_kwargs)
     # Counts and mm_processor_kwargs ceilings are refused before a single fetch.
     state.processor.precheck(sum(p["type"] == "image_url" for p in parts),
                              sum(p["type"] == "video_url" for p in parts), mm)  # fmt: skip
