@@ -1,8 +1,10 @@
 """The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, params)` and `.chat(...)`.
 
 A prompt is a string, a list of token ids, or `{"prompt": str, "multi_modal_data": {"image":
-[...], "video": [...]}}` whose string holds one image/video marker per item (the model's own,
-e.g. `<|image|>` for GLM; `LLM.image_placeholder` gives it). Without `model`, a built-in demo
+[...], "video": [...]}}` whose string holds one image/video placeholder per item (the model's own,
+as its chat template writes it: `LLM.image_placeholder` / `LLM.video_placeholder`). Media come as
+vLLM and HF users hold them: paths, bytes, PIL images, uint8 arrays (NumPy `[H, W, 3]`, torch
+`[3, H, W]`), videos as files or as `(frames, {"fps": ...})`. Without `model`, a built-in demo
 checkpoint with RANDOM weights is made on first use and cached.
 
 A step's prompt tokens may fill the whole default `max_num_batched_tokens` budget
@@ -12,16 +14,21 @@ chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md).
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from glimpse.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from glimpse.engine.llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.errors import InvalidInputError
+from glimpse.media.video import is_decoded_video
 from glimpse.processing.inputs import ProcessedPrompt
 
 
@@ -29,11 +36,12 @@ def demo_checkpoint(family: str = "glm46v", size: str = "tiny") -> Path:
     """The built-in demo checkpoint (random weights), made once under ~/.cache/glimpse."""
     import os
 
-    from glimpse.testing import make_checkpoint
+    from glimpse.testing import make_checkpoint, set_demo_sampling
 
     root = Path(os.environ.get("GLIMPSE_CACHE", Path.home() / ".cache" / "glimpse")) / f"demo-{family}-{size}"
     if not (root / "config.json").is_file() or not any(root.glob("*.safetensors")):
         make_checkpoint(family, size, root, seed=0)
+    set_demo_sampling(root)  # random weights: sample from the whole vocabulary, not near-greedily
     return root
 
 
@@ -61,12 +69,15 @@ class LLM:
 
     @property
     def image_placeholder(self) -> str:
-        """The marker to put in a raw prompt for each image (the model's own special token)."""
-        return self.processor.tokens.image_marker
+        """What to put in a raw prompt for each image: its marker as the chat template writes it (GLM
+        `<|begin_of_image|><|image|><|end_of_image|>`, Qwen `<|vision_start|><|image_pad|><|vision_end|>`),
+        so a raw prompt gets the same tokens as `chat`."""
+        return self.processor.tokens.image_placeholder
 
     @property
     def video_placeholder(self) -> str:
-        return self.processor.tokens.video_marker
+        """The same for each video (GLM `<|begin_of_video|><|video|><|end_of_video|>`)."""
+        return self.processor.tokens.video_placeholder
 
     def get_tokenizer(self):
         return self.processor.tokenizer
@@ -89,6 +100,7 @@ class LLM:
              mm_processor_kwargs: dict | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
         """Chat with one conversation (a list of messages) or several (a list of such lists)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        self._check_template_kwargs(chat_template_kwargs)
         processed = []
         for conv in conversations:
             t0 = time.perf_counter()
@@ -98,18 +110,64 @@ class LLM:
         return self._run(processed, sampling_params, use_tqdm)
 
     def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
-                    chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None):  # fmt: skip
-        """Yield `RequestOutput`s of one conversation as tokens arrive (`.outputs[0].delta_text` for n=1; with
-        n > 1 each output lists only the completions that moved: read `.index`)."""
+                    chat_template_kwargs: dict | None = None,
+                    mm_processor_kwargs: dict | None = None) -> Iterator[RequestOutput]:  # fmt: skip
+        """Yield `RequestOutput`s of one conversation as text arrives (`.outputs[0].delta_text` for n=1; with
+        n > 1 each output lists only the completions that moved: read `.index`).
+
+        Every output but the last carries new text: a token that adds none yet (part of a UTF-8
+        character, a possible stop string, a skipped special token) is held back, and its id rides in
+        the `delta_token_ids` of the next output of that completion. The last output (`finished`) lists
+        all n completions with their finish_reason, its deltas possibly empty (an EOS adds no text).
+        """
+        self._check_template_kwargs(chat_template_kwargs)
         processed = self.processor(messages, chat_template_kwargs=chat_template_kwargs, **(mm_processor_kwargs or {}))
         rid = self.engine.add_request(None, processed, sampling_params or self.get_default_sampling_params())
+        held: dict[int, list[int]] = {}  # completion index -> token ids of outputs not yielded
+
+        def with_held(c: CompletionOutput) -> CompletionOutput:
+            ids = held.pop(c.index, None)
+            return dataclasses.replace(c, delta_token_ids=ids + c.delta_token_ids) if ids else c
+
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    if out.request_id == rid:
-                        yield out
+                    if out.request_id != rid:
+                        continue
+                    if out.finished:
+                        yield self._readable(dataclasses.replace(out, outputs=[with_held(c) for c in out.outputs]))
+                        continue
+                    moved = []
+                    for c in out.outputs:
+                        if c.delta_text or c.finish_reason is not None:
+                            moved.append(with_held(c))
+                        else:
+                            held.setdefault(c.index, []).extend(c.delta_token_ids)
+                    if moved:
+                        yield self._readable(dataclasses.replace(out, outputs=moved))
         finally:
             self.engine.abort(rid)
+
+    @cached_property
+    def _template_kwargs(self) -> frozenset[str]:
+        from glimpse.server.cli import template_variables
+
+        return template_variables(self.processor.chat_template)
+
+    def _check_template_kwargs(self, kwargs: dict | None) -> None:
+        """As `glimpse serve` does: a key the chat template never reads would be ignored silently, so it is refused."""
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, dict):
+            raise InvalidInputError("chat_template_kwargs must be a dict")
+        unknown = sorted(set(kwargs) - self._template_kwargs)
+        if unknown:
+            allowed = ", ".join(sorted(self._template_kwargs)) or "none"
+            raise InvalidInputError(f"chat_template_kwargs {unknown} are not read by this model's chat template, so "
+                                    f"they would be ignored; allowed: {allowed}")  # fmt: skip
+        for key, value in kwargs.items():
+            if not isinstance(value, bool | int | float | str):
+                raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")
 
     def _process(self, prompt: Any, mm_kwargs: dict | None) -> tuple[ProcessedPrompt | list[int] | str, float]:
         t0 = time.perf_counter()
@@ -122,7 +180,7 @@ class LLM:
             unknown = set(mm) - {"image", "video"}
             if unknown:
                 raise InvalidInputError(f"multi_modal_data keys {sorted(unknown)} are not supported; use image, video")
-            images, videos = _as_list(mm.get("image")), _as_list(mm.get("video"))
+            images, videos = _images(mm.get("image")), _videos(mm.get("video"))
             kwargs = {**(mm_kwargs or {}), **(prompt.get("mm_processor_kwargs") or {})}
             processed = self.processor(text=prompt["prompt"], images=images, videos=videos, **kwargs)
             return processed, time.perf_counter() - t0
@@ -151,10 +209,28 @@ class LLM:
                     results[out.request_id] = out
                     bar.update(1)
         bar.close()
-        return [results[i] for i in ids]
+        return [self._readable(results[i]) for i in ids]
+
+    def _readable(self, out: RequestOutput) -> RequestOutput:
+        """Let the completions decode their `sample_logprobs` (the engine leaves the tokenizer out: its
+        outputs may cross processes)."""
+        for c in out.outputs:
+            c.tokenizer = self.processor.tokenizer
+        return out
 
 
-def _as_list(x: Any) -> list:
+def _images(x: Any) -> list:
+    """multi_modal_data["image"] as vLLM reads it: one image, a list of them, or a 4-D array (a batch)."""
     if x is None:
         return []
-    return list(x) if isinstance(x, (list, tuple)) and not (len(x) == 2 and hasattr(x[0], "shape")) else [x]
+    if isinstance(x, np.ndarray | torch.Tensor) and x.ndim == 4:
+        return list(x)
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _videos(x: Any) -> list:
+    """multi_modal_data["video"] as vLLM reads it: one video (a file, `(frames, metadata)`, a 4-D array, a list
+    of frames) or a list of videos."""
+    if x is None:
+        return []
+    return [x] if is_decoded_video(x) or not isinstance(x, list | tuple) else list(x)

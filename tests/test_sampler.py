@@ -422,7 +422,7 @@ def test_out_of_vocab_bias_is_a_named_error():
         ("top_p", 0.0), ("top_p", 1.1), ("top_p", -0.5),
         ("top_k", -2), ("top_k", 2.5),
         ("min_p", -0.1), ("min_p", 1.01),
-        ("max_tokens", 0), ("max_tokens", None),
+        ("max_tokens", 0), ("max_tokens", 2.5),  # None is valid: up to the context length, as in vLLM
         ("min_tokens", -1), ("min_tokens", 17),  # > max_tokens (16)
         ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
         ("presence_penalty", 2.5), ("presence_penalty", -2.01),

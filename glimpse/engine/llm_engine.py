@@ -17,6 +17,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from glimpse.engine.kv_cache import PagedKVCache
 from glimpse.engine.model_runner import ModelRunner
 from glimpse.engine.request import Request
 from glimpse.engine.sampler import TopLogprobs, sequence_seed
-from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.sampling_params import Logprob, SamplingParams, logprob_dict
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
@@ -78,6 +79,16 @@ class CompletionOutput:
     logprobs: list[TopLogprobs] | None = None
     delta_text: str = ""  # text new since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    # Set by `LLM` in its own process (outputs that cross processes stay light): decodes `sample_logprobs`.
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def sample_logprobs(self) -> list[dict[int, Logprob]] | None:
+        """`logprobs` as vLLM gives them: per output token `{token_id: Logprob(logprob, rank, decoded_token)}`,
+        the sampled token first, then the top-k."""
+        if self.logprobs is None:
+            return None
+        return [logprob_dict(e.token_id, e.logprob, e.rank, e.top, self.tokenizer) for e in self.logprobs]
 
 
 @dataclass
@@ -302,7 +313,7 @@ class LLMEngine:
             self._finish(req, "stop", None)
         elif token in params.stop_token_ids and n_out >= params.min_tokens:
             self._finish(req, "stop", token)
-        elif n_out >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        elif (params.max_tokens is not None and n_out >= params.max_tokens) or req.num_tokens >= self.max_model_len:
             self._finish(req, "length", None)
 
     def _finish(self, req: Request, reason: str, stop_reason) -> None:

@@ -3,6 +3,7 @@
 Plain frozen data with vLLM's field names and defaults so users' habits carry over. Every
 field is checked on construction (`InvalidInputError` naming the field, the value and the
 allowed range); ids that depend on the model's vocabulary are checked by `validate_for_vocab`.
+`Logprob` is vLLM's per-token logprob record, for outputs read the vLLM way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from glimpse.errors import InvalidInputError
 
@@ -77,7 +79,7 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the context length (max_model_len), as in vLLM
     min_tokens: int = 0
     stop: str | Sequence[str] | None = None
     stop_token_ids: Sequence[int] | None = None
@@ -102,9 +104,10 @@ class SamplingParams:
         _check_float("top_p", self.top_p, 0.0, 1.0, "must be in (0, 1] (1 disables it)", low_open=True)
         _check_int("top_k", self.top_k, -1, "must be an integer >= 1, or 0 / -1 to disable it")
         _check_float("min_p", self.min_p, 0.0, 1.0, "must be in [0, 1] (0 disables it)")
-        _check_int("max_tokens", self.max_tokens, 1, "must be an integer >= 1")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, "must be an integer >= 1, or None for up to the context length")
         _check_int("min_tokens", self.min_tokens, 0, "must be an integer >= 0")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
                      "must be > 0 (1 disables it)", low_open=True)  # fmt: skip
@@ -191,3 +194,27 @@ class SamplingParams:
     def greedy(cls, **overrides: object) -> SamplingParams:
         """Greedy decoding (temperature 0); other fields as given."""
         return cls(temperature=0.0, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's `Logprob`: one candidate token's log probability, its rank among all tokens (1 = most likely)
+    and its text (`tokenizer.decode([token_id])`, as vLLM decodes it)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+def logprob_dict(token_id: int, logprob: float, rank: int, top: Sequence[tuple[int, float]],
+                 tokenizer: Any = None) -> dict[int, Logprob]:  # fmt: skip
+    """One output position as vLLM's `{token_id: Logprob}`: the sampled token first, then the top-k with
+    ranks 1..k (a sampled token among them takes its top-k entry, as in vLLM's dict). Without a
+    tokenizer `decoded_token` is None."""
+    def entry(t: int, lp: float, r: int) -> Logprob:
+        return Logprob(lp, r, None if tokenizer is None else tokenizer.decode([t]))
+
+    out = {token_id: entry(token_id, logprob, rank)}
+    for k, (t, lp) in enumerate(top):
+        out[t] = entry(t, lp, k + 1)
+    return out

@@ -1,11 +1,12 @@
-"""Step 1 of the data path, media loading (images): bytes / path / base64 / data URL / PIL -> RGB PIL image.
+"""Step 1 of the data path, media loading (images): bytes / path / base64 / data URL / PIL / array -> RGB PIL image.
 
 `load_image(src) -> PIL.Image` in mode RGB: the header size is checked against `max_pixels`
 before any pixel is decoded, EXIF orientation is applied, and transparency is composited onto
 white exactly as HF's torchvision backend does for PIL input (parity-spec §1.1). Every failure
 is a MediaError (or MediaTooLargeError) whose text carries no object reprs. `load_image` is
 `decode_image(open_image(...))`: between the two a caller knows the decoded size (`image.size`)
-and may wait for room to decode it (processing/control.py).
+and may wait for room to decode it (processing/control.py). Pixel arrays as vLLM and HF users pass
+them (NumPy `[H, W, 3]`, torch `[3, H, W]`, uint8) become the PIL image of the same pixels.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from glimpse.errors import GlimpseError, MediaError, MediaTooLargeError
 
-ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
 # Pillow's own bomb threshold (Image.MAX_IMAGE_PIXELS) is 89.5 Mpx; glimpse's default is lower.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -70,9 +73,34 @@ def _decode_text(src: str, name: str) -> bytes:
     return data
 
 
+def is_pixel_array(src: object) -> bool:
+    return isinstance(src, np.ndarray | torch.Tensor)
+
+
+def hwc_pixels(src: object, name: str) -> np.ndarray:
+    """One image as an array -> `[H, W, 3]` uint8: NumPy arrays are `[H, W, 3]` (PIL's and vLLM's layout),
+    torch tensors `[3, H, W]` (torchvision's and HF's); each takes the other layout when its own does
+    not fit (a `[3, H, W]` array, an `[H, W, 3]` tensor). Values are taken as they are: uint8 only,
+    since float pixels have no agreed scale (0-1 or 0-255)."""
+    is_tensor = isinstance(src, torch.Tensor)
+    what = "tensor" if is_tensor else "array"
+    arr = src.detach().cpu().numpy() if is_tensor else np.asarray(src)
+    if arr.dtype != np.uint8:
+        raise MediaError(f"{name}: a pixel {what} must be uint8 (0-255), got {arr.dtype}; convert it first")
+    channels_first = arr.ndim == 3 and arr.shape[0] == 3 and (is_tensor or arr.shape[2] != 3)
+    if channels_first:
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        layout = "[3, H, W] (or [H, W, 3])" if is_tensor else "[H, W, 3] (or [3, H, W])"
+        raise MediaError(f"{name}: a pixel {what} must be RGB {layout}, got shape {list(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
 def _open(src: ImageSource, name: str) -> Image.Image:
     if isinstance(src, Image.Image):
         return src
+    if is_pixel_array(src):
+        return Image.fromarray(hwc_pixels(src, name))
     if isinstance(src, Path):
         data = _read_file(src, name)
     elif isinstance(src, str):
@@ -112,8 +140,8 @@ def _read_file(path: Path, name: str) -> bytes:
 def open_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """`src` opened but not decoded (`.size` is the header's), refused when over `max_pixels`.
 
-    `src`: a path (str or Path), raw bytes, base64 text, a `data:image/...;base64,` URL, or a
-    PIL image.
+    `src`: a path (str or Path), raw bytes, base64 text, a `data:image/...;base64,` URL, a PIL
+    image, or a uint8 pixel array (NumPy `[H, W, 3]`, torch `[3, H, W]`; see `hwc_pixels`).
     """
     image = _open(src, name)
     width, height = image.size

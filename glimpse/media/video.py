@@ -6,6 +6,11 @@ seeking to the keyframe before each needed frame when that skips decoding. With 
 each frame is mapped (resized) right after decoding, giving `[n, h, w, 3]`: one full-size frame
 is alive at a time. `src` is a path or the file's bytes; error texts never name the path.
 PyAV is imported lazily so that a missing codec library only disables video.
+
+Videos already decoded, as vLLM and HF users hold them, come as `(frames, metadata)`:
+`video_frames(src) -> (DecodedFrames, VideoMetadata)`, frames being a uint8 array `[T, H, W, 3]`,
+a torch tensor `[T, 3, H, W]`, or a list of PIL images or `[H, W, 3]` arrays, and metadata a
+dict (vLLM's) or object with the frame rate `fps`, which sampling and timestamps need.
 """
 
 from __future__ import annotations
@@ -23,18 +28,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from glimpse.buffers import empty_buffer
 from glimpse.errors import (
     GlimpseError,
+    InvalidInputError,
     LimitExceededError,
     MediaError,
     MediaTooLargeError,
     VideoSamplingError,
 )
+from glimpse.media.image import hwc_pixels, is_pixel_array, to_rgb
 
 VideoSource = str | Path | bytes | bytearray | memoryview
 FrameFn = Callable[[np.ndarray], np.ndarray]  # decoded RGB [H, W, 3] uint8 -> the frame to keep [h, w, 3]
+
+VideoFrames = np.ndarray | torch.Tensor | Sequence[Any]  # decoded frames; see `video_frames`
 
 # Seeking flushes the decoder and re-reads from a keyframe; only worth it past this many frames.
 _SEEK_MIN_SKIP = 8
@@ -365,3 +375,113 @@ def _decode_with_seeks(
                 break
         if target not in frames.done:
             raise frames.missing(target)
+
+
+# ---- videos already decoded ----------------------------------------------------------------------------
+
+
+class DecodedFrames:
+    """The frames of a decoded video, `[T, H, W, 3]` uint8 once taken: `take(indices)` converts only the
+    frames sampled (a list of PIL images is never stacked whole)."""
+
+    def __init__(self, frames: VideoFrames, name: str) -> None:
+        self.name = name
+        if isinstance(frames, torch.Tensor):
+            if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[3] != 3:  # HF's [T, 3, H, W]
+                frames = frames.permute(0, 2, 3, 1)
+            frames = frames.detach().cpu().numpy()
+        if isinstance(frames, np.ndarray):
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+                raise MediaError(f"{name}: video frames must be a uint8 array [T, H, W, 3] (or a tensor "
+                                 f"[T, 3, H, W]), got {frames.dtype} {list(frames.shape)}")  # fmt: skip
+            self._frames: np.ndarray | list = frames
+            self.shape = (int(frames.shape[1]), int(frames.shape[2]))
+            return
+        if not isinstance(frames, list | tuple) or not frames:
+            raise MediaError(f"{name}: video frames must be an array, a tensor or a non-empty list of frames")
+        self._pil = _is_pil(frames[0])
+        if not all(_is_pil(f) if self._pil else is_pixel_array(f) for f in frames):
+            raise MediaError(f"{name}: a list of video frames must hold only PIL images or only uint8 arrays")
+        self._frames = list(frames)
+        first = self._frame(0)
+        self.shape = (first.shape[0], first.shape[1])
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def _frame(self, i: int) -> np.ndarray:
+        frame = self._frames[i]
+        return np.asarray(to_rgb(frame)) if self._pil else hwc_pixels(frame, f"{self.name} frame {i}")
+
+    def take(self, indices: Sequence[int]) -> np.ndarray:
+        """`[len(indices), H, W, 3]` uint8, the frames at `indices` (repeats allowed) in that order."""
+        if isinstance(self._frames, np.ndarray):
+            return self._frames[list(indices)]
+        out = np.empty((len(indices), *self.shape, 3), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            frame = self._frame(i)
+            if frame.shape[:2] != self.shape:
+                raise MediaError(f"{self.name}: frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                                 f"{self.shape[1]}x{self.shape[0]}; glimpse needs one size per video")  # fmt: skip
+            out[k] = frame
+        return out
+
+
+def _is_pil(x: object) -> bool:
+    return isinstance(x, Image.Image)
+
+
+def _with_metadata(src: object) -> bool:
+    """vLLM's `(frames, metadata)`: metadata a dict or an object with `fps` (VideoMetadata, HF's own)."""
+    return isinstance(src, tuple) and len(src) == 2 and (isinstance(src[1], dict) or hasattr(src[1], "fps"))
+
+
+def is_decoded_video(src: object) -> bool:
+    """Whether `src` is one decoded video (frames, with or without metadata) rather than a path or bytes:
+    `(frames, metadata)`, a 4-D array or tensor, or a non-empty list of frames (PIL images, 3-D arrays)."""
+    if _with_metadata(src) or isinstance(src, np.ndarray | torch.Tensor):
+        return True
+    is_frame = lambda f: _is_pil(f) or (isinstance(f, np.ndarray | torch.Tensor) and f.ndim == 3)  # noqa: E731
+    return isinstance(src, list | tuple) and bool(src) and all(is_frame(f) for f in src)
+
+
+def _metadata_fps(meta: Any, name: str) -> tuple[float, int | None]:
+    """(fps, total_num_frames or None) from vLLM's metadata dict, a VideoMetadata or any object with `fps`."""
+    if isinstance(meta, dict):
+        fps, total = meta.get("fps"), meta.get("total_num_frames")
+    else:
+        fps, total = getattr(meta, "fps", None), getattr(meta, "total_num_frames", None)
+    if fps is None:
+        raise InvalidInputError(f"{name}: the video's metadata has no fps; frame sampling and timestamps need "
+                                "the frame rate: pass (frames, {'fps': FPS})")  # fmt: skip
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not np.isfinite(fps) or fps <= 0:
+        raise InvalidInputError(f"{name}: the video's metadata fps={fps!r} must be a positive number")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
+        raise InvalidInputError(f"{name}: the video's metadata total_num_frames={total!r} must be an integer")
+    return float(fps), total
+
+
+def video_frames(src: Any, name: str = "video", max_pixels: int | None = None) -> tuple[DecodedFrames, VideoMetadata]:
+    """A decoded video `(frames, metadata)` -> its frames and the metadata sampling needs.
+
+    Frames without metadata are refused: their frame rate is unknown, and glimpse does not guess one
+    (sampling by time and the GLM timestamps depend on it). A `total_num_frames` that differs from the
+    frames given (vLLM's loader sends a sample of a longer video) is refused too: glimpse samples the
+    frames itself, as HF's processor does, so it needs them all. `max_pixels` caps `width*height`.
+    """
+    if not _with_metadata(src):
+        raise InvalidInputError(f"{name}: video frames need their frame rate; pass (frames, {{'fps': FPS}}) "
+                                "as vLLM does, not the frames alone")  # fmt: skip
+    frames, meta = src
+    fps, total = _metadata_fps(meta, name)
+    decoded = DecodedFrames(frames, name)
+    count = len(decoded)
+    if total is not None and total != count:
+        raise InvalidInputError(f"{name}: the metadata says total_num_frames={total} but {count} frames were given; "
+                                "glimpse samples frames itself (as HF's processor does), so pass every frame of "
+                                "the video")  # fmt: skip
+    height, width = decoded.shape
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaTooLargeError(f"{name}: frames are {width}x{height} = {width * height} pixels, over the limit of "
+                                 f"{max_pixels} (server flag --max-video-frame-pixels)")  # fmt: skip
+    return decoded, VideoMetadata(total_num_frames=count, fps=fps, duration=count / fps, width=width, height=height)

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from glimpse.config import processor_kind, read_json
 from glimpse.errors import CheckpointError, InvalidInputError, LimitExceededError
 from glimpse.media.image import decode_image, open_image
-from glimpse.media.video import VideoMetadata, probe_video, read_frames
+from glimpse.media.video import is_decoded_video, probe_video, read_frames, video_frames
 from glimpse.models.evs import check_pruning_rate, retained_tokens
 from glimpse.processing.control import PreprocessControl
 from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
-from glimpse.processing.prompt import PlaceholderTokens, expand_prompt
+from glimpse.processing.prompt import PlaceholderTokens, expand_prompt, wrap_bare_videos
 from glimpse.processing.resize import (
     frame_resizer,
     preprocess_image,
@@ -38,10 +36,11 @@ from glimpse.processing.spec import (
     VideoSpec,
     check_overrides,
     load_specs,
+    size_as_pixels,
     with_overrides,
 )
 
-_IMAGE_PARTS = ("image", "image_url", "input_image")
+_IMAGE_PARTS = ("image", "image_url", "input_image", "image_pil")  # image_pil: vLLM's part for a PIL image
 _VIDEO_PARTS = ("video", "video_url")
 
 
@@ -144,6 +143,7 @@ class Processor:
         control.check()
         per_frame = [(vi["per_frame"], list(vi["stamp_text"])) if vi["stamp_text"] else (vi["tokens"], [])
                      for vi in video_items]  # fmt: skip
+        text = wrap_bare_videos(text, self.tokens)
         ids, placements = expand_prompt(text, self.tokenizer, self.tokens, [it["tokens"] for it in image_items], per_frame)
         items = []
         for p in placements:
@@ -158,7 +158,8 @@ class Processor:
     def specs(self, overrides: dict, images: bool = True, videos: bool = True) -> tuple[ImageSpec, VideoSpec]:
         """Per-request specs for a request that carries `images` / `videos` (or not).
 
-        `min_pixels`/`max_pixels` reach both of HF's processors (Qwen's image and video processors
+        `min_pixels`/`max_pixels` (or HF's `size={"shortest_edge", "longest_edge"}`, the same pixel
+        counts) reach both of HF's processors (Qwen's image and video processors
         both take them; GLM's take the `size` they stand for), the sampling knobs only the video one.
         Every knob is validated, and each pixel value is held to its own modality's ceiling
         (--max-pixels / --max-video-pixels, else that modality's checkpoint value), but only for a
@@ -166,6 +167,7 @@ class Processor:
         """
         if not isinstance(overrides, dict):
             raise InvalidInputError("mm_processor_kwargs must be an object")
+        overrides = size_as_pixels(overrides)
 
         def applied(spec: Any, present: bool, knobs: dict) -> Any:
             if present:
@@ -244,11 +246,10 @@ class Processor:
         """
         control = control or PreprocessControl()
         max_frames = self.ceilings.max_frames
-        if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], np.ndarray):  # pre-decoded frames
-            frames, meta = src
-            meta = meta if isinstance(meta, VideoMetadata) else VideoMetadata(**meta)
+        if is_decoded_video(src):  # (frames, metadata) as vLLM passes them; only the sampled frames are converted
+            frames, meta = video_frames(src, name, self.limits.max_video_frame_pixels)
             sampled = sample_video(meta, spec, name, max_frames)
-            pv, grid = preprocess_video(frames[list(sampled.indices)], spec, name)
+            pv, grid = preprocess_video(frames.take(sampled.indices), spec, name)
         else:
             src = _local(src, name)
             meta = probe_video(src, name, self.limits.max_video_frame_pixels)
@@ -303,11 +304,15 @@ def placeholder_tokens(tokenizer, kind: str, hf_config) -> PlaceholderTokens:
         return i
 
     if kind == "qwen2_5_vl":
-        tokens = PlaceholderTokens("<|image_pad|>", "<|video_pad|>", tid("<|image_pad|>"), tid("<|video_pad|>"))
-        pairs = {"image_token_id": tokens.image_token_id, "video_token_id": tokens.video_token_id}
+        vision = ("<|vision_start|>", "<|vision_end|>")
+        tokens = PlaceholderTokens("<|image_pad|>", "<|video_pad|>", tid("<|image_pad|>"), tid("<|video_pad|>"),
+                                   image_wrap=vision, video_wrap=vision)  # fmt: skip
+        pairs = {"image_token_id": tokens.image_token_id, "video_token_id": tokens.video_token_id,
+                 "vision_start_token_id": tid(vision[0]), "vision_end_token_id": tid(vision[1])}  # fmt: skip
     else:
         image = tid("<|image|>")
-        tokens = PlaceholderTokens("<|image|>", "<|video|>", image, image, tid("<|begin_of_image|>"), tid("<|end_of_image|>"))
+        tokens = PlaceholderTokens("<|image|>", "<|video|>", image, image, tid("<|begin_of_image|>"), tid("<|end_of_image|>"),
+                                   ("<|begin_of_image|>", "<|end_of_image|>"), ("<|begin_of_video|>", "<|end_of_video|>"))  # fmt: skip
         pairs = {"image_token_id": image, "video_start_token_id": tid("<|begin_of_video|>"),
                  "video_end_token_id": tid("<|end_of_video|>"), "image_start_token_id": tokens.frame_start_id}  # fmt: skip
     for key, value in pairs.items():

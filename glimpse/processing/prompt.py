@@ -5,6 +5,7 @@ GLM image: `<|image|>` -> `<|image|>` x n.   GLM video: `<|video|>` -> per tempo
 `<|begin_of_image|> <|image|> x n <|end_of_image|> TS`.  Qwen: `<|image_pad|>` / `<|video_pad|>`
 x n. Markers are special tokens, so tokenizing the text between them piece by piece equals
 HF's tokenization of the whole expanded string (special tokens split the text first).
+A bare GLM `<|video|>` is first wrapped as the chat template writes it (`wrap_bare_videos`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ class PlaceholderTokens:
     video_token_id: int  # id of video slots (GLM: the image token id; Qwen: <|video_pad|>)
     frame_start_id: int | None = None  # GLM <|begin_of_image|>
     frame_end_id: int | None = None  # GLM <|end_of_image|>
+    # The text the chat template writes around one marker (GLM <|begin_of_image|> ... <|end_of_image|>,
+    # Qwen <|vision_start|> ... <|vision_end|>): a raw prompt that uses `*_placeholder` gets the same tokens.
+    image_wrap: tuple[str, str] = ("", "")
+    video_wrap: tuple[str, str] = ("", "")
+
+    @property
+    def image_placeholder(self) -> str:
+        """One image as the chat template writes it (vLLM's placeholder string)."""
+        return self.image_wrap[0] + self.image_marker + self.image_wrap[1]
+
+    @property
+    def video_placeholder(self) -> str:
+        return self.video_wrap[0] + self.video_marker + self.video_wrap[1]
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,21 @@ class MediaPlacement:
     index: int  # position among items of its kind
     spans: tuple[tuple[int, int], ...]
     num_tokens: int
+
+
+def wrap_bare_videos(text: str, tokens: PlaceholderTokens) -> str:
+    """GLM: wrap each video marker that stands alone in `<|begin_of_video|> ... <|end_of_video|>`.
+
+    A GLM video's slots are image tokens; only the video wrapper around them makes them a video (for
+    M-RoPE, mrope.glm_mm_token_types), so a bare `<|video|>` has just one meaning, and without its
+    wrapper the prompt cannot run. A marker with either neighbour already in place is left as written;
+    families whose video slots have their own token id (Qwen) are left unchanged, as HF leaves them.
+    """
+    opening, closing = tokens.video_wrap
+    if tokens.video_token_id != tokens.image_token_id or not opening or tokens.video_marker not in text:
+        return text
+    bare = f"(?<!{re.escape(opening)}){re.escape(tokens.video_marker)}(?!{re.escape(closing)})"
+    return re.sub(bare, lambda _: tokens.video_placeholder, text)
 
 
 def expand_prompt(

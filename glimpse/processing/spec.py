@@ -363,6 +363,27 @@ def _over(key: str, value: float, limit: float, flag: str, source: str | None = 
         raise LimitExceededError(f"{key}={value}{what} exceeds the ceiling of {limit} ({where})")
 
 
+def size_as_pixels(overrides: dict[str, Any]) -> dict[str, Any]:
+    """HF's `size={"shortest_edge": N, "longest_edge": M}` as `min_pixels=N, max_pixels=M`.
+
+    HF's Qwen2-VL and GLM image and video processors mean pixel counts (areas) by both edges, not side
+    lengths, and take both keys or neither. Giving `size` and `min_pixels`/`max_pixels` together is refused
+    rather than resolved: they say the same thing twice. Other keys pass unchanged.
+    """
+    if "size" not in overrides:
+        return overrides
+    size = overrides["size"]
+    if not isinstance(size, dict) or set(size) != {"shortest_edge", "longest_edge"}:
+        raise InvalidInputError(f"size must be {{\"shortest_edge\": MIN_PIXELS, \"longest_edge\": MAX_PIXELS}} (pixel "
+                                f"counts, as HF's processors take it), got {size!r}")  # fmt: skip
+    both = sorted({"min_pixels", "max_pixels"} & set(overrides))
+    if both:
+        raise InvalidInputError(f"size and {', '.join(both)} set the same resize bounds; give either size="
+                                "{shortest_edge, longest_edge} or min_pixels/max_pixels, not both")  # fmt: skip
+    out = {k: v for k, v in overrides.items() if k != "size"}
+    return out | {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+
 def with_overrides(spec: ImageSpec, ceilings: Ceilings | None = None, **overrides: Any) -> ImageSpec:
     """A copy of `spec` with per-request knobs applied, after validating every one of them.
 

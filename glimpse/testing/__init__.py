@@ -1,5 +1,5 @@
 """Test tooling that ships with glimpse: the checkpoint factory."""
 
-from glimpse.testing.checkpoints import FAMILIES, SIZES, make_checkpoint
+from glimpse.testing.checkpoints import FAMILIES, SIZES, make_checkpoint, set_demo_sampling
 
-__all__ = ["FAMILIES", "SIZES", "make_checkpoint"]
+__all__ = ["FAMILIES", "SIZES", "make_checkpoint", "set_demo_sampling"]

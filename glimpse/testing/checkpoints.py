@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,6 +343,24 @@ def _generation_config(is_qwen: bool, ids: dict[str, int]) -> dict:
     eos = [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]]
     return {"eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
             "temperature": 1.0, "top_p": 0.0001, "top_k": 2}  # fmt: skip
+
+
+# The demo checkpoint (glimpse.llm.demo_checkpoint) has random weights. The factory's GLM sampling defaults
+# (top_p 1e-4, top_k 2, as the real GLM checkpoints ship them) leave one candidate per token, so there any
+# temperature and any n > 1 would give one text; the demo samples from the whole vocabulary instead.
+DEMO_SAMPLING = {"top_p": 1.0, "top_k": 0}
+
+
+def set_demo_sampling(path: str | Path) -> None:
+    """Give the folder's generation_config.json the demo's sampling defaults; rewritten only when they
+    differ (a demo cached by an older glimpse), by an atomic rename, since several processes may open it."""
+    file = Path(path) / "generation_config.json"
+    gen = json.loads(file.read_text())
+    if all(gen.get(k) == v for k, v in DEMO_SAMPLING.items()):
+        return
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    _write_json(tmp, gen | DEMO_SAMPLING)
+    os.replace(tmp, file)
 
 
 # ---- tokenizer and processor files -------------------------------------------------------------
