@@ -1,8 +1,9 @@
 """`glimpse generate` and `glimpse chat`: the offline engine from the command line.
 
-Words and flags -> (checkpoint folder, prompt, media paths), every one checked before a model loads
--> `LLM.chat` / `LLM.stream_chat`. Nothing here imports torch at module level, so `--help` and usage
-errors answer at once; the engine is imported only when a command runs.
+Words and flags -> (checkpoint folder, prompt, media paths, processor settings), every one checked
+before a model loads -> `LLM.chat` / `LLM.stream_chat`. Sampling flags left unset take the checkpoint's
+generation_config.json, as `LLM` and `glimpse serve` do. Nothing here imports torch at module level, so
+`--help` and usage errors answer at once; the engine is imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _top_p(text: str) -> float:
     value = _float(text)
     if not 0 < value <= 1:
@@ -146,17 +154,41 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "--max-num-batched-tokens)")  # fmt: skip
 
 
+# Unset sampling flags: LLM.get_default_sampling_params, i.e. generation_config.json over vLLM's defaults.
+_FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else {}"
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=_int_at_least(1), default=128, metavar="N", help="most tokens in a reply")
-    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T", help="0 is greedy")
-    p.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--top-k", type=_int_at_least(-1), default=0, metavar="K",
-                   help="sample among the k most likely tokens (0 or -1: all)")  # fmt: skip
+    p.add_argument("--temperature", type=_temperature, default=None, metavar="T",
+                   help=f"0 is greedy ({_FROM_CHECKPOINT.format('1.0')})")  # fmt: skip
+    p.add_argument("--top-p", type=_top_p, default=None, metavar="P",
+                   help=f"nucleus sampling mass, in (0, 1] ({_FROM_CHECKPOINT.format('1.0: off')})")  # fmt: skip
+    p.add_argument("--top-k", type=_int_at_least(-1), default=None, metavar="K",
+                   help="sample among the k most likely tokens, 0 or -1: all "
+                        f"({_FROM_CHECKPOINT.format('0: all')})")  # fmt: skip
+    p.add_argument("--repetition-penalty", type=_positive_float, default=None, metavar="R",
+                   help="> 1 makes tokens already in the prompt or reply less likely "
+                        f"({_FROM_CHECKPOINT.format('1.0: off')})")  # fmt: skip
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the reply before this text (repeatable; default: none)")  # fmt: skip
     p.add_argument("--sampling-seed", type=_int_at_least(0), default=None, metavar="N",
                    help="seed of each reply's sampling (default: none, a fresh draw)")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence up to --max-tokens")
     p.add_argument("--thinking", choices=("on", "off"), default=None,
                    help="set chat_template_kwargs.enable_thinking (default: the template's own)")  # fmt: skip
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """The system message and the processor settings (mm_processor_kwargs, as a server request sends them)."""
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="a system message before the conversation (default: none)")  # fmt: skip
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=None, metavar="N",
+                   help="most pixels of an image after resizing, and of a video (GLM: all frames together, Qwen: "
+                        "each frame); mm_processor_kwargs.max_pixels (default: the checkpoint's, which this may "
+                        "only lower)")  # fmt: skip
+    p.add_argument("--fps", type=_positive_float, default=None, metavar="F",
+                   help="video frames sampled per second (mm_processor_kwargs.fps; default: the checkpoint's)")
 
 
 # ---- checks that run before any model loads --------------------------------------------------------------------
@@ -223,14 +255,49 @@ def check_media(path: str, kind: str, flag: str) -> str:
     return str(full)
 
 
+def mm_processor_kwargs(args: argparse.Namespace) -> dict:
+    """--max-pixels / --fps as the processor's per-request settings (only those given)."""
+    return {key: value for key, value in (("max_pixels", args.max_pixels), ("fps", args.fps)) if value is not None}
+
+
+def check_mm_kwargs(path: Path, mm: dict, images: bool = True, videos: bool = True) -> None:
+    """--max-pixels / --fps against the checkpoint's processor configs, before the model loads.
+
+    The offline processor holds max_pixels to the checkpoint's own value (as `glimpse serve` does unless
+    its operator raises the ceiling), for the kinds of media the prompt carries (`images`, `videos`);
+    every other rule (a family whose HF processor ignores fps) is the processor's own `check_overrides`.
+    """
+    from glimpse.processing.spec import Ceilings, check_overrides, load_specs
+
+    image_spec, video_spec = load_specs(path)
+    if "max_pixels" in mm:
+        for kind, spec, present in (("image", image_spec, images), ("video", video_spec, videos)):
+            if present and mm["max_pixels"] > spec.max_pixels:
+                raise UsageError(f"--max-pixels {mm['max_pixels']} is above this checkpoint's {kind} limit of "
+                                 f"{spec.max_pixels} pixels (size.longest_edge in its processor config), which "
+                                 "--max-pixels may only lower")  # fmt: skip
+    if mm.get("fps", 0) > Ceilings.max_fps:
+        raise UsageError(f"--fps {mm['fps']} is above the limit of {Ceilings.max_fps} frames per second")
+    try:
+        check_overrides(video_spec, **mm)
+    except InvalidInputError as exc:  # max_pixels >= 1 always passes: the refusal is about fps
+        raise UsageError(f"--fps: {exc}") from None
+
+
 # ---- running -----------------------------------------------------------------------------------------------------
 
 
+def _checkpoint(model: str | None) -> Path:
+    from glimpse.llm import demo_checkpoint
+
+    return demo_checkpoint() if model is None else Path(model).expanduser()
+
+
 def make_llm(model: str | None, args: argparse.Namespace):
-    from glimpse.llm import LLM, demo_checkpoint
+    from glimpse.llm import LLM
 
     if model is None:
-        print(DEMO_BANNER.format(path=demo_checkpoint()), file=sys.stderr)
+        print(DEMO_BANNER.format(path=_checkpoint(None)), file=sys.stderr)
     return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                encoder_cache_memory=args.encoder_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
@@ -238,15 +305,24 @@ def make_llm(model: str | None, args: argparse.Namespace):
                encoder_budgets=args.encoder_budgets)  # fmt: skip
 
 
-def _params(args: argparse.Namespace):
-    from glimpse.engine.sampling_params import SamplingParams
+def _params(llm, args: argparse.Namespace):
+    """The flags given, over the model's defaults (its generation_config.json, else vLLM's)."""
+    import dataclasses
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.sampling_seed, ignore_eos=args.ignore_eos)  # fmt: skip
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "repetition_penalty": args.repetition_penalty}  # fmt: skip
+    return dataclasses.replace(llm.get_default_sampling_params(), max_tokens=args.max_tokens, stop=args.stop,
+                               seed=args.sampling_seed, ignore_eos=args.ignore_eos,
+                               **{k: v for k, v in given.items() if v is not None})  # fmt: skip
 
 
 def _template_kwargs(args: argparse.Namespace) -> dict | None:
     return None if args.thinking is None else {"enable_thinking": args.thinking == "on"}
+
+
+def _system(args: argparse.Namespace) -> list[dict]:
+    """The conversation's opening: the --system message, if any."""
+    return [] if args.system is None else [{"role": "system", "content": args.system}]
 
 
 def _content(text: str, images: list[str], videos: list[str]) -> list[dict]:
@@ -261,9 +337,13 @@ def generate(args: argparse.Namespace) -> int:
         check_model(model)
     images = [check_media(p, "image", "--image") for p in args.image or []]
     videos = [check_media(p, "video", "--video") for p in args.video or []]
+    mm = mm_processor_kwargs(args)
+    if mm:
+        check_mm_kwargs(_checkpoint(model), mm, images=bool(images), videos=bool(videos))
     llm = make_llm(model, args)
-    messages = [{"role": "user", "content": _content(prompt, images, videos)}]
-    out = llm.chat(messages, _params(args), use_tqdm=False, chat_template_kwargs=_template_kwargs(args))[0]
+    messages = [*_system(args), {"role": "user", "content": _content(prompt, images, videos)}]
+    out = llm.chat(messages, _params(llm, args), use_tqdm=False, chat_template_kwargs=_template_kwargs(args),
+                   mm_processor_kwargs=mm or None)[0]  # fmt: skip
     comp = out.outputs[0]
     print(comp.text)
     summary = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(comp.token_ids),
@@ -287,7 +367,8 @@ def _lines():
         yield input("> ")
 
 
-def _stream_reply(llm, history: list[dict], params, template_kwargs: dict | None) -> tuple[str, bool]:
+def _stream_reply(llm, history: list[dict], params, template_kwargs: dict | None,
+                  mm: dict | None = None) -> tuple[str, bool]:  # fmt: skip
     """Print one streamed reply; returns (text shown, whether Ctrl-C stopped it).
 
     Ctrl-C only raises a flag, read between engine steps, so the engine is never left mid-step; the
@@ -302,7 +383,7 @@ def _stream_reply(llm, history: list[dict], params, template_kwargs: dict | None
         stopped = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    stream = llm.stream_chat(history, params, chat_template_kwargs=template_kwargs)
+    stream = llm.stream_chat(history, params, chat_template_kwargs=template_kwargs, mm_processor_kwargs=mm)
     reply = ""
     try:
         for out in stream:
@@ -324,10 +405,13 @@ def chat(args: argparse.Namespace) -> int:
 
     if args.model is not None:
         check_model(args.model)
+    mm = mm_processor_kwargs(args)
+    if mm:  # media come later: images are what most chats attach, a video's limit is checked when one comes
+        check_mm_kwargs(_checkpoint(args.model), mm, videos=False)
     llm = make_llm(args.model, args)
-    params = _params(args)
+    params = _params(llm, args)
     template_kwargs = _template_kwargs(args)
-    history: list[dict] = []
+    history: list[dict] = _system(args)
     media: dict[str, list[str]] = {"image": [], "video": []}
     print("glimpse chat: type a message; /help lists the commands; Ctrl-C stops a reply; Ctrl-D or /bye quits.",
           file=sys.stderr)  # fmt: skip
@@ -346,7 +430,7 @@ def chat(args: argparse.Namespace) -> int:
             if command in ("/help", "/?"):
                 print(CHAT_HELP, file=sys.stderr)
             elif command in ("/clear", "/reset"):
-                history.clear()
+                history = _system(args)
                 media = {"image": [], "video": []}
                 print("[cleared the conversation]", file=sys.stderr)
             elif command in ("/image", "/video"):
@@ -369,7 +453,7 @@ def chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": _content(line, media["image"], media["video"])})
         media = {"image": [], "video": []}
         try:
-            reply, stopped = _stream_reply(llm, history, params, template_kwargs)
+            reply, stopped = _stream_reply(llm, history, params, template_kwargs, mm or None)
         except GlimpseError as exc:  # e.g. a prompt over --max-model-len: the session goes on without it
             history.pop()
             print(f"[error] {exc}", file=sys.stderr)
@@ -395,6 +479,7 @@ def add_commands(sub) -> None:
     g.add_argument("--video", action="append", metavar="PATH", help="video file (repeatable; default: none)")
     add_engine_arguments(g)
     add_sampling_arguments(g)
+    add_prompt_arguments(g)
     g.set_defaults(func=generate)
 
     c = sub.add_parser("chat", help="interactive, streaming chat", formatter_class=DefaultsFormatter,
@@ -404,4 +489,5 @@ def add_commands(sub) -> None:
                    help="checkpoint folder (default: the built-in demo checkpoint, random weights)")  # fmt: skip
     add_engine_arguments(c)
     add_sampling_arguments(c)
+    add_prompt_arguments(c)
     c.set_defaults(func=chat)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from glimpse import backends, platform
 from glimpse.buffers import move_to_huge_pages
@@ -29,6 +31,8 @@ from glimpse.models.layers import Linear
 
 _MODEL_CLASSES = {"glm4v": ("glimpse.models.glm4v", "Glm4vModel"), "qwen2_5_vl": ("glimpse.models.qwen2_5_vl", "Qwen2_5_VLModel")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Checkpoints larger than this take a few seconds to read or more: a progress bar then shows (on a terminal only).
+PROGRESS_BYTES = 1 << 30
 
 
 @dataclass
@@ -110,46 +114,51 @@ def load_weights(
     packed_slot = model.packed_weight_slot
     keep_fp32 = model.float32_weight_names()
     filled: dict[str, int] = {}  # stacked parameter -> elements written so far by its slices
-    for file, names in _checkpoint_files(path).items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = list(f.keys()) if names is None else names
-                for key in keys:
-                    target = current_name(key)
-                    if key in report.source:
-                        raise CheckpointError(f"tensor {key} appears in both {report.source[key]} and {file.name}")
-                    report.source[key] = file.name
-                    if skip(target):
-                        report.skipped.append(key)
-                        continue
-                    slot = packed_slot(target)
-                    if slot is not None:
-                        target, index = slot
-                    if target not in expected:
-                        raise CheckpointError(
-                            f"{file.name}: unexpected tensor {key} (no parameter {target} in {type(model).__name__})"
-                        )
-                    want = expected[target] if slot is None else expected[target][index]  # meta: shape only
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(want.shape):
-                        raise CheckpointError(
-                            f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(want.shape)}"
-                        )
-                    to = torch.float32 if target in keep_fp32 else dtype
-                    if target in state and (slot is None or target not in filled):
-                        raise CheckpointError(f"{file.name}: {target} is given both whole and in slices ({key})")
-                    if slot is None:
-                        state[target] = tensor.to(device=device, dtype=to)
-                    else:
-                        if target not in state:
-                            state[target] = torch.empty(expected[target].shape, dtype=to, device=device)
-                        state[target][index] = tensor.to(device=device, dtype=to)
-                        filled[target] = filled.get(target, 0) + tensor.numel()
-                    if target != key:
-                        report.renamed[key] = target
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file} is truncated or corrupt: {e}") from None
+    files = _checkpoint_files(path)
+    with _progress_bar(list(files)) as bar:
+        for file, names in files.items():
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    keys = list(f.keys()) if names is None else names
+                    file_bytes, read = file.stat().st_size, 0
+                    for key in keys:
+                        target = current_name(key)
+                        if key in report.source:
+                            raise CheckpointError(f"tensor {key} appears in both {report.source[key]} and {file.name}")
+                        report.source[key] = file.name
+                        if skip(target):
+                            report.skipped.append(key)
+                            continue
+                        slot = packed_slot(target)
+                        if slot is not None:
+                            target, index = slot
+                        if target not in expected:
+                            raise CheckpointError(f"{file.name}: unexpected tensor {key} (no parameter {target} "
+                                                  f"in {type(model).__name__})")  # fmt: skip
+                        want = expected[target] if slot is None else expected[target][index]  # meta: shape only
+                        tensor = f.get_tensor(key)
+                        bar.update(tensor.nbytes)
+                        read += tensor.nbytes
+                        if tuple(tensor.shape) != tuple(want.shape):
+                            raise CheckpointError(
+                                f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                f"the model expects {tuple(want.shape)}"
+                            )
+                        to = torch.float32 if target in keep_fp32 else dtype
+                        if target in state and (slot is None or target not in filled):
+                            raise CheckpointError(f"{file.name}: {target} is given both whole and in slices ({key})")
+                        if slot is None:
+                            state[target] = tensor.to(device=device, dtype=to)
+                        else:
+                            if target not in state:
+                                state[target] = torch.empty(expected[target].shape, dtype=to, device=device)
+                            state[target][index] = tensor.to(device=device, dtype=to)
+                            filled[target] = filled.get(target, 0) + tensor.numel()
+                        if target != key:
+                            report.renamed[key] = target
+                    bar.update(file_bytes - read)  # the header and skipped tensors: the bar ends at the files' size
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{file} is truncated or corrupt: {e}") from None
     for target, count in filled.items():  # distinct names fill distinct slices, so a short count is a gap
         if count != expected[target].numel():
             raise CheckpointError(
@@ -165,6 +174,14 @@ def load_weights(
     if tied:
         model.tie_weights()
     return report
+
+
+def _progress_bar(files: list[Path]) -> tqdm:
+    """A bar over the files' bytes on stderr, for checkpoints over PROGRESS_BYTES and only on a terminal
+    (tqdm's disable=None), so logs and tests stay clean."""
+    total = sum(f.stat().st_size for f in files)
+    return tqdm(total=total, desc="glimpse: loading weights", unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=None if total > PROGRESS_BYTES else True)  # fmt: skip
 
 
 def current_name(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -148,11 +149,20 @@ def _measure(family: str, kind: str, requests: list, eager: EncoderRunner, graph
 
 def _extern_share(runner: EncoderRunner, items: list[VisionItem]) -> float:
     """Share of one encode call's wall time spent inside GEMM, convolution and SDPA kernels."""
+    quiet_profiler()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         runner.encode(items)
         wall_us = (time.perf_counter() - start) * 1e6
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in EXTERN_KERNELS) / wall_us
+
+
+def quiet_profiler() -> None:
+    """Silence the profiler's own log lines ("USDT: ... profiler_start", "ERROR: ... gpuGetDeviceCount failed"
+    on a machine without a GPU), which kineto writes to stderr at every start and stop. Kineto reads
+    KINETO_LOG_LEVEL when the profiler first starts in the process; its levels run from 0 (verbose) to 5
+    (USDT), so 6 hides them all. A level the user set is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def _percentile(values: list[float], q: float) -> float:

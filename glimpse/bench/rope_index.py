@@ -35,9 +35,10 @@ TEXT_ID = 1000
 WARMUP = 20  # untimed calls per side: both are timed in steady state (glimpse still speeds up over its first ~10)
 GLM = dict(image=151343, boi=151339, eoi=151340, bov=151341, eov=151342)
 QWEN = dict(image=151655, video=151656, vision_start=151652, vision_end=151653)
+# No bos/eos ids: Qwen's defaults (151643, 151645) lie outside the 64-token vocabulary, which HF warns about.
 TINY_TEXT = dict(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1,
+    num_key_value_heads=1, bos_token_id=None, eos_token_id=None,
 )  # fmt: skip
 TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16)
 

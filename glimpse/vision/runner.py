@@ -10,6 +10,7 @@ Items larger than every budget, and graph=False, run the same static-shape tower
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Protocol
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
+from tqdm import tqdm
 
 from glimpse.backends import Backends, backends_for, bind_backends
 from glimpse.errors import InvalidInputError
@@ -58,6 +60,9 @@ class VisionTower(Protocol):
 # Dynamo keys its graph cache on the tower's code object, shared by every runner of a family,
 # so the per-code recompile limit (8 by default) must cover all budgets of all runners.
 _RECOMPILE_LIMIT = 4096
+# Compiling one budget's graph with a cold inductor cache: ~9 s on 2 cores for the tiny demo model (6 budgets: 53 s
+# cold, 8 s warm), more for deeper towers. Off a terminal, a capture of this many graphs or more is announced.
+ANNOUNCE_GRAPHS = 4
 
 
 class EncoderRunner:
@@ -103,7 +108,7 @@ class EncoderRunner:
         with torch.inference_mode(), torch._dynamo.config.patch(
             recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT
         ):
-            for budget in reversed(self.budgets):  # largest first, as vLLM does (peak memory first)
+            for budget in _compile_progress(list(reversed(self.budgets))):  # largest first, as vLLM (peak memory)
                 inputs = self._dummy_inputs(self._capacity(budget))
                 self._graphs[budget] = self.backends.graphs.capture(fn, inputs)
         self.compiled_graphs = counters["stats"]["unique_graphs"] - before
@@ -213,6 +218,15 @@ class EncoderRunner:
                 f"({t * h * w}, {self.patch_dim}) (t*h*w patches, C*Tp*P*P values each)"
             )
         return grid
+
+
+def _compile_progress(budgets: list[int]) -> tqdm:
+    """The budgets, with a bar on stderr when it is a terminal (a first start can compile for minutes);
+    in logs one line, and only for ANNOUNCE_GRAPHS graphs or more, so tests' small captures stay quiet."""
+    what = f"glimpse: compiling the vision encoder graphs for {len(budgets)} size{'s' * (len(budgets) != 1)}"
+    if not sys.stderr.isatty() and len(budgets) >= ANNOUNCE_GRAPHS:
+        print(f"{what}...", file=sys.stderr, flush=True)
+    return tqdm(budgets, desc=what, unit="graph", file=sys.stderr, disable=None)
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
