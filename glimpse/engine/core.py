@@ -200,8 +200,11 @@ class EngineCore:
 
 def run_core_process(config: EngineConfig, commands: Connection, outputs: Connection, log_level: str) -> None:
     """The engine-core process: load the model, send ("ready", CoreInfo) or ("fatal", ErrorInfo), serve."""
-    # Ctrl-C reaches the whole process group; the API process decides when the core stops.
+    # Ctrl-C reaches the whole process group, and a service manager's SIGTERM may too (systemd's default
+    # KillMode): the API process decides when the core stops, after draining (glimpse/server/app.py). If the
+    # API process dies instead, the core still ends: its command pipe reaches end of file.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config)
@@ -210,8 +213,8 @@ def run_core_process(config: EngineConfig, commands: Connection, outputs: Connec
             log.exception("the engine core failed to start")
         outputs.send(("fatal", ErrorInfo.of(exc)))
         return
-    outputs.send(("ready", core_info(engine)))
     try:
+        outputs.send(("ready", core_info(engine)))
         EngineCore(engine, outputs.send).run(PipeCommands(commands))
     except (BrokenPipeError, ConnectionResetError):  # the API process is gone: nobody to serve
         return

@@ -1,12 +1,13 @@
 """Step 0 of the data path, the HTTP front of `glimpse serve`: a FastAPI app over an `AsyncEngine`.
 
 `build_app(state)` serves POST /v1/chat/completions and /v1/completions (JSON or SSE), GET
-/v1/models and /v1/models/{id}, /openapi.json and /docs (behind --api-key like /v1), and the open
-probes /health, /ping, /version and /metrics. A request flows: Host check (Guard) -> CORS (with
---allowed-origins) -> API key -> body-size cap -> JSON + schema
+/v1/models and /v1/models/{id}, vLLM's POST /tokenize and /detokenize, /openapi.json and /docs (all
+behind --api-key like /v1), and the open probes /health, /ping, /version and /metrics. A request
+flows: Host check (Guard) -> CORS (with --allowed-origins) -> API key -> body-size cap -> JSON + schema
 (unknown fields 400) -> admission slot (429) -> media fetch under the MediaPolicy -> processor
 (thread pool) -> engine -> reasoning parser -> OpenAI JSON. Errors are OpenAI-shaped
-`{"error": {message, type, param, code}}` with sanitised text.
+`{"error": {message, type, param, code}}` with sanitised text. `Server` is uvicorn's server with
+glimpse's ending: SIGTERM drains (--shutdown-timeout), Ctrl-C stops at once, and neither prints a traceback.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import hmac
 import json
 import logging
 import re
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import anyio
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -44,6 +48,7 @@ from glimpse.server.async_engine import (
     EngineStepError,
     RequestHandle,
     ServerBusyError,
+    ServerShuttingDownError,
 )
 from glimpse.server.guard import ApiError, Guard, error_body, read_json
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
@@ -115,6 +120,8 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), "invalid_request_error", "request_cancelled")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), "service_unavailable", "engine_dead")
+    if isinstance(exc, ServerShuttingDownError):
+        return ApiError(503, str(exc), "service_unavailable", "server_shutting_down")
     if isinstance(exc, EngineStepError):
         return ApiError(500, str(exc), "server_error", "engine_error")
     log.error("unexpected error while serving a request", exc_info=exc)
@@ -281,9 +288,11 @@ def build_app(state: ServerState) -> Guard:
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine core runs, 503 once it has stopped."""
+        """200 while the engine core runs, 503 once it has stopped or the server is shutting down."""
         if not engine.is_alive():
             return JSONResponse({"status": "engine stopped", "reason": engine.stop_reason}, status_code=503)
+        if not engine.accepting():  # a load balancer stops sending requests here
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.api_route("/ping", methods=["GET", "POST"])
@@ -334,22 +343,70 @@ def build_app(state: ServerState) -> Guard:
         _check_n(state, req.n, len(P.prompt_list(req.prompt)))
         return await _serve(request, state, req, t0, P.CompletionFormat(req, state.model_name, state.token_text))
 
+    @app.post("/tokenize", dependencies=[auth])
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize. A text prompt is tokenized; chat messages are preprocessed exactly as a chat
+        completion of them would be (media fetched and resized under the same limits), without running the
+        model, so `count` is that completion's usage.prompt_tokens, media tokens included."""
+        body = await _read_body(request, state)
+        if ("messages" in body) == ("prompt" in body):
+            raise ApiError(400, "a /tokenize body holds either prompt (a text) or messages (a chat, counted as "
+                                "a chat completion would count it)", "invalid_request_error",
+                           "invalid_value")  # fmt: skip
+        req = _parse(P.TokenizeChatRequest if "messages" in body else P.TokenizeCompletionRequest, body)
+        _check_model(state, req.model)
+        if isinstance(req, P.TokenizeChatRequest):
+            _check_chat_options(state, req)
+            if req.add_special_tokens:
+                raise ApiError(400, "add_special_tokens=true is not supported with messages: a chat completion's "
+                                    "prompt is the chat template's text, which writes its own special tokens, so the "
+                                    "count would not be the one it uses", "invalid_request_error", "invalid_value",
+                               "add_special_tokens")  # fmt: skip
+        ids = await _admitted(request, state, lambda: _token_ids(state, req))
+        if isinstance(ids, Response):
+            return ids
+        strs = state.processor.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                             "token_strs": strs})  # fmt: skip
+
+    @app.post("/detokenize", dependencies=[auth])
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: token ids to text, special tokens included (as vLLM); an id the tokenizer
+        does not have is a 400 naming it (a tokenizer would silently decode it as nothing)."""
+        req: P.DetokenizeRequest = _parse(P.DetokenizeRequest, await _read_body(request, state))
+        _check_model(state, req.model)
+        tok = state.processor.tokenizer
+        size = len(tok)
+        bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < size), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens[{bad}] is {req.tokens[bad]}, which is not a token id of this model's "
+                                f"tokenizer (ids are 0 to {size - 1})", "invalid_request_error", "invalid_value",
+                           "tokens")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        text = await _admitted(request, state, lambda: loop.run_in_executor(state.pool, tok.decode, req.tokens))
+        return text if isinstance(text, Response) else JSONResponse({"prompt": text})
+
     app.include_router(v1)
     return Guard(app, state.allowed_hosts)
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema of the routes, plus the JSON bodies of the two POST routes, which read their
-    body by hand (see _parse) so that FastAPI does not know them."""
+    """FastAPI's schema of the routes, plus the JSON bodies of the POST routes, which read their body by
+    hand (see _parse) so that FastAPI does not know them."""
     if app.openapi_schema is None:
         schema = app.openapi()  # built once and kept in app.openapi_schema
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        bodies = {"/v1/chat/completions": P.ChatCompletionRequest, "/v1/completions": P.CompletionRequest}
-        for path, model in bodies.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        bodies = {"/v1/chat/completions": [P.ChatCompletionRequest], "/v1/completions": [P.CompletionRequest],
+                  "/tokenize": [P.TokenizeCompletionRequest, P.TokenizeChatRequest],
+                  "/detokenize": [P.DetokenizeRequest]}  # fmt: skip
+        for path, models in bodies.items():
+            refs = []
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
+            ref = refs[0] if len(refs) == 1 else {"oneOf": refs}
             schema["paths"][path]["post"]["requestBody"] = {"required": True,
                                                             "content": {"application/json": {"schema": ref}}}  # fmt: skip
     return app.openapi_schema
@@ -379,7 +436,7 @@ def _check_n(state: ServerState, n: int, prompts: int) -> None:
                        "invalid_request_error", "limit_exceeded_error", "n")  # fmt: skip
 
 
-def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest) -> None:
+def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest | P.TokenizeChatRequest) -> None:
     kwargs = req.chat_template_kwargs or {}
     unknown = sorted(set(kwargs) - state.template_kwargs)
     if unknown:
@@ -403,9 +460,9 @@ def _mm_kwargs(defaults: dict, given: dict | None) -> dict:
     return {**defaults, **given}
 
 
-async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest) -> ProcessedPrompt:
+async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest | P.TokenizeChatRequest) -> ProcessedPrompt:
     """Check what needs no download, fetch every media URL under the policy, then render and
-    preprocess in the thread pool."""
+    preprocess in the thread pool (for a chat completion, and for /tokenize's count of one)."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     parts = [part for msg in messages if isinstance(msg.get("content"), list) for part in msg["content"]
              if part["type"] in ("image_url", "video_url")]  # fmt: skip
@@ -452,6 +509,24 @@ async def _in_pool(state: ServerState, work: Callable[[], ProcessedPrompt], cont
         raise
     finally:
         state.preprocessing -= 1
+
+
+async def _token_ids(state: ServerState, req: P.TokenizeCompletionRequest | P.TokenizeChatRequest) -> list[int]:
+    if isinstance(req, P.TokenizeChatRequest):
+        return (await _prepare_chat(state, req)).input_ids
+    encode = state.processor.tokenizer.encode
+    return await asyncio.get_running_loop().run_in_executor(
+        state.pool, lambda: encode(req.prompt, add_special_tokens=req.add_special_tokens))
+
+
+async def _admitted(request: Request, state: ServerState, work: Callable[[], Awaitable]):
+    """The result of `work()`, run under an admission slot (429 when busy, 503 while shutting down) and
+    --request-timeout, as a completion's preprocessing is; a 499 Response if the client left."""
+    try:
+        async with asyncio.timeout(state.request_timeout), state.engine.admit():
+            return await _unless_disconnected(request, work())
+    except _ClientGone:
+        return Response(status_code=499)
 
 
 def _prepare_completion(state: ServerState, req: P.CompletionRequest) -> list[ProcessedPrompt]:
@@ -560,3 +635,77 @@ class _Run:
             self.state.metrics.observe_error(err.status)
             yield _sse(error_body(err))
         yield _sse("[DONE]")
+
+
+# ---- shutdown ------------------------------------------------------------------------------------
+class Server(uvicorn.Server):
+    """uvicorn's server, ended glimpse's way. SIGTERM drains: new requests get 503 (/health too, so that a
+    load balancer moves on) while those in flight run for up to `shutdown_timeout` s; any still running then
+    end with a 503 `server_shutting_down` (a stream: an error event, then [DONE]) and the server stops.
+    SIGINT (Ctrl-C), or a second SIGTERM, ends the requests in flight at once; a second Ctrl-C (or a third
+    SIGTERM) stops waiting for connections to close. uvicorn itself raises the signal again once stopped
+    (KeyboardInterrupt, or exit status 143); here `exit_status` is 130 after a Ctrl-C (what a shell reports
+    for one, so a script can tell an interrupt from a clean stop), else 0."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+        self.signals: list[int] = []  # received, in order
+        self._ending: asyncio.Task | None = None
+        self._now = asyncio.Event()  # set: end the requests in flight without waiting
+
+    @property
+    def exit_status(self) -> int:
+        return 130 if signal.SIGINT in self.signals else 0
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, without raising the signal again after the server has stopped."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Runs between two bytecodes of the event loop's thread: only take note; on_tick acts within the loop.
+        self.signals.append(sig)
+        if len(self.signals) >= 3 or self.signals.count(signal.SIGINT) >= 2:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn calls this every 0.1 s; True stops the server (it then closes the connections)."""
+        if self.signals:
+            if self._ending is None:
+                self._ending = asyncio.create_task(self._end())
+            if signal.SIGINT in self.signals or len(self.signals) > 1:
+                self._now.set()
+        stop = await super().on_tick(counter)
+        return stop or self.force_exit or (self._ending is not None and self._ending.done())
+
+    async def _end(self) -> None:
+        engine = self.engine
+        engine.refuse_new("the server is shutting down and takes no new requests; send them to another server")
+        if not self._now.is_set():
+            busy = engine.server_stats()
+            log.info("shutting down: new requests get 503; waiting up to %g s (--shutdown-timeout) for the "
+                     "requests in flight (%d, and %d queued)", self.shutdown_timeout, busy["in_flight"],
+                     busy["queued"])  # fmt: skip
+        idle, now = asyncio.ensure_future(engine.wait_idle()), asyncio.ensure_future(self._now.wait())
+        await asyncio.wait({idle, now}, timeout=self.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED)
+        now.cancel()
+        if idle.done():
+            return
+        idle.cancel()
+        why = "interrupted" if self._now.is_set() else f"after --shutdown-timeout {self.shutdown_timeout:g} s"
+        busy = engine.server_stats()
+        log.warning("shutting down (%s): ending the requests still in flight (%d, and %d queued) with a 503", why,
+                    busy["in_flight"], busy["queued"])  # fmt: skip
+        engine.end_requests(f"the server shut down before this request finished ({why}); retry it elsewhere")
+        with contextlib.suppress(TimeoutError):  # the ended requests send their last event and let go of their slot
+            async with asyncio.timeout(5):
+                await engine.wait_idle()

@@ -9,12 +9,15 @@ yields `RequestOutput`s (one per engine step that gave it tokens, listing only t
 that moved; the last has `finished=True` and all n); `handle.abort()` frees its KV blocks.
 `admit()` bounds the requests being served: `max_concurrent` at once plus `max_queue` waiting for
 a slot; beyond that it raises `ServerBusyError` (HTTP 429). If the core dies, every request in
-flight gets `EngineDeadError` (HTTP 503) at once, and so does every new one.
+flight gets `EngineDeadError` (HTTP 503) at once, and so does every new one. Shutting down (`Server` in
+glimpse/server/app.py) is `refuse_new()` (new requests get `ServerShuttingDownError`, HTTP 503), `wait_idle()`
+and, past --shutdown-timeout, `end_requests()` (those still in flight get it too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import logging
@@ -48,6 +51,10 @@ class EngineStepError(GlimpseError):
 
 class EngineStartError(GlimpseError):
     """The engine core could not load the model (the message is the core's own error)."""
+
+
+class ServerShuttingDownError(GlimpseError):
+    """The server is shutting down: it takes no new request, or ended this one at --shutdown-timeout (HTTP 503)."""
 
 
 @dataclass(eq=False)
@@ -102,6 +109,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._adding: dict[str, concurrent.futures.Future] = {}
         self._stopped: str | None = None  # why the core stopped, once it has
+        self._refusing: str | None = None  # why new requests are refused (shutting down), once they are
+        self._ended: str | None = None  # why the requests in flight were ended (shutdown timeout), once they were
         self._submit: Callable[[tuple], None] = lambda command: None  # set by the constructors
         self._close: Callable[[], None] = lambda: None
         self._slots: asyncio.Semaphore | None = None  # made lazily inside the server's event loop
@@ -152,6 +161,8 @@ class AsyncEngine:
     async def admit(self) -> AsyncIterator[None]:
         """Hold one of `max_concurrent` slots for the body; wait in a queue of `max_queue` places."""
         self._check_alive()
+        if self._refusing is not None:
+            raise ServerShuttingDownError(self._refusing)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent)
         if self._in_flight + self._queued >= self.max_concurrent + self.max_queue:
@@ -167,6 +178,7 @@ class AsyncEngine:
             self._queued -= 1
         self._in_flight += 1
         try:
+            self._check_alive()  # the core may have stopped, or the requests been ended, while this one queued
             yield
         finally:
             self._in_flight -= 1
@@ -181,6 +193,10 @@ class AsyncEngine:
 
     def is_alive(self) -> bool:
         return self._stopped is None
+
+    def accepting(self) -> bool:
+        """False once the server refuses new requests (shutting down) or the core has stopped."""
+        return self._stopped is None and self._refusing is None
 
     @property
     def stop_reason(self) -> str | None:
@@ -216,6 +232,34 @@ class AsyncEngine:
         """Stop the core (the process exits, the thread ends) and wait for it."""
         self._close()
 
+    # ---- shutting down (event-loop side) -------------------------------------------------
+    def refuse_new(self, reason: str) -> None:
+        """From now on `admit()` raises ServerShuttingDownError(reason); requests admitted or queued carry on."""
+        self._refusing = reason
+
+    async def wait_idle(self) -> None:
+        """Return once no request holds or waits for a slot (a stream holds its slot until its last event is out)."""
+        while self._in_flight or self._queued:
+            await asyncio.sleep(0.05)
+
+    def end_requests(self, reason: str) -> None:
+        """End every request in flight with ServerShuttingDownError(reason) and free its KV blocks in the core;
+        one still preprocessing or queued gets the same error from `add()` or `admit()`."""
+        error = ServerShuttingDownError(reason)
+        with self._lock:
+            self._ended = reason
+            streams, self._streams = self._streams, {}
+            adding, self._adding = self._adding, {}
+            alive = self._stopped is None
+        if alive:
+            for request_id in {*streams, *adding}:
+                self._submit(("abort", request_id))
+        for stream in streams.values():
+            stream.put(error)
+        for added in adding.values():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                added.set_exception(error)
+
     def _abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
@@ -227,6 +271,8 @@ class AsyncEngine:
     def _check_alive(self) -> None:
         if self._stopped is not None:
             raise EngineDeadError(self._stopped)
+        if self._ended is not None:
+            raise ServerShuttingDownError(self._ended)
 
     # ---- the core's messages (reader or engine thread) -----------------------------------
     def _on_message(self, message: tuple) -> None:
@@ -292,6 +338,9 @@ class _CoreProcess:
         command_reader.close()
         output_writer.close()
         self._stopping = self._serving = False
+        # If this process exits without close() (an unexpected error), multiprocessing's own exit hook would
+        # SIGTERM the core, which ignores it, and wait for it forever: stop it first (hooks run last-in first).
+        atexit.register(self._stop, 0)
 
     def wait_ready(self) -> CoreInfo:
         try:
@@ -322,7 +371,9 @@ class _CoreProcess:
         self._stop(grace=10)
 
     def _stop(self, grace: float) -> None:
-        """Ask the core to stop, wait up to `grace` s (then SIGTERM, then SIGKILL), and reap it: no zombie."""
+        """Ask the core to stop, wait up to `grace` s (then SIGKILL: the core ignores SIGTERM), and reap it."""
+        if self.process.exitcode is not None:  # already stopped and reaped
+            return
         self._stopping = True
         if self._serving:  # the writer thread owns the pipe
             self.submit(("shutdown",))
@@ -330,7 +381,7 @@ class _CoreProcess:
         else:
             with contextlib.suppress(OSError):
                 self._command_writer.send(("shutdown",))
-        for stop, wait in ((None, grace), (self.process.terminate, 5), (self.process.kill, 5)):
+        for stop, wait in ((None, grace), (self.process.kill, 5)):
             if stop is not None:
                 stop()
             self.process.join(timeout=wait)
@@ -362,7 +413,7 @@ class _CoreProcess:
         except Exception:  # a bug on this side: stop the core rather than leave requests waiting
             log.exception("reading the engine core's messages failed")
             reason = "the server stopped reading the engine core (see server log)"
-            self.process.terminate()
+            self.process.kill()
         self.process.join(timeout=5)
         if reason is None:
             reason = f"the engine core process (pid {self.process.pid}) {_exit_description(self.process)}"

@@ -2,8 +2,9 @@
 
 `add_arguments(parser)` declares the flags; `run(args)` checks that host:port can be bound, loads
 the checkpoint (a demo one with RANDOM weights when MODEL is omitted), starts the engine and
-serves until interrupted. Start-up errors are one `glimpse: error: ...` line (exit 2 for flag values,
-1 otherwise), found before the model loads where they can be. Safe defaults: loopback only, no local files,
+serves until SIGTERM (which drains for --shutdown-timeout; exit 0) or Ctrl-C (exit 130). Start-up errors
+are one `glimpse: error: ...` line (exit 2 for flag values, 1 otherwise), found before the model loads
+where they can be. Safe defaults: loopback only, no local files,
 no remote media, no CORS, bounded bodies, queues and time. Flags that vLLM also has are spelled, and their
 values read (32k, 4GiB, JSON lists), as vLLM's.
 """
@@ -15,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -115,6 +117,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-concurrent-requests", type=int, default=64, help="requests served at once")
     lim.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot (429 beyond)")
     lim.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
+    lim.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM, new requests get 503 while those in flight may run this long; then they end "
+                          "with a 503 (streams: an error event and [DONE]) and the server exits 0 (0: at once, as "
+                          "vLLM's default; Ctrl-C always ends them at once)")  # fmt: skip
     lim.add_argument("--preprocess-workers", type=int, default=2, help="threads decoding and resizing media")
     out = p.add_argument_group("output")
     out.add_argument("--generation-config", type=_generation_config, default="auto", metavar="auto|vllm|FOLDER",
@@ -363,6 +369,9 @@ def build_state(args: argparse.Namespace):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.max_queue < 0:
         raise InvalidInputError("--max-queue must be >= 0")
+    if args.shutdown_timeout < 0:
+        raise InvalidInputError(f"--shutdown-timeout must be >= 0 (0: end requests in flight at once), got "
+                                f"{args.shutdown_timeout:g}")  # fmt: skip
     decoding_pixels = args.max_decoding_pixels
     if decoding_pixels is None:  # two images at the limit, and never less than one video frame at its limit
         decoding_pixels = max(2 * args.max_image_pixels, args.max_video_frame_pixels)
@@ -469,11 +478,16 @@ def bind_problem(host: str, port: int) -> tuple[str, int] | None:
     return None
 
 
+def _stop_starting(sig: int, frame) -> None:
+    """SIGTERM before the server runs: unwind (the core is stopped on the way) and exit 0, as a drained stop does."""
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from glimpse.entrypoints import DEMO_BANNER
-    from glimpse.server.app import build_app
+    from glimpse.server.app import Server, build_app
     from glimpse.server.guard import h11_with_head_deadline
 
     try:
@@ -490,6 +504,7 @@ def run(args: argparse.Namespace) -> int:
         from glimpse.llm import demo_checkpoint
 
         print(DEMO_BANNER.format(path=demo_checkpoint()), file=sys.stderr)
+    signal.signal(signal.SIGTERM, _stop_starting)  # until the server's own handlers take over (Server)
     try:
         state = build_state(args)
     except InvalidInputError as exc:  # a flag value (the engine's too, e.g. a KV cache too small for --max-model-len)
@@ -502,11 +517,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("glimpse.server").warning(
             "listening on %s without --api-key (or $%s): anyone who can reach this address can use the model",
             args.host, API_KEY_ENV)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(
+    server = Server(uvicorn.Config(
         build_app(state), host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
         lifespan="off",
         http=h11_with_head_deadline(args.body_read_timeout), timeout_graceful_shutdown=5,
-        limit_concurrency=args.max_connections))  # fmt: skip
+        limit_concurrency=args.max_connections), state.engine, args.shutdown_timeout)  # fmt: skip
     core = f", engine core pid {state.engine.core_pid}" if state.engine.core_pid is not None else ""
     print(f"glimpse serve: {state.model_name} on http://{args.host}:{args.port} (max_model_len "
           f"{state.engine.max_model_len}{core})", flush=True)  # fmt: skip
@@ -515,4 +530,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         state.engine.shutdown()
         state.pool.shutdown(wait=False, cancel_futures=True)
-    return 0
+    return server.exit_status

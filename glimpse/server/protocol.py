@@ -4,7 +4,8 @@
 names fields that would change the output but glimpse does not implement (400, never ignored);
 `sampling_params(req, ...)` gives the engine's `SamplingParams`. `ChatFormat` and
 `CompletionFormat` turn engine `RequestOutput`s into OpenAI dicts, whole or as stream chunks:
-`usage` (with per-media token counts), logprobs, and for chat the reasoning/box split.
+`usage` (with per-media token counts), logprobs, and for chat the reasoning/box split. The bodies
+of vLLM's /tokenize (text or messages) and /detokenize are here too.
 """
 
 from __future__ import annotations
@@ -126,6 +127,35 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     echo: Literal[False] = False
     best_of: int | None = None
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's POST /tokenize body for a text prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # vLLM's default; /v1/completions tokenizes a text prompt without them
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's POST /tokenize body for chat messages: preprocessed as a chat completion would be, media included."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # only false: a chat prompt is the template's text, special tokens and all
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's POST /detokenize body."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def prompt_list(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str] | list[list[int]]:
