@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from glimpse.errors import InvalidInputError
+from glimpse.units import int_at_least
 
 DEMO_BANNER = ("[glimpse] no model given: using the built-in demo checkpoint ({path}).\n"
                "[glimpse] It has RANDOM weights, so its text is gibberish; pass a checkpoint folder for real answers.")  # fmt: skip
@@ -51,19 +52,6 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDesc
 
 
 # ---- flag value types: argparse turns ArgumentTypeError into "argument --flag: message", exit 2 -----------------
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _float(text: str) -> float:
@@ -132,10 +120,10 @@ def _budgets(text: str) -> tuple[int, ...] | None:
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weight and activation dtype (auto: the checkpoint's)")  # fmt: skip
-    p.add_argument("--max-model-len", type=_int_at_least(1), metavar="N", default=None,
+    p.add_argument("--max-model-len", type=int_at_least(1), metavar="N", default=None,
                    help="longest prompt + reply in tokens (default: the checkpoint's limit)")
-    p.add_argument("--max-num-seqs", type=_int_at_least(1), metavar="N", default=32, help="sequences decoded at once")
-    p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=2048, metavar="N",
+    p.add_argument("--max-num-seqs", type=int_at_least(1), metavar="N", default=32, help="sequences decoded at once")
+    p.add_argument("--max-num-batched-tokens", type=int_at_least(1), default=2048, metavar="N",
                    help="tokens per engine step")  # fmt: skip
     p.add_argument("--kv-cache-memory", type=_size("--kv-cache-memory"), metavar="SIZE", default="1GiB",
                    help="memory for the KV cache (bytes or 512MiB, 2GiB, ...)")  # fmt: skip
@@ -159,12 +147,12 @@ _FROM_CHECKPOINT = "default: the checkpoint's generation_config.json, else {}"
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=128, metavar="N", help="most tokens in a reply")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=128, metavar="N", help="most tokens in a reply")
     p.add_argument("--temperature", type=_temperature, default=None, metavar="T",
                    help=f"0 is greedy ({_FROM_CHECKPOINT.format('1.0')})")  # fmt: skip
     p.add_argument("--top-p", type=_top_p, default=None, metavar="P",
                    help=f"nucleus sampling mass, in (0, 1] ({_FROM_CHECKPOINT.format('1.0: off')})")  # fmt: skip
-    p.add_argument("--top-k", type=_int_at_least(-1), default=None, metavar="K",
+    p.add_argument("--top-k", type=int_at_least(-1), default=None, metavar="K",
                    help="sample among the k most likely tokens, 0 or -1: all "
                         f"({_FROM_CHECKPOINT.format('0: all')})")  # fmt: skip
     p.add_argument("--repetition-penalty", type=_positive_float, default=None, metavar="R",
@@ -172,7 +160,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         f"({_FROM_CHECKPOINT.format('1.0: off')})")  # fmt: skip
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end the reply before this text (repeatable; default: none)")  # fmt: skip
-    p.add_argument("--sampling-seed", type=_int_at_least(0), default=None, metavar="N",
+    p.add_argument("--sampling-seed", type=int_at_least(0), default=None, metavar="N",
                    help="seed of each reply's sampling (default: none, a fresh draw)")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence up to --max-tokens")
     p.add_argument("--thinking", choices=("on", "off"), default=None,
@@ -183,7 +171,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     """The system message and the processor settings (mm_processor_kwargs, as a server request sends them)."""
     p.add_argument("--system", metavar="TEXT", default=None,
                    help="a system message before the conversation (default: none)")  # fmt: skip
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--max-pixels", type=int_at_least(1), default=None, metavar="N",
                    help="most pixels of an image after resizing, and of a video (GLM: all frames together, Qwen: "
                         "each frame); mm_processor_kwargs.max_pixels (default: the checkpoint's, which this may "
                         "only lower)")  # fmt: skip

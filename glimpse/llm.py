@@ -160,14 +160,9 @@ class LLM:
             return
         if not isinstance(kwargs, dict):
             raise InvalidInputError("chat_template_kwargs must be a dict")
-        unknown = sorted(set(kwargs) - self._template_kwargs)
-        if unknown:
-            allowed = ", ".join(sorted(self._template_kwargs)) or "none"
-            raise InvalidInputError(f"chat_template_kwargs {unknown} are not read by this model's chat template, so "
-                                    f"they would be ignored; allowed: {allowed}")  # fmt: skip
-        for key, value in kwargs.items():
-            if not isinstance(value, bool | int | float | str):
-                raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")
+        from glimpse.processing.prompt import check_chat_template_kwargs
+
+        check_chat_template_kwargs(kwargs, self._template_kwargs)
 
     def _process(self, prompt: Any, mm_kwargs: dict | None) -> tuple[ProcessedPrompt | list[int] | str, float]:
         t0 = time.perf_counter()

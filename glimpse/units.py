@@ -65,3 +65,20 @@ def parse_count(value: int | str, knob: str) -> int:
         raise InvalidInputError(f"{knob}={value!r} is not a positive whole number{_hint(value)}; write e.g. 32768, "
                                 "32k (= 32000) or 32K (= 32768)")  # fmt: skip
     return result
+
+
+def int_at_least(low: int, why: str = ""):
+    """An argparse `type`: an integer >= `low` (argparse turns the error into "argument --flag: ...",
+    exit 2). `why` is added to the message: what a smaller value would do."""
+    import argparse  # only the command line needs it
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{': ' + why if why else ''}; got {value}")
+        return value
+
+    return parse

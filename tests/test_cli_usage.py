@@ -345,8 +345,9 @@ class Terminal:
             except OSError:  # the child closed the terminal
                 time.sleep(0.05)
 
-    def expect(self, text: str, timeout: float = 60) -> str:
-        """Everything up to and including `text` (consumed); fails with the transcript after `timeout`."""
+    def expect(self, text: str, timeout: float = 240) -> str:
+        """Everything up to and including `text` (consumed); fails with the transcript after `timeout` (generous:
+        the first prompt waits for the model to load, and on a fresh or loaded machine for the kernel build)."""
         end = time.monotonic() + timeout
         while text.encode() not in self.seen:
             assert time.monotonic() < end and self.alive(), f"no {text!r} in {self.seen!r}"
@@ -364,7 +365,7 @@ class Terminal:
                 self.status = status
         return self.status is None
 
-    def wait(self, timeout: float = 60) -> tuple[int, str]:
+    def wait(self, timeout: float = 240) -> tuple[int, str]:
         """(exit code, the rest of the output)."""
         end = time.monotonic() + timeout
         while self.alive():

@@ -32,27 +32,20 @@ from glimpse.bench.throughput import read_bandwidth
 from glimpse.buffers import empty_buffer
 from glimpse.kernels import cpu_kernels
 from glimpse.platform import one_row_matmuls
+from glimpse.units import int_at_least
 
 # Fewer timed runs per side let one scheduler hiccup decide the speed-up (`--repeats 1` printed 0.19x).
 MIN_REPEATS = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=_repeats, default=5,
+    p.add_argument("--repeats", type=int_at_least(MIN_REPEATS, "fewer runs make the speed-up noise"), default=5,
                    help=f"timed runs per side, >= {MIN_REPEATS} (median reported, min-max as the spread)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--only-rows", action="store_true", help="only the linear-by-rows sweep and its probes")
 
 
-def _repeats(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < MIN_REPEATS:
-        raise argparse.ArgumentTypeError(f"must be >= {MIN_REPEATS}: fewer runs make the speed-up noise; got {value}")
-    return value
 
 
 @dataclass(frozen=True)

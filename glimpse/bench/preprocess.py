@@ -56,11 +56,13 @@ WORKER_FLAG = "--video-worker"  # internal: run one decoding mode (this file as 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from glimpse.units import int_at_least  # here, not at the top: see the note above
+
     p.add_argument("--workdir", help="cache for the video and checkpoints (default: a temp dir)")
     p.add_argument("--video-minutes", type=_positive(float), default=10.0)
     p.add_argument("--video-fps", type=_positive(int), default=30)
     p.add_argument("--gop", type=_positive(int), default=300, help="keyframe interval (x264 keyint)")
-    p.add_argument("--image-iters", type=_at_least(MIN_IMAGE_ITERS), default=4,
+    p.add_argument("--image-iters", type=int_at_least(MIN_IMAGE_ITERS, "fewer passes make the ratio noise"), default=4,
                    help=f"timed passes per row, >= {MIN_IMAGE_ITERS} (fastest reported, min-max as the spread)")
     p.add_argument("--image-sides", type=_sides, default=DEFAULT_SIDES, help="longest sides of the copies")
     p.add_argument("--limits", choices=("checkpoint", "large", "both"), default="both", help="pixel ceilings")
@@ -84,17 +86,6 @@ def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}: fewer passes make the ratio noise; got {value}")
-        return value
-
-    return parse
 
 
 def _sides(text: str) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from glimpse.errors import GlimpseError
+from glimpse.units import int_at_least
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_ENV = ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR")
@@ -31,24 +32,13 @@ COLD_WARNING = ("cold figures include the native-kernel build (torch's C++ exten
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a tiny glm4v one in a temp dir)")
-    p.add_argument("--rounds", type=_at_least(1), default=3,
+    p.add_argument("--rounds", type=int_at_least(1), default=3,
                    help="processes per figure; a round is a cold start on new cache folders, then a warm one")
     p.add_argument("--skip-cold", action="store_true",
                    help="no cold starts (they rebuild the native kernels, 20-40 s); warm on this environment's caches")
-    p.add_argument("--timeout", type=_at_least(1), default=600, help="seconds one process may take")
+    p.add_argument("--timeout", type=int_at_least(1), default=600, help="seconds one process may take")
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def time_process(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, float, float, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from glimpse.errors import PromptError
+from glimpse.errors import InvalidInputError, PromptError
 
 
 @dataclass(frozen=True)
@@ -123,3 +123,16 @@ def expand_prompt(
         elif piece:
             ids.extend(tokenizer.encode(piece, add_special_tokens=False))
     return ids, placements
+
+
+def check_chat_template_kwargs(kwargs: dict, allowed: frozenset[str] | set[str]) -> None:
+    """Refuse `chat_template_kwargs` the chat template never reads (they would be ignored silently) and
+    values that are not plain scalars; `allowed`: the template's variables. Used by `LLM.chat` and the server."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        names = ", ".join(sorted(allowed)) or "none"
+        raise InvalidInputError(f"chat_template_kwargs {unknown} are not read by this model's chat template, so they "
+                                f"would be ignored; allowed: {names}")  # fmt: skip
+    for key, value in kwargs.items():
+        if not isinstance(value, bool | int | float | str):
+            raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")

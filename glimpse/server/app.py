@@ -41,6 +41,7 @@ from glimpse.errors import DecodeBusyError, GlimpseError, InvalidInputError, Pre
 from glimpse.processing.control import PixelBudget, PreprocessControl
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.processing.processor import Processor
+from glimpse.processing.prompt import check_chat_template_kwargs
 from glimpse.server import protocol as P
 from glimpse.server.async_engine import (
     AsyncEngine,
@@ -437,15 +438,7 @@ def _check_n(state: ServerState, n: int, prompts: int) -> None:
 
 
 def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest | P.TokenizeChatRequest) -> None:
-    kwargs = req.chat_template_kwargs or {}
-    unknown = sorted(set(kwargs) - state.template_kwargs)
-    if unknown:
-        allowed = ", ".join(sorted(state.template_kwargs)) or "none"
-        raise InvalidInputError(f"chat_template_kwargs {unknown} are not read by this model's chat template, so they "
-                                f"would be ignored; allowed: {allowed}")  # fmt: skip
-    for key, value in kwargs.items():
-        if not isinstance(value, bool | int | float | str):
-            raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")
+    check_chat_template_kwargs(req.chat_template_kwargs or {}, state.template_kwargs)
     if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
         raise InvalidInputError("continue_final_message needs add_generation_prompt=false and a final assistant "
                                 "message to continue")  # fmt: skip
