@@ -144,7 +144,11 @@ def test_abort_mid_stream_frees_the_request(server):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # a few events: the request is running in the core
         assert all(not line or line.startswith("data: ") for line in got)
-        assert server.metrics()["glimpse_num_requests_running"] == 1
+        # the core sends its stats with its outputs at most every 0.1 s: the first tokens can come before them
+        deadline = time.monotonic() + 10
+        while server.metrics()["glimpse_num_requests_running"] != 1:
+            assert time.monotonic() < deadline, "the running request never showed in /metrics"
+            time.sleep(0.05)
     # Closing the connection aborts the request; the core's stats snapshot shows it gone.
     m = server.wait_idle(timeout=10)
     assert m["glimpse_num_requests_running"] == 0 and m["glimpse_kv_cache_blocks_used"] == 0

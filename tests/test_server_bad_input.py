@@ -123,7 +123,7 @@ def server(tiny_checkpoint, root, web):
         "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
         "--max-request-bytes", "1MiB", "--max-media-bytes", "300KiB", "--max-pixels", "100000",
         "--max-model-len", "1024", "--kv-cache-memory", "32MiB", "--max-concurrent-requests", "1", "--max-queue", "0",
-        "--request-timeout", "4", "--dtype", "float32",
+        "--request-timeout", "4", "--max-n", "48", "--dtype", "float32",
         env={"GLIMPSE_UNSAFE_MEDIA_ADDRESSES": "127.0.0.2"})  # fmt: skip
     yield srv
     srv.stop()
@@ -275,8 +275,9 @@ def test_bad_bodies_and_routes(server):
 # ---- queue and timeout -----------------------------------------------------------------------------
 def test_queue_full_and_timeout(server):
     """One slot and no queue: a second request while one runs gets 429; the long one hits the 4 s timeout."""
-    # 16 x 1000 tokens take ~10 s on a 2-core CPU, well past the 4 s timeout.
-    long = {"model": MODEL, "messages": user("Go on."), "max_tokens": 1000, "ignore_eos": True, "n": 16, "stream": True}
+    # 48 x 1000 tokens: well past the 4 s timeout on a 2-core CPU (16 x 1000 took ~10 s before the engine got
+    # faster, and one run finished in under 4 s: the work, not the machine, must make this request slow)
+    long = {"model": MODEL, "messages": user("Go on."), "max_tokens": 1000, "ignore_eos": True, "n": 48, "stream": True}
     with httpx.stream("POST", server.base + "/v1/chat/completions", json=long, timeout=60) as stream:
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")  # admitted and streaming
