@@ -150,7 +150,7 @@ class LLM:
 
     @cached_property
     def _template_kwargs(self) -> frozenset[str]:
-        from glimpse.server.cli import template_variables
+        from glimpse.processing.prompt import template_variables
 
         return template_variables(self.processor.chat_template)
 

@@ -136,3 +136,21 @@ def check_chat_template_kwargs(kwargs: dict, allowed: frozenset[str] | set[str])
     for key, value in kwargs.items():
         if not isinstance(value, bool | int | float | str):
             raise InvalidInputError(f"chat_template_kwargs.{key} must be a boolean, number or string")
+
+
+# Variables every chat template gets from the caller or from the renderer, never from a request's kwargs
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                                     "documents", "raise_exception", "strftime_now", "chat_template"})  # fmt: skip
+
+
+def template_variables(template: str | None) -> frozenset[str]:
+    """The variables a chat template reads that requests may set (e.g. enable_thinking, add_vision_id)."""
+    if not template:
+        return frozenset()
+    from jinja2 import meta
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])
+    names = meta.find_undeclared_variables(env.parse(template))
+    return frozenset(n for n in names if n not in _RESERVED_TEMPLATE_VARS and not n.endswith("_token"))

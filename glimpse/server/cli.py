@@ -23,11 +23,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from glimpse.errors import GlimpseError, InvalidInputError
+from glimpse.processing.prompt import template_variables
 from glimpse.units import parse_bytes, parse_count
 
 # Chat-template variables a request may never set through chat_template_kwargs.
-_RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
-                                     "documents", "raise_exception", "strftime_now", "chat_template"})  # fmt: skip
 API_KEY_ENV = "GLIMPSE_API_KEY"  # the API key from the environment, where `ps` does not show it
 
 
@@ -261,19 +260,6 @@ def parse_mm_limits(text: str) -> tuple[int, int]:
             raise InvalidInputError(f"--limit-mm-per-prompt {kind} must be an integer >= 0")
         counts.append(value)
     return counts[0], counts[1]
-
-
-def template_variables(template: str | None) -> frozenset[str]:
-    """The variables a chat template reads that requests may set (e.g. enable_thinking, add_vision_id)."""
-    if not template:
-        return frozenset()
-    from jinja2 import meta
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])
-    names = meta.find_undeclared_variables(env.parse(template))
-    return frozenset(n for n in names if n not in _RESERVED_TEMPLATE_VARS and not n.endswith("_token"))
 
 
 def model_argument(args: argparse.Namespace) -> str | None:
