@@ -28,6 +28,7 @@ BENCHES = {
     "mm-encoder": ("glimpse.bench.mm_encoder", "vision-encoder latency, captured graphs vs eager"),
     "kernels": ("glimpse.bench.kernels", "the native CPU kernels against torch's, side by side"),
     "startup": ("glimpse.bench.startup", "seconds to glimpse --help and to the first token of glimpse generate, cold and warm"),
+    "structured": ("glimpse.bench.structured", "decode throughput with a JSON schema per request against none, side by side"),
 }
 # The checkpoint factory's choices (glimpse.testing imports torch); tests/test_cli_usage.py keeps them equal.
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")

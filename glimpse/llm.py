@@ -52,7 +52,9 @@ class LLM:
                  encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
                  enable_prefix_caching: bool = True, enable_encoder_cache: bool = True, block_size: int = 16,
                  encoder_graph: str = "off", encoder_budgets: tuple[int, ...] | None = None,
-                 video_pruning_rate: float = 0.0, **model_kwargs: Any) -> None:  # fmt: skip
+                 video_pruning_rate: float = 0.0, structured_output_max_bytes: int = 64 * 1024,
+                 structured_output_max_depth: int = 24, structured_output_compile_timeout: float = 10.0,
+                 **model_kwargs: Any) -> None:  # fmt: skip
         self.is_demo = model is None
         if model is None:
             model = demo_checkpoint()
@@ -63,6 +65,9 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, enable_encoder_cache=enable_encoder_cache,
                               encoder_graph=encoder_graph, encoder_budgets=encoder_budgets,
                               seed=seed, load_format=load_format, video_pruning_rate=video_pruning_rate,
+                              structured_output_max_bytes=structured_output_max_bytes,
+                              structured_output_max_depth=structured_output_max_depth,
+                              structured_output_compile_timeout=structured_output_compile_timeout,
                               model_kwargs=model_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)
         self.processor = self.engine.processor
@@ -131,7 +136,9 @@ class LLM:
 
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                self._raise_grammar_errors()
+                for out in outputs:
                     if out.request_id != rid:
                         continue
                     if out.finished:
@@ -198,13 +205,27 @@ class LLM:
             raise
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    bar.update(1)
-        bar.close()
+        try:
+            while self.engine.has_unfinished_requests():
+                outputs = self.engine.step()
+                self._raise_grammar_errors()
+                for out in outputs:
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
         return [self._readable(results[i]) for i in ids]
+
+    def _raise_grammar_errors(self) -> None:
+        """A structured-output constraint that failed to compile (or timed out) is the caller's error."""
+        for _, error in self.engine.take_grammar_events():
+            if error is not None:
+                raise error
 
     def _readable(self, out: RequestOutput) -> RequestOutput:
         """Let the completions decode their `sample_logprobs` (the engine leaves the tokenizer out: its

@@ -113,8 +113,8 @@ def test_chat_requests_meet_the_completions_limits_and_policy(server):
          "limit_exceeded_error", ["ceiling"]),
         ({"messages": user("Hi"), "chat_template_kwargs": {"not_in_template": 1}}, 400, "invalid_input_error",
          ["not_in_template"]),
-        ({"messages": user("Hi"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-         "unsupported_field", ["tools"]),
+        ({"messages": user("Hi"), "tools": [{"type": "function", "function": {"name": "f g"}}]}, 400,
+         "invalid_value", ["tools[0].function.name"]),
     ]:  # fmt: skip
         r = server.post("/tokenize", body)
         error(r, status, code, *words)

@@ -12,6 +12,8 @@ its in-thread mode (a queue):
                  ("outputs", [RequestOutput], stats | None)  ("failed", [request_id], message)
                  ("stats", stats)  ("fatal", ErrorInfo)
 
+A structured-output request's ("added", ...) is sent once its grammar has compiled (or failed: the
+error then goes back as the add's answer, a 400), while the loop keeps stepping the others.
 RequestOutputs travel with an empty `prompt_token_ids`: the API process sent the prompt and
 puts its own list back, so a long prompt is not pickled again at every step.
 Detokenization stays in the core: stop strings are matched on the text, and a sequence that hits
@@ -138,6 +140,14 @@ class EngineCore:
                     return
             if engine.has_unfinished_requests():
                 self._step()
+                self._send_grammar_events()
+
+    def _send_grammar_events(self) -> None:
+        """Answer the adds of requests whose grammar compiled (admitted) or failed (the error, a 400)."""
+        for request_id, error in self.engine.take_grammar_events():
+            if error is not None:
+                self._live.discard(request_id)
+            self.send(("added", request_id, None if error is None else ErrorInfo.of(error)))
 
     def _step(self) -> None:
         try:
@@ -173,7 +183,8 @@ class EngineCore:
                 self.send(("added", request_id, ErrorInfo.of(exc)))
                 return True
             self._live.add(request_id)
-            self.send(("added", request_id, None))
+            if not self.engine.waiting_for_grammar(request_id):
+                self.send(("added", request_id, None))
         elif kind == "abort":
             # An abort that crossed its request's final output finds nothing to do.
             self._live.discard(command[1])
@@ -187,6 +198,8 @@ class EngineCore:
     def _fail_all(self, message: str) -> None:
         failed = sorted(self._live)
         for request_id in failed:
+            if self.engine.waiting_for_grammar(request_id):  # its add is not answered yet: answer it with the failure
+                self.send(("added", request_id, ErrorInfo("EngineStepError", message)))
             self.engine.abort(request_id)
         self._live.clear()
         self.send(("failed", failed, message))

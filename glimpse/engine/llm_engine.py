@@ -8,13 +8,17 @@ its deltas and cumulative text/token ids), and its final output lists all n in i
 One `LLMEngine` owns the model, the paged KV cache, the encoder cache and the scheduler. The
 scheduler and the runner talk in plain data (`SchedulerOutput` in, `ModelRunnerOutput` back);
 the engine applies the sampled tokens to its `Request`s. It is single-threaded; the server
-drives it from its own thread.
+drives it from its own thread. A structured-output request waits outside the scheduler while
+its grammar compiles in a thread pool (glimpse/engine/structured.py); each step admits those
+whose grammar is ready and fails those whose compile failed or timed out, reporting them in
+`take_grammar_events()` (the server answers the request's add only then, so a bad schema is a 400).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from glimpse.engine.request import Request
 from glimpse.engine.sampler import TopLogprobs, sequence_seed
 from glimpse.engine.sampling_params import Logprob, SamplingParams, logprob_dict
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig
+from glimpse.engine.structured import THINKING_FAMILIES, StructuredLimits, StructuredOutputs
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
@@ -67,6 +72,10 @@ class EngineConfig:
     device: str = "cpu"
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"video_position_rule": "hf"} for Qwen2.5-VL
     video_pruning_rate: float = 0.0  # EVS (Qwen2.5-VL): fraction of each video's tokens dropped after encoding
+    # Structured output: bounds checked before a constraint compiles (a request over one is refused, HTTP 400).
+    structured_output_max_bytes: int = 64 * 1024  # the constraint's JSON text
+    structured_output_max_depth: int = 24  # nesting of subschemas
+    structured_output_compile_timeout: float = 10.0  # seconds a request waits for its grammar
 
 
 @dataclass
@@ -123,6 +132,8 @@ class _Group:
     prompt_token_ids: list[int]  # one copy, handed to every output of the group
     num_unfinished: int
     num_preemptions: int = 0
+    grammar: Future | None = None  # the structured-output grammar being compiled (the group waits outside the scheduler)
+    grammar_since: float = 0.0  # time.monotonic() when its compile was asked for
 
     @property
     def finished(self) -> bool:
@@ -185,7 +196,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, EncoderCache(), encoder_runner,
                                   self.eos_token_ids, config.seed)  # fmt: skip
+        limits = StructuredLimits(config.structured_output_max_bytes, config.structured_output_max_depth,
+                                  config.structured_output_compile_timeout)  # fmt: skip
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids, limits,
+                                            self.model_config.processor_kind in THINKING_FAMILIES)  # fmt: skip
         self.groups: dict[str, _Group] = {}
+        self._compiling: dict[str, _Group] = {}  # groups waiting for their grammar, by request id
+        self._grammar_events: list[tuple[str, InvalidInputError | None]] = []
         self.ran_last_step = False  # whether the latest step() found a batch to run (the server idles if not)
         self._counter = itertools.count()
 
@@ -202,6 +219,7 @@ class LLMEngine:
                                     f"{seq_ids}, by another request's n > 1 sequences)")  # fmt: skip
         prompt = self._as_processed(prompt)
         params.validate_for_vocab(self.vocab_size)
+        self.structured.check_budget(params)
         n_prompt = len(prompt.input_ids)
         if n_prompt == 0:
             raise PromptError("the prompt is empty")
@@ -219,6 +237,8 @@ class LLMEngine:
                                   f"more than encoder_cache_memory ({self.encoder_cache.max_bytes}); raise it or "
                                   "lower the item's resolution")  # fmt: skip
         positions, delta, pruned = self._prompt_positions(prompt)
+        # Checks the constraint now (size, depth, unsupported keywords: InvalidInputError); compiles in the pool.
+        grammar = None if params.structured_outputs is None else self.structured.submit(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             req = Request(
@@ -238,15 +258,70 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)  # fmt: skip
             seqs.append(_Sequence(req, detok, i))
-            self.scheduler.add(req)
-        self.groups[request_id] = _Group(request_id, prompt, params, seqs, list(prompt.input_ids), params.n)
+        group = _Group(request_id, prompt, params, seqs, list(prompt.input_ids), params.n)
+        if grammar is not None and not grammar.done():
+            group.grammar, group.grammar_since = grammar, time.monotonic()
+            self._compiling[request_id] = group
+        else:
+            self._admit(group, grammar)  # raises for a compile that already failed, before the group is known
+        self.groups[request_id] = group
         return request_id
+
+    def waiting_for_grammar(self, request_id: str) -> bool:
+        """Whether the request's structured-output grammar is still compiling (its add is not settled yet)."""
+        return request_id in self._compiling
+
+    def take_grammar_events(self) -> list[tuple[str, InvalidInputError | None]]:
+        """Requests whose grammar finished compiling since the last call: (request id, None) once admitted, or
+        (request id, the error) when it failed or timed out (the request is gone)."""
+        events, self._grammar_events = self._grammar_events, []
+        return events
+
+    def _admit(self, group: _Group, grammar: Future | None) -> None:
+        """Hand a group's sequences to the scheduler, with their constraint (a compiled grammar, a thinking budget).
+
+        A failed compile raises the user's InvalidInputError (the caller decides how to report it)."""
+        params = group.params
+        if grammar is not None:
+            exc = grammar.exception()
+            if exc is not None:
+                raise self.structured.compile_error(params.structured_outputs, exc)
+        if grammar is not None or params.thinking_token_budget is not None:
+            spec = self.structured.spec_for(params, group.prompt_token_ids, None if grammar is None else grammar.result())
+            for seq in group.seqs:
+                seq.request.constraint = spec
+        for seq in group.seqs:
+            self.scheduler.add(seq.request)
+
+    def _poll_grammars(self) -> None:
+        """Admit the groups whose grammar is ready; drop (and report) those whose compile failed or ran out of time."""
+        now = time.monotonic()
+        for request_id, group in list(self._compiling.items()):
+            future = group.grammar
+            assert future is not None
+            waited = now - group.grammar_since
+            if not future.done() and waited < self.structured.limits.compile_timeout:
+                continue
+            del self._compiling[request_id]
+            for seq in group.seqs:
+                seq.request.timings.grammar = waited
+            try:
+                if not future.done():  # it goes on in the pool (equal specs share it) and lands in the cache
+                    raise self.structured.timeout_error(group.params.structured_outputs)
+                self._admit(group, future)
+            except InvalidInputError as exc:
+                del self.groups[request_id]
+                self._grammar_events.append((request_id, exc))
+                continue
+            self._grammar_events.append((request_id, None))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if unknown or finished."""
         group = self.groups.pop(request_id, None)
         if group is None:
             return False
+        if self._compiling.pop(request_id, None) is not None:
+            return True  # its sequences never reached the scheduler
         live = [s.request for s in group.seqs if not s.request.is_finished]
         for req in live:
             req.finish_reason = "abort"
@@ -261,6 +336,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; [] when nothing could be scheduled (see `ran_last_step`) or when the
         batch only prefilled (no request got a token)."""
+        if self._compiling:
+            self._poll_grammars()
         sched = self.scheduler.schedule()
         self.ran_last_step = bool(sched)
         if not sched:
@@ -282,8 +359,9 @@ class LLMEngine:
         self.scheduler.update(sched)
         now = time.perf_counter()
         reqs = [requests[request_id] for request_id in result.req_ids]
-        for req, token, logprob in zip(reqs, result.sampled_token_ids, result.logprobs, strict=True):
-            self._accept(req, token, logprob, now)
+        ended = result.ended or [False] * len(reqs)
+        for req, token, logprob, done in zip(reqs, result.sampled_token_ids, result.logprobs, ended, strict=True):
+            self._accept(req, token, logprob, now, done)
         advanced = [r for r in reqs if r.group_id in self.groups]
         # One pass over the scheduler's queues for all sequences that finished this step.
         self.scheduler.finish([r for r in advanced if r.finish_reason is not None])
@@ -297,7 +375,8 @@ class LLMEngine:
         if not self.scheduler.has_work and (self.scheduler.finished_ids or self.encoder_cache.freed):
             self.runner.execute(self.scheduler.schedule())
 
-    def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float) -> None:
+    def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float, ended: bool = False) -> None:
+        """Apply one sampled token; `ended`: the request's grammar reached its end with it."""
         params = req.sampling_params
         if req.timings.first_token is None:
             req.timings.first_token = now
@@ -313,6 +392,8 @@ class LLMEngine:
             self._finish(req, "stop", None)
         elif token in params.stop_token_ids and n_out >= params.min_tokens:
             self._finish(req, "stop", token)
+        elif ended:  # the constraint allows nothing more (min_tokens cannot extend a complete answer)
+            self._finish(req, "stop", None)
         elif (params.max_tokens is not None and n_out >= params.max_tokens) or req.num_tokens >= self.max_model_len:
             self._finish(req, "length", None)
 

@@ -4,7 +4,8 @@ It takes the scheduler's plain-data `SchedulerOutput` and keeps its own record o
 (`CachedRequestState`: tokens, positions, block table, sampling state), so it could live in
 another process. Per step: encode scheduled media (pruning EVS videos), merge embeddings, build
 positions (placing EVS videos' kept tokens) and attention metadata, run ONE decoder forward over
-every scheduled token, and sample the requests that need a new token.
+every scheduled token, and sample the requests that need a new token (structured-output rows
+under their grammar's bitmask, one `[R, ceil(vocab / 32)]` int32 tensor per step).
 
 Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` positions,
 `[T, hidden]` embeddings; `[R, vocab]` float32 logits for the R sampling rows. Output: a
@@ -14,7 +15,7 @@ Inputs are flat: `[T]` tokens of all scheduled requests back to back, `[3, T]` p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,7 @@ from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.engine.sampler import RequestSamplingState, TopLogprobs, sample
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.engine.scheduler import NewRequestData, SchedulerOutput
+from glimpse.engine.structured import OutputConstraint, bitmask_width
 from glimpse.models.base import VisionLanguageModel
 from glimpse.models.evs import PrunedVideo, prune_video
 from glimpse.platform import one_row_matmuls
@@ -38,6 +40,8 @@ class ModelRunnerOutput:
     logprobs: list[TopLogprobs | None]  # None where the request asked for none
     encoder_seconds: float = 0.0
     forward_seconds: float = 0.0
+    # ended[i]: request i's grammar reached its end with this token (it stops: finish_reason "stop"); [] if none has one
+    ended: list[bool] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -56,6 +60,7 @@ class CachedRequestState:
     sampling_state: RequestSamplingState
     block_ids: list[int]  # the block table
     num_computed_tokens: int
+    constraint: OutputConstraint | None = None  # structured output / thinking budget; survives preemption
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -64,7 +69,7 @@ class CachedRequestState:
         return cls(data.request_id, list(data.prompt_token_ids), len(data.prompt_token_ids), positions,
                    data.mrope_delta, data.media, data.pruned_video_positions, data.sampling_params,
                    RequestSamplingState(data.prompt_token_ids, data.seed), list(data.block_ids),
-                   data.num_computed_tokens)  # fmt: skip
+                   data.num_computed_tokens, None if data.constraint is None else OutputConstraint(data.constraint))  # fmt: skip
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """[3, end - start] M-RoPE positions of tokens start..end-1 (prompt table, then i + delta)."""
@@ -144,13 +149,25 @@ class ModelRunner:
         t2 = time.perf_counter()
         if not sampled:
             return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)
+        bitmask, masked = self._bitmask(sampled, logits.shape[1])
         out = sample(logits, [s.sampling_params for s in sampled], [s.sampling_state for s in sampled],
-                     self.eos_token_ids, self.generator)  # fmt: skip
+                     self.eos_token_ids, self.generator, bitmask, masked)  # fmt: skip
+        ended = []
         for state, token in zip(sampled, out.token_ids, strict=True):
             state.token_ids.append(token)
             state.sampling_state.append(token)
+            ended.append(state.constraint is not None and state.constraint.accept(token))
         req_ids = [s.request_id for s in sampled]
-        return ModelRunnerOutput(req_ids, out.token_ids, out.logprobs, t1 - t0, t2 - t1)
+        return ModelRunnerOutput(req_ids, out.token_ids, out.logprobs, t1 - t0, t2 - t1, ended if any(ended) else [])
+
+    @staticmethod
+    def _bitmask(sampled: list[CachedRequestState], vocab: int) -> tuple[torch.Tensor | None, list[int]]:
+        """The rows' allowed tokens this step ([R, ceil(vocab / 32)] int32) and the rows that have a mask."""
+        if all(s.constraint is None for s in sampled):
+            return None, []
+        bitmask = torch.empty(len(sampled), bitmask_width(vocab), dtype=torch.int32)
+        masked = [j for j, s in enumerate(sampled) if s.constraint is not None and s.constraint.mask_row(bitmask[j])]
+        return bitmask, masked
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         self.encoder_cache.free(sched.freed_encoder_keys)

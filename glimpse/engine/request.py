@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.structured import ConstraintSpec
 from glimpse.processing.inputs import MediaItem
 
 
@@ -30,6 +31,7 @@ class Timings:
 
     arrival: float = field(default_factory=time.perf_counter)
     preprocess: float = 0.0
+    grammar: float = 0.0  # waiting for the structured-output grammar to compile (part of the TTFT)
     encoder: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
@@ -39,7 +41,7 @@ class Timings:
     def as_dict(self) -> dict[str, float | None]:
         ttft = None if self.first_token is None else self.first_token - self.arrival
         e2e = None if self.finished is None else self.finished - self.arrival
-        return {"preprocess_s": self.preprocess, "encoder_s": self.encoder, "prefill_s": self.prefill,
+        return {"preprocess_s": self.preprocess, "grammar_s": self.grammar, "encoder_s": self.encoder, "prefill_s": self.prefill,
                 "decode_s": self.decode, "ttft_s": ttft, "e2e_s": e2e}  # fmt: skip
 
 
@@ -71,6 +73,8 @@ class Request:
     # EVS: span start of each pruned video -> [3, t*h*w/m²] positions of that video unpruned; the
     # runner fills its slots in its copy of `prompt_positions` once the kept tokens are known.
     pruned_video_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Structured output / thinking budget (glimpse/engine/structured.py), set once the grammar is compiled.
+    constraint: ConstraintSpec | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

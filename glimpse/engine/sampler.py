@@ -1,10 +1,15 @@
 """Step 9 of the data path, the sampler: one float32 logits row per request -> the next token id.
 
 `sample(logits [B, V], params[B], states[B], eos_token_ids)` returns `SamplerOutput` with B
-token ids and, for rows that asked, the logprobs of the **raw** logits (vLLM's default). Each
-row is processed in this order (vLLM v1's, documented once here):
+token ids and, for rows that asked, the logprobs of the **raw** logits (vLLM's default), or of
+the masked ones for rows under a structured-output constraint. Each row is processed in this
+order (vLLM v1's, documented once here):
 
-  1. logit_bias is added, then EOS / stop_token_ids are set to -inf while min_tokens is unmet;
+  0. a structured-output row's bitmask (`bitmask [B, ceil(V / 32)]` int32, rows `masked_rows`) sets
+     the tokens its grammar forbids to -inf (xgrammar's `apply_token_bitmask_inplace`, one call for
+     the batch);
+  1. logit_bias is added, then EOS / stop_token_ids are set to -inf while min_tokens is unmet
+     (not on masked rows: there the grammar decides when the output may end);
   2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied);
   3. presence / frequency penalties over output tokens only (OpenAI semantics);
   4. greedy rows (temperature < 1e-5) take the argmax here, ignoring the filters below;
@@ -163,8 +168,8 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _apply_bias_and_min_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                               states: Sequence[RequestSamplingState],
-                               eos_token_ids: Sequence[int]) -> torch.Tensor:  # fmt: skip
+                               states: Sequence[RequestSamplingState], eos_token_ids: Sequence[int],
+                               masked: frozenset[int] = frozenset()) -> torch.Tensor:  # fmt: skip
     vocab = logits.shape[-1]
     bias_rows: list[int] = []
     bias_ids: list[int] = []
@@ -176,7 +181,7 @@ def _apply_bias_and_min_tokens(logits: torch.Tensor, params: Sequence[SamplingPa
             bias_rows += [i] * len(p.logit_bias)
             bias_ids += p.logit_bias.keys()
             bias_vals += p.logit_bias.values()
-        if s.num_output_tokens < p.min_tokens:
+        if s.num_output_tokens < p.min_tokens and i not in masked:
             stops = [*eos_token_ids, *p.stop_token_ids]
             ban_rows += [i] * len(stops)
             ban_ids += stops
@@ -223,11 +228,21 @@ def _filtered(logits: torch.Tensor, rows: list[int], values: list[float] | list[
     return logits.index_copy(0, index, filtered)
 
 
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """In place: tokens whose bit is 0 in `bitmask[row]` get -inf, for each listed row of `logits` [B, V]."""
+    import xgrammar  # only structured-output batches need it
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1],
+                                         indices=list(rows))  # fmt: skip
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[RequestSamplingState],
-           eos_token_ids: Sequence[int], generator: torch.Generator | None = None) -> SamplerOutput:  # fmt: skip
+           eos_token_ids: Sequence[int], generator: torch.Generator | None = None,
+           bitmask: torch.Tensor | None = None, masked_rows: Sequence[int] = ()) -> SamplerOutput:  # fmt: skip
     """[B, V] float logits -> one token per row (order in the module docstring).
 
     generator: the runner's shared stream for unseeded rows (None: torch's global generator).
+    bitmask / masked_rows: the structured-output rows' allowed tokens (glimpse/engine/structured.py).
     Does not modify `logits` or `states`; the runner calls `states[i].append` after it.
     """
     num_rows = logits.shape[0]
@@ -235,7 +250,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], states: Seque
         raise ValueError(f"sample needs [B, V] logits with B params and states; got logits "
                          f"{tuple(logits.shape)}, {len(params)} params, {len(states)} states")  # fmt: skip
     raw = logits
-    logits = _apply_bias_and_min_tokens(logits.float(), params, states, eos_token_ids)
+    if masked_rows:
+        assert bitmask is not None, "masked_rows without a bitmask"
+        raw = logits.to(torch.float32, copy=True)
+        apply_bitmask(raw, bitmask, masked_rows)  # logprobs are reported after the mask
+    logits = _apply_bias_and_min_tokens(raw.float(), params, states, eos_token_ids, frozenset(masked_rows))
     logits = apply_penalties(logits, params, states)
 
     token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
@@ -277,6 +296,7 @@ def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, ids: list[int],
     chosen_list, top_vals_list, top_ids_list = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
     for j, i in enumerate(rows):
         n = params[i].logprobs or 0
-        top = tuple(zip(top_ids_list[j][:n], top_vals_list[j][:n], strict=True))
+        # A masked row has fewer than k possible tokens at times: the impossible ones (-inf) are not listed.
+        top = tuple((t, lp) for t, lp in zip(top_ids_list[j][:n], top_vals_list[j][:n], strict=True) if lp > _NEG_INF)
         out[i] = TopLogprobs(ids[i], chosen_list[j], ranks[j], top)
     return out

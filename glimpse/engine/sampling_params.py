@@ -3,11 +3,14 @@
 Plain frozen data with vLLM's field names and defaults so users' habits carry over. Every
 field is checked on construction (`InvalidInputError` naming the field, the value and the
 allowed range); ids that depend on the model's vocabulary are checked by `validate_for_vocab`.
+`StructuredOutputsParams` is vLLM's constraint on the output (a JSON schema, any JSON object, a
+regex, a choice, a grammar or an xgrammar structural tag), compiled by glimpse/engine/structured.py.
 `Logprob` is vLLM's per-token logprob record, for outputs read the vLLM way.
 """
 
 from __future__ import annotations
 
+import json as _json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,79 @@ def _token_id(name: str, value: object) -> int:
     return value
 
 
+_CONSTRAINT_FIELDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`): exactly one field is set.
+
+    json: a JSON schema (a dict, or its JSON text, which is parsed here); json_object: any JSON
+    object (OpenAI's `response_format` `{"type": "json_object"}`); regex; choice: one of these
+    strings exactly; grammar: xgrammar's EBNF; structural_tag: xgrammar's structural-tag JSON text
+    (tool calling). After construction `json` is a dict and `choice` a tuple of strings. How big a
+    schema may be, and how long it may take to compile, is checked by the engine (structured.py).
+    """
+
+    # A dict is unhashable: left out of the hash (it still takes part in ==), like logit_bias.
+    json: dict | str | None = field(default=None, hash=False)
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name: str, value: object, allowed: str) -> InvalidInputError:
+            return InvalidInputError(f"StructuredOutputsParams.{name}={_short(value)} is invalid: {allowed}")
+
+        given = [name for name in _CONSTRAINT_FIELDS if _is_set(self, name)]
+        if len(given) != 1:
+            raise InvalidInputError(
+                f"StructuredOutputsParams needs exactly one of {', '.join(_CONSTRAINT_FIELDS)}; got "
+                f"{', '.join(given) if given else 'none'}")  # fmt: skip
+        if not isinstance(self.json_object, bool):
+            raise fail("json_object", self.json_object, "must be true or false")
+        if isinstance(self.json, str):
+            try:
+                schema = _json.loads(self.json)
+            except ValueError as exc:
+                raise fail("json", self.json, f"a schema given as text must be JSON ({exc})") from None
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, dict):
+            raise fail("json", self.json, "must be a JSON schema: an object (or its JSON text)")
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise fail(name, value, "must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, Sequence) or not self.choice:
+                raise fail("choice", self.choice, "must be a non-empty list of strings")
+            if not all(isinstance(c, str) for c in self.choice):
+                raise fail("choice", self.choice, "every choice must be a string")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """Which field is set ("json", "json_object", "regex", "choice", "grammar" or "structural_tag")."""
+        return next(name for name in _CONSTRAINT_FIELDS if _is_set(self, name))
+
+    def key(self) -> str:
+        """A canonical text of the constraint: equal constraints have equal keys (the grammar cache's key)."""
+        value = getattr(self, self.kind)
+        return self.kind + ":" + _json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _is_set(params: StructuredOutputsParams, name: str) -> bool:
+    value = getattr(params, name)
+    return value is not False if name == "json_object" else value is not None
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each output token of one request (vLLM semantics; see sampler.py for the order).
@@ -92,6 +168,10 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output must match this constraint (after the reasoning, on thinking templates; see structured.py).
+    structured_outputs: StructuredOutputsParams | None = None
+    # Thinking templates: output tokens the reasoning may take before `</think>` is forced (None: no limit).
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         # Normalising a frozen dataclass has to go through object.__setattr__; it happens only
@@ -128,6 +208,12 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, f"must be null or an integer in [0, {MAX_LOGPROBS}]")
             if self.logprobs > MAX_LOGPROBS:
                 raise _fail("logprobs", self.logprobs, f"must be null or an integer in [0, {MAX_LOGPROBS}]")
+
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _fail("structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams or None")
+        if self.thinking_token_budget is not None:
+            _check_int("thinking_token_budget", self.thinking_token_budget, 0,
+                       "must be null or an integer >= 0 (output tokens of reasoning before </think> is forced)")  # fmt: skip
 
         put("stop", self._normalise_stop(self.stop))
         put("stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))

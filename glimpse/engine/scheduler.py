@@ -28,6 +28,7 @@ from glimpse.engine.block_manager import BlockManager
 from glimpse.engine.encoder_cache import EncoderCacheManager
 from glimpse.engine.request import Request, RequestStatus
 from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.structured import ConstraintSpec
 from glimpse.processing.inputs import MediaItem
 
 
@@ -54,6 +55,7 @@ class NewRequestData:
     seed: int | None  # this sequence's sampler seed (None: the runner's shared stream)
     block_ids: list[int]
     num_computed_tokens: int
+    constraint: ConstraintSpec | None = None  # structured output / thinking budget: the runner masks its logits
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class Scheduler:
             out.new_requests.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, req.prompt_positions, req.mrope_delta, req.media,
                 req.pruned_video_positions, req.sampling_params, req.seed, list(req.block_ids),
-                req.num_computed_tokens))  # fmt: skip
+                req.num_computed_tokens, req.constraint))  # fmt: skip
         else:
             new_blocks = req.block_ids[known:]
             out.cached_requests.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))

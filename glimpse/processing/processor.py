@@ -21,7 +21,12 @@ from glimpse.media.video import is_decoded_video, probe_video, read_frames, vide
 from glimpse.models.evs import check_pruning_rate, retained_tokens
 from glimpse.processing.control import PreprocessControl
 from glimpse.processing.inputs import MediaItem, ProcessedPrompt, content_hash
-from glimpse.processing.prompt import PlaceholderTokens, expand_prompt, wrap_bare_videos
+from glimpse.processing.prompt import (
+    PlaceholderTokens,
+    expand_prompt,
+    with_argument_objects,
+    wrap_bare_videos,
+)
 from glimpse.processing.resize import (
     frame_resizer,
     preprocess_image,
@@ -81,18 +86,21 @@ class Processor:
     def __call__(self, messages: list[dict] | None = None, *, text: str | None = None, images: Sequence[Any] = (),
                  videos: Sequence[Any] = (), chat_template_kwargs: dict | None = None,
                  add_generation_prompt: bool = True, control: PreprocessControl | None = None,
-                 **overrides: Any) -> ProcessedPrompt:  # fmt: skip
-        """`control` (per request): its budget bounds the pixels decoded at once; `cancel()` stops it."""
+                 tools: list[dict] | None = None, **overrides: Any) -> ProcessedPrompt:  # fmt: skip
+        """`control` (per request): its budget bounds the pixels decoded at once; `cancel()` stops it.
+        `tools`: OpenAI function tools, rendered by the chat template (messages only)."""
         if (messages is None) == (text is None):
             raise InvalidInputError("pass either messages=[...] or text=... (with images/videos), not both")
+        if tools and messages is None:
+            raise InvalidInputError("tools are rendered by the chat template, so they need messages=, not text=")
         if messages is not None:
             if images or videos:
                 raise InvalidInputError("with messages=, put images and videos inside the message content parts")
-            text, images, videos = self.render_chat(messages, chat_template_kwargs, add_generation_prompt)
+            text, images, videos = self.render_chat(messages, chat_template_kwargs, add_generation_prompt, tools)
         return self.process(text, list(images), list(videos), overrides, control)
 
     def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None = None,
-                    add_generation_prompt: bool = True) -> tuple[str, list, list]:  # fmt: skip
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> tuple[str, list, list]:  # fmt: skip
         """Apply the checkpoint's chat template; returns (prompt text, images, videos) in document order."""
         if not isinstance(messages, list) or not messages:
             raise InvalidInputError("messages must be a non-empty list of {role, content} objects")
@@ -108,13 +116,14 @@ class Processor:
                 content = parts
             elif content is not None and not isinstance(content, str):
                 raise InvalidInputError(f"messages[{i}].content must be a string or a list of parts")
-            normal.append({**msg, "content": content if content is not None else ""})
+            normal.append(with_argument_objects({**msg, "content": content if content is not None else ""},
+                                                f"messages[{i}]"))  # fmt: skip
         if self.chat_template is None:
             raise CheckpointError(f"{self.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
         try:
             text = self.tokenizer.apply_chat_template(
                 normal, chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))  # fmt: skip
+                add_generation_prompt=add_generation_prompt, tools=tools or None, **(chat_template_kwargs or {}))  # fmt: skip
         except Exception as e:  # jinja errors from user-provided structure
             raise InvalidInputError(f"the chat template could not render these messages: {e}") from None
         return text, images, videos

@@ -10,6 +10,7 @@ A bare GLM `<|video|>` is first wrapped as the chat template writes it (`wrap_ba
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -154,3 +155,29 @@ def template_variables(template: str | None) -> frozenset[str]:
     env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])
     names = meta.find_undeclared_variables(env.parse(template))
     return frozenset(n for n in names if n not in _RESERVED_TEMPLATE_VARS and not n.endswith("_token"))
+
+
+def with_argument_objects(message: dict, where: str) -> dict:
+    """An assistant message whose `tool_calls` arguments are objects, as chat templates read them (GLM's
+    iterates `arguments.items()`); OpenAI clients send them as JSON text, which must hold an object."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    if not isinstance(calls, list):
+        raise InvalidInputError(f"{where}.tool_calls must be a list of calls")
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidInputError(f"{where}.tool_calls[{i}] must be {{\"type\": \"function\", \"function\": "
+                                    "{\"name\": ..., \"arguments\": ...}}")  # fmt: skip
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except ValueError as exc:
+                raise InvalidInputError(f"{where}.tool_calls[{i}].function.arguments is not JSON ({exc})") from None
+        if not isinstance(args, dict):
+            raise InvalidInputError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return {**message, "tool_calls": out}

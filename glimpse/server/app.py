@@ -54,6 +54,7 @@ from glimpse.server.async_engine import (
 from glimpse.server.guard import ApiError, Guard, error_body, read_json
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
+from glimpse.server.tool_parsers import ToolPlan, check_history, tool_plan
 
 log = logging.getLogger("glimpse.server")
 
@@ -83,6 +84,8 @@ class ServerState:
     pixel_budget: PixelBudget | None = None  # decoded pixels held at once, all requests (--max-decoding-pixels)
     mm_processor_kwargs: dict = field(default_factory=dict)  # defaults under each request's own (--mm-processor-kwargs)
     cors: dict = field(default_factory=dict)  # CORSMiddleware's arguments (--allowed-origins ...); {}: no CORS headers
+    tool_parser: str | None = None  # glm45 | hermes: how chat output is read for tool calls (--tool-call-parser)
+    tool_tags_special: bool = False  # the tokenizer holds <tool_call> as a special token
     pool: ThreadPoolExecutor = field(init=False)
     metrics: ServerMetrics = field(init=False)
     token_text: P.TokenText = field(init=False)
@@ -334,7 +337,9 @@ def build_app(state: ServerState) -> Guard:
         _check_model(state, req.model)
         _check_n(state, req.n, 1)
         _check_chat_options(state, req)
-        return await _serve(request, state, req, t0, P.ChatFormat(req, state.model_name, state.token_text, state.reasoning))
+        tools = _tool_plan(state, req)
+        fmt = P.ChatFormat(req, state.model_name, state.token_text, state.reasoning, tools)
+        return await _serve(request, state, req, t0, fmt)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -358,6 +363,7 @@ def build_app(state: ServerState) -> Guard:
         _check_model(state, req.model)
         if isinstance(req, P.TokenizeChatRequest):
             _check_chat_options(state, req)
+            _tool_plan(state, req)
             if req.add_special_tokens:
                 raise ApiError(400, "add_special_tokens=true is not supported with messages: a chat completion's "
                                     "prompt is the chat template's text, which writes its own special tokens, so the "
@@ -444,6 +450,17 @@ def _check_chat_options(state: ServerState, req: P.ChatCompletionRequest | P.Tok
                                 "message to continue")  # fmt: skip
 
 
+def _tool_plan(state: ServerState, req: P.ChatCompletionRequest | P.TokenizeChatRequest) -> ToolPlan | None:
+    """The request's tools checked against the active chat template and --tool-call-parser (400 otherwise)."""
+    check_history(req.messages, state.processor.chat_template)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    if isinstance(req, P.TokenizeChatRequest):  # counted only: the tools are checked, not called
+        return tool_plan(tools, "none", True, state.tool_parser, state.processor.chat_template)
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice
+    return tool_plan(tools, choice, req.parallel_tool_calls, state.tool_parser, state.processor.chat_template,
+                     state.tool_tags_special)  # fmt: skip
+
+
 def _mm_kwargs(defaults: dict, given: dict | None) -> dict:
     """The server's --mm-processor-kwargs under the request's own, key by key. fps and num_frames are two ways to
     choose frames (Qwen's processor refuses both at once), so a request naming either replaces both defaults."""
@@ -477,11 +494,12 @@ async def _prepare_chat(state: ServerState, req: P.ChatCompletionRequest | P.Tok
     template_kwargs = dict(req.chat_template_kwargs or {})
     if req.continue_final_message:
         template_kwargs["continue_final_message"] = True
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
 
     control = PreprocessControl(state.pixel_budget)
 
     def work() -> ProcessedPrompt:
-        return state.processor(messages, chat_template_kwargs=template_kwargs,
+        return state.processor(messages, chat_template_kwargs=template_kwargs, tools=tools,
                                add_generation_prompt=req.add_generation_prompt, control=control, **mm)  # fmt: skip
 
     return await _in_pool(state, work, control)
@@ -546,7 +564,8 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: P.Re
             else:
                 prompts = await loop.run_in_executor(state.pool, _prepare_completion, state, req)
             max_len = state.engine.max_model_len
-            params = [P.sampling_params(req, len(p.input_ids), max_len, state.sampling_defaults) for p in prompts]
+            params = [fmt.engine_params(P.sampling_params(req, len(p.input_ids), max_len, state.sampling_defaults))
+                      for p in prompts]  # fmt: skip
             run = _Run(state, fmt, prompts, params, t0)
             stack.callback(run.abort)
             await _unless_disconnected(request, run.start())

@@ -136,6 +136,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(default: none)")  # fmt: skip
     out.add_argument("--reasoning-parser", choices=("auto", "glm", "none"), default="auto",
                      help="split <think> reasoning and box markers from content (auto: on for GLM checkpoints)")  # fmt: skip
+    out.add_argument("--tool-call-parser", choices=("auto", "glm45", "hermes", "none"), default="auto",
+                     help="read tool calls from chat output into tool_calls: glm45 (GLM-4.5V/4.6V's <arg_key> "
+                          "format), hermes (Qwen2.5's <tool_call> JSON); auto: the format the chat template teaches, "
+                          "none if it renders no tools; none: requests may send tools only with tool_choice "
+                          "'none'")  # fmt: skip
     eng = p.add_argument_group("engine")
     eng.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                      help="run the engine core (scheduler + model) in its own process, so decoding does not share "
@@ -276,17 +281,29 @@ def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
     return flag or environ.get(API_KEY_ENV) or None
 
 
+# Chat templates glimpse ships (glimpse/templates/NAME.jinja), given to --chat-template by NAME.
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+def shipped_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+
+
 def load_chat_template(value: str) -> str:
     """--chat-template as vLLM reads it: the file's text if `value` names a file, else `value` itself when it
-    looks like a Jinja template ('{{' or '{%'), with backslash escapes read (so a shell's '\\n' is a newline)."""
+    looks like a Jinja template ('{{' or '{%'), with backslash escapes read (so a shell's '\\n' is a newline);
+    else the template glimpse ships under that name (qwen2_5_vl_hermes)."""
     if Path(value).is_file():
         try:
             return Path(value).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise GlimpseError(f"--chat-template {value}: the file could not be read ({exc})") from None
+    if value in shipped_templates():
+        return (TEMPLATES / f"{value}.jinja").read_text(encoding="utf-8")
     if "{{" not in value and "{%" not in value:
         raise InvalidInputError(f"--chat-template {value!r}: no such file, and not a Jinja template either (no "
-                                "'{{' or '{%'); give a template file or the template text")  # fmt: skip
+                                f"'{{{{' or '{{%'), nor a template glimpse ships ({', '.join(shipped_templates())}); "
+                                "give a template file, the template text or a shipped name")  # fmt: skip
     try:  # non-Latin-1 characters pass through as \uXXXX escapes and come back unchanged
         return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as exc:
@@ -349,6 +366,7 @@ def build_state(args: argparse.Namespace):
     from glimpse.server.guard import check_allowed_hosts, default_allowed_hosts
     from glimpse.server.media_fetch import MediaPolicy, unsafe_media_addresses_from_env
     from glimpse.server.reasoning import GLM_FAMILIES
+    from glimpse.server.tool_parsers import call_tags_are_special, detect_parser
 
     for name in ("max_concurrent_requests", "request_timeout", "preprocess_workers", "media_fetch_timeout", "max_n",
                  "body_read_timeout", "max_connections"):  # fmt: skip
@@ -414,6 +432,8 @@ def build_state(args: argparse.Namespace):
         reasoning = engine.model_config.processor_kind in GLM_FAMILIES
     else:
         reasoning = args.reasoning_parser == "glm"
+    tool_parser = {"auto": detect_parser(processor.chat_template), "none": None}.get(args.tool_call_parser,
+                                                                                       args.tool_call_parser)  # fmt: skip
     for warning in policy.warnings():
         logging.getLogger("glimpse.server").warning(warning)
     return ServerState(
@@ -426,7 +446,8 @@ def build_state(args: argparse.Namespace):
         template_kwargs=template_variables(processor.chat_template), preprocess_workers=args.preprocess_workers,
         sampling_defaults=(engine.model_config.generation_defaults if generation_defaults is None
                            else generation_defaults),
-        mm_processor_kwargs=mm_defaults, cors=cors)  # fmt: skip
+        mm_processor_kwargs=mm_defaults, cors=cors, tool_parser=tool_parser,
+        tool_tags_special=call_tags_are_special(processor.tokenizer))  # fmt: skip
 
 
 def bind_problem(host: str, port: int) -> tuple[str, int] | None:

@@ -4,12 +4,14 @@
 names fields that would change the output but glimpse does not implement (400, never ignored);
 `sampling_params(req, ...)` gives the engine's `SamplingParams`. `ChatFormat` and
 `CompletionFormat` turn engine `RequestOutput`s into OpenAI dicts, whole or as stream chunks:
-`usage` (with per-media token counts), logprobs, and for chat the reasoning/box split. The bodies
+`usage` (with per-media token counts), logprobs, and for chat the reasoning/box split and tool calls
+(glimpse/server/tool_parsers.py). The bodies
 of vLLM's /tokenize (text or messages) and /detokenize are here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from types import MappingProxyType
@@ -19,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from glimpse.engine.llm_engine import RequestOutput
 from glimpse.engine.sampler import TopLogprobs
-from glimpse.engine.sampling_params import SamplingParams
+from glimpse.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.server.reasoning import GlmReasoningParser, ParsedDelta
+from glimpse.server.tool_parsers import ToolCallParser, ToolDelta, ToolPlan
 
 
 class _Strict(BaseModel):
@@ -68,15 +71,78 @@ class VideoPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it (the template gets the object)
+
+
+class ToolCallIn(_Strict):
+    """A call in an earlier assistant turn (the history), rendered through the chat template."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # a tool result may hold images and videos too
     name: str | None = None
     reasoning_content: str | None = None  # an earlier assistant turn's thinking (GLM templates render it)
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # constrained or not, arguments follow tool_choice (docs/tool-calling.md)
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the output follows the schema either way, with no properties it does not name
+
+
+class ResponseFormatParam(_Strict):
+    """OpenAI's `response_format`: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Strict):
+    """vLLM's `structured_outputs` extra body: exactly one key."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # xgrammar's EBNF
+    json_object: bool | None = None
+    structural_tag: str | None = None
 
 
 class _Sampling(_Strict):
@@ -107,10 +173,22 @@ class _Sampling(_Strict):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output (docs/structured-output.md): OpenAI's response_format, vLLM's structured_outputs extra
+    # and its older guided_* fields; at most one of them. thinking_token_budget: reasoning tokens before </think>.
+    response_format: ResponseFormatParam | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    thinking_token_budget: int | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -143,6 +221,7 @@ class TokenizeChatRequest(_Strict):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None  # rendered as a chat completion renders them, so the count is the same
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False  # only false: a chat prompt is the template's text, special tokens and all
@@ -168,23 +247,14 @@ def prompt_list(prompt: str | list[int] | list[str] | list[list[int]]) -> list[s
 # Fields of OpenAI's or vLLM's APIs that would change the output and that glimpse does not
 # implement -> a predicate saying which values are harmless (absent/neutral) and may pass.
 _UNSUPPORTED = MappingProxyType({
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
-    "functions": lambda v: v is None or v == [],
+    "functions": lambda v: v is None or v == [],  # OpenAI's deprecated form of tools: send tools
     "function_call": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: True,  # meaningless without tools, which are refused
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v is None or v == ["text"],
     "audio": lambda v: v is None,
     "prediction": lambda v: v is None,
     "reasoning_effort": lambda v: v is None,
     "web_search_options": lambda v: v is None,
     "suffix": lambda v: v is None,
-    "guided_json": lambda v: v is None,
-    "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None,
-    "guided_grammar": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
     "logits_processors": lambda v: v is None,
     "prompt_logprobs": lambda v: v is None,
     "use_beam_search": lambda v: v is None or v is False,
@@ -245,7 +315,39 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, prompt_len: 
         ignore_eos=req.ignore_eos, repetition_penalty=pick["repetition_penalty"], presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logprobs=logprobs, logit_bias=req.logit_bias,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+        structured_outputs=structured_outputs(req), thinking_token_budget=req.thinking_token_budget,
     )  # fmt: skip
+
+
+def structured_outputs(req: ChatCompletionRequest | CompletionRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint from response_format, structured_outputs or guided_* (one of them at most)."""
+    given: dict[str, StructuredOutputsParams | None] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if fmt.type == "json_object":
+            if fmt.json_schema is not None:
+                raise InvalidInputError("response_format: json_schema goes with type 'json_schema', not 'json_object'")
+            given["response_format"] = StructuredOutputsParams(json_object=True)
+        else:
+            if fmt.json_schema is None:
+                raise InvalidInputError("response_format of type 'json_schema' needs a json_schema object with a schema")
+            given["response_format"] = StructuredOutputsParams(json=fmt.json_schema.schema_)
+    if req.structured_outputs is not None:
+        body = req.structured_outputs
+        keys = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                if getattr(body, "json_" if k == "json" else k) not in (None, False)]  # fmt: skip
+        if len(keys) != 1:
+            raise InvalidInputError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object, "
+                                    f"structural_tag; got {', '.join(keys) if keys else 'none'}")  # fmt: skip
+        value = getattr(body, "json_" if keys[0] == "json" else keys[0])
+        given["structured_outputs"] = StructuredOutputsParams(**{keys[0]: value})
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):  # fmt: skip
+        if getattr(req, name) is not None:
+            given[name] = StructuredOutputsParams(**{key: getattr(req, name)})
+    if len(given) > 1:
+        raise InvalidInputError(f"{' and '.join(given)} each constrain the output; send one of them")
+    return next(iter(given.values()), None)
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -368,6 +470,10 @@ class ResponseFormat:
     def full(self, prompts: list[ProcessedPrompt], finals: list[RequestOutput]) -> dict:
         raise NotImplementedError
 
+    def engine_params(self, params: SamplingParams) -> SamplingParams:
+        """The engine's settings for this format (chat with tools adds the call constraint)."""
+        return params
+
     def start(self, prompt: ProcessedPrompt, n: int) -> list[dict]:
         return []
 
@@ -379,8 +485,11 @@ class ResponseFormat:
 
 
 class ChatFormat(ResponseFormat):
-    def __init__(self, req: ChatCompletionRequest, model_name: str, token_text: TokenText, reasoning: bool) -> None:
+    def __init__(self, req: ChatCompletionRequest, model_name: str, token_text: TokenText, reasoning: bool,
+                 tools: ToolPlan | None = None) -> None:  # fmt: skip
         self.req, self.model_name, self.token_text, self.reasoning = req, model_name, token_text, reasoning
+        self.tools = tools  # None: the content is not read for tool calls
+        self.tool_parsers: dict[int, ToolCallParser] = {}
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = now()
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -402,6 +511,38 @@ class ChatFormat(ResponseFormat):
             out = ParsedDelta(out.content + tail.content, out.reasoning + tail.reasoning, out.boxes + tail.boxes)
         return out
 
+    def _calls(self, index: int, content: str, finished: bool) -> ToolDelta:
+        """Route answer text through choice `index`'s tool-call parser (content unchanged without tools)."""
+        if self.tools is None:
+            return ToolDelta(content)
+        if index not in self.tool_parsers:
+            self.tool_parsers[index] = self.tools.new_parser()
+        parser = self.tool_parsers[index]
+        out = parser.feed(content)
+        if finished:
+            tail = parser.finish()
+            out = ToolDelta(out.content + tail.content, out.calls + tail.calls)
+        return out
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        """OpenAI's "tool_calls" for a choice that stopped after calling tools."""
+        parser = self.tool_parsers.get(index)
+        return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
+
+    def engine_params(self, params: SamplingParams) -> SamplingParams:
+        if self.tools is None:
+            return params
+        changes: dict[str, Any] = {}
+        if self.tools.constraint is not None:
+            if params.structured_outputs is not None:
+                raise InvalidInputError("tool_choice 'required' or a named function constrains the output to tool "
+                                        "calls, so response_format / structured_outputs cannot constrain it too; "
+                                        "send one of them")  # fmt: skip
+            changes["structured_outputs"] = self.tools.constraint
+        if self.tools.keep_special_tokens:
+            changes["skip_special_tokens"] = False  # the call tags are special tokens here: the parser must see them
+        return dataclasses.replace(params, **changes) if changes else params
+
     def _chunk(self, choice: dict) -> dict:
         return chunk(self.id, self.model_name, self.created, [choice], include_usage=self.include_usage)
 
@@ -411,12 +552,18 @@ class ChatFormat(ResponseFormat):
         choices = []
         for c in final.outputs:
             parsed = self._split(c.index, c.text, finished=True)
-            message = {"role": "assistant", "content": parsed.content}
+            answer = self._calls(c.index, parsed.content, finished=True)
+            calls = self.tool_parsers[c.index].calls if self.tools is not None else []
+            message: dict[str, Any] = {"role": "assistant", "content": answer.content if answer.content or not calls
+                                       else None}  # fmt: skip
+            if calls:
+                message["tool_calls"] = [call.as_openai() for call in calls]
             if self.reasoning:
                 message |= {"reasoning_content": parsed.reasoning or None, "boxes": parsed.boxes}
             logprobs = chat_logprobs(c.logprobs, self.token_text) if c.logprobs is not None else None
             choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+                            "finish_reason": self._finish_reason(c.index, c.finish_reason),
+                            "stop_reason": c.stop_reason})  # fmt: skip
         n_out = sum(len(c.token_ids) for c in final.outputs)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(prompt, n_out, final.num_cached_tokens)}  # fmt: skip
@@ -433,11 +580,12 @@ class ChatFormat(ResponseFormat):
                 continue  # the final output lists every choice again, earlier-finished ones included
             done = c.finish_reason is not None
             parsed = self._split(c.index, c.delta_text, done)
+            answer = self._calls(c.index, parsed.content, done)
             delta: dict = {}
             if parsed.reasoning:
                 delta["reasoning_content"] = parsed.reasoning
-            if parsed.content:
-                delta["content"] = parsed.content
+            if answer.content:
+                delta["content"] = answer.content
             if parsed.boxes:
                 delta["boxes"] = parsed.boxes
             logprobs = None
@@ -447,10 +595,15 @@ class ChatFormat(ResponseFormat):
                 self.logprobs_sent[c.index] = len(c.logprobs)
             if delta or logprobs:
                 events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
+            # One chunk per call piece: a call's name (and id) goes out in one chunk, its arguments in a later one.
+            for call in answer.calls:
+                events.append(self._chunk({"index": c.index, "delta": {"tool_calls": [call.as_openai()]},
+                                           "logprobs": None, "finish_reason": None}))  # fmt: skip
             if done:
                 self.finish_sent.add(c.index)
                 events.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
-                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}))  # fmt: skip
+                                           "finish_reason": self._finish_reason(c.index, c.finish_reason),
+                                           "stop_reason": c.stop_reason}))  # fmt: skip
         return events
 
     def end(self, prompt: ProcessedPrompt, final: RequestOutput) -> list[dict]:

@@ -20,9 +20,17 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer
 
-from glimpse.testing.tokenizer import GLM41V_TEMPLATE, GLM46V_TEMPLATE, QWEN25VL_TEMPLATE, build_tokenizer
+from glimpse.testing.tokenizer import (
+    GLM41V_TEMPLATE,
+    GLM45V_TOOLS_TEMPLATE,
+    GLM46V_TEMPLATE,
+    QWEN25VL_TEMPLATE,
+    build_tokenizer,
+)
 
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")
+# GLM-4.5V and GLM-4.6V (Flash too) call tools: their templates carry the real ones' tool section.
+TOOL_FAMILIES = ("glm46v", "glm46v_flash", "glm4v_moe", "glm46v_moe")
 MOE_FAMILIES = ("glm4v_moe", "glm46v_moe")  # GLM-4.5V, and GLM-4.6V: model_type glm46v over a glm4v_moe_text tower  # fmt: skip
 # medium (~700M parameters) is meant for load_format="dummy"; 3b (qwen2_5_vl only) has Qwen2.5-VL-3B-Instruct's
 # shapes and token ids, written with weights=False for side-by-side serving benchmarks (vLLM --load-format dummy).
@@ -368,7 +376,12 @@ def set_demo_sampling(path: str | Path) -> None:
 
 def _write_tokenizer_files(out: Path, family: str, ids: dict[str, int]) -> None:
     is_qwen = family == "qwen2_5_vl"
-    template = QWEN25VL_TEMPLATE if is_qwen else (GLM41V_TEMPLATE if family == "glm4v" else GLM46V_TEMPLATE)
+    if is_qwen:
+        template = QWEN25VL_TEMPLATE  # as Qwen2.5-VL ships it, without tools (glimpse/templates has a tool one)
+    elif family == "glm4v":
+        template = GLM41V_TEMPLATE
+    else:
+        template = GLM45V_TOOLS_TEMPLATE if family in TOOL_FAMILIES else GLM46V_TEMPLATE
     (out / "chat_template.jinja").write_text(template)
     if is_qwen:
         cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",

@@ -144,6 +144,68 @@ GLM46V_TEMPLATE = (
 {%- endif -%}"""
 )
 
+# GLM-4.5V / 4.6V as they ship: GLM46V_TEMPLATE plus the real templates' tool section. Given `tools`, a
+# system turn lists them and teaches the call format; an assistant turn's `tool_calls` (arguments as an object)
+# are written `<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n</tool_call>` (a string value
+# raw, others as JSON); `tool` turns are `<|observation|>` turns of `<tool_response>` blocks, images included.
+# Without tools it renders exactly what GLM46V_TEMPLATE renders.
+GLM45V_TOOLS_TEMPLATE = (
+    _GLM_PARTS
+    + """[gMASK]<sop>
+{%- if tools -%}<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+<arg_key>{arg-key-2}</arg_key>
+<arg_value>{arg-value-2}</arg_value>
+...
+</tool_call>
+{%- endif -%}
+{%- set ns = namespace(last_user=-1) -%}
+{%- for msg in messages -%}{%- if msg.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for msg in messages -%}
+{%- if msg.role == 'system' -%}<|system|>
+{{ render_content(msg.content) }}
+{%- elif msg.role == 'user' -%}
+{%- set text = render_content(msg.content) -%}<|user|>
+{{ text }}{{ '/nothink' if (enable_thinking is defined and not enable_thinking and not text.endswith('/nothink')) else '' }}
+{%- elif msg.role == 'assistant' -%}<|assistant|>
+{%- if loop.index0 > ns.last_user and msg.reasoning_content -%}
+{{ '\\n<think>' + msg.reasoning_content + '</think>' }}
+{%- else -%}
+{{ '\\n<think></think>' }}
+{%- endif -%}
+{{ '\\n' + render_content(msg.content) }}
+{%- for tc in (msg.tool_calls or []) -%}
+{%- set fn = tc.function if tc.function is defined else tc -%}
+{{ '\\n<tool_call>' + fn.name }}
+{%- for key, value in fn.arguments.items() -%}
+{{ '\\n<arg_key>' + key + '</arg_key>\\n<arg_value>' }}{{ value if value is string else (value | tojson(ensure_ascii=False)) }}{{ '</arg_value>' }}
+{%- endfor -%}
+{{ '\\n</tool_call>' }}
+{%- endfor -%}
+{%- elif msg.role == 'tool' -%}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}<|observation|>{%- endif -%}
+{{ '\\n<tool_response>\\n' + render_content(msg.content) + '\\n</tool_response>' }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|assistant|>
+{{ '<think></think>\\n' if (enable_thinking is defined and not enable_thinking) else '' }}
+{%- endif -%}"""
+)
+
 QWEN25VL_TEMPLATE = """{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}
 {%- for message in messages -%}
 {%- if loop.first and message.role != 'system' -%}<|im_start|>system
