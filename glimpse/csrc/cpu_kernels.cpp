@@ -686,7 +686,9 @@ std::vector<torch::Tensor> vision_rotary_bf16(const torch::Tensor& qkv, const to
 // x * cos + rotated(x) * sin, with each product and the sum rounded to bf16 (three torch ops), and
 // the rest of each head passes. Pairs: NeoX halves of the rd dims (neox) or GPT-J neighbours
 // (x[2i], x[2i+1]). cos, sin [T, rd] bf16.
-inline float round_bf16(float v) { return float(at::BFloat16(v)); }
+inline __m512 round_bf16x16(__m512 v) {  // to bf16 (nearest even, as torch) and back to float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v))), 16));
+}
 
 void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& cos, const torch::Tensor& sin, bool neox) {
   check_cpu_bf16({&qkv, &cos, &sin}, "qkv, cos and sin");
@@ -697,18 +699,34 @@ void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Ten
   auto* xp = qkv.data_ptr<at::BFloat16>();
   const auto *cp = cos.data_ptr<at::BFloat16>(), *sp = sin.data_ptr<at::BFloat16>();
   const int64_t half = rd / 2;
+  const __m512 zero = _mm512_setzero_ps();
+  const __mmask16 even = 0x5555;  // lanes 0, 2, ...: the first of each GPT-J pair
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<float> x(rd);
     for (int64_t t = t0; t < t1; ++t) {
       const at::BFloat16 *c = cp + t * rd, *s = sp + t * rd;
       for (int64_t h = 0; h < heads; ++h) {
         at::BFloat16* row = xp + (t * H + h) * D;
-        for (int64_t i = 0; i < rd; ++i) x[i] = float(row[i]);
-        for (int64_t i = 0; i < rd; ++i) {
-          float other;  // rotated(x)[i]
-          if (neox) other = i < half ? -x[i + half] : x[i - half];
-          else other = i % 2 ? x[i - 1] : -x[i + 1];
-          row[i] = at::BFloat16(round_bf16(x[i] * float(c[i])) + round_bf16(other * float(s[i])));
+        if (neox) {  // rotated = (-x2, x1) over the halves
+          for (int64_t i = 0; i < half; i += 16) {
+            const __mmask16 m = lanes(half - i);
+            const __m512 x1 = load_bf16x16(row + i, m), x2 = load_bf16x16(row + half + i, m);
+            const __m512 lo = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(x1, load_bf16x16(c + i, m))),
+                                            round_bf16x16(_mm512_mul_ps(_mm512_sub_ps(zero, x2), load_bf16x16(s + i, m))));
+            const __m512 hi = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(x2, load_bf16x16(c + half + i, m))),
+                                            round_bf16x16(_mm512_mul_ps(x1, load_bf16x16(s + half + i, m))));
+            store_bf16x16(row + i, lo, m);
+            store_bf16x16(row + half + i, hi, m);
+          }
+        } else {  // rotated pair (a, b) = (-b, a); chunks start at even dims, so pairs never straddle them
+          for (int64_t i = 0; i < rd; i += 16) {
+            const __mmask16 m = lanes(rd - i);
+            const __m512 x = load_bf16x16(row + i, m);
+            const __m512 swapped = _mm512_permute_ps(x, 0xB1);  // (b, a) in each pair
+            const __m512 other = _mm512_mask_sub_ps(swapped, even, zero, swapped);
+            const __m512 y = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(x, load_bf16x16(c + i, m))),
+                                           round_bf16x16(_mm512_mul_ps(other, load_bf16x16(s + i, m))));
+            store_bf16x16(row + i, y, m);
+          }
         }
       }
     }
