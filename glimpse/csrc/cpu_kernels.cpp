@@ -358,6 +358,22 @@ void linear_rows(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat1
   }
 }
 
+// ---- bf16 <-> float32 in vectors of 16, rounding as torch does (nearest even) ----
+inline __m512 load_bf16x16(const at::BFloat16* p, __mmask16 m) {  // up to 16 bf16 -> float32
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p))), 16));
+}
+
+inline void store_bf16x16(at::BFloat16* p, __m512 v, __mmask16 m) {  // round to nearest even, as torch does
+  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+inline __m512 round_bf16x16(__m512 v) {  // to bf16 (nearest even, as torch) and back to float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v))), 16));
+}
+
 // RMSNorm of one row with HF's roundings: float32 x, its mean square, x * rsqrt(ms + eps) rounded to
 // bf16, then times the bf16 weight rounded to bf16 (weight * x.to(bf16) in torch). With a delta, the
 // row is first x + delta rounded to bf16 (the residual add), written to `sum`. Only the order of the
@@ -365,37 +381,29 @@ void linear_rows(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat1
 // add a ninth), ~20-40 us per row of decode for what is a few hundred nanoseconds of arithmetic.
 void rms_norm_row(const at::BFloat16* x, const at::BFloat16* delta, const at::BFloat16* w, int64_t H, float eps,
                   at::BFloat16* sum, at::BFloat16* y) {
-  thread_local std::vector<float> row;
-  if (row.size() < size_t(H)) row.resize(H);
-  // The mean square sums in 16 float32 lanes (the compiler vectorizes a fixed-width inner loop; one
-  // running sum is a serial chain of dependent adds, ~1 ns per value), then adds the lanes.
-  constexpr int kLanes = 16;
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= H; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      float v = float(x[i + j]);
-      if (delta) {
-        sum[i + j] = at::BFloat16(v + float(delta[i + j]));
-        v = float(sum[i + j]);
-      }
-      row[i + j] = v;
-      acc[j] += v * v;
-    }
-  }
-  for (; i < H; ++i) {
-    float v = float(x[i]);
+  // The mean square sums in 16 float32 lanes (lane j takes values j, j + 16, ...; a product, then an
+  // add: the file is built without contraction), then adds the lanes in order.
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    __m512 v = load_bf16x16(x + i, m);
     if (delta) {
-      sum[i] = at::BFloat16(v + float(delta[i]));
-      v = float(sum[i]);
+      v = round_bf16x16(_mm512_add_ps(v, load_bf16x16(delta + i, m)));
+      store_bf16x16(sum + i, v, m);
     }
-    row[i] = v;
-    acc[i % kLanes] += v * v;
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));  // masked-off lanes add 0 * 0
   }
+  alignas(64) float lane[16];
+  _mm512_store_ps(lane, acc);
   float ss = 0.f;
-  for (int j = 0; j < kLanes; ++j) ss += acc[j];
-  const float r = 1.f / std::sqrt(ss / float(H) + eps);
-  for (int64_t i = 0; i < H; ++i) y[i] = at::BFloat16(float(w[i]) * float(at::BFloat16(row[i] * r)));
+  for (int j = 0; j < 16; ++j) ss += lane[j];
+  const __m512 r = _mm512_set1_ps(1.f / std::sqrt(ss / float(H) + eps));
+  const at::BFloat16* src = delta ? sum : x;  // the row the norm sees, already rounded to bf16
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(src + i, m), r));
+    store_bf16x16(y + i, _mm512_mul_ps(load_bf16x16(w + i, m), normed), m);
+  }
 }
 
 // Scratch for the packed K and V, kept per calling thread: reused across calls and layers instead of
@@ -595,17 +603,6 @@ std::vector<torch::Tensor> rms_norm_bf16(const torch::Tensor& x, const c10::opti
 // rounding; on 2 cores SwiGLU's silu-and-product took ~2.5 ms per 512x2048 layer and the vision
 // rotary ~1 ms per layer, against ~0.2 ms for one fused pass.
 
-inline __m512 load_bf16x16(const at::BFloat16* p, __mmask16 m) {  // up to 16 bf16 -> float32
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p))), 16));
-}
-
-inline void store_bf16x16(at::BFloat16* p, __m512 v, __mmask16 m) {  // round to nearest even, as torch does
-  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
-
 // x [..., 2I] (gate, then up: the fused gate_up projection's output) -> silu(gate) * up [..., I]:
 // silu in float32 as x / (1 + exp(-x)), rounded to bf16 (torch's silu), then the product of two bf16
 // values rounded to bf16 (torch's mul). exp_ps is exact to ~1e-7 relative over the whole range
@@ -686,10 +683,6 @@ std::vector<torch::Tensor> vision_rotary_bf16(const torch::Tensor& qkv, const to
 // x * cos + rotated(x) * sin, with each product and the sum rounded to bf16 (three torch ops), and
 // the rest of each head passes. Pairs: NeoX halves of the rd dims (neox) or GPT-J neighbours
 // (x[2i], x[2i+1]). cos, sin [T, rd] bf16.
-inline __m512 round_bf16x16(__m512 v) {  // to bf16 (nearest even, as torch) and back to float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v))), 16));
-}
-
 void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Tensor& cos, const torch::Tensor& sin, bool neox) {
   check_cpu_bf16({&qkv, &cos, &sin}, "qkv, cos and sin");
   TORCH_CHECK(qkv.dim() == 3 && heads >= 0 && heads <= qkv.size(1), "qkv must be [T, heads, D] with at least `heads` heads");
