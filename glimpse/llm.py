@@ -14,6 +14,7 @@ chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -102,21 +103,29 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
-             mm_processor_kwargs: dict | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
-        """Chat with one conversation (a list of messages) or several (a list of such lists)."""
+             mm_processor_kwargs: dict | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None, chat_template: str | None = None) -> list[RequestOutput]:  # fmt: skip
+        """Chat with one conversation (a list of messages) or several (a list of such lists).
+
+        `tools`: OpenAI function tools (`{"type": "function", "function": {"name", "description", "parameters"}}`),
+        shown to the model by the chat template, as vLLM's `LLM.chat(tools=...)`; the output is text in the model's
+        own call format (docs/tool-calling.md shows how to read calls out of it). `chat_template`: this call's
+        template instead of the checkpoint's: the Jinja text, a file, or a template glimpse ships by name
+        (`qwen2_5_vl_hermes`: Qwen2.5-VL's own template has no tool section)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        self._check_template_kwargs(chat_template_kwargs)
+        processor = self._chat_processor(chat_template, tools, chat_template_kwargs)
         processed = []
         for conv in conversations:
             t0 = time.perf_counter()
-            p = self.processor(conv, chat_template_kwargs=chat_template_kwargs,
-                               add_generation_prompt=add_generation_prompt, **(mm_processor_kwargs or {}))  # fmt: skip
+            p = processor(conv, chat_template_kwargs=chat_template_kwargs, add_generation_prompt=add_generation_prompt,
+                          tools=tools, **(mm_processor_kwargs or {}))  # fmt: skip
             processed.append((p, time.perf_counter() - t0))
         return self._run(processed, sampling_params, use_tqdm)
 
     def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
-                    chat_template_kwargs: dict | None = None,
-                    mm_processor_kwargs: dict | None = None) -> Iterator[RequestOutput]:  # fmt: skip
+                    chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None,
+                    tools: list[dict] | None = None,
+                    chat_template: str | None = None) -> Iterator[RequestOutput]:  # fmt: skip
         """Yield `RequestOutput`s of one conversation as text arrives (`.outputs[0].delta_text` for n=1; with
         n > 1 each output lists only the completions that moved: read `.index`).
 
@@ -124,9 +133,11 @@ class LLM:
         character, a possible stop string, a skipped special token) is held back, and its id rides in
         the `delta_token_ids` of the next output of that completion. The last output (`finished`) lists
         all n completions with their finish_reason, its deltas possibly empty (an EOS adds no text).
+        `tools` and `chat_template` as in `chat`.
         """
-        self._check_template_kwargs(chat_template_kwargs)
-        processed = self.processor(messages, chat_template_kwargs=chat_template_kwargs, **(mm_processor_kwargs or {}))
+        processor = self._chat_processor(chat_template, tools, chat_template_kwargs)
+        processed = processor(messages, chat_template_kwargs=chat_template_kwargs, tools=tools,
+                              **(mm_processor_kwargs or {}))  # fmt: skip
         rid = self.engine.add_request(None, processed, sampling_params or self.get_default_sampling_params())
         held: dict[int, list[int]] = {}  # completion index -> token ids of outputs not yielded
 
@@ -161,15 +172,37 @@ class LLM:
 
         return template_variables(self.processor.chat_template)
 
-    def _check_template_kwargs(self, kwargs: dict | None) -> None:
-        """As `glimpse serve` does: a key the chat template never reads would be ignored silently, so it is refused."""
+    def _check_template_kwargs(self, kwargs: dict | None, variables: frozenset[str] | None = None) -> None:
+        """As `glimpse serve` does: a key the chat template never reads would be ignored silently, so it is refused.
+        `variables`: those of the template in use (default: the checkpoint's)."""
         if kwargs is None:
             return
         if not isinstance(kwargs, dict):
             raise InvalidInputError("chat_template_kwargs must be a dict")
         from glimpse.processing.prompt import check_chat_template_kwargs
 
-        check_chat_template_kwargs(kwargs, self._template_kwargs)
+        check_chat_template_kwargs(kwargs, self._template_kwargs if variables is None else variables)
+
+    def _chat_processor(self, chat_template: str | None, tools: list[dict] | None, kwargs: dict | None):
+        """The processor that renders a chat call: the engine's, or a copy holding this call's `chat_template`;
+        `tools` and `chat_template_kwargs` checked against that template first."""
+        from jinja2 import TemplateSyntaxError
+
+        from glimpse.processing.prompt import template_variables
+
+        processor, variables = self.processor, None
+        if chat_template is not None:
+            processor = copy.copy(self.processor)  # shares the tokenizer and the media settings; not the engine's
+            processor.chat_template = _read_chat_template(chat_template)
+            try:
+                variables = template_variables(processor.chat_template)
+            except TemplateSyntaxError as exc:
+                raise InvalidInputError(f"chat_template is not a valid Jinja template: {exc.message} (line "
+                                        f"{exc.lineno})") from None  # fmt: skip
+        self._check_template_kwargs(kwargs, variables)
+        if tools is not None:
+            _check_tools(tools, processor.chat_template)
+        return processor
 
     def _process(self, prompt: Any, mm_kwargs: dict | None) -> tuple[ProcessedPrompt | list[int] | str, float]:
         t0 = time.perf_counter()
@@ -233,6 +266,43 @@ class LLM:
         for c in out.outputs:
             c.tokenizer = self.processor.tokenizer
         return out
+
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # chat templates glimpse ships, by name
+
+
+def _read_chat_template(value: str) -> str:
+    """`chat_template=`: Jinja text (it holds '{{' or '{%'), a template file, or a shipped template's name."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"chat_template must be a string (the Jinja text, a file or a shipped name), got "
+                                f"{type(value).__name__}")  # fmt: skip
+    if "{{" in value or "{%" in value:
+        return value
+    shipped = sorted(f.stem for f in TEMPLATES.glob("*.jinja"))
+    if value in shipped:
+        return (TEMPLATES / f"{value}.jinja").read_text(encoding="utf-8")
+    if Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    raise InvalidInputError(f"chat_template {value[:80]!r} is no Jinja text (no '{{{{' or '{{%'), no file and no "
+                            f"template glimpse ships ({', '.join(shipped)})")  # fmt: skip
+
+
+def _check_tools(tools: Any, template: str | None) -> None:
+    """OpenAI function tools, under a template that shows them to the model (else they would be dropped silently)."""
+    from glimpse.server.tool_parsers import template_renders_tools
+
+    if not isinstance(tools, list):
+        raise InvalidInputError(f"tools must be a list of function tools, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        function = function if isinstance(function, dict) else None
+        if function is None or tool.get("type") != "function" or not isinstance(function.get("name"), str):
+            raise InvalidInputError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                                    '"parameters": {...}}}, as OpenAI and vLLM take tools')  # fmt: skip
+    if tools and not template_renders_tools(template):
+        raise InvalidInputError("this model's chat template does not render tools, so the model would never see them; "
+                                "pass a chat_template that does (glimpse ships chat_template='qwen2_5_vl_hermes' for "
+                                "Qwen2.5-VL; see docs/tool-calling.md)")  # fmt: skip
 
 
 def _images(x: Any) -> list:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import av
 import numpy as np
@@ -306,3 +307,80 @@ def test_demo_checkpoint_defaults_let_sampling_show(tmp_path, monkeypatch, llms)
     assert (gen["top_p"], gen["top_k"]) == (1.0, 0) and gen["eos_token_id"] == stale["eos_token_id"]
     a, b = two_choices(LLM(kv_cache_memory="64MiB"))
     assert a != b
+
+
+# ---- 7. tools, as vLLM's LLM.chat(tools=...) takes them ---------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"]}}}  # fmt: skip
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+ONE = SamplingParams(temperature=0, max_tokens=1)
+HERMES = Path(__file__).resolve().parents[1] / "glimpse" / "templates" / "qwen2_5_vl_hermes.jinja"
+
+
+@pytest.mark.parametrize("family", ["glm46v", "qwen2_5_vl"])
+def test_chat_with_tools_gives_hf_apply_chat_templates_prompt(family, llms, tiny_checkpoint):
+    """GLM-4.6V's own template; Qwen2.5-VL's has no tool section, so the call passes glimpse's (by name, by file,
+    as text). The reference: HF's tokenizer rendering the same messages and tools."""
+    llm = llms(family)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint(family))
+    template = None if family == "glm46v" else HERMES.read_text()
+    text = tok.apply_chat_template(ASK, tools=[WEATHER], chat_template=template, add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    assert "get_weather" in text and "Weather in a city" in text  # the reference shows the function
+    expected = tok.encode(text, add_special_tokens=False)
+    given = [None] if family == "glm46v" else ["qwen2_5_vl_hermes", str(HERMES), HERMES.read_text()]
+    for chat_template in given:
+        out = llm.chat(ASK, ONE, use_tqdm=False, tools=[WEATHER], chat_template=chat_template)[0]
+        assert out.prompt_token_ids == expected, chat_template
+        streamed = list(llm.stream_chat(ASK, ONE, tools=[WEATHER], chat_template=chat_template))
+        assert streamed[-1].prompt_token_ids == expected
+    without = llm.chat(ASK, ONE, use_tqdm=False, chat_template=given[0])[0]
+    assert without.prompt_token_ids == tok.encode(tok.apply_chat_template(ASK, chat_template=template, tokenize=False,
+                                                                          add_generation_prompt=True),
+                                                  add_special_tokens=False)  # fmt: skip
+    assert len(without.prompt_token_ids) < len(expected)
+
+
+def test_tools_under_a_template_without_them_are_refused(llms):
+    qwen, glm = llms("qwen2_5_vl"), llms("glm46v")
+    own = qwen.processor.chat_template
+    with pytest.raises(InvalidInputError, match=r"does not render tools.*chat_template='qwen2_5_vl_hermes'"):
+        qwen.chat(ASK, ONE, use_tqdm=False, tools=[WEATHER])  # Qwen2.5-VL's own template drops tools
+    with pytest.raises(InvalidInputError, match=r"does not render tools.*chat_template"):
+        list(qwen.stream_chat(ASK, ONE, tools=[WEATHER]))
+    with pytest.raises(InvalidInputError, match=r"tools\[0\] must be \{\"type\": \"function\""):
+        glm.chat(ASK, ONE, use_tqdm=False, tools=[WEATHER["function"]])  # the function without its wrapper
+    with pytest.raises(InvalidInputError, match="chat_template 'no/such.jinja' is no Jinja text"):
+        qwen.chat(ASK, ONE, use_tqdm=False, chat_template="no/such.jinja")
+    with pytest.raises(InvalidInputError, match="chat_template is not a valid Jinja template"):
+        qwen.chat(ASK, ONE, use_tqdm=False, chat_template="{% if %}")
+    # chat_template_kwargs are held to the call's template: GLM's reads enable_thinking, the hermes one does not
+    with pytest.raises(InvalidInputError, match="enable_thinking"):
+        glm.chat(ASK, ONE, use_tqdm=False, chat_template=HERMES.read_text(),
+                 chat_template_kwargs={"enable_thinking": False})  # fmt: skip
+    assert qwen.processor.chat_template == own  # a call's template is that call's only
+    assert not qwen.engine.has_unfinished_requests() and not glm.engine.has_unfinished_requests()
+
+
+def test_a_forced_call_offline_reads_back_with_the_servers_parser(llms):
+    """docs/tool-calling.md's offline recipe: random weights, so only the constraint can make the call right;
+    `jsonschema` judges its arguments."""
+    import jsonschema
+
+    from glimpse.engine.sampling_params import StructuredOutputsParams
+    from glimpse.server.tool_parsers import GlmToolParser, call_structural_tag
+
+    functions = [WEATHER["function"]]
+    tag = call_structural_tag("glm45", functions, forced=True, parallel=False)
+    constraint = StructuredOutputsParams(structural_tag=json.dumps(tag))
+    params = SamplingParams(max_tokens=200, seed=3, structured_outputs=constraint)
+    out = llms("glm46v").chat(ASK, params, use_tqdm=False, tools=[WEATHER],
+                              chat_template_kwargs={"enable_thinking": False})[0].outputs[0]  # fmt: skip
+    assert out.finish_reason == "stop" and out.text.startswith("<tool_call>get_weather")
+    content, calls = GlmToolParser(functions).parse(out.text)
+    assert content == "" and [c.name for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])

@@ -1,6 +1,7 @@
 """`glimpse serve` flags spelled as vLLM spells them: --model, --enable-prefix-caching, --chat-template,
 --mm-processor-kwargs, --generation-config auto|vllm|FOLDER, --disable-log-requests, --uvicorn-log-level,
---allowed-origins (CORS), $GLIMPSE_API_KEY, and sizes and counts such as 32k / 32K / 4GiB.
+--allowed-origins (CORS), $GLIMPSE_API_KEY, and sizes and counts such as 32k / 32K / 4GiB; and glimpse's own
+--structured-output-max-bytes / -max-depth / -compile-timeout (vLLM has no such limits).
 
 First through the serve parser and the start-up checks (hand-worked values, one `glimpse: error:` line each),
 then against one real server on 127.0.0.1 started with all of them. References: hand-worked arithmetic, the
@@ -97,6 +98,15 @@ def test_serve_parser_reads_vllm_spellings(tmp_path):
     assert serve_args("--generation-config", "none").generation_config == "none"
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.95, "eos_token_id": 3}')
     assert serve_args("--generation-config", str(tmp_path)).generation_config == str(tmp_path)
+
+    args = serve_args()  # the structured-output limits' defaults are the engine's (EngineConfig, LLM)
+    assert (args.structured_output_max_bytes, args.structured_output_max_depth) == ("64KiB", 24)
+    assert parse_bytes(args.structured_output_max_bytes, "") == 64 * 1024
+    assert args.structured_output_compile_timeout == 10
+    args = serve_args("--structured-output-max-bytes", "1KiB", "--structured-output-max-depth", "3",
+                      "--structured-output-compile-timeout", "2.5")  # fmt: skip
+    assert parse_bytes(args.structured_output_max_bytes, "") == 1024
+    assert (args.structured_output_max_depth, args.structured_output_compile_timeout) == (3, 2.5)
 
     args = serve_args("--allowed-origins", '["https://a.example", "http://localhost:3000"]',
                       "--mm-processor-kwargs", '{"max_pixels": 50000, "fps": 1}')  # fmt: skip
@@ -232,6 +242,14 @@ def test_bad_flag_values_are_one_line_exit_2(ckpt, tmp_path, capsys, no_engine):
         (["--mm-processor-kwargs", '{"max_pixels": 0}'], "--mm-processor-kwargs: max_pixels must be an integer >= 1"),
         (["--mm-processor-kwargs", '{"max_pixels": 200000}', "--max-pixels", "100000"], "--max-pixels"),
         (["--mm-processor-kwargs", '{"video_pruning_rate": 0.5}'], "Qwen2.5-VL only"),
+        (["--structured-output-max-bytes", "0"], "argument --structured-output-max-bytes: '0' is not a positive size"),
+        (["--structured-output-max-bytes", "1.5KiB?"], "argument --structured-output-max-bytes: '1.5KiB?' is not"),
+        (["--structured-output-max-depth", "0"], "argument --structured-output-max-depth: must be >= 1; got 0"),
+        (["--structured-output-max-depth", "deep"], "argument --structured-output-max-depth: must be an integer"),
+        (["--structured-output-compile-timeout", "0"], "argument --structured-output-compile-timeout: must be a "
+                                                       "number of seconds > 0, got '0'"),
+        (["--structured-output-compile-timeout", "nan"], "--structured-output-compile-timeout: must be a number"),
+        (["--structured-output-compile-timeout", "inf"], "--structured-output-compile-timeout: must be a number"),
     ]  # fmt: skip
     for argv, message in cases:
         status, line = start_error(capsys, str(ckpt), *argv)
@@ -263,6 +281,7 @@ def server(ckpt, gen_folder):
                         "--mm-processor-kwargs", json.dumps({"max_pixels": SERVER_PIXELS}),
                         "--generation-config", str(gen_folder), "--allowed-origins", json.dumps([ORIGIN]),
                         "--uvicorn-log-level", "info", "--disable-log-requests", "--no-enable-prefix-caching",
+                        "--structured-output-max-bytes", "1KiB", "--structured-output-max-depth", "3",
                         env={"GLIMPSE_API_KEY": KEY})  # fmt: skip
     srv.api_key = KEY  # given to the server through the environment only; the client sends it
     yield srv
@@ -361,6 +380,35 @@ def test_uvicorn_log_level_and_prefix_caching_off(server):
     log = server.output()
     assert '"GET /version HTTP/1.1" 200' in log  # uvicorn's access log at --uvicorn-log-level info
     assert "INFO glimpse" not in log  # while glimpse's own log stays at --log-level warning
+
+
+def nested(levels: int) -> dict:
+    """An object schema whose innermost subschema sits `levels` subschemas below the root."""
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_structured_output_limits_reach_the_engine(server):
+    """--structured-output-max-bytes 1KiB and --structured-output-max-depth 3 (the defaults: 64 KiB, 24)."""
+    def constrained(schema: dict) -> httpx.Response:
+        return server.post("/v1/completions", {"model": "tiny-glm", "prompt": "JSON:", "max_tokens": 40,
+                                               "structured_outputs": {"json": schema}})  # fmt: skip
+
+    r = constrained(nested(3))  # root, then 3 levels of properties: within the limit
+    assert r.status_code == 200, r.text
+    r = constrained(nested(4))
+    assert r.status_code == 400
+    assert "nests deeper than 3 levels at #/properties/a/properties/a/properties/a/properties/a" in r.text
+    assert "--structured-output-max-depth" in r.json()["error"]["message"]
+    # The size counted is the constraint's compact text with its kind, hand-counted: 'json:{"enum":["' (15 bytes),
+    # the string, '"]}' (3 bytes). So a 1006-character string makes 1024 bytes, at the limit; one more is over.
+    assert constrained({"enum": ["x" * 1006]}).status_code == 200
+    r = constrained({"enum": ["x" * 1007]})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "is 1025 bytes, over the limit of 1024" in message and "--structured-output-max-bytes" in message
 
 
 def test_port_check_still_runs_first(ckpt, capsys):

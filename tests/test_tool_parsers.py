@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 import xgrammar as xgr
 
+from glimpse.engine.structured import StructuredLimits
 from glimpse.server.guard import ApiError
 from glimpse.server.tool_parsers import (
     GlmToolParser,
@@ -254,6 +255,25 @@ def test_tool_plan_refusals():
     assert plan.constraint is None and plan.max_calls == 1 and list(plan.tools) == functions
     plan = tool_plan(tools, "required", True, "glm45", GLM45V_TOOLS_TEMPLATE)
     assert plan.constraint is not None and json.loads(plan.constraint.structural_tag)["type"] == "structural_tag"
+
+
+def test_forced_call_schemas_keep_the_servers_limits():
+    """A forced call's parameters are held to the engine's bounds (glimpse serve --structured-output-max-*), not
+    to the defaults: {"type": "object", "properties": {"a": {"type": "object", "properties": {"a": ...}}}} nests
+    one level per "a", so 3 levels pass a depth limit of 3 and 4 do not."""
+    def tool(levels: int) -> list[dict]:
+        schema: dict = {"type": "string"}
+        for _ in range(levels):
+            schema = {"type": "object", "properties": {"a": schema}}
+        return [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+
+    limits = StructuredLimits(max_depth=3)
+    assert tool_plan(tool(3), "required", True, "glm45", GLM45V_TOOLS_TEMPLATE, limits=limits).constraint is not None
+    assert tool_plan(tool(4), "required", True, "glm45", GLM45V_TOOLS_TEMPLATE).constraint is not None  # default 24
+    with pytest.raises(ApiError) as e:
+        tool_plan(tool(4), "required", True, "glm45", GLM45V_TOOLS_TEMPLATE, limits=limits)
+    assert e.value.status == 400 and e.value.param == "tools[0].function.parameters"
+    assert "deeper than 3 levels" in e.value.message and "--structured-output-max-depth" in e.value.message
 
 
 # ---- constraints -------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def check_spec(spec: StructuredOutputsParams, limits: StructuredLimits) -> None:
     if size > limits.max_bytes:
         raise InvalidInputError(
             f"the structured-output {_WHAT[spec.kind]} is {size} bytes, over the limit of {limits.max_bytes} "
-            "(structured_output_max_bytes); simplify it")  # fmt: skip
+            "(structured_output_max_bytes; glimpse serve --structured-output-max-bytes); simplify it")  # fmt: skip
     if spec.json is not None:
         problems: list[str] = []
         _walk_schema(spec.json, "#", 0, limits.max_depth, problems)
@@ -95,8 +95,8 @@ def _walk_schema(schema: Any, path: str, depth: int, max_depth: int, problems: l
         problems.append(f"{path} is a {type(schema).__name__}, not a schema object")
         return
     if depth > max_depth:
-        raise InvalidInputError(f"the JSON schema nests deeper than {max_depth} levels at {path} "
-                                "(structured_output_max_depth); flatten it")  # fmt: skip
+        raise InvalidInputError(f"the JSON schema nests deeper than {max_depth} levels at {path} (structured_output_"
+                                "max_depth; glimpse serve --structured-output-max-depth); flatten it")  # fmt: skip
     for key, what in _UNSUPPORTED_KEYWORDS.items():
         if key in schema:
             problems.append(f"'{key}' ({what}) at {path}")
@@ -250,7 +250,8 @@ class StructuredOutputs:
     def timeout_error(self, spec: StructuredOutputsParams) -> InvalidInputError:
         return InvalidInputError(
             f"compiling the structured-output {_WHAT[spec.kind]} took longer than {self.limits.compile_timeout:g} s "
-            "(structured_output_compile_timeout); simplify it")  # fmt: skip
+            "(structured_output_compile_timeout; glimpse serve --structured-output-compile-timeout); "
+            "simplify it")  # fmt: skip
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -37,6 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from glimpse import __version__
 from glimpse.engine.llm_engine import RequestOutput
+from glimpse.engine.structured import StructuredLimits
 from glimpse.errors import DecodeBusyError, GlimpseError, InvalidInputError, PreprocessCancelled
 from glimpse.processing.control import PixelBudget, PreprocessControl
 from glimpse.processing.inputs import ProcessedPrompt
@@ -86,6 +87,7 @@ class ServerState:
     cors: dict = field(default_factory=dict)  # CORSMiddleware's arguments (--allowed-origins ...); {}: no CORS headers
     tool_parser: str | None = None  # glm45 | hermes: how chat output is read for tool calls (--tool-call-parser)
     tool_tags_special: bool = False  # the tokenizer holds <tool_call> as a special token
+    structured_limits: StructuredLimits = field(default_factory=StructuredLimits)  # --structured-output-max-*
     pool: ThreadPoolExecutor = field(init=False)
     metrics: ServerMetrics = field(init=False)
     token_text: P.TokenText = field(init=False)
@@ -458,7 +460,7 @@ def _tool_plan(state: ServerState, req: P.ChatCompletionRequest | P.TokenizeChat
         return tool_plan(tools, "none", True, state.tool_parser, state.processor.chat_template)
     choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice
     return tool_plan(tools, choice, req.parallel_tool_calls, state.tool_parser, state.processor.chat_template,
-                     state.tool_tags_special)  # fmt: skip
+                     state.tool_tags_special, state.structured_limits)  # fmt: skip
 
 
 def _mm_kwargs(defaults: dict, given: dict | None) -> dict:

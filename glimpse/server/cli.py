@@ -15,6 +15,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from glimpse.errors import GlimpseError, InvalidInputError
 from glimpse.processing.prompt import template_variables
-from glimpse.units import parse_bytes, parse_count
+from glimpse.units import int_at_least, parse_bytes, parse_count
 
 # Chat-template variables a request may never set through chat_template_kwargs.
 API_KEY_ENV = "GLIMPSE_API_KEY"  # the API key from the environment, where `ps` does not show it
@@ -141,6 +142,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "format), hermes (Qwen2.5's <tool_call> JSON); auto: the format the chat template teaches, "
                           "none if it renders no tools; none: requests may send tools only with tool_choice "
                           "'none'")  # fmt: skip
+    so = p.add_argument_group("structured output (response_format, structured_outputs, tool_choice required)")
+    so.add_argument("--structured-output-max-bytes", type=_size("--structured-output-max-bytes"), default="64KiB",
+                    metavar="SIZE",
+                    help="largest constraint, as JSON text (a schema, regex, grammar, or the structural tag of a "
+                         "request's tools); 400 above")  # fmt: skip
+    so.add_argument("--structured-output-max-depth", type=int_at_least(1), default=24, metavar="N",
+                    help="deepest nesting of subschemas in a JSON schema (properties, items, anyOf, $defs, ...); 400 "
+                         "deeper")  # fmt: skip
+    so.add_argument("--structured-output-compile-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                    help="how long a request may wait for its grammar to compile, from its arrival; 400 "
+                         "after")  # fmt: skip
     eng = p.add_argument_group("engine")
     eng.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                      help="run the engine core (scheduler + model) in its own process, so decoding does not share "
@@ -242,6 +254,17 @@ def _generation_config(text: str) -> str:
     if not (Path(text) / "generation_config.json").is_file():
         raise argparse.ArgumentTypeError(f"the folder {text} has no generation_config.json")
     return text
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _positive(name: str, value: float) -> None:
@@ -355,6 +378,7 @@ def build_state(args: argparse.Namespace):
 
     from glimpse.config import load_config
     from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+    from glimpse.engine.structured import StructuredLimits
     from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
     from glimpse.models.evs import check_pruning_rate
@@ -423,7 +447,11 @@ def build_state(args: argparse.Namespace):
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                           load_format=args.load_format,
                           video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
-                          encoder_budgets=parse_budgets(args.encoder_budgets))  # fmt: skip
+                          encoder_budgets=parse_budgets(args.encoder_budgets),
+                          structured_output_max_bytes=parse_bytes(args.structured_output_max_bytes,
+                                                                  "--structured-output-max-bytes"),
+                          structured_output_max_depth=args.structured_output_max_depth,
+                          structured_output_compile_timeout=args.structured_output_compile_timeout)  # fmt: skip
     if args.engine_process:
         engine = AsyncEngine.in_process(config, args.max_concurrent_requests, args.max_queue, args.log_level)
     else:
@@ -447,7 +475,9 @@ def build_state(args: argparse.Namespace):
         sampling_defaults=(engine.model_config.generation_defaults if generation_defaults is None
                            else generation_defaults),
         mm_processor_kwargs=mm_defaults, cors=cors, tool_parser=tool_parser,
-        tool_tags_special=call_tags_are_special(processor.tokenizer))  # fmt: skip
+        tool_tags_special=call_tags_are_special(processor.tokenizer),
+        structured_limits=StructuredLimits(config.structured_output_max_bytes, config.structured_output_max_depth,
+                                           config.structured_output_compile_timeout))  # fmt: skip
 
 
 def bind_problem(host: str, port: int) -> tuple[str, int] | None:

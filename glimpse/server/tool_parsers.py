@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glimpse.engine.sampling_params import StructuredOutputsParams
+from glimpse.engine.structured import StructuredLimits
 from glimpse.server.guard import ApiError
 
 TOOL_PARSERS = ("glm45", "hermes")
@@ -97,11 +98,14 @@ def _bad(message: str, param: str) -> ApiError:
 
 
 def tool_plan(tools: list[dict] | None, tool_choice: str | dict | None, parallel_tool_calls: bool, parser: str | None,
-              template: str | None, special_tags: bool = False) -> ToolPlan | None:  # fmt: skip
+              template: str | None, special_tags: bool = False,
+              limits: StructuredLimits | None = None) -> ToolPlan | None:  # fmt: skip
     """Check a request's tool fields; None when its output is not parsed for calls (no tools, tool_choice none).
 
     `parser`: --tool-call-parser as resolved at start-up (None: none); `template`: the active chat template;
     `special_tags`: the tokenizer holds `<tool_call>` as a special token (skipped when detokenizing by default).
+    `limits`: the engine's structured-output bounds, which a forced call's parameters schema must keep (default ones
+    where None).
     Refused (400): tools under a template that does not render them (the fix is --chat-template), a
     tool_choice that names no given function or needs tools that were not given, calls without a parser.
     """
@@ -144,21 +148,22 @@ def tool_plan(tools: list[dict] | None, tool_choice: str | dict | None, parallel
         chosen = [functions[names.index(name)]]
     constraint = None
     if tool_choice == "required" or isinstance(tool_choice, dict):
-        _check_schemas(chosen, functions)
+        _check_schemas(chosen, functions, limits or StructuredLimits())
         tag = call_structural_tag(parser, chosen, forced=isinstance(tool_choice, dict), parallel=parallel_tool_calls)
         constraint = StructuredOutputsParams(structural_tag=json.dumps(tag, ensure_ascii=False))
     return ToolPlan(parser, tuple(functions), constraint, None if parallel_tool_calls else 1, special_tags)
 
 
-def _check_schemas(chosen: list[dict], functions: list[dict]) -> None:
-    """A parameters schema the constraint would enforce only in part is refused, as a response_format one is."""
-    from glimpse.engine.structured import StructuredLimits, check_spec
+def _check_schemas(chosen: list[dict], functions: list[dict], limits: StructuredLimits) -> None:
+    """A parameters schema the constraint would enforce only in part, or past the limits, is refused, as a
+    response_format one is."""
+    from glimpse.engine.structured import check_spec
     from glimpse.errors import InvalidInputError
 
     for f in chosen:
         i = functions.index(f)
         try:
-            check_spec(StructuredOutputsParams(json=_parameters(f)), StructuredLimits())
+            check_spec(StructuredOutputsParams(json=_parameters(f)), limits)
         except InvalidInputError as exc:
             raise _bad(f"tools[{i}].function.parameters: {exc}", f"tools[{i}].function.parameters") from None
 
