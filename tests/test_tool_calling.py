@@ -245,6 +245,11 @@ def test_bad_tool_requests(glm):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=bad_history, tools=TOOLS, max_tokens=1)
     assert "messages[1].tool_calls[0].function.arguments is not JSON" in e.value.body["message"]
+    deep_history = [*HISTORY[:1], {**HISTORY[1], "tool_calls": [{"id": "c", "type": "function",
+                                                                 "function": {"name": "f", "arguments": "[" * 5000}}]}]  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as e:  # the JSON decoder's RecursionError, not a 500
+        client.chat.completions.create(model=MODEL, messages=deep_history, tools=TOOLS, max_tokens=1)
+    assert "messages[1].tool_calls[0].function.arguments nests too deeply" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:  # two constraints on one output
         client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=1,
                                        response_format={"type": "json_object"})  # fmt: skip

@@ -18,6 +18,8 @@ import pytest
 import xgrammar as xgr
 
 from glimpse.engine.structured import StructuredLimits
+from glimpse.errors import InvalidInputError
+from glimpse.processing.prompt import with_argument_objects
 from glimpse.server.guard import ApiError
 from glimpse.server.tool_parsers import (
     GlmToolParser,
@@ -76,6 +78,12 @@ HERMES_CASES = [
     ('<tool_call>{"name": "get_time"}</tool_call>', "", [("get_time", {})]),
     ("<tool_call>hello</tool_call>", "<tool_call>hello</tool_call>", []),
     ("plain text", "plain text", []),
+    # </tool_call> inside a JSON string (a constrained call's grammar allows it there) is text of the argument,
+    # after an escaped quote too
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b", "days": 2}}\n</tool_call>', "",
+     [("get_weather", {"city": "a</tool_call>b", "days": 2})]),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "\\\\\\"</tool_call>\\\\", "days": 1}}\n</tool_call>'
+     ' ok', " ok", [("get_weather", {"city": '\\"</tool_call>\\', "days": 1})]),
 ]  # fmt: skip
 
 
@@ -146,6 +154,58 @@ def test_parallel_tool_calls_false_keeps_one_call():
     assert [c.name for c in calls] == ["get_time"]
     assert content == "\n<tool_call>get_time\n</tool_call>"  # the second block is left as text, not dropped
     assert _stream(GlmToolParser, list(text), max_calls=1)[:2] == (content, [("get_time", "{}")])
+
+
+def test_unbalanced_quote_ends_the_call_at_its_first_close():
+    """An unconstrained call with an odd quote would swallow the rest of the output: at the end it is cut at the
+    first </tool_call> after all, and what follows is read as if no close had been skipped."""
+    text = ('<tool_call>{"name": "get_time", "arguments": {"a": "x}}</tool_call> then "text" '
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')  # fmt: skip
+    expected = (" then \"text\"", [("get_time", '{"a": "x}'), ("get_time", "{}")])
+    content, calls = HermesToolParser(TOOLS).parse(text)
+    assert (content, [(c.name, c.arguments) for c in calls]) == expected
+    for pieces in [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
+        assert _stream(HermesToolParser, pieces)[:2] == expected, pieces
+
+
+@pytest.mark.parametrize("cls, head", [(HermesToolParser, '<tool_call>{"name": "'), (GlmToolParser, "<tool_call>")])
+def test_a_call_that_never_names_itself_is_not_rescanned(cls, head):
+    """20,000 one-character deltas of a call whose name never ends: the name is looked for in the call's first 100
+    characters only (a name has at most 64), not in the whole call once per delta; at the end the call is text."""
+    scanned = []
+
+    class Counting(cls):
+        def read_name(self, call):
+            scanned.append(len(call))
+            return super().read_name(call)
+
+    parser = Counting(TOOLS)
+    out = [parser.feed(head)] + [parser.feed("a") for _ in range(20_000)] + [parser.finish()]
+    assert "".join(d.content for d in out) == head + "a" * 20_000 and not parser.calls
+    assert max(scanned) <= 100 and len(scanned) <= 101 + 1  # each delta up to the 100th, and the close
+
+
+def test_a_name_past_the_first_100_characters_is_read_when_the_call_closes():
+    text = "<tool_call>" + " " * 150 + '{"name": "get_time", "arguments": {}}'
+    parser = HermesToolParser(TOOLS)
+    assert not parser.feed(text).calls  # not announced while open: the name was given up
+    assert [(d.name, d.arguments) for d in parser.feed("</tool_call>").calls] == [("get_time", None), (None, "{}")]
+
+
+def test_deep_nesting_is_no_crash():
+    """json.loads raises RecursionError, not ValueError, past ~1000 levels: a model's call stays an unparsed one,
+    a request's history is a 400 naming the field."""
+    deep = "[" * 5000
+    content, calls = HermesToolParser(TOOLS).parse(f'<tool_call>{{"name": "get_time", "arguments": {deep}</tool_call>')
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("get_time", deep)]
+    _, calls = HermesToolParser(TOOLS).parse(f'<tool_call>{{"name": "get_time", "arguments": "{deep}"}}</tool_call>')
+    assert [(c.name, c.arguments) for c in calls] == [("get_time", f'"{deep}"')]
+    _, calls = GlmToolParser(TOOLS).parse(f"<tool_call>get_weather\n<arg_key>days</arg_key>\n<arg_value>{deep}"
+                                          "</arg_value>\n</tool_call>")  # fmt: skip
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"days": deep})]
+    message = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": deep}}]}
+    with pytest.raises(InvalidInputError, match=r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments nests too"):
+        with_argument_objects(message, "messages[1]")
 
 
 # ---- templates ---------------------------------------------------------------------------------------------

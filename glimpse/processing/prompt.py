@@ -177,6 +177,9 @@ def with_argument_objects(message: dict, where: str) -> dict:
                 args = json.loads(args or "{}")
             except ValueError as exc:
                 raise InvalidInputError(f"{where}.tool_calls[{i}].function.arguments is not JSON ({exc})") from None
+            except RecursionError:  # the decoder recurses once per level: deep nesting would otherwise be a 500
+                raise InvalidInputError(f"{where}.tool_calls[{i}].function.arguments nests too deeply to decode as "
+                                        "JSON") from None  # fmt: skip
         if not isinstance(args, dict):
             raise InvalidInputError(f"{where}.tool_calls[{i}].function.arguments must be a JSON object")
         out.append({**call, "function": {**fn, "arguments": args}})

@@ -33,6 +33,10 @@ _GLM_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>
 # one newline between pairs, Qwen's one-line JSON with ", " and ": ") need one; more would only let a model pad
 # (random weights spent 70% of a call's tokens on whitespace with 16).
 _MAX_WHITESPACE = 1
+# How much of an open call is searched for its name (names are at most 64 characters): past it the name is given
+# up until the call closes, so that a call that never names itself costs no rescan of its text per streamed delta.
+_NAME_SCAN = 100
+_QUOTE_OR_BACKSLASH = re.compile(r'["\\]')
 
 
 def template_renders_tools(template: str | None) -> bool:
@@ -243,6 +247,8 @@ class ToolCallParser:
     back and dropped once a call has been made (the newlines between calls are layout). A call whose
     name cannot be read stays content, verbatim. After `max_calls` calls, further blocks are content.
     A call still open when the output ends (max_tokens) is returned with the arguments read so far.
+    The name is looked for in the call's first `_NAME_SCAN` characters only, and the call's text is kept in
+    pieces, so that streaming stays linear in the output's length however long a call runs.
     """
 
     def __init__(self, tools: tuple[dict, ...] | list[dict] = (), max_calls: int | None = None) -> None:
@@ -251,8 +257,22 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         self._buf = ""  # text not yet routed (a possibly split tag)
         self._space = ""  # trailing whitespace of the content, held back
-        self._call: str | None = None  # text of the open call after <tool_call>
+        self._call: list[str] | None = None  # pieces of the open call's text after <tool_call>
+        self._head = ""  # the open call's first _NAME_SCAN characters, where its name is
+        self._seek_name = True  # False once the open call's name is out or given up
         self._named: ToolCall | None = None  # the open call, once its name is out
+        self._skipped: int | None = None  # where in the open call the first </tool_call> not taken as its end is
+        self._any_close_ends = False  # a call ran to the end past a skipped </tool_call>: from there on, any ends one
+
+    def _grow(self, text: str) -> None:
+        """Add text to the open call."""
+        if text:
+            self._call.append(text)  # type: ignore[union-attr]
+            if len(self._head) < _NAME_SCAN:
+                self._head += text[: _NAME_SCAN - len(self._head)]
+
+    def _open(self) -> None:
+        self._call, self._head, self._seek_name, self._skipped = [], "", True, None
 
     # -- the format's part --
     def read_name(self, call: str) -> str | None:
@@ -262,6 +282,10 @@ class ToolCallParser:
     def read_arguments(self, name: str | None, call: str, closed: bool) -> tuple[str | None, str]:
         """(name, arguments JSON text) of a call's text; name None when the call is unreadable."""
         raise NotImplementedError
+
+    def ends_here(self, piece: str) -> bool:
+        """Whether a `</tool_call>` that follows `piece` (the call's text since the last one) ends the call."""
+        return True
 
     # -- streaming --
     def feed(self, text: str) -> ToolDelta:
@@ -281,26 +305,45 @@ class ToolCallParser:
                     break
                 self._content(out, buf[:i])
                 buf = buf[i + len(TOOL_CALL_OPEN) :]
-                self._call = ""
+                self._open()
             else:
                 j = buf.find(TOOL_CALL_CLOSE)
                 if j < 0:
                     hold = _partial_len(buf, TOOL_CALL_CLOSE)
-                    self._call += buf[: len(buf) - hold]
+                    self._grow(buf[: len(buf) - hold])
+                    self.ends_here(buf[: len(buf) - hold])  # the format's reading of the call moves on
                     buf = buf[len(buf) - hold :]
                     self._name_out(out)
                     break
-                self._call += buf[:j]
+                self._grow(buf[:j])
+                ends = self.ends_here(buf[:j]) or self._any_close_ends
                 buf = buf[j + len(TOOL_CALL_CLOSE) :]
-                self._close(out, closed=True)
+                if ends:
+                    self._close(out, closed=True)
+                else:  # inside a JSON string: text of the call
+                    if self._skipped is None:
+                        self._skipped = sum(map(len, self._call or []))
+                    self._grow(TOOL_CALL_CLOSE)
         self._buf = buf
         return out
 
     def finish(self) -> ToolDelta:
-        """The end of the output: release held text, close a call left open."""
+        """The end of the output: release held text, close a call left open.
+
+        A call left open after a `</tool_call>` that was not taken as its end (it stood in a JSON string, say an
+        unbalanced quote of an unconstrained model) ends there after all, and the rest is read again.
+        """
         out = ToolDelta()
         if self._call is not None:
-            self._call += self._buf
+            self._grow(self._buf)
+            self._buf = ""
+            if self._skipped is not None:
+                text, cut = "".join(self._call), self._skipped
+                self._call = [text[:cut]]
+                self._close(out, closed=True)
+                self._any_close_ends = True  # the rest is read once, as without the rule: linear, no recursion
+                more, end = self.feed(text[cut + len(TOOL_CALL_CLOSE) :]), self.finish()
+                return ToolDelta(out.content + more.content + end.content, out.calls + more.calls + end.calls)
             self._close(out, closed=False)
         else:
             self._content(out, self._buf)
@@ -324,15 +367,16 @@ class ToolCallParser:
         out.content += body
 
     def _name_out(self, out: ToolDelta) -> None:
-        if self._named is None and self._call is not None:
-            name = self.read_name(self._call)
+        if self._named is None and self._call is not None and self._seek_name:
+            name = self.read_name(self._head)
+            self._seek_name = name is None and len(self._head) < _NAME_SCAN  # else given up until the call closes
             if name is not None:
                 self._named = ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, "")
                 out.calls.append(ToolCallDelta(len(self.calls), self._named.id, name))
 
     def _close(self, out: ToolDelta, closed: bool) -> None:
-        call, self._call = self._call or "", None
-        self._name_out(out)
+        self._name_out(out)  # before the call is cleared: a whole text names its calls as a stream of it does
+        call, self._call = "".join(self._call or ()), None
         named, self._named = self._named, None
         name, arguments = self.read_arguments(named.name if named else None, call, closed)
         if named is None and name is None:  # unreadable and never announced: it stays text
@@ -373,6 +417,26 @@ class GlmToolParser(ToolCallParser):
 class HermesToolParser(ToolCallParser):
     """Qwen2.5's hermes format: `{"name": NAME, "arguments": {...}}` between the tags."""
 
+    def _open(self) -> None:
+        super()._open()
+        self._in_string = self._escape = False  # where the JSON text of the call so far ends
+
+    def ends_here(self, piece: str) -> bool:
+        """`</tool_call>` inside a JSON string is part of that string (a constrained call's grammar lets the
+        model write it there), not the call's end. Scanned once per piece: streaming stays linear."""
+        i = 0
+        if self._escape and piece:
+            i, self._escape = 1, False
+        while (m := _QUOTE_OR_BACKSLASH.search(piece, i)) is not None:
+            i = m.end()
+            if m.group() == '"':
+                self._in_string = not self._in_string
+            elif self._in_string:  # a backslash escapes the next character, perhaps in the next piece
+                if i == len(piece):
+                    self._escape = True
+                i += 1
+        return not self._in_string
+
     def read_name(self, call: str) -> str | None:
         m = _HERMES_HEAD.match(call)
         if m is None:
@@ -385,7 +449,7 @@ class HermesToolParser(ToolCallParser):
     def read_arguments(self, name: str | None, call: str, closed: bool) -> tuple[str | None, str]:
         try:
             obj = json.loads(call)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for the decoder
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("name"), str):
             args = obj.get("arguments", obj.get("parameters", {}))
@@ -413,7 +477,7 @@ def _is_string(schema: Any) -> bool:
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for the decoder
         return value
 
 
