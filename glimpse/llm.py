@@ -149,6 +149,7 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 outputs = self.engine.step()
                 self._raise_grammar_errors()
+                self._idle_while_compiling()
                 for out in outputs:
                     if out.request_id != rid:
                         continue
@@ -242,6 +243,7 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 outputs = self.engine.step()
                 self._raise_grammar_errors()
+                self._idle_while_compiling()
                 for out in outputs:
                     if out.finished:
                         results[out.request_id] = out
@@ -253,6 +255,12 @@ class LLM:
         finally:
             bar.close()
         return [self._readable(results[i]) for i in ids]
+
+    def _idle_while_compiling(self) -> None:
+        """Sleep a moment when the step ran nothing because every request waits for its grammar: the compile
+        pool needs the cores more than a busy loop does."""
+        if not self.engine.ran_last_step and self.engine.grammars_pending():
+            time.sleep(0.002)
 
     def _raise_grammar_errors(self) -> None:
         """A structured-output constraint that failed to compile (or timed out) is the caller's error."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+import time
 from concurrent.futures import Future
 
 import jsonschema
@@ -22,6 +24,7 @@ from glimpse.engine.structured import (
     ConstraintSpec,
     OutputConstraint,
     StructuredLimits,
+    StructuredOutputs,
     check_spec,
     reasoning_start,
 )
@@ -64,11 +67,48 @@ def test_a_schema_as_text_equals_the_same_schema_as_a_dict():
     ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired'"),
     ({"type": "array", "items": [{"type": "integer"}]}, "'items' as a list"),
     ({"$ref": "https://example.com/schema.json"}, "only references inside the schema"),
+    # xgrammar drops a required name it has no property for: {} would pass
+    ({"type": "object", "required": ["a"], "additionalProperties": {"type": "integer"}},
+     "'required' name 'a' not under 'properties' at #"),
+    # only a raw newline matches, which a JSON string cannot hold
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\n$"}}, "required": ["a"]},
+     "'pattern' matching a control character (below U+0020) at #/properties/a"),
 ])  # fmt: skip
 def test_schema_features_the_grammar_would_ignore_are_refused_by_name(schema, named):
     with pytest.raises(InvalidInputError, match="cannot enforce") as err:
         check_spec(StructuredOutputsParams(json=schema), StructuredLimits())
     assert named in str(err.value)
+
+
+def test_a_structural_tags_schemas_get_the_same_checks():
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>", "content": {
+        "type": "json_schema", "json_schema": {"type": "object", "properties": {"x": {"type": "string", "format": "iri"}},
+                                               "required": ["x", "y"]}}}}  # fmt: skip
+    with pytest.raises(InvalidInputError, match="cannot enforce") as err:
+        check_spec(StructuredOutputsParams(structural_tag=json.dumps(tag)), StructuredLimits())
+    assert "'format': 'iri' at #/format/content/json_schema/properties/x" in str(err.value)
+    assert "'required' name 'y' not under 'properties' at #/format/content/json_schema" in str(err.value)
+    legacy = {"structures": [{"begin": "<f>", "schema": {"not": {}}, "end": "</f>"}], "triggers": ["<f>"]}
+    with pytest.raises(InvalidInputError, match="'not' .* at #/structures/0/schema"):
+        check_spec(StructuredOutputsParams(structural_tag=json.dumps(legacy)), StructuredLimits())
+
+
+def test_patterns_with_control_characters_outside_classes_only_are_refused():
+    for pattern in ("a\\tb", "\\x0a", "\\u0009", "x\ny"):
+        with pytest.raises(InvalidInputError, match="control character"):
+            check_spec(StructuredOutputsParams(json={"type": "string", "pattern": pattern}), StructuredLimits())
+    for pattern in ("^[^\\n]*$", "[\\s\\S]+", "\\\\n", "\\x41", "^\\d+$"):  # other characters serve
+        check_spec(StructuredOutputsParams(json={"type": "string", "pattern": pattern}), StructuredLimits())
+
+
+def test_a_schema_text_nested_past_pythons_parser_is_a_users_error():
+    with pytest.raises(InvalidInputError, match="nests too deeply"):
+        StructuredOutputsParams(json="[" * 5000)
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(InvalidInputError, match="structured_output_max_depth"):
+        check_spec(StructuredOutputsParams(json={"enum": deep}), StructuredLimits())
 
 
 def test_annotations_and_supported_keywords_pass():
@@ -271,6 +311,151 @@ def test_a_compile_past_the_timeout_fails_the_request_and_others_go_on(llm, monk
     [(rid, error)] = events
     assert rid == "slow" and "longer than 0.2 s (structured_output_compile_timeout; glimpse serve " \
         "--structured-output-compile-timeout)" in str(error)
+
+
+def test_a_choice_beyond_the_basic_plane_is_matched(llm):
+    """Emoji are beyond U+FFFF: escaped as surrogate pairs they would be two invalid code points in the grammar."""
+    params = SamplingParams(max_tokens=32, seed=8, structured_outputs=StructuredOutputsParams(choice=["😀", "🐈 cat"]))
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert out.text in ("😀", "🐈 cat") and out.finish_reason == "stop"
+
+
+def test_a_constraint_that_allows_no_token_ends_the_request_without_a_stray_token(llm, monkeypatch):
+    """A pattern only a raw newline matches (refused up front; the check is bypassed here to reach the runtime
+    guard): after '{"a": "' the grammar allows only a raw newline, the JSON mask forbids it. The request ends
+    there, finish_reason abort, with finite logprobs, rather than sample from all -inf (token 0, NaN)."""
+    import glimpse.engine.structured as structured
+
+    monkeypatch.setattr(structured, "check_spec", lambda spec, limits: None)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\n$"}}, "required": ["a"]}
+    params = SamplingParams(n=2, max_tokens=64, seed=9, logprobs=2,
+                            structured_outputs=StructuredOutputsParams(json=schema))  # fmt: skip
+    for c in llm.generate(PROMPT, params, use_tqdm=False)[0].outputs:
+        assert c.text == '{"a": "' and c.finish_reason == "abort"
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(math.isfinite(e.logprob) and all(math.isfinite(v) for _, v in e.top) for e in c.logprobs)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def _blocking_compiles(monkeypatch, structured, started: list, gate: threading.Event) -> None:
+    def compile_(spec):
+        started.append(spec.regex)
+        gate.wait(30)
+        return None
+
+    monkeypatch.setattr(structured, "_compile", compile_)
+
+
+def test_abandoned_compiles_are_cancelled_and_the_queue_is_bounded(monkeypatch):
+    """Two workers: a and b run, c queues. When the last request waiting for c gives up, c never starts; a
+    running compile cannot stop, but it leaves the cache (the next equal spec compiles afresh). Past
+    max_pending compiles queued or running, a new spec is refused naming the limit."""
+    structured = StructuredOutputs(None, 64, [0], StructuredLimits(), thinking_family=False, max_pending=3)
+    started: list = []
+    gate = threading.Event()
+    _blocking_compiles(monkeypatch, structured, started, gate)
+    spec = {name: StructuredOutputsParams(regex=name) for name in "abcd"}
+    try:
+        fa, fb, fc = (structured.submit(spec[n]) for n in "abc")
+        assert structured.submit(spec["c"]) is fc  # a second request shares c's compile
+        with pytest.raises(InvalidInputError, match="3 structured-output grammars are already compiling or queued, "
+                                                    "the limit is 3"):
+            structured.submit(spec["d"])
+        deadline = time.monotonic() + 10
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        structured.release(fc)
+        assert not fc.cancelled()  # one request still waits for it
+        structured.release(fc)
+        assert fc.cancelled()
+        fd = structured.submit(spec["d"])  # c's place is free again
+        structured.release(fa)  # running: it cannot be stopped, and still counts against the limit
+        with pytest.raises(InvalidInputError, match="the limit is 3"):
+            structured.submit(spec["a"])
+        gate.set()
+        fa.result(10), fd.result(10)
+        deadline = time.monotonic() + 10
+        while structured._pending and time.monotonic() < deadline:  # the done callbacks run just after result()
+            time.sleep(0.01)
+        again = structured.submit(spec["a"])  # it left the cache: a new request does not inherit an abandoned compile
+        assert again is not fa
+        again.result(10)
+        assert sorted(started) == ["a", "a", "b", "d"]  # c never ran
+    finally:
+        gate.set()
+        structured.shutdown()
+
+
+def test_aborting_a_request_waiting_for_its_grammar_cancels_the_compile(llm, monkeypatch):
+    structured = llm.engine.structured
+    started: list = []
+    gate = threading.Event()
+    real_compile = structured._compile
+    try:
+        _blocking_compiles(monkeypatch, structured, started, gate)
+        for name in ("busy-1", "busy-2", "queued"):
+            llm.engine.add_request(name, PROMPT, SamplingParams(structured_outputs=StructuredOutputsParams(regex=name)))
+        queued = structured.submit(StructuredOutputsParams(regex="queued"))
+        structured.release(queued)  # only the request waits for it now
+        for name in ("busy-1", "busy-2", "queued"):
+            assert llm.engine.abort(name)
+        assert queued.cancelled()
+    finally:
+        gate.set()
+        monkeypatch.setattr(structured, "_compile", real_compile)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_the_engine_thread_does_not_wait_for_the_vocabulary_tables(llm, monkeypatch):
+    """The grammar engine's first compile builds tables over the vocabulary (seconds on a real one); meanwhile
+    the engine thread still submits other specs at once (it used to wait on the lock the build held)."""
+    import xgrammar
+
+    real = xgrammar.TokenizerInfo.from_huggingface
+    building = threading.Event()
+
+    def slow_tables(*args, **kwargs):
+        building.set()
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xgrammar.TokenizerInfo, "from_huggingface", slow_tables)
+    tok = llm.get_tokenizer()
+    structured = StructuredOutputs(tok, len(tok), [0], StructuredLimits(), thinking_family=False)
+    try:
+        first = structured.submit(StructuredOutputsParams(regex="a+"))
+        assert building.wait(10)
+        t0 = time.monotonic()
+        second = structured.submit(StructuredOutputsParams(regex="b+"))
+        assert time.monotonic() - t0 < 0.5
+        assert first.result(60) is not None and second.result(60) is not None
+    finally:
+        structured.shutdown()
+
+
+def test_offline_generate_does_not_spin_while_only_grammars_compile(llm, monkeypatch):
+    """While every request waits for its grammar, each step runs nothing; the loop sleeps between them."""
+    structured = llm.engine.structured
+    real_compile = structured._compile
+
+    def slow(spec):
+        time.sleep(0.5)
+        return real_compile(spec)
+
+    monkeypatch.setattr(structured, "_compile", slow)
+    steps = 0
+    real_step = llm.engine.step
+
+    def counting_step():
+        nonlocal steps
+        steps += 1
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", counting_step)
+    params = SamplingParams(max_tokens=4, seed=10, structured_outputs=StructuredOutputsParams(regex="slow[0-9]+"))
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch("slow[0-9]+", out.text) or out.finish_reason == "length"
+    assert steps < 400  # 0.5 s of waiting at one step per 2 ms at most, plus the prefill and decode steps
 
 
 def test_thinking_budget_offline(llm):

@@ -212,6 +212,9 @@ def test_hostile_and_unsupported_constraints_are_400s_and_the_engine_keeps_servi
         ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "send one of them"),
         ({"extra_body": {"structured_outputs": {"json": {}, "disable_any_whitespace": True}}},
          "structured_outputs.disable_any_whitespace"),
+        ({"extra_body": {"guided_json": "[" * 5000}}, "nests too deeply"),  # Python's parser gives up: not a 500
+        ({"extra_body": {"structured_outputs": {"json": {"type": "object", "required": ["a"], "additionalProperties": {
+            "type": "integer"}}}}}, "'required' name 'a' not under 'properties'"),
     ]  # fmt: skip
     client = server.client(timeout=120)
     for kwargs, named in cases:

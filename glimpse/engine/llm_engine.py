@@ -17,6 +17,7 @@ whose grammar is ready and fails those whose compile failed or timed out, report
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,13 +36,15 @@ from glimpse.engine.request import Request
 from glimpse.engine.sampler import TopLogprobs, sequence_seed
 from glimpse.engine.sampling_params import Logprob, SamplingParams, logprob_dict
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig
-from glimpse.engine.structured import THINKING_FAMILIES, StructuredLimits, StructuredOutputs
+from glimpse.engine.structured import DEAD_END, THINKING_FAMILIES, StructuredLimits, StructuredOutputs
 from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
+
+log = logging.getLogger("glimpse.engine")
 
 
 @dataclass(frozen=True)
@@ -263,13 +266,21 @@ class LLMEngine:
             group.grammar, group.grammar_since = grammar, time.monotonic()
             self._compiling[request_id] = group
         else:
-            self._admit(group, grammar)  # raises for a compile that already failed, before the group is known
+            try:
+                self._admit(group, grammar)  # raises for a compile that already failed, before the group is known
+            finally:
+                if grammar is not None:
+                    self.structured.release(grammar)
         self.groups[request_id] = group
         return request_id
 
     def waiting_for_grammar(self, request_id: str) -> bool:
         """Whether the request's structured-output grammar is still compiling (its add is not settled yet)."""
         return request_id in self._compiling
+
+    def grammars_pending(self) -> bool:
+        """Whether any request still waits for its grammar (a step may then run nothing, and should not spin)."""
+        return bool(self._compiling)
 
     def take_grammar_events(self) -> list[tuple[str, InvalidInputError | None]]:
         """Requests whose grammar finished compiling since the last call: (request id, None) once admitted, or
@@ -303,14 +314,23 @@ class LLMEngine:
             if not future.done() and waited < self.structured.limits.compile_timeout:
                 continue
             del self._compiling[request_id]
+            timed_out = not future.done()
+            self.structured.release(future)  # the last waiter to give up on an unfinished compile cancels it
             for seq in group.seqs:
                 seq.request.timings.grammar = waited
             try:
-                if not future.done():  # it goes on in the pool (equal specs share it) and lands in the cache
+                if timed_out:
                     raise self.structured.timeout_error(group.params.structured_outputs)
                 self._admit(group, future)
-            except InvalidInputError as exc:
-                del self.groups[request_id]
+            except Exception as exc:  # the add must be answered whatever went wrong
+                if not isinstance(exc, InvalidInputError):
+                    log.exception("admitting request %s after its grammar compiled failed", request_id)
+                    exc = InvalidInputError(f"the request could not be started after its grammar compiled: {exc}")
+                self.groups.pop(request_id, None)
+                for seq in group.seqs:  # _admit may have handed some to the scheduler before it failed
+                    if seq.request.request_id in self.scheduler.requests:
+                        seq.request.finish_reason = "abort"
+                        self.scheduler.finish([seq.request])
                 self._grammar_events.append((request_id, exc))
                 continue
             self._grammar_events.append((request_id, None))
@@ -320,7 +340,9 @@ class LLMEngine:
         group = self.groups.pop(request_id, None)
         if group is None:
             return False
-        if self._compiling.pop(request_id, None) is not None:
+        compiling = self._compiling.pop(request_id, None)
+        if compiling is not None:
+            self.structured.release(compiling.grammar)  # the last to wait for it cancels the compile
             return True  # its sequences never reached the scheduler
         live = [s.request for s in group.seqs if not s.request.is_finished]
         for req in live:
@@ -375,9 +397,16 @@ class LLMEngine:
         if not self.scheduler.has_work and (self.scheduler.finished_ids or self.encoder_cache.freed):
             self.runner.execute(self.scheduler.schedule())
 
-    def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float, ended: bool = False) -> None:
-        """Apply one sampled token; `ended`: the request's grammar reached its end with it."""
+    def _accept(self, req: Request, token: int, logprob: TopLogprobs | None, now: float,
+                ended: bool | str = False) -> None:
+        """Apply one sampled token; `ended`: the request's grammar reached its end with it (DEAD_END: its grammar
+        allowed no token, and this one is not kept)."""
         params = req.sampling_params
+        if ended == DEAD_END:
+            if req.timings.first_token is None:
+                req.timings.first_token = now
+            self._finish(req, "abort", None)
+            return
         if req.timings.first_token is None:
             req.timings.first_token = now
         req.output_token_ids.append(token)

@@ -40,8 +40,9 @@ class ModelRunnerOutput:
     logprobs: list[TopLogprobs | None]  # None where the request asked for none
     encoder_seconds: float = 0.0
     forward_seconds: float = 0.0
-    # ended[i]: request i's grammar reached its end with this token (it stops: finish_reason "stop"); [] if none has one
-    ended: list[bool] = field(default_factory=list)
+    # ended[i]: request i's grammar reached its end with this token (True: it stops, finish_reason "stop"), or
+    # structured.DEAD_END (its grammar allowed no token: it ends, "abort"); [] if none has either
+    ended: list[bool | str] = field(default_factory=list)
 
 
 @dataclass(eq=False)

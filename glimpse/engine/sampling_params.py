@@ -105,6 +105,8 @@ class StructuredOutputsParams:
                 schema = _json.loads(self.json)
             except ValueError as exc:
                 raise fail("json", self.json, f"a schema given as text must be JSON ({exc})") from None
+            except RecursionError:  # thousands of '[': Python's parser gives up, a user's mistake all the same
+                raise fail("json", self.json, "a schema given as text nests too deeply to parse") from None
             object.__setattr__(self, "json", schema)
         if self.json is not None and not isinstance(self.json, dict):
             raise fail("json", self.json, "must be a JSON schema: an object (or its JSON text)")

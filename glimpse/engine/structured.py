@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from glimpse.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from glimpse.errors import InvalidInputError
+from glimpse.errors import InvalidInputError, LimitExceededError
 
 log = logging.getLogger("glimpse.engine")
 
@@ -74,18 +75,31 @@ _MAP = ("properties", "patternProperties", "$defs", "definitions")
 
 def check_spec(spec: StructuredOutputsParams, limits: StructuredLimits) -> None:
     """Raise InvalidInputError if `spec` is over the limits, or is a schema using a keyword that would be ignored."""
-    size = len(spec.key().encode())
+    try:
+        size = len(spec.key().encode())
+    except RecursionError:  # a dict nested thousands deep (offline): past any depth limit
+        raise InvalidInputError(f"the structured-output {_WHAT[spec.kind]} nests deeper than {limits.max_depth} "
+                                "levels (structured_output_max_depth; glimpse serve --structured-output-max-depth); "
+                                "flatten it") from None  # fmt: skip
     if size > limits.max_bytes:
         raise InvalidInputError(
             f"the structured-output {_WHAT[spec.kind]} is {size} bytes, over the limit of {limits.max_bytes} "
             "(structured_output_max_bytes; glimpse serve --structured-output-max-bytes); simplify it")  # fmt: skip
+    problems: list[str] = []
     if spec.json is not None:
-        problems: list[str] = []
         _walk_schema(spec.json, "#", 0, limits.max_depth, problems)
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise InvalidInputError(f"the JSON schema uses features glimpse cannot enforce: {shown}. Remove them "
-                                    "(docs/structured-output.md lists what is supported)")  # fmt: skip
+    elif spec.structural_tag is not None:
+        # A user's tag (or a tool call's) holds JSON schemas too: the same keywords would be ignored there.
+        try:
+            tag = json.loads(spec.structural_tag)
+        except (ValueError, RecursionError):
+            return  # not JSON: the compile says so
+        for path, schema in _tag_schemas(tag, "#"):
+            _walk_schema(schema, path, 0, limits.max_depth, problems)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InvalidInputError(f"the JSON schema uses features glimpse cannot enforce: {shown}. Remove them "
+                                "(docs/structured-output.md lists what is supported)")  # fmt: skip
 
 
 def _walk_schema(schema: Any, path: str, depth: int, max_depth: int, problems: list[str]) -> None:
@@ -109,9 +123,20 @@ def _walk_schema(schema: Any, path: str, depth: int, max_depth: int, problems: l
         problems.append(f"'multipleOf' other than an integer step of an integer at {path}")
     if isinstance(schema.get("items"), list):
         problems.append(f"'items' as a list (draft-7 tuples; use prefixItems) at {path}")
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and _control_in_pattern(pattern):
+        problems.append(f"'pattern' matching a control character (below U+0020) at {path} (JSON strings hold those "
+                        "only escaped, which the grammar cannot produce; the answer could never be valid)")  # fmt: skip
     ref = schema.get("$ref")
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         problems.append(f"'$ref': {ref!r} at {path} (only references inside the schema, '#/...')")
+    required, properties = schema.get("required"), schema.get("properties")
+    if isinstance(required, list):
+        named = properties if isinstance(properties, dict) else {}
+        missing = [name for name in required if isinstance(name, str) and name not in named]
+        if missing:  # xgrammar drops them: {} would pass
+            problems.append(f"'required' name{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not "
+                            f"under 'properties' at {path} (list each required property there)")  # fmt: skip
     for key in _ONE:
         if isinstance(schema.get(key), dict):
             _walk_schema(schema[key], f"{path}/{key}", depth + 1, max_depth, problems)
@@ -123,6 +148,47 @@ def _walk_schema(schema: Any, path: str, depth: int, max_depth: int, problems: l
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
                 _walk_schema(sub, f"{path}/{key}/{name}", depth + 1, max_depth, problems)
+
+
+_CONTROL_ESCAPE = re.compile(r"\\(?:[nrtfv0a]|c[A-Za-z]|x[01][0-9A-Fa-f]|u00[01][0-9A-Fa-f])")
+
+
+def _control_in_pattern(pattern: str) -> bool:
+    """Whether `pattern` names a control character outside a character class (a literal, or an escape like \\n):
+    xgrammar matches patterns against a JSON string's raw characters, and those cannot be raw. Inside a class
+    ([^\\n], [\\s\\S]) another character usually serves, so classes are left alone."""
+    depth, i, outside = 0, 0, []
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if depth == 0:
+                outside.append(pattern[i:i + 6])
+            i += 2
+            continue
+        if c == "[":
+            depth = 1
+        elif c == "]" and depth:
+            depth = 0
+        elif depth == 0 and c < " ":
+            return True
+        i += 1
+    return any(_CONTROL_ESCAPE.match(e) for e in outside)
+
+
+def _tag_schemas(node: Any, path: str, depth: int = 0) -> Iterable[tuple[str, Any]]:
+    """The JSON schemas inside a structural tag: each {"type": "json_schema", "json_schema": ...} and each
+    legacy {"begin", "schema", "end"} structure, with where they are."""
+    if depth > 64:
+        return
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if (key == "json_schema" and node.get("type") == "json_schema") or (key == "schema" and "begin" in node):
+                yield f"{path}/{key}", value
+            else:
+                yield from _tag_schemas(value, f"{path}/{key}", depth + 1)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _tag_schemas(value, f"{path}/{i}", depth + 1)
 
 
 # ---- what a sequence carries to the runner -------------------------------------------------------
@@ -177,13 +243,21 @@ class StructuredOutputs:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], limits: StructuredLimits,
-                 thinking_family: bool, workers: int = 2, cache_size: int = 256) -> None:  # fmt: skip
+                 thinking_family: bool, workers: int = 2, cache_size: int = 256, max_pending: int = 64) -> None:  # fmt: skip
         self.tokenizer, self.vocab_size, self.limits = tokenizer, vocab_size, limits
         self.stop_token_ids = tuple(sorted(stop_token_ids))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="glimpse-grammar")
         self._cache: collections.OrderedDict[str, Future] = collections.OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        # The cache and counts: held briefly (the engine thread takes it in submit()); reentrant, as cancelling a
+        # future under it runs its done callback (_settled) at once.
+        self._lock = threading.RLock()
+        self._build_lock = threading.Lock()  # the one-time vocabulary tables (seconds): only the pool's threads wait
+        # Requests waiting on each compile still queued or running (submit counts one up, release one down): the
+        # last to give up (timeout, abort) cancels it, so abandoned compiles do not hold the pool's workers.
+        self._waiters: dict[Future, int] = {}
+        self._pending: set[Future] = set()  # compiles queued or running, at most max_pending
+        self.max_pending = max_pending
         self._compiler = None
         self._json_tokens: torch.Tensor | None = None  # set with the compiler
         vocab = tokenizer.get_vocab() if thinking_family else {}  # <think> etc. are single tokens or absent
@@ -228,14 +302,43 @@ class StructuredOutputs:
         key = spec.key()
         with self._lock:
             future = self._cache.get(key)
-            if future is not None and not (future.done() and future.exception() is not None):
+            if future is not None and not future.cancelled() and not (future.done() and future.exception() is not None):
                 self._cache.move_to_end(key)
-                return future
-            future = self._pool.submit(self._compile, spec)
-            self._cache[key] = future
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            else:
+                if len(self._pending) >= self.max_pending:
+                    raise LimitExceededError(
+                        f"{len(self._pending)} structured-output grammars are already compiling or queued, the "
+                        f"limit is {self.max_pending}; retry when fewer requests are waiting for theirs")  # fmt: skip
+                future = self._pool.submit(self._compile, spec)
+                self._pending.add(future)
+                future.add_done_callback(self._settled)
+                self._cache[key] = future
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            if not future.done():
+                self._waiters[future] = self._waiters.get(future, 0) + 1
         return future
+
+    def release(self, future: Future) -> None:
+        """A request stops waiting for `future` (admitted, timed out or aborted); when none waits for an unfinished
+        compile any more, cancel it (a queued compile never starts) and drop it from the cache (a running one cannot
+        be stopped, but the next equal spec starts afresh rather than inherit a compile that already timed out)."""
+        with self._lock:
+            left = self._waiters.get(future, 0) - 1
+            if left > 0:
+                self._waiters[future] = left
+                return
+            self._waiters.pop(future, None)
+            if future.done():
+                return
+            future.cancel()
+            for key, cached in list(self._cache.items()):
+                if cached is future:
+                    del self._cache[key]
+
+    def _settled(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
 
     def compile_error(self, spec: StructuredOutputsParams, exc: BaseException) -> InvalidInputError:
         """A failed compile as the user's error (400): the grammar engine's own words, trimmed."""
@@ -257,7 +360,7 @@ class StructuredOutputs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _xgrammar_compiler(self):
-        with self._lock:
+        with self._build_lock:
             if self._compiler is None:
                 import xgrammar as xgr
 
@@ -268,6 +371,8 @@ class StructuredOutputs:
                 plain = [b.translate(None, _CONTROL_BYTES) == b for b in info.decoded_vocab]
                 plain += [True] * (self.vocab_size - len(plain))
                 self._json_tokens = _bitmask_of(plain)
+                if self.thinks:
+                    self.whitespace_ids()  # here rather than on the engine thread when the first grammar is used
                 # glimpse keeps its own cache (keyed by the spec); xgrammar's would be a second, unbounded one.
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
                 log.info("grammar engine ready for a %d-token vocabulary in %.2f s", self.vocab_size,
@@ -285,13 +390,22 @@ class StructuredOutputs:
         if kind == "regex":
             return compiler.compile_regex(spec.regex)
         if kind == "choice":
-            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            # EBNF strings take JSON's escapes, but a character beyond U+FFFF must stay as itself: a surrogate pair
+            # of escapes (ensure_ascii) would be read as two (invalid) code points and match nothing.
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                      for c in spec.choice))  # fmt: skip
         if kind == "grammar":
             return compiler.compile_grammar(spec.grammar)
         return compiler.compile_structural_tag(spec.structural_tag)
 
 
 # ---- the runner's per-sequence state -------------------------------------------------------------
+
+
+# What `OutputConstraint.accept` returns when the constraint allowed no token at all (say a pattern only raw
+# control characters satisfy, which JSON strings may not hold): the engine ends the sequence with finish_reason
+# "abort" instead of emitting a token the grammar never allowed.
+DEAD_END = "dead_end"
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -342,6 +456,7 @@ class OutputConstraint:
         self.thinking_tokens = 0
         self._next_row: torch.Tensor | None = None  # computed early by `accept` when the grammar could end
         self._no_stop: torch.Tensor | None = None
+        self.dead_end = False  # the last row allowed nothing: the sequence ends (see DEAD_END)
 
     @property
     def forced_token(self) -> int | None:
@@ -377,10 +492,25 @@ class OutputConstraint:
         self.matcher.fill_next_token_bitmask(out.unsqueeze(0), 0)
         if self.spec.allowed is not None:
             out &= self.spec.allowed
+        if not bool(out.any()):
+            # Nothing may come: all logits would be -inf (token 0 sampled, NaN logprobs). Let the end-of-sequence
+            # tokens through so the sampler has finite values; `accept` then ends the sequence as a dead end.
+            log.error("the structured-output constraint allows no token here; ending the sequence (finish_reason "
+                      "abort)")  # fmt: skip
+            self.dead_end = True
+            if self.spec.stop_token_ids:
+                out.zero_()
+                for t in self.spec.stop_token_ids:
+                    out |= _only(t, self.width)
+            else:
+                out.fill_(-1)
         return True
 
-    def accept(self, token: int) -> bool:
-        """Advance past a sampled token; True when the grammar is complete and allows nothing but the stop tokens."""
+    def accept(self, token: int) -> bool | str:
+        """Advance past a sampled token; True when the grammar is complete and allows nothing but the stop tokens,
+        DEAD_END when the last row allowed no token (the token is not the grammar's; the sequence must end)."""
+        if self.dead_end:
+            return DEAD_END
         spec = self.spec
         if self.phase == "before":
             if token == spec.think_open:
