@@ -147,9 +147,7 @@ class LLM:
 
         try:
             while self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                self._raise_grammar_errors()
-                self._idle_while_compiling()
+                outputs = self._step()
                 for out in outputs:
                     if out.request_id != rid:
                         continue
@@ -241,9 +239,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2)
         try:
             while self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-                self._raise_grammar_errors()
-                self._idle_while_compiling()
+                outputs = self._step()
                 for out in outputs:
                     if out.finished:
                         results[out.request_id] = out
@@ -255,6 +251,13 @@ class LLM:
         finally:
             bar.close()
         return [self._readable(results[i]) for i in ids]
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step, then the grammar errors it surfaced raised and a pause if it only waited for them."""
+        outputs = self.engine.step()
+        self._raise_grammar_errors()
+        self._idle_while_compiling()
+        return outputs
 
     def _idle_while_compiling(self) -> None:
         """Sleep a moment when the step ran nothing because every request waits for its grammar: the compile
