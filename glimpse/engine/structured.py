@@ -423,17 +423,22 @@ def _bitmask_of(allowed: Sequence[bool]) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def _bit(token: int) -> int:
+    """The token's bit in its int32 bitmask word (word token // 32); bit 31 is the int32 sign bit."""
+    bit = token % 32
+    return (1 << bit) - (1 << 32 if bit == 31 else 0)
+
+
 def _only(token: int, width: int) -> torch.Tensor:
     """A bitmask row allowing one token."""
     row = torch.zeros(width, dtype=torch.int32)
-    bit = token % 32
-    row[token // 32] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # bit 31 is the int32 sign bit
+    row[token // 32] = _bit(token)
     return row
 
 
 def _clear(row: torch.Tensor, tokens: Iterable[int]) -> None:
     for t in tokens:
-        row[t // 32] &= ~((1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0))
+        row[t // 32] &= ~_bit(t)
 
 
 class OutputConstraint:
@@ -489,9 +494,7 @@ class OutputConstraint:
             out.copy_(self._next_row)
             self._next_row = None
             return True
-        self.matcher.fill_next_token_bitmask(out.unsqueeze(0), 0)
-        if self.spec.allowed is not None:
-            out &= self.spec.allowed
+        self._grammar_row(out)
         if not bool(out.any()):
             # Nothing may come: all logits would be -inf (token 0 sampled, NaN logprobs). Let the end-of-sequence
             # tokens through so the sampler has finite values; `accept` then ends the sequence as a dead end.
@@ -501,10 +504,17 @@ class OutputConstraint:
             if self.spec.stop_token_ids:
                 out.zero_()
                 for t in self.spec.stop_token_ids:
-                    out |= _only(t, self.width)
+                    out[t // 32] |= _bit(t)
             else:
                 out.fill_(-1)
         return True
+
+    def _grammar_row(self, out: torch.Tensor) -> torch.Tensor:
+        """The matcher's next-token row written into `out`, less the tokens the spec never allows."""
+        self.matcher.fill_next_token_bitmask(out.unsqueeze(0), 0)
+        if self.spec.allowed is not None:
+            out &= self.spec.allowed
+        return out
 
     def accept(self, token: int) -> bool | str:
         """Advance past a sampled token; True when the grammar is complete and allows nothing but the stop tokens,
@@ -534,10 +544,7 @@ class OutputConstraint:
         if matcher.is_terminated():
             return True
         if matcher.is_completed():
-            row = torch.empty(self.width, dtype=torch.int32)
-            matcher.fill_next_token_bitmask(row.unsqueeze(0), 0)
-            if spec.allowed is not None:
-                row &= spec.allowed
+            row = self._grammar_row(torch.empty(self.width, dtype=torch.int32))
             rest = row.clone()
             _clear(rest, spec.stop_token_ids)
             if not bool(rest.any()):
