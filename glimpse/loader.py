@@ -8,6 +8,10 @@ that names it; nothing is skipped silently. Optional family hooks: `skip_checkpo
 (tensors the model documents as unused, e.g. GLM's MTP layers; listed in `LoadReport.skipped`),
 `packed_weight_slot(name)` (a tensor that fills one slice of a stacked parameter, e.g. one MoE
 expert) and `float32_weight_names()` (tensors kept in float32 whatever the dtype).
+
+Split over tensor-parallel ranks (glimpse/distributed), a rank reads only its part of each tensor
+(`model.checkpoint_shard(name)`: safetensors slices, so the rest of the file is never copied) and skips
+the MoE experts other ranks hold.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from glimpse import backends, platform
+from glimpse import backends, distributed, platform
 from glimpse.buffers import move_to_huge_pages
 from glimpse.config import ModelConfig, load_config
 from glimpse.errors import CheckpointError
@@ -42,6 +46,7 @@ class LoadReport:
     source: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)  # checkpoint name -> model name
     skipped: list[str] = field(default_factory=list)  # names the model's skip_checkpoint_tensor refused
+    other_ranks: list[str] = field(default_factory=list)  # tensors only other tensor-parallel ranks hold
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -64,20 +69,30 @@ def load_model(
     load_format: str = "auto",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    tensor_parallel_size: int = 1,
+    enable_expert_parallel: bool = False,
+    mm_encoder_tp_mode: str = "weights",
     **model_kwargs,
 ) -> VisionLanguageModel:
     """Build the family model for `path` and fill its weights.
 
     load_format: "auto"/"safetensors" reads the folder's safetensors; "dummy" makes seeded
     random weights from config.json alone (for benchmarks without weights).
+    tensor_parallel_size > 1: this process is one rank of the default torch.distributed process group
+    (of that size) and gets its share of the model (glimpse/distributed); every rank calls this and
+    then runs the same forwards. `enable_expert_parallel`: MoE experts whole on one rank each;
+    `mm_encoder_tp_mode`: "weights" splits the vision tower by heads, "data" keeps it whole on every
+    rank and splits the media items.
     model_kwargs go to the family class (e.g. `video_position_rule` for Qwen2.5-VL).
     """
     config = load_config(path)
     torch_dtype = resolve_dtype(dtype)
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format {load_format!r} is not supported; use auto, safetensors or dummy")
-    with torch.device("meta"):
+    tp = distributed.from_process_group(tensor_parallel_size, enable_expert_parallel, mm_encoder_tp_mode)
+    with torch.device("meta"), distributed.building(tp):
         model = model_class(config)(config.hf_config, **model_kwargs)
+    model.tp = tp
     if load_format == "dummy":
         _fill_dummy(model, config, seed, torch_dtype, device)
     else:
@@ -129,21 +144,21 @@ def load_weights(
                         if skip(target):
                             report.skipped.append(key)
                             continue
-                        slot = packed_slot(target)
+                        slot, source = packed_slot(target), None
                         if slot is not None:
-                            target, index = slot
+                            target, index, source = slot
+                            if index is None:  # an MoE expert another rank holds
+                                report.other_ranks.append(key)
+                                continue
                         if target not in expected:
                             raise CheckpointError(f"{file.name}: unexpected tensor {key} (no parameter {target} "
                                                   f"in {type(model).__name__})")  # fmt: skip
                         want = expected[target] if slot is None else expected[target][index]  # meta: shape only
-                        tensor = f.get_tensor(key)
+                        if slot is None:
+                            source = model.checkpoint_shard(target)
+                        tensor = _read(f, key, source, tuple(want.shape), file.name)
                         bar.update(tensor.nbytes)
                         read += tensor.nbytes
-                        if tuple(tensor.shape) != tuple(want.shape):
-                            raise CheckpointError(
-                                f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
-                                f"the model expects {tuple(want.shape)}"
-                            )
                         to = torch.float32 if target in keep_fp32 else dtype
                         if target in state and (slot is None or target not in filled):
                             raise CheckpointError(f"{file.name}: {target} is given both whole and in slices ({key})")
@@ -174,6 +189,38 @@ def load_weights(
     if tied:
         model.tie_weights()
     return report
+
+
+def _read(f, key: str, spec: distributed.ShardSpec | None, want: tuple[int, ...], file_name: str) -> torch.Tensor:
+    """Tensor `key` of open safetensors file `f`, or only this rank's part of it (`spec`), shaped `want`."""
+    if spec is None:
+        tensor = f.get_tensor(key)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"{file_name}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {want}")
+        return tensor
+    part = f.get_slice(key)
+    shape, full = tuple(part.get_shape()), spec.full_shape(want)
+    if shape != full:
+        raise CheckpointError(f"{file_name}: tensor {key} has shape {shape}, the model expects {full} "
+                              f"(of which this tensor-parallel rank holds {want})")  # fmt: skip
+    if spec.zero:
+        return torch.zeros(want, dtype=_safetensors_dtype(part))
+    return _pad_to(spec.take(part), want, spec.dim)
+
+
+def _pad_to(tensor: torch.Tensor, want: tuple[int, ...], dim: int) -> torch.Tensor:
+    """`tensor` with zeros appended along `dim` up to `want` (the last rank's share of a vocabulary)."""
+    short = want[dim] - tensor.shape[dim]
+    if short <= 0:
+        return tensor
+    pad = list(tensor.shape)
+    pad[dim] = short
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim)
+
+
+def _safetensors_dtype(part) -> torch.dtype:
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    return names.get(part.get_dtype(), torch.float32)
 
 
 def _progress_bar(files: list[Path]) -> tqdm:
@@ -232,7 +279,13 @@ def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtyp
         if name in _tied_names(model):
             continue
         to = torch.float32 if name in keep_fp32 else dtype
-        state[name] = _init_tensor(name, tuple(p.shape), gen, hidden).to(device=device, dtype=to)
+        spec = model.checkpoint_shard(name)  # split over ranks: every rank draws the whole tensor, keeps its part
+        if spec is None:
+            tensor = _init_tensor(name, tuple(p.shape), gen, hidden)
+        else:
+            tensor = _init_tensor(name, spec.full_shape(p.shape), gen, hidden)
+            tensor = torch.zeros(p.shape) if spec.zero else _pad_to(spec.take(tensor), tuple(p.shape), spec.dim)
+        state[name] = tensor.to(device=device, dtype=to)
     model.load_state_dict(state, strict=False, assign=True)
     if _tied_names(model):
         model.tie_weights()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers.models.glm4v_moe import modeling_glm4v_moe as hf_moe
 
 from glimpse import load_model
+from glimpse.distributed import ShardSpec, TensorParallel
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.errors import CheckpointError
 from glimpse.llm import LLM
@@ -155,13 +156,27 @@ def test_sparse_block_equals_hf(impl, tokens):
 def test_expert_weight_slot():
     i = 16
     assert expert_weight_slot("model.language_model.layers.3.mlp.experts.5.gate_proj.weight", 8, i) == (
-        "model.language_model.layers.3.mlp.experts.gate_up_proj", (5, slice(0, 16)))
+        "model.language_model.layers.3.mlp.experts.gate_up_proj", (5, slice(0, 16)), None)
     assert expert_weight_slot("m.layers.3.mlp.experts.5.up_proj.weight", 8, i) == (
-        "m.layers.3.mlp.experts.gate_up_proj", (5, slice(16, 32)))
-    assert expert_weight_slot("m.layers.3.mlp.experts.0.down_proj.weight", 8, i) == ("m.layers.3.mlp.experts.down_proj", (0,))
+        "m.layers.3.mlp.experts.gate_up_proj", (5, slice(16, 32)), None)
+    assert expert_weight_slot("m.layers.3.mlp.experts.0.down_proj.weight", 8, i) == (
+        "m.layers.3.mlp.experts.down_proj", (0,), None)
     assert expert_weight_slot("m.layers.3.mlp.shared_experts.gate_proj.weight", 8, i) is None
     with pytest.raises(CheckpointError, match="expert 8 is out of range"):
         expert_weight_slot("m.layers.3.mlp.experts.8.up_proj.weight", 8, i)
+
+
+def test_expert_weight_slot_split_over_ranks():
+    """Rank 1 of 2: every expert's rows 8..15 of I = 16 (read from the tensor's rows or, for down_proj, its
+    columns), or with expert parallelism experts 4..7 whole, at local indices 0..3."""
+    i, rank1 = 16, TensorParallel(rank=1, size=2)
+    assert expert_weight_slot("m.mlp.experts.5.up_proj.weight", 8, i, rank1) == (
+        "m.mlp.experts.gate_up_proj", (5, slice(8, 16)), ShardSpec(0, 16, ((8, 8),)))
+    assert expert_weight_slot("m.mlp.experts.5.down_proj.weight", 8, i, rank1) == (
+        "m.mlp.experts.down_proj", (5,), ShardSpec(1, 16, ((8, 8),)))
+    ep = TensorParallel(rank=1, size=2, expert_parallel=True)
+    assert expert_weight_slot("m.mlp.experts.5.gate_proj.weight", 8, i, ep) == ("m.mlp.experts.gate_up_proj", (1, slice(0, 16)), None)
+    assert expert_weight_slot("m.mlp.experts.3.gate_proj.weight", 8, i, ep) == ("m.mlp.experts.gate_up_proj", None, None)
 
 
 # ---- checkpoints: layouts, float32 bias, gaps, MTP layers -------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glimpse.distributed import SINGLE, ShardSpec, TensorParallel
 from glimpse.errors import PromptError
 from glimpse.models.layers import ContiguousKVCache, KVCache
 
@@ -40,6 +41,7 @@ class VisionLanguageModel(nn.Module):
     family: str = ""
     supports_video_pruning: bool = False  # EVS (`video_pruning_rate`); Qwen2.5-VL sets it
     spatial_merge_size: int = 2  # families set it from vision_config
+    tp: TensorParallel = SINGLE  # the tensor-parallel group it is split over (families set it while building)
 
     # ---- hooks a family implements -------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -84,9 +86,17 @@ class VisionLanguageModel(nn.Module):
         """True for checkpoint tensors glimpse deliberately does not run (e.g. declared MTP draft layers)."""
         return False
 
-    def packed_weight_slot(self, name: str) -> tuple[str, tuple] | None:
-        """(parameter, index) for a checkpoint tensor that is one slice of a stacked parameter; None if whole."""
+    def packed_weight_slot(self, name: str) -> tuple | None:
+        """(parameter, index, part of the tensor to read or None) for a checkpoint tensor that is one slice
+        of a stacked parameter (index None: another rank's slice); None if whole."""
         return None
+
+    def checkpoint_shard(self, name: str) -> ShardSpec | None:
+        """The part of checkpoint tensor `name` (a parameter's name) this rank holds; None: all of it.
+        Parallel layers (glimpse/distributed/layers.py) list theirs in `checkpoint_shards`."""
+        module_name, _, attr = name.rpartition(".")
+        shards = getattr(self.get_submodule(module_name), "checkpoint_shards", None)
+        return None if shards is None else shards.get(attr)
 
     def float32_weight_names(self) -> set[str]:
         """State-dict names kept in float32 whatever the model dtype."""
@@ -111,14 +121,32 @@ class VisionLanguageModel(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     # ---- shared driver ------------------------------------------------------------
+    def encode_media(self, kind: int, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """`encode_images` / `encode_videos` of the items of `grid_thw`; with a data-parallel encoder
+        (`--mm-encoder-tp-mode data`) each rank encodes a run of whole items, about 1/size of the
+        patches, and every rank gets all the embeddings (one all-gather)."""
+        encode = self.encode_images if kind == IMAGE else self.encode_videos
+        tp = self.tp
+        if tp.size == 1 or tp.encoder_mode != "data":
+            return encode(pixel_values, grid_thw)
+        patches = grid_thw.prod(-1).tolist()
+        merged = [p // self.spatial_merge_size**2 for p in patches]
+        owner = _item_owners(patches, tp.size)
+        mine = [i for i, r in enumerate(owner) if r == tp.rank]
+        rows = [sum(m for m, r in zip(merged, owner, strict=True) if r == rank) for rank in range(tp.size)]
+        if mine:
+            first_patch = sum(patches[: mine[0]])
+            local = encode(pixel_values[first_patch : first_patch + sum(patches[i] for i in mine)], grid_thw[mine])
+        else:
+            local = pixel_values.new_empty(0, self.model.language_model.embed_tokens.weight.shape[1], dtype=self.dtype)
+        return tp.all_gather_rows(local, rows)
+
     def embed_multimodal(self, input_ids: torch.Tensor, mm: MultimodalInputs) -> torch.Tensor:
         """Token embeddings with each placeholder slot replaced by its vision embedding, in order."""
         embeds = self.embed_tokens(input_ids)
         types = self.mm_token_types(input_ids)
-        for kind, pixels, grid, encode in (
-            (IMAGE, mm.pixel_values, mm.image_grid_thw, self.encode_images),
-            (VIDEO, mm.pixel_values_videos, mm.video_grid_thw, self.encode_videos),
-        ):
+        for kind, pixels, grid in ((IMAGE, mm.pixel_values, mm.image_grid_thw),
+                                   (VIDEO, mm.pixel_values_videos, mm.video_grid_thw)):  # fmt: skip
             slots = types == kind
             n_slots = int(slots.sum())
             if pixels is None:
@@ -128,7 +156,7 @@ class VisionLanguageModel(nn.Module):
                         f"{_kind_name(kind)} pixels were given"
                     )
                 continue
-            feats = encode(pixels, grid)
+            feats = self.encode_media(kind, pixels, grid)
             if feats.shape[0] != n_slots:
                 raise PromptError(
                     f"{_kind_name(kind)} placeholders ({n_slots} tokens) do not match the "
@@ -213,6 +241,16 @@ def _flat_ids(input_ids, device) -> torch.Tensor:
             raise PromptError(f"compute_logits takes one sequence, got a batch of {ids.shape[0]}")
         ids = ids[0]
     return ids.to(device)
+
+
+def _item_owners(patches: list[int], ranks: int) -> list[int]:
+    """The rank that encodes each item: consecutive runs of items, cut where the running patch count
+    crosses a multiple of total / ranks (an item goes to the rank its middle patch falls in)."""
+    total, seen, owners = sum(patches), 0, []
+    for p in patches:
+        owners.append(min(ranks - 1, (2 * seen + p) * ranks // (2 * total)))
+        seen += p
+    return owners
 
 
 def _kind_name(kind: int) -> str:

@@ -4,6 +4,10 @@ The first `first_k_dense_replace` layers are a plain SwiGLU; the rest route each
 experts (sigmoid scores, group-limited, steered by `e_score_correction_bias`) plus the shared experts. Experts
 are stacked as HF holds them (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]);
 `expert_weight_slot` places the per-expert tensors real checkpoints ship (`experts.E.{gate,up,down}_proj.weight`).
+
+Under tensor parallelism (glimpse/distributed) every rank holds either a share of every expert's
+intermediate rows (the default) or, with expert parallelism, its share of the experts whole; either
+way a rank's routed and shared experts give a partial sum, and the block sums it over ranks once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse import distributed
+from glimpse.distributed import ShardSpec, TensorParallel
 from glimpse.errors import CheckpointError
 from glimpse.models.layers import SwiGluMLP
 
@@ -87,8 +93,8 @@ def route_tokens(
 class Glm4MoeMLP(SwiGluMLP):
     """SwiGLU with separate gate/up/down (no bias): the dense layers and the shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
-        super().__init__(hidden_size, intermediate_size, _activation(hidden_act))
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, reduce: bool = True) -> None:
+        super().__init__(hidden_size, intermediate_size, _activation(hidden_act), tp=distributed.current(), reduce=reduce)
 
 
 class Glm4MoeRouter(nn.Module):
@@ -109,14 +115,33 @@ class Glm4MoeRouter(nn.Module):
 
 
 class Glm4MoeExperts(nn.Module):
-    """Stacked routed experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """Stacked routed experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+
+    Split over ranks, a rank holds experts first_expert..first_expert+E'-1 with I' of their rows:
+    all E experts with I / size rows each, or (expert parallel) E / size experts whole."""
 
     def __init__(self, tc) -> None:
         super().__init__()
         e, h, i = tc.n_routed_experts, tc.hidden_size, tc.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        tp = distributed.current()
+        self.num_experts, self.intermediate = e, i
+        if tp.expert_parallel:
+            self.first_expert, local_e = tp.share(e, "text_config.n_routed_experts (with --enable-expert-parallel)")
+            self.first_row, local_i = 0, i
+        else:
+            self.first_expert, local_e = 0, e
+            self.first_row, local_i = tp.share(i, "text_config.moe_intermediate_size")
+        self.gate_up_proj = nn.Parameter(torch.empty(local_e, 2 * local_i, h))
+        self.down_proj = nn.Parameter(torch.empty(local_e, h, local_i))
         self.act = _activation(tc.hidden_act)
+        if tp.size > 1:  # what a rank reads of HF's stacked tensors
+            if tp.expert_parallel:
+                experts = ShardSpec(0, e, ((self.first_expert, local_e),))
+                self.checkpoint_shards = {"gate_up_proj": experts, "down_proj": experts}
+            else:
+                rows = (self.first_row, local_i)
+                self.checkpoint_shards = {"gate_up_proj": ShardSpec(1, 2 * i, (rows, (i + rows[0], local_i))),
+                                          "down_proj": ShardSpec(2, i, (rows,))}  # fmt: skip
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], expert_ids / weights [T, k] -> [T, H]: sum_j weights[:, j] * expert_{ids[:, j]}(x).
@@ -128,15 +153,15 @@ class Glm4MoeExperts(nn.Module):
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of_pair = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         rows = x.index_select(0, token_of_pair)
-        out = torch.empty_like(rows)
+        out = torch.zeros_like(rows)  # pairs routed to another rank's experts add nothing here
         start = 0
         for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            gate, up = F.linear(rows[start : start + n], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out[start : start + n] = F.linear(self.act(gate) * up, self.down_proj[expert])
+            local = expert - self.first_expert
+            if n and 0 <= local < self.gate_up_proj.shape[0]:
+                gate, up = F.linear(rows[start : start + n], self.gate_up_proj[local]).chunk(2, dim=-1)
+                out[start : start + n] = F.linear(self.act(gate) * up, self.down_proj[local])
             start += n
         # weight and sum in fp32 (the weights are fp32), then back to the activation dtype
         weighted = out * weights.reshape(-1)[order, None]
@@ -148,13 +173,15 @@ class Glm4MoeSparseBlock(nn.Module):
 
     def __init__(self, tc) -> None:
         super().__init__()
+        self.tp: TensorParallel = distributed.current()
         self.gate = Glm4MoeRouter(tc)
         self.experts = Glm4MoeExperts(tc)
-        self.shared_experts = Glm4MoeMLP(tc.hidden_size, tc.moe_intermediate_size * tc.n_shared_experts, tc.hidden_act)
+        self.shared_experts = Glm4MoeMLP(tc.hidden_size, tc.moe_intermediate_size * tc.n_shared_experts,
+                                         tc.hidden_act, reduce=False)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)
-        return self.experts(x, expert_ids, weights) + self.shared_experts(x)
+        return self.tp.all_reduce(self.experts(x, expert_ids, weights) + self.shared_experts(x))  # one sum over ranks
 
 
 def make_moe_text_mlp(tc, layer_idx: int) -> nn.Module:
@@ -164,12 +191,15 @@ def make_moe_text_mlp(tc, layer_idx: int) -> nn.Module:
     return Glm4MoeSparseBlock(tc)
 
 
-def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int) -> tuple[str, tuple] | None:
-    """Per-expert checkpoint name -> (stacked parameter name, index into it); None for other names.
+def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int,
+                       tp: TensorParallel = distributed.SINGLE) -> tuple | None:  # fmt: skip
+    """Per-expert checkpoint name -> (stacked parameter name, index into it, the part of the tensor to read
+    or None for all of it); None for other names; index None for an expert another rank holds.
 
-    `...mlp.experts.3.gate_proj.weight` -> (`...mlp.experts.gate_up_proj`, (3, rows [0, I)));
+    `...mlp.experts.3.gate_proj.weight` -> (`...mlp.experts.gate_up_proj`, (3, rows [0, I)), None);
     `up_proj` fills rows [I, 2I) (HF's MergeModulelist + Concatenate(dim=1) layout); `down_proj`
-    fills `...mlp.experts.down_proj[3]`.
+    fills `...mlp.experts.down_proj[3]`. Split over ranks (`Glm4MoeExperts`), the index is local and a
+    rank reads its rows of each expert (or, expert parallel, its experts whole).
     """
     match = _EXPERT_NAME.match(name)
     if match is None:
@@ -177,11 +207,19 @@ def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int) 
     expert, part, prefix = int(match["expert"]), match["part"], match["prefix"]
     if expert >= num_experts:
         raise CheckpointError(f"tensor {name}: expert {expert} is out of range (text_config.n_routed_experts {num_experts})")
-    i = moe_intermediate_size
+    i, source = moe_intermediate_size, None
+    if tp.size > 1 and tp.expert_parallel:
+        first, held = tp.share(num_experts, "text_config.n_routed_experts (with --enable-expert-parallel)")
+        if not first <= expert < first + held:
+            return (f"{prefix}.down_proj" if part == "down_proj" else f"{prefix}.gate_up_proj"), None, None
+        expert -= first
+    elif tp.size > 1:
+        first, i = tp.share(moe_intermediate_size, "text_config.moe_intermediate_size")
+        source = ShardSpec(1 if part == "down_proj" else 0, moe_intermediate_size, ((first, i),))
     if part == "down_proj":
-        return f"{prefix}.down_proj", (expert,)
+        return f"{prefix}.down_proj", (expert,), source
     rows = slice(0, i) if part == "gate_proj" else slice(i, 2 * i)
-    return f"{prefix}.gate_up_proj", (expert, rows)
+    return f"{prefix}.gate_up_proj", (expert, rows), source
 
 
 __all__ = [

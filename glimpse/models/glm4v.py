@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse import distributed
+from glimpse.distributed.layers import column_linear, embedding, head_ranges, lm_head, row_linear
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
 from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
@@ -238,9 +240,13 @@ class Glm4vVisionEmbeddings(nn.Module):
 class Glm4vVisionAttention(nn.Module):
     def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
-        self.num_heads = vc.num_heads
-        self.qkv = Linear(vc.hidden_size, 3 * vc.hidden_size, bias=vc.attention_bias)
-        self.proj = Linear(vc.hidden_size, vc.hidden_size, bias=variant.proj_bias)
+        tp, dim = distributed.current().vision, vc.hidden_size
+        first, self.num_heads = tp.share(vc.num_heads, "vision_config.num_heads (--mm-encoder-tp-mode data avoids it)")
+        head_dim = dim // vc.num_heads
+        # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
+        heads = [head_ranges(first, self.num_heads, head_dim, offset=part * dim) for part in range(3)]
+        self.qkv = column_linear(dim, 3 * dim, vc.attention_bias, tp, heads)
+        self.proj = row_linear(dim, dim, variant.proj_bias, tp, [heads[0]])
         self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
         if variant.ocr:  # per-head RMSNorm of q and k before the rotary
             head_dim = vc.hidden_size // vc.num_heads
@@ -271,7 +277,8 @@ class Glm4vVisionMlp(SwiGluMLP):
     """SwiGLU whose width is out_hidden_size (not intermediate_size), no bias; GLM-OCR: intermediate_size, bias."""
 
     def __init__(self, vc, variant: VisionVariant) -> None:
-        super().__init__(vc.hidden_size, variant.mlp_width, activation(vc.hidden_act), bias=variant.mlp_bias)
+        super().__init__(vc.hidden_size, variant.mlp_width, activation(vc.hidden_act), bias=variant.mlp_bias,
+                         tp=distributed.current().vision)  # fmt: skip
 
 
 class Glm4vVisionBlock(nn.Module):
@@ -422,15 +429,17 @@ class Glm4vTextAttention(nn.Module):
     def __init__(self, tc, layer_idx: int, variant: TextVariant) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.head_dim = variant.head_dim
+        self.head_dim = d = variant.head_dim
         self.neox = variant.neox_rotary
-        self.heads = (tc.num_attention_heads, tc.num_key_value_heads)
-        q_out = tc.num_attention_heads * self.head_dim
-        kv_out = tc.num_key_value_heads * self.head_dim
-        self.q_proj = Linear(tc.hidden_size, q_out, bias=variant.qkv_bias)
-        self.k_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
-        self.v_proj = Linear(tc.hidden_size, kv_out, bias=variant.qkv_bias)
-        self.o_proj = Linear(q_out, tc.hidden_size, bias=False)
+        tp = distributed.current()
+        q_first, hq = tp.share(tc.num_attention_heads, "text_config.num_attention_heads")
+        kv_first, hkv = tp.kv_head_share(tc.num_key_value_heads)
+        self.heads = (hq, hkv)  # this rank's
+        q_out, kv_out, h, bias = tc.num_attention_heads * d, tc.num_key_value_heads * d, tc.hidden_size, variant.qkv_bias
+        self.q_proj = column_linear(h, q_out, bias, tp, [head_ranges(q_first, hq, d)])
+        self.k_proj = column_linear(h, kv_out, bias, tp, [head_ranges(kv_first, hkv, d)])
+        self.v_proj = column_linear(h, kv_out, bias, tp, [head_ranges(kv_first, hkv, d)])
+        self.o_proj = row_linear(q_out, h, False, tp, [head_ranges(q_first, hq, d)])
         self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -454,8 +463,11 @@ class Glm4vTextMLP(nn.Module):
 
     def __init__(self, tc) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(tc.hidden_size, 2 * tc.intermediate_size, bias=False)
-        self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, bias=False)
+        tp, h, inter = distributed.current(), tc.hidden_size, tc.intermediate_size
+        first, rows = tp.share(inter, "text_config.intermediate_size")
+        # HF's gate_up_proj is packed (gate rows, then up rows): this rank's rows of each
+        self.gate_up_proj = column_linear(h, 2 * inter, False, tp, [(first, rows), (inter + first, rows)])
+        self.down_proj = row_linear(inter, h, False, tp, [(first, rows)])
         self.act = activation(tc.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +513,7 @@ class Glm4vTextModel(nn.Module):
         self.mrope_section = list(rope.get("mrope_section", [8, 12, 12]))
         variant = text_variant(tc)
         self.neox = variant.neox_rotary
-        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
+        self.embed_tokens = embedding(tc.vocab_size, tc.hidden_size, distributed.current())
         self.layers = nn.ModuleList(Glm4vTextDecoderLayer(tc, i, variant) for i in range(tc.num_hidden_layers))
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
 
@@ -550,7 +562,8 @@ class Glm4vModel(VisionLanguageModel):
         self.spatial_merge_size = vc.spatial_merge_size
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         self.model = Glm4vBackbone(config)
-        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.tp = distributed.current()
+        self.lm_head = lm_head(tc.hidden_size, tc.vocab_size, self.tp)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.tie_weights()
         moe = text_variant(tc).moe
@@ -566,11 +579,11 @@ class Glm4vModel(VisionLanguageModel):
         match = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
         return match is not None and int(match[1]) in self.mtp_layers
 
-    def packed_weight_slot(self, name: str) -> tuple[str, tuple] | None:
-        """Per-expert checkpoint tensor -> (stacked parameter, index); None if `name` is loaded whole."""
+    def packed_weight_slot(self, name: str) -> tuple | None:
+        """Per-expert checkpoint tensor -> (stacked parameter, index, part to read); None if `name` is loaded whole."""
         if not self.num_experts:
             return None
-        return expert_weight_slot(name, self.num_experts, self.moe_intermediate_size)
+        return expert_weight_slot(name, self.num_experts, self.moe_intermediate_size, self.tp)
 
     def float32_weight_names(self) -> set[str]:
         """Tensors kept in float32 whatever the model dtype (HF keeps the router's correction bias so)."""

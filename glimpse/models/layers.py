@@ -17,6 +17,7 @@ from torch import nn
 
 from glimpse import kernels
 from glimpse.backends import LinearMethod, backends_for
+from glimpse.distributed import SINGLE, TensorParallel
 
 
 class Linear(nn.Linear):
@@ -160,11 +161,16 @@ class SwiGluMLP(nn.Module):
     """down(act(gate(x)) * up(x)) under HF's names. `fuse_projections` (called by the loader) makes
     gate and up one matmul, whose output `swiglu` turns into the product in one pass."""
 
-    def __init__(self, dim: int, hidden: int, act: Callable[[torch.Tensor], torch.Tensor], bias: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, act: Callable[[torch.Tensor], torch.Tensor], bias: bool = False,
+                 tp: TensorParallel = SINGLE, reduce: bool = True) -> None:  # fmt: skip
+        """With `tp` of several ranks each holds a share of the `hidden` rows (glimpse/distributed/layers.py);
+        `reduce=False` leaves the down projection's sum over ranks to the caller."""
+        from glimpse.distributed.layers import column_linear, row_linear  # they build on this module's Linear
+
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=bias)
-        self.up_proj = Linear(dim, hidden, bias=bias)
-        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_proj = column_linear(dim, hidden, bias, tp)
+        self.up_proj = column_linear(dim, hidden, bias, tp)
+        self.down_proj = row_linear(hidden, dim, bias, tp, reduce=reduce)
         self.act = act
         self.gate_up_proj: Linear | None = None  # gate_proj + up_proj, set by fuse_projections()
 

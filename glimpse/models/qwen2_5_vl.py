@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse import distributed
+from glimpse.distributed.layers import column_linear, embedding, head_ranges, lm_head, row_linear
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
 from glimpse.models.layers import (
@@ -171,9 +173,12 @@ class Qwen2_5_VisionPatchEmbed(nn.Module):
 class Qwen2_5_VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = Linear(dim, dim * 3, bias=True)
-        self.proj = Linear(dim, dim, bias=True)
+        tp = distributed.current().vision
+        first, self.num_heads = tp.share(num_heads, "vision_config.num_heads (--mm-encoder-tp-mode data avoids it)")
+        # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
+        heads = [head_ranges(first, self.num_heads, dim // num_heads, offset=part * dim) for part in range(3)]
+        self.qkv = column_linear(dim, dim * 3, True, tp, heads)
+        self.proj = row_linear(dim, dim, True, tp, [heads[0]])
         self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -185,7 +190,7 @@ class Qwen2_5_VisionAttention(nn.Module):
 
 class Qwen2_5_VisionMLP(SwiGluMLP):
     def __init__(self, dim: int, hidden: int, act: str) -> None:
-        super().__init__(dim, hidden, _activation(act, "vision_config"), bias=True)
+        super().__init__(dim, hidden, _activation(act, "vision_config"), bias=True, tp=distributed.current().vision)
 
 
 class Qwen2_5_VisionBlock(nn.Module):
@@ -370,13 +375,15 @@ class Qwen2Attention(nn.Module):
     def __init__(self, tc, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = tc.num_attention_heads
-        self.num_kv_heads = tc.num_key_value_heads
-        self.head_dim = tc.hidden_size // tc.num_attention_heads
-        self.q_proj = Linear(tc.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(tc.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.num_heads * self.head_dim, tc.hidden_size, bias=False)
+        self.head_dim = d = tc.hidden_size // tc.num_attention_heads
+        tp = distributed.current()
+        q_first, self.num_heads = tp.share(tc.num_attention_heads, "text_config.num_attention_heads")
+        kv_first, self.num_kv_heads = tp.kv_head_share(tc.num_key_value_heads)  # this rank's
+        h, q_out, kv_out = tc.hidden_size, tc.num_attention_heads * d, tc.num_key_value_heads * d
+        self.q_proj = column_linear(h, q_out, True, tp, [head_ranges(q_first, self.num_heads, d)])
+        self.k_proj = column_linear(h, kv_out, True, tp, [head_ranges(kv_first, self.num_kv_heads, d)])
+        self.v_proj = column_linear(h, kv_out, True, tp, [head_ranges(kv_first, self.num_kv_heads, d)])
+        self.o_proj = row_linear(q_out, h, False, tp, [head_ranges(q_first, self.num_heads, d)])
         self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
 
     def fuse_projections(self) -> None:
@@ -398,7 +405,8 @@ class Qwen2Attention(nn.Module):
 
 class Qwen2MLP(SwiGluMLP):
     def __init__(self, tc) -> None:
-        super().__init__(tc.hidden_size, tc.intermediate_size, _activation(tc.hidden_act, "text_config"))
+        super().__init__(tc.hidden_size, tc.intermediate_size, _activation(tc.hidden_act, "text_config"),
+                         tp=distributed.current())  # fmt: skip
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -419,7 +427,7 @@ class Qwen2TextModel(nn.Module):
 
     def __init__(self, tc) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
+        self.embed_tokens = embedding(tc.vocab_size, tc.hidden_size, distributed.current())
         self.layers = nn.ModuleList(Qwen2DecoderLayer(tc, i) for i in range(tc.num_hidden_layers))
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
 
@@ -485,7 +493,8 @@ class Qwen2_5_VLModel(VisionLanguageModel):
         self.spatial_merge_size = vc.spatial_merge_size
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.model = _Qwen2_5_VLBackbone(config)
-        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.tp = distributed.current()
+        self.lm_head = lm_head(tc.hidden_size, tc.vocab_size, self.tp)
         self.tie_weights()
 
     # ---- vision -------------------------------------------------------------------
