@@ -79,6 +79,11 @@ def detect(device: str | torch.device = "cpu") -> Platform:
     return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed, memory_bytes())
 
 
+def distributed_backend(device: str | torch.device) -> str:
+    """The torch.distributed backend for tensor-parallel ranks on `device`: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def memory_bytes() -> int:
     """MemTotal from /proc/meminfo (0 where there is none)."""
     try:

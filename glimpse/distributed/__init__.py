@@ -139,6 +139,20 @@ def from_process_group(size: int, expert_parallel: bool = False, encoder_mode: s
     return TensorParallel(dist.get_rank(), size, dist.group.WORLD, expert_parallel, encoder_mode)
 
 
+def start_store(host: str = "127.0.0.1") -> dist.TCPStore:
+    """The rendezvous the ranks meet at, on a free port the OS picks (`store.port`); the caller keeps it alive."""
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
+
+
+def init_process_group(rank: int, size: int, host: str, port: int, device: str = "cpu") -> None:
+    """Join the default process group of `size` ranks through the store at host:port (gloo on CPU, NCCL on GPUs)."""
+    from glimpse import platform
+
+    store = dist.TCPStore(host, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(platform.distributed_backend(device), store=store, rank=rank, world_size=size,
+                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """Which part of a checkpoint tensor a rank holds: along `dim` (whose full size is `full`), the
@@ -170,4 +184,4 @@ class ShardSpec:
 
 
 __all__ = ["COLLECTIVE_TIMEOUT", "ENCODER_MODES", "SINGLE", "ShardSpec", "TensorParallel", "building",
-           "check_parallel_options", "current", "from_process_group"]  # fmt: skip
+           "check_parallel_options", "current", "from_process_group", "init_process_group", "start_store"]  # fmt: skip

@@ -372,8 +372,9 @@ def cors_options(args: argparse.Namespace) -> dict:
             "allow_credentials": args.allow_credentials}  # fmt: skip
 
 
-def build_state(args: argparse.Namespace):
-    """Load everything `glimpse serve` needs; returns the ServerState (engine core started, model loaded)."""
+def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
+    """Load everything `glimpse serve` needs; returns the ServerState (engine core started, model loaded).
+    `start_engine(config)` replaces the engine-core process or thread (`glimpse serve-ray`: Ray Serve replicas)."""
     from jinja2 import TemplateSyntaxError
 
     from glimpse.config import load_config
@@ -452,7 +453,9 @@ def build_state(args: argparse.Namespace):
                                                                   "--structured-output-max-bytes"),
                           structured_output_max_depth=args.structured_output_max_depth,
                           structured_output_compile_timeout=args.structured_output_compile_timeout)  # fmt: skip
-    if args.engine_process:
+    if start_engine is not None:
+        engine = start_engine(config)
+    elif args.engine_process:
         engine = AsyncEngine.in_process(config, args.max_concurrent_requests, args.max_queue, args.log_level)
     else:
         engine = AsyncEngine.in_thread(LLMEngine(config), args.max_concurrent_requests, args.max_queue)
@@ -520,7 +523,9 @@ def _stop_starting(sig: int, frame) -> None:
     raise SystemExit(0)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, start_engine: Callable | None = None, wrap_app: Callable | None = None) -> int:
+    """`start_engine(config)` -> the AsyncEngine (default: the engine core) and `wrap_app(state, app)` -> the ASGI
+    app (default: build_app's) are `glimpse serve-ray`'s two hooks (glimpse/server/ray_serve.py)."""
     import uvicorn
 
     from glimpse.entrypoints import DEMO_BANNER
@@ -543,7 +548,7 @@ def run(args: argparse.Namespace) -> int:
         print(DEMO_BANNER.format(path=demo_checkpoint()), file=sys.stderr)
     signal.signal(signal.SIGTERM, _stop_starting)  # until the server's own handlers take over (Server)
     try:
-        state = build_state(args)
+        state = build_state(args, start_engine)
     except InvalidInputError as exc:  # a flag value (the engine's too, e.g. a KV cache too small for --max-model-len)
         print(f"glimpse: error: {exc}", file=sys.stderr)
         return 2
@@ -554,8 +559,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("glimpse.server").warning(
             "listening on %s without --api-key (or $%s): anyone who can reach this address can use the model",
             args.host, API_KEY_ENV)  # fmt: skip
+    app = build_app(state) if wrap_app is None else wrap_app(state, build_app(state))
     server = Server(uvicorn.Config(
-        build_app(state), host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
         lifespan="off",
         http=h11_with_head_deadline(args.body_read_timeout), timeout_graceful_shutdown=5,
         limit_concurrency=args.max_connections), state.engine, args.shutdown_timeout)  # fmt: skip
