@@ -1,4 +1,4 @@
-"""The `glimpse` command line: generate, chat, serve, bench, make-checkpoint.
+"""The `glimpse` command line: generate, chat, serve, serve-ray, bench, make-checkpoint.
 
 argv -> one subcommand's handler -> exit status. Building the parser imports no torch or
 transformers (the bench modules load only when their bench is named), so `--help`, `--version` and
@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cli.add_arguments(serve)
     serve.set_defaults(func=serve_cli.run)
+
+    serve_ray = sub.add_parser("serve-ray", help="glimpse serve with N engine replicas on Ray Serve behind one ingress, "
+                                                 "routed by cached media and prefixes (docs/scaling.md)")  # fmt: skip
+    from glimpse.server import ray_serve
+
+    ray_serve.add_arguments(serve_ray)
+    serve_ray.set_defaults(func=ray_serve.run)
 
     bench = sub.add_parser("bench", help="benchmarks: side-by-side runs that print a table, JSON and ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=BenchParser)

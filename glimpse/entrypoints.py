@@ -140,6 +140,18 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-budgets", type=_budgets, default=None, metavar="N,N,...",
                    help="comma-separated merged-token budgets (default: powers of two from 64 up to "
                         "--max-num-batched-tokens)")  # fmt: skip
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p) -> None:
+    """--tensor-parallel-size, --enable-expert-parallel, --mm-encoder-tp-mode (every entry point; docs/scaling.md)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int_at_least(1), default=1, metavar="N",
+                   help="split the model over N ranks (processes, torch.distributed); --kv-cache-memory is per rank")  # fmt: skip
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE checkpoints: each rank holds whole experts instead of a share of every expert")  # fmt: skip
+    p.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default="weights",
+                   help="with --tensor-parallel-size > 1, the vision encoder split by heads (weights) or whole on "
+                        "every rank with the media items split between ranks (data)")  # fmt: skip
 
 
 # Unset sampling flags: LLM.get_default_sampling_params, i.e. generation_config.json over vLLM's defaults.
@@ -290,6 +302,8 @@ def make_llm(model: str | None, args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                encoder_cache_memory=args.encoder_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                seed=args.seed, load_format=args.load_format, encoder_graph=args.encoder_graph,
+               tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+               mm_encoder_tp_mode=args.mm_encoder_tp_mode,
                encoder_budgets=args.encoder_budgets)  # fmt: skip
 
 

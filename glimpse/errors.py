@@ -46,3 +46,7 @@ class DecodeBusyError(GlimpseError):
 
 class PreprocessCancelled(GlimpseError):
     """Preprocessing stopped because its request was cancelled (client gone, request aborted)."""
+
+
+class RankDiedError(GlimpseError):
+    """A tensor-parallel rank (worker process) stopped: the engine cannot run another step."""

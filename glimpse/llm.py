@@ -55,7 +55,8 @@ class LLM:
                  encoder_graph: str = "off", encoder_budgets: tuple[int, ...] | None = None,
                  video_pruning_rate: float = 0.0, structured_output_max_bytes: int = 64 * 1024,
                  structured_output_max_depth: int = 24, structured_output_compile_timeout: float = 10.0,
-                 **model_kwargs: Any) -> None:  # fmt: skip
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 mm_encoder_tp_mode: str = "weights", **model_kwargs: Any) -> None:  # fmt: skip
         self.is_demo = model is None
         if model is None:
             model = demo_checkpoint()
@@ -69,7 +70,8 @@ class LLM:
                               structured_output_max_bytes=structured_output_max_bytes,
                               structured_output_max_depth=structured_output_max_depth,
                               structured_output_compile_timeout=structured_output_compile_timeout,
-                              model_kwargs=model_kwargs)  # fmt: skip
+                              tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
+                              mm_encoder_tp_mode=mm_encoder_tp_mode, model_kwargs=model_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)
         self.processor = self.engine.processor
 

@@ -36,7 +36,7 @@ from typing import Protocol
 from glimpse import errors
 from glimpse.config import ModelConfig
 from glimpse.engine.llm_engine import EngineConfig, LLMEngine
-from glimpse.errors import GlimpseError, InvalidInputError
+from glimpse.errors import GlimpseError, InvalidInputError, RankDiedError
 
 log = logging.getLogger("glimpse.engine")
 
@@ -152,6 +152,8 @@ class EngineCore:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except RankDiedError:  # no step can run any more: the core stops, and the server answers 503
+            raise
         except Exception:  # a bug, not bad input: fail the requests in flight, keep serving
             log.exception("engine step failed; aborting the requests in flight")
             self._fail_all("the engine failed while running this request (see server log)")

@@ -79,6 +79,12 @@ class EngineConfig:
     structured_output_max_bytes: int = 64 * 1024  # the constraint's JSON text
     structured_output_max_depth: int = 24  # nesting of subschemas
     structured_output_compile_timeout: float = 10.0  # seconds a request waits for its grammar
+    # Tensor parallelism (glimpse/distributed): ranks 1..N-1 run in worker processes this engine starts;
+    # kv_cache_memory is per rank. Expert parallel: MoE experts whole on one rank each. The vision tower:
+    # "weights" splits it by heads, "data" keeps it whole on every rank and splits the media items.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    mm_encoder_tp_mode: str = "weights"
 
 
 @dataclass
@@ -151,8 +157,19 @@ class LLMEngine:
             raise InvalidInputError(f"max_prefill_tokens (--max-prefill-tokens) is {config.max_prefill_tokens}; it must "
                                     "be >= 1 (set it to max_num_batched_tokens for no limit of its own)")  # fmt: skip
         dtype = _resolve_dtype(config)
-        self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
-                                seed=config.seed, **config.model_kwargs)  # fmt: skip
+        check_parallel_config(config)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            from glimpse.distributed.executor import start_workers
+
+            self.workers = start_workers(config)  # ranks 1..N-1 load their shares while this process loads rank 0's
+        try:
+            self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+                                    seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
         self.model_config: ModelConfig = self.model.glimpse_config
         from glimpse.processing.processor import load_processor
 
@@ -162,11 +179,7 @@ class LLMEngine:
         text_cfg = self.model_config.hf_config.get_text_config()
         self.vocab_size = text_cfg.vocab_size
 
-        kv_bytes = parse_bytes(config.kv_cache_memory, "kv_cache_memory")
-        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-        per_block = PagedKVCache.bytes_per_block(
-            text_cfg.num_hidden_layers, config.block_size, text_cfg.num_key_value_heads, head_dim, dtype)
-        num_blocks = kv_bytes // per_block
+        num_blocks = kv_cache_blocks(config, self.model, dtype)
         capacity = num_blocks * config.block_size
         max_len = config.max_model_len or min(text_cfg.max_position_embeddings, capacity)
         if max_len > capacity:
@@ -177,8 +190,7 @@ class LLMEngine:
             raise InvalidInputError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                                     f"{text_cfg.max_position_embeddings}")  # fmt: skip
         self.max_model_len = max_len
-        self.kv_cache = PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size,
-                                     text_cfg.num_key_value_heads, head_dim, dtype, config.device)  # fmt: skip
+        self.kv_cache = make_kv_cache(config, self.model, num_blocks, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # the scheduler's half of the encoder cache (budget, pins, eviction); the runner holds the tensors
         self.encoder_cache = EncoderCacheManager(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
@@ -190,6 +202,9 @@ class LLMEngine:
         self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
         if config.encoder_graph not in ("on", "off"):
             raise InvalidInputError(f"encoder_graph={config.encoder_graph!r}; use 'on' or 'off'")
+        if config.encoder_graph == "on" and config.tensor_parallel_size > 1:
+            raise InvalidInputError("encoder_graph 'on' (--encoder-graph on) is not supported with tensor_parallel_size "
+                                    "> 1 yet; use --encoder-graph off")  # fmt: skip
         encoder_runner = None
         if config.encoder_graph == "on":
             from glimpse.vision.runner import EncoderRunner
@@ -199,6 +214,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, EncoderCache(), encoder_runner,
                                   self.eos_token_ids, config.seed)  # fmt: skip
+        if self.workers is not None:  # every step runs on all ranks; this process samples
+            self.runner = self.workers.driving(self.runner)
         limits = StructuredLimits(config.structured_output_max_bytes, config.structured_output_max_depth,
                                   config.structured_output_compile_timeout)  # fmt: skip
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids, limits,
@@ -517,6 +534,39 @@ def _grids(prompt: ProcessedPrompt) -> MultimodalInputs:
     spg = [m.second_per_grid_t for m in videos if m.second_per_grid_t is not None]
     return MultimodalInputs(image_grid_thw=grid(images), video_grid_thw=grid(videos),
                             second_per_grid_ts=torch.tensor(spg, dtype=torch.float32) if spg else None)  # fmt: skip
+
+
+def kv_cache_blocks(config: EngineConfig, model, dtype: torch.dtype) -> int:
+    """KV blocks that fit kv_cache_memory (per rank) for this rank's KV heads; the same on every rank."""
+    text_cfg = model.glimpse_config.hf_config.get_text_config()
+    per_block = PagedKVCache.bytes_per_block(text_cfg.num_hidden_layers, config.block_size,
+                                             _kv_heads(model, text_cfg), _head_dim(text_cfg), dtype)  # fmt: skip
+    return parse_bytes(config.kv_cache_memory, "kv_cache_memory") // per_block
+
+
+def make_kv_cache(config: EngineConfig, model, num_blocks: int, dtype: torch.dtype) -> PagedKVCache:
+    text_cfg = model.glimpse_config.hf_config.get_text_config()
+    return PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size, _kv_heads(model, text_cfg),
+                        _head_dim(text_cfg), dtype, config.device)  # fmt: skip
+
+
+def _kv_heads(model, text_cfg) -> int:
+    return model.tp.kv_head_share(text_cfg.num_key_value_heads)[1]  # this rank's (all of them on one rank)
+
+
+def _head_dim(text_cfg) -> int:
+    return getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+
+
+def check_parallel_config(config: EngineConfig) -> None:
+    from glimpse.distributed import check_parallel_options
+
+    check_parallel_options(config.tensor_parallel_size, config.enable_expert_parallel, config.mm_encoder_tp_mode)
+
+
+def _parallel_kwargs(config: EngineConfig) -> dict:
+    return {"tensor_parallel_size": config.tensor_parallel_size, "enable_expert_parallel": config.enable_expert_parallel,
+            "mm_encoder_tp_mode": config.mm_encoder_tp_mode}  # fmt: skip
 
 
 def _resolve_dtype(config: EngineConfig) -> torch.dtype:

@@ -94,8 +94,12 @@ class CachedRequestState:
 
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache,
-                 encoder_runner=None, eos_token_ids: frozenset[int] = frozenset(), seed: int = 0) -> None:  # fmt: skip
+                 encoder_runner=None, eos_token_ids: frozenset[int] = frozenset(), seed: int = 0,
+                 sample: bool = True) -> None:  # fmt: skip
+        """`sample=False`: a tensor-parallel worker's runner (glimpse/distributed/executor.py), which runs
+        every forward with the driver but takes the sampled tokens from it (`append_sampled`)."""
         self.model = model
+        self.sample = sample
         self.encoder_runner = encoder_runner  # glimpse.vision.runner.EncoderRunner, or None: eager tower calls
         self.kv_cache = kv_cache
         self.encoder_cache = encoder_cache
@@ -148,7 +152,7 @@ class ModelRunner:
         with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample
             logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
         t2 = time.perf_counter()
-        if not sampled:
+        if not sampled or not self.sample:
             return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)
         bitmask, masked = self._bitmask(sampled, logits.shape[1])
         out = sample(logits, [s.sampling_params for s in sampled], [s.sampling_state for s in sampled],
@@ -160,6 +164,13 @@ class ModelRunner:
             ended.append(state.constraint is not None and state.constraint.accept(token))
         req_ids = [s.request_id for s in sampled]
         return ModelRunnerOutput(req_ids, out.token_ids, out.logprobs, t1 - t0, t2 - t1, ended if any(ended) else [])
+
+    def append_sampled(self, req_ids: list[str], tokens: list[int]) -> None:
+        """Tokens the driver sampled for these requests (a worker's runner, before the next step)."""
+        for request_id, token in zip(req_ids, tokens, strict=True):
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.token_ids.append(token)
 
     @staticmethod
     def _bitmask(sampled: list[CachedRequestState], vocab: int) -> tuple[torch.Tensor | None, list[int]]:

@@ -162,9 +162,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"),
                      help="dummy: seeded random weights instead of the folder's safetensors (benchmarks of a "
                           "config-only checkpoint, as vLLM's --load-format dummy)")  # fmt: skip
-    eng.add_argument("--encoder-graph", choices=("on", "off"), default="on",
+    eng.add_argument("--encoder-graph", choices=("on", "off"), default=None,
                      help="vision encoder in token budgets with one compiled graph each: measured faster on CPU, "
-                          "at the cost of compiling at start-up (see docs/benchmarks.md); off: eager tower calls")  # fmt: skip
+                          "at the cost of compiling at start-up (see docs/benchmarks.md); off: eager tower calls "
+                          "(default: on; off with --tensor-parallel-size > 1, which does not support it yet)")  # fmt: skip
+    from glimpse.entrypoints import add_parallel_arguments
+
+    add_parallel_arguments(eng)
     eng.add_argument("--encoder-budgets", default=None,
                      help="comma-separated merged-token budgets (default: powers of two from 64 up to "
                           "--max-num-batched-tokens)")  # fmt: skip
@@ -372,6 +376,13 @@ def cors_options(args: argparse.Namespace) -> dict:
             "allow_credentials": args.allow_credentials}  # fmt: skip
 
 
+def encoder_graph(args: argparse.Namespace) -> str:
+    """--encoder-graph, whose default is on except with tensor parallelism (not supported there yet)."""
+    if args.encoder_graph is not None:
+        return args.encoder_graph
+    return "off" if args.tensor_parallel_size > 1 else "on"
+
+
 def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
     """Load everything `glimpse serve` needs; returns the ServerState (engine core started, model loaded).
     `start_engine(config)` replaces the engine-core process or thread (`glimpse serve-ray`: Ray Serve replicas)."""
@@ -447,7 +458,9 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                           load_format=args.load_format,
-                          video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
+                          video_pruning_rate=args.video_pruning_rate, encoder_graph=encoder_graph(args),
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
                           encoder_budgets=parse_budgets(args.encoder_budgets),
                           structured_output_max_bytes=parse_bytes(args.structured_output_max_bytes,
                                                                   "--structured-output-max-bytes"),

@@ -1,0 +1,156 @@
+"""The engine's tensor-parallel ranks: worker processes that run every step the engine runs.
+
+The engine's own process is rank 0 (the driver): it schedules, runs its share of the model and samples.
+`start_workers(config)` spawns ranks 1..N-1; each loads its share of the model, builds the same KV cache
+(the same block count: block ids mean the same on every rank) and a `ModelRunner` that does not sample.
+Per step the driver sends each worker the plain data it needs, `(SchedulerOutput, the tokens sampled
+last step)`, over a pipe, and all ranks run the step; the collectives inside the forward keep them in
+lockstep, and every rank computes the same gathered logits, of which only the driver samples.
+
+Failure: a worker that dies closes its sockets, so the driver's next collective fails at once; the
+driver then finds the dead process and raises `RankDiedError` (the engine core reports it and stops:
+HTTP 503). A worker whose driver is gone reads end of file on its pipe and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import Connection
+
+import torch
+import torch.multiprocessing as mp
+
+from glimpse import distributed
+from glimpse.engine.model_runner import ModelRunner, ModelRunnerOutput
+from glimpse.engine.scheduler import SchedulerOutput
+from glimpse.errors import RankDiedError
+
+log = logging.getLogger("glimpse.engine")
+
+# How long a worker may take to load its share and report ready (seconds).
+READY_TIMEOUT = 1800.0
+
+
+def threads_per_rank(size: int) -> int:
+    """torch threads for each of `size` ranks on this machine: the cores split between them."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
+class Workers:
+    """Ranks 1..N-1 of an engine (processes), and the pipes the driver sends steps on."""
+
+    def __init__(self, procs: list, conns: list[Connection], store) -> None:
+        self.procs, self.conns, self._store = procs, conns, store
+        self._closed = False
+
+    def driving(self, runner: ModelRunner) -> ParallelRunner:
+        return ParallelRunner(runner, self)
+
+    def send(self, message: tuple) -> None:
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(message)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                raise RankDiedError(self.describe_dead() or f"tensor-parallel rank {rank} stopped") from None
+
+    def describe_dead(self) -> str | None:
+        """A line naming the workers that exited (None: all alive)."""
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, start=1) if p.exitcode is not None]
+        if not dead:
+            return None
+        return "tensor-parallel rank(s) stopped: " + ", ".join(f"rank {r} (exit code {c})" for r, c in dead)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self.conns:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+class ParallelRunner:
+    """The driver's `ModelRunner`, run in step with the workers' (what the engine calls `runner`)."""
+
+    def __init__(self, runner: ModelRunner, workers: Workers) -> None:
+        self.runner, self.workers = runner, workers
+        self._sampled: tuple[list[str], list[int]] = ([], [])  # last step's tokens, not yet sent to the workers
+
+    def __getattr__(self, name: str):  # num_forwards, requests, encoder_cache, ... are the driver runner's
+        return getattr(self.runner, name)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if (dead := self.workers.describe_dead()) is not None:
+            raise RankDiedError(dead)
+        self.workers.send(("step", sched, self._sampled))
+        try:
+            out = self.runner.execute(sched)
+        except RuntimeError as exc:  # a collective failed: a rank died (its sockets closed), or a real bug
+            if (dead := self.workers.describe_dead()) is not None:
+                raise RankDiedError(dead) from exc
+            raise
+        self._sampled = (out.req_ids, out.sampled_token_ids)
+        return out
+
+
+def start_workers(config) -> Workers:
+    """Spawn ranks 1..N-1 for `config` (an EngineConfig), join the process group as rank 0 and return them."""
+    size = config.tensor_parallel_size
+    ctx = mp.get_context("spawn")
+    store = distributed.start_store()
+    procs, conns = [], []
+    for rank in range(1, size):
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(config, rank, store.port, theirs),
+                           name=f"glimpse-tp-rank{rank}", daemon=True)  # fmt: skip
+        proc.start()
+        theirs.close()
+        procs.append(proc)
+        conns.append(ours)
+    workers = Workers(procs, conns, store)
+    try:
+        torch.set_num_threads(threads_per_rank(size))
+        distributed.init_process_group(0, size, "127.0.0.1", store.port, config.device)
+    except BaseException:
+        workers.close()
+        raise
+    return workers
+
+
+def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
+    """Rank `rank`: load this share, then run the driver's steps until it says stop (or is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when ranks stop
+    from glimpse.engine.encoder_cache import EncoderCache
+    from glimpse.engine.llm_engine import _parallel_kwargs, _resolve_dtype, kv_cache_blocks, make_kv_cache
+    from glimpse.loader import load_model
+
+    size = config.tensor_parallel_size
+    torch.set_num_threads(threads_per_rank(size))
+    distributed.init_process_group(rank, size, "127.0.0.1", port, config.device)
+    dtype = _resolve_dtype(config)
+    model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+                       seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+    kv_cache = make_kv_cache(config, model, kv_cache_blocks(config, model, dtype), dtype)
+    runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the driver is gone
+        if message[0] == "stop":
+            return
+        _, sched, (req_ids, tokens) = message
+        try:
+            runner.append_sampled(req_ids, tokens)
+            runner.execute(sched)
+        except Exception:  # the driver meets the same error in the same step (or a rank died: the pipe tells)
+            log.exception("tensor-parallel rank %d: a step failed", rank)
