@@ -14,6 +14,7 @@ HTTP 503). A worker whose driver is gone reads end of file on its pipe and exits
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -110,13 +111,16 @@ def start_workers(config) -> Workers:
     procs, conns = [], []
     for rank in range(1, size):
         ours, theirs = ctx.Pipe()
+        # Not daemonic: the engine core that starts them is itself a daemonic process, which may only have
+        # such children. A worker ends when told, or when its pipe from this process closes (this one died).
         proc = ctx.Process(target=_worker_main, args=(config, rank, store.port, theirs),
-                           name=f"glimpse-tp-rank{rank}", daemon=True)  # fmt: skip
+                           name=f"glimpse-tp-rank{rank}", daemon=False)  # fmt: skip
         proc.start()
         theirs.close()
         procs.append(proc)
         conns.append(ours)
     workers = Workers(procs, conns, store)
+    atexit.register(workers.close)  # before multiprocessing's own exit hook, which would wait for them forever
     try:
         torch.set_num_threads(threads_per_rank(size))
         distributed.init_process_group(0, size, "127.0.0.1", store.port, config.device)

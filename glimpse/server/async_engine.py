@@ -331,8 +331,10 @@ class _CoreProcess:
         self._commands_out: queue.SimpleQueue = queue.SimpleQueue()
         command_reader, self._command_writer = ctx.Pipe(duplex=False)
         self._output_reader, output_writer = ctx.Pipe(duplex=False)
+        # Daemonic, so that it never outlives this process, except with tensor parallelism: a daemonic process may
+        # not start processes, and the core starts the ranks (it still ends when its command pipe closes).
         self.process = ctx.Process(target=run_core_process, args=(config, command_reader, output_writer, log_level),
-                                   name="glimpse-engine-core", daemon=True)  # fmt: skip
+                                   name="glimpse-engine-core", daemon=config.tensor_parallel_size == 1)  # fmt: skip
         self.process.start()
         # Only the child holds these ends now, so each side sees end-of-file when the other dies.
         command_reader.close()
