@@ -75,6 +75,17 @@ class LLM:
         self.engine = LLMEngine(config)
         self.processor = self.engine.processor
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel worker processes (they also stop when this process exits);
+        another `LLM` with tensor_parallel_size > 1 may then start in this process."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def image_placeholder(self) -> str:
         """What to put in a raw prompt for each image: its marker as the chat template writes it (GLM

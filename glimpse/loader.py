@@ -108,6 +108,16 @@ def load_model(
     return model.eval()
 
 
+def check_tensor_parallel(path: str | Path, tensor_parallel_size: int, enable_expert_parallel: bool = False,
+                          mm_encoder_tp_mode: str = "weights", **model_kwargs) -> None:
+    """Refuse a split the checkpoint's shapes do not allow (heads, MLP rows, experts), before any process
+    starts or any weight is read: the model is built on the meta device with rank 0's shapes."""
+    config = load_config(path)
+    tp = distributed.TensorParallel(0, tensor_parallel_size, None, enable_expert_parallel, mm_encoder_tp_mode)
+    with torch.device("meta"), distributed.building(tp):
+        model_class(config)(config.hf_config, **model_kwargs)
+
+
 def _attention_head_dims(hf_config) -> tuple[int, int]:
     """(decoder head dim, vision head dim): what the attention backends are chosen for."""
     text, vision = hf_config.get_text_config(), hf_config.vision_config

@@ -45,11 +45,11 @@ class TensorParallel:
     def is_driver(self) -> bool:
         return self.rank == 0
 
-    def share(self, n: int, what: str) -> tuple[int, int]:
+    def share(self, n: int, what: str, other_way: str = "") -> tuple[int, int]:
         """(start, count) of this rank's equal share of `n` things (heads, MLP rows, experts)."""
         if n % self.size:
             raise CheckpointError(f"{what} is {n}, not divisible by tensor_parallel_size {self.size}; "
-                                  "choose a tensor_parallel_size that divides it")  # fmt: skip
+                                  f"choose a tensor_parallel_size that divides it{other_way}")  # fmt: skip
         count = n // self.size
         return self.rank * count, count
 

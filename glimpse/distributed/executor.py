@@ -15,18 +15,20 @@ HTTP 503). A worker whose driver is gone reads end of file on its pipe and exits
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import signal
 from multiprocessing.connection import Connection
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from glimpse import distributed
 from glimpse.engine.model_runner import ModelRunner, ModelRunnerOutput
 from glimpse.engine.scheduler import SchedulerOutput
-from glimpse.errors import RankDiedError
+from glimpse.errors import GlimpseError, InvalidInputError, RankDiedError
 
 log = logging.getLogger("glimpse.engine")
 
@@ -77,6 +79,8 @@ class Workers:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        if dist.is_initialized():  # this engine's group: another engine of this process may make its own
+            dist.destroy_process_group()
 
 
 class ParallelRunner:
@@ -92,7 +96,7 @@ class ParallelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if (dead := self.workers.describe_dead()) is not None:
             raise RankDiedError(dead)
-        self.workers.send(("step", sched, self._sampled))
+        self.workers.send(("step", _for_workers(sched), self._sampled))
         try:
             out = self.runner.execute(sched)
         except RuntimeError as exc:  # a collective failed: a rank died (its sockets closed), or a real bug
@@ -103,9 +107,23 @@ class ParallelRunner:
         return out
 
 
+def _for_workers(sched: SchedulerOutput) -> SchedulerOutput:
+    """`sched` less what only the sampling driver uses: structured-output constraints (a compiled grammar
+    neither travels nor is needed where nothing is sampled)."""
+    if all(new.constraint is None for new in sched.new_requests):
+        return sched
+    new = [dataclasses.replace(n, constraint=None) for n in sched.new_requests]
+    return dataclasses.replace(sched, new_requests=new)
+
+
 def start_workers(config) -> Workers:
     """Spawn ranks 1..N-1 for `config` (an EngineConfig), join the process group as rank 0 and return them."""
     size = config.tensor_parallel_size
+    if dist.is_initialized():
+        raise InvalidInputError(
+            "tensor_parallel_size > 1: this process already has a torch.distributed process group (another "
+            "engine still open: call its close(); or torchrun's: then call glimpse.load_model(..., "
+            "tensor_parallel_size=N) on every rank instead)")  # fmt: skip
     ctx = mp.get_context("spawn")
     store = distributed.start_store()
     procs, conns = [], []
@@ -141,8 +159,11 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     torch.set_num_threads(threads_per_rank(size))
     distributed.init_process_group(rank, size, "127.0.0.1", port, config.device)
     dtype = _resolve_dtype(config)
-    model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
-                       seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+    try:
+        model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+                           seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+    except GlimpseError:  # the driver loads the same checkpoint and reports the same error
+        raise SystemExit(1) from None
     kv_cache = make_kv_cache(config, model, kv_cache_blocks(config, model, dtype), dtype)
     runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
     while True:

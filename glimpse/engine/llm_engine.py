@@ -161,7 +161,9 @@ class LLMEngine:
         self.workers = None
         if config.tensor_parallel_size > 1:
             from glimpse.distributed.executor import start_workers
+            from glimpse.loader import check_tensor_parallel
 
+            check_tensor_parallel(config.model, **_parallel_kwargs(config), **config.model_kwargs)
             self.workers = start_workers(config)  # ranks 1..N-1 load their shares while this process loads rank 0's
         try:
             self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
@@ -225,6 +227,11 @@ class LLMEngine:
         self._grammar_events: list[tuple[str, InvalidInputError | None]] = []
         self.ran_last_step = False  # whether the latest step() found a batch to run (the server idles if not)
         self._counter = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (if any); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close()
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: ProcessedPrompt | list[int] | str,

@@ -241,7 +241,7 @@ class Glm4vVisionAttention(nn.Module):
     def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
         tp, dim = distributed.current().vision, vc.hidden_size
-        first, self.num_heads = tp.share(vc.num_heads, "vision_config.num_heads (--mm-encoder-tp-mode data avoids it)")
+        first, self.num_heads = tp.share(vc.num_heads, "vision_config.num_heads", " or --mm-encoder-tp-mode data")
         head_dim = dim // vc.num_heads
         # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
         heads = [head_ranges(first, self.num_heads, head_dim, offset=part * dim) for part in range(3)]

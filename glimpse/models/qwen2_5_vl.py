@@ -174,7 +174,7 @@ class Qwen2_5_VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         tp = distributed.current().vision
-        first, self.num_heads = tp.share(num_heads, "vision_config.num_heads (--mm-encoder-tp-mode data avoids it)")
+        first, self.num_heads = tp.share(num_heads, "vision_config.num_heads", " or --mm-encoder-tp-mode data")
         # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
         heads = [head_ranges(first, self.num_heads, dim // num_heads, offset=part * dim) for part in range(3)]
         self.qkv = column_linear(dim, dim * 3, True, tp, heads)

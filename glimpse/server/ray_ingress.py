@@ -85,14 +85,13 @@ class RayEngine(AsyncEngine):
         lost: list[str] = []
         started = False  # a token reached this side: the request can no longer be replayed unseen
         for _ in range(1 + REPLICA_RETRIES):
-            call = self._generate.remote(request_id, prompt, params, prep, affinity=keys)
-            replica = "an engine replica"
+            call = self._generate.remote(request_id, prompt, params, prep, affinity=keys, avoid=tuple(lost))
+            replica = "(not known yet)"
             try:
-                async for kind, value in call:
+                async for kind, replica, value in call:
                     if kind == "added":
-                        replica = value
                         if served_by is not None:
-                            served_by[request_id] = value
+                            served_by[request_id] = replica
                         self._on_message(("added", request_id, None))  # a no-op after a retry
                     elif kind == "outputs":
                         started = started or any(c.token_ids for c in value.outputs)
@@ -100,9 +99,10 @@ class RayEngine(AsyncEngine):
                     elif not started and value.type_name in ("EngineDeadError", "ServerShuttingDownError"):
                         raise _ReplicaLost(value.message)
                     else:
-                        self._fail(request_id, value)
+                        self._fail(request_id, replica, value)
                         return
-                self._end(request_id, EngineStepError(f"{replica} ended this request without its last output"))
+                self._end(request_id, EngineStepError(f"engine replica {replica} ended this request without its last "
+                                                      "output"))  # fmt: skip
                 return
             except asyncio.CancelledError:
                 call.cancel()
@@ -110,27 +110,30 @@ class RayEngine(AsyncEngine):
             except (RayActorError, ActorUnavailableError, _ReplicaLost) as exc:
                 if started:
                     self._end(request_id, EngineDeadError(
-                        f"{replica} stopped ({type(exc).__name__}) while this request was running, after its first "
-                        "tokens were sent; retry the request"))  # fmt: skip
+                        f"engine replica {replica} stopped ({type(exc).__name__}) while this request was running, "
+                        "after its first tokens were sent; retry the request"))  # fmt: skip
                     return
                 lost.append(replica)
-                log.warning("%s stopped (%s) before request %s got a token; trying another replica", replica,
+                log.warning("engine replica %s stopped (%s) before request %s got a token; trying another", replica,
                             type(exc).__name__, request_id)  # fmt: skip
             except Exception:
-                log.exception("the call to %s failed for request %s", replica, request_id)
+                log.exception("the call to engine replica %s failed for request %s", replica, request_id)
                 self._end(request_id, EngineStepError("the engine replica failed while running this request "
                                                       "(see server log)"))  # fmt: skip
                 return
         self._end(request_id, EngineDeadError(f"the engine replicas that took this request stopped before it got a "
                                               f"token ({', '.join(lost)}); retry the request"))  # fmt: skip
 
-    def _fail(self, request_id: str, error: ErrorInfo) -> None:
+    def _fail(self, request_id: str, replica: str, error: ErrorInfo) -> None:
         """A replica's error, as the engine core's would be: before the add was answered it is the add's answer
         (InvalidInputError: 400), after it an EngineStepError (500) or, for a dead engine, EngineDeadError (503)."""
         if request_id in self._adding:
             self._on_message(("added", request_id, error))
-        elif error.type_name == "EngineDeadError":
-            self._end(request_id, EngineDeadError(error.message))
+        elif error.type_name == "EngineDeadError":  # the core's words end "restart the server": Serve does that here
+            why = error.message.removesuffix("; restart the server")
+            self._end(request_id, EngineDeadError(f"engine replica {replica}: {why}, after this request's first "
+                                                  "tokens were sent; Ray Serve replaces the replica; retry the "
+                                                  "request"))  # fmt: skip
         else:
             self._on_message(("failed", [request_id], error.message))
 

@@ -3,9 +3,9 @@
 `EngineReplica` is the Serve deployment: one `LLMEngine` driven by the `EngineCore` loop of
 glimpse/engine/core.py through an `AsyncEngine` (a thread of the replica, or with --engine-process its
 own child process). `generate(request_id, ProcessedPrompt, SamplingParams, preprocess_seconds,
-affinity=keys)` streams plain tuples: ("added", replica) once the engine took the request, then
-("outputs", RequestOutput) per step (prompt ids left out, as the core sends them), or ("error",
-ErrorInfo) in place of either. `AffinityRouter` is Serve's request-router extension point: a request
+affinity=keys)` streams plain tuples (kind, replica, value): ("added", replica, None) once the engine
+took the request, then ("outputs", replica, RequestOutput) per step (prompt ids left out, as the core
+sends them), or ("error", replica, ErrorInfo) in place of either. `AffinityRouter` is Serve's request-router extension point: a request
 goes to the replica that owns one of its affinity keys (media content hashes, then a prompt-prefix
 hash), else to the least-loaded replica. `row()` is a replica's counters, which the ingress collects from
 every replica at once (`handle.broadcast`) for /health and /metrics.
@@ -56,7 +56,8 @@ class AffinityRouter(RequestRouter):
     that replica has more than `max_imbalance` requests more than the least-loaded one; otherwise to the least
     loaded (Serve's queue lengths; ties: the replica owning fewest keys, so new media spread evenly). The keys of
     a routed request become its replica's if they had no live owner. Replicas come and go with Serve's own
-    bookkeeping (autoscaling, restarts); a departed replica's keys are forgotten."""
+    bookkeeping (autoscaling, restarts); a departed replica's keys are forgotten. A retried request avoids the
+    replicas that lost it (one whose engine core died lives on until Serve's health check replaces it)."""
 
     def __init__(self, *args, **kwargs) -> None:
         self._owner: OrderedDict[str, ReplicaID] = OrderedDict()  # affinity key -> replica, least recent first
@@ -80,7 +81,10 @@ class AffinityRouter(RequestRouter):
                                                            r.replica_id.unique_id))  # fmt: skip
         if pending_request is None or not ranked:
             return [ranked]
-        by_id = {r.replica_id: r for r in candidate_replicas}
+        avoid = set(pending_request.kwargs.get("avoid") or ())  # replicas that lost this request already
+        if avoid and any(r.replica_id.unique_id not in avoid for r in ranked):
+            ranked = [r for r in ranked if r.replica_id.unique_id not in avoid]
+        by_id = {r.replica_id: r for r in ranked}
         for key in pending_request.kwargs.get("affinity") or ():
             owner = self._owner.get(key)
             if owner in by_id:
@@ -156,24 +160,25 @@ class EngineReplica:
             raise RuntimeError(self.engine.stop_reason)
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       preprocess_seconds: float = 0.0, affinity: tuple[str, ...] = ()) -> AsyncIterator[tuple]:  # fmt: skip
-        """`affinity` is read by the router only."""
+                       preprocess_seconds: float = 0.0, affinity: tuple[str, ...] = (),
+                       avoid: tuple[str, ...] = ()) -> AsyncIterator[tuple]:  # fmt: skip
+        """`affinity` and `avoid` are read by the router only."""
         if self.engine is None:
-            yield ("error", self.start_error)
+            yield ("error", self.replica, self.start_error)
             return
         try:
             handle = await self.engine.add(request_id, prompt, params, preprocess_seconds)
         except Exception as exc:  # InvalidInputError (a 400), EngineDeadError (tried on another replica), ...
-            yield ("error", ErrorInfo.of(exc))
+            yield ("error", self.replica, ErrorInfo.of(exc))
             return
         try:
-            yield ("added", self.replica)
+            yield ("added", self.replica, None)
             async for out in handle.outputs():
                 out.prompt_token_ids = []  # the ingress holds them
-                yield ("outputs", out)
+                yield ("outputs", self.replica, out)
             self.served += 1
         except Exception as exc:  # EngineDeadError, EngineStepError: the ingress decides (retry, 503, 500)
-            yield ("error", ErrorInfo.of(exc))
+            yield ("error", self.replica, ErrorInfo.of(exc))
         finally:  # also when the ingress cancels the call (client gone, timeout, shutdown)
             handle.abort()  # a no-op once finished; otherwise frees its KV blocks
 

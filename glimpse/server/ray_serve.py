@@ -174,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
         print("glimpse: error: glimpse serve-ray needs Ray Serve; install it with pip install 'glimpse[ray]'",
               file=sys.stderr)  # fmt: skip
         return 1
-    from glimpse.server.ray_ingress import wrap_app
-
     return serve_cli.run(args, start_engine=lambda config: start_replicas(args, config, replicas, autoscaling),
-                         wrap_app=wrap_app)  # fmt: skip
+                         wrap_app=_wrap_app)  # fmt: skip
+
+
+def _wrap_app(state, app):
+    from glimpse.server.ray_ingress import wrap_app  # imports Ray: only once the engine replicas run
+
+    return wrap_app(state, app)
