@@ -13,6 +13,7 @@ import pytest
 from conftest import IMAGES, VIDEOS
 
 from glimpse import load_model
+from glimpse.errors import CheckpointError
 from glimpse.processing.processor import load_processor
 from glimpse.testing import FAMILIES
 from glimpse.testing.checkpoints import MOE_FAMILIES
@@ -88,3 +89,32 @@ def test_two_ranks_match_one_process(family, two_rank_results):
             assert tokens == ref_tokens, where
             # every rank computes the same (gathered) logits, so their greedy choices agree
             assert rank1[key][prompt][1] == tokens, where
+
+
+def test_kv_head_share_by_hand():
+    from glimpse.distributed import TensorParallel
+
+    assert [TensorParallel(r, 4).kv_head_share(2) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert [TensorParallel(r, 2).kv_head_share(4) for r in range(2)] == [(0, 2), (2, 2)]
+    with pytest.raises(CheckpointError, match="num_key_value_heads 2 is fewer than tensor_parallel_size 3"):
+        TensorParallel(0, 3).kv_head_share(2)
+
+
+def _on_four_ranks(path, prompts) -> dict:
+    return _run(path, prompts, {"tensor_parallel_size": 4, "mm_encoder_tp_mode": "data"})
+
+
+@pytest.mark.parametrize("family", ["glm4v", "qwen2_5_vl"])
+def test_fewer_kv_heads_than_ranks(family, tiny_checkpoint):
+    """4 ranks over 4 query heads and 2 KV heads: each KV head is kept by the 2 ranks whose query heads use
+    it (ranks 0-1 head 0, ranks 2-3 head 1); the same logits and tokens as one process."""
+    path = tiny_checkpoint(family)
+    prompts = _prompts(path)
+    prompts.pop("video")
+    reference = _run(path, prompts, {})
+    results = run_ranks(_on_four_ranks, 4, path, prompts)
+    for rank, got in enumerate(results):
+        logits, tokens = got["images"]
+        ref_logits, ref_tokens = reference["images"]
+        assert (logits - ref_logits).abs().max().item() <= 2e-5 * ref_logits.abs().max().item(), rank
+        assert tokens == ref_tokens, rank
