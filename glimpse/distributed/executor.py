@@ -9,7 +9,9 @@ lockstep, and every rank computes the same gathered logits, of which only the dr
 
 Failure: a worker that dies closes its sockets, so the driver's next collective fails at once; the
 driver then finds the dead process and raises `RankDiedError` (the engine core reports it and stops:
-HTTP 503). A worker whose driver is gone reads end of file on its pipe and exits.
+HTTP 503). A step that fails on any rank leaves the ranks out of step, so it ends the same way: a
+worker exits, and a failure on the driver is itself a `RankDiedError`. A worker whose driver is gone
+reads end of file on its pipe and exits.
 """
 
 from __future__ import annotations
@@ -99,10 +101,13 @@ class ParallelRunner:
         self.workers.send(("step", _for_workers(sched), self._sampled))
         try:
             out = self.runner.execute(sched)
-        except RuntimeError as exc:  # a collective failed: a rank died (its sockets closed), or a real bug
+        except Exception as exc:
+            # A collective failed because a rank died (its sockets closed), or this rank failed part-way through
+            # a step the others may still be in: either way the ranks are out of step, and no step can follow.
             if (dead := self.workers.describe_dead()) is not None:
                 raise RankDiedError(dead) from exc
-            raise
+            raise RankDiedError(f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); the "
+                                "ranks cannot continue in step") from exc  # fmt: skip
         self._sampled = (out.req_ids, out.sampled_token_ids)
         return out
 
@@ -177,5 +182,8 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
         try:
             runner.append_sampled(req_ids, tokens)
             runner.execute(sched)
-        except Exception:  # the driver meets the same error in the same step (or a rank died: the pipe tells)
-            log.exception("tensor-parallel rank %d: a step failed", rank)
+        except Exception:
+            # Out of step with the others (or the driver died mid-collective): stop, so that the driver's next
+            # collective fails at once instead of waiting for this rank.
+            log.exception("tensor-parallel rank %d: a step failed; this rank stops", rank)
+            raise SystemExit(1) from None
