@@ -1,14 +1,15 @@
-"""Step 4 on Ray Serve, the replica side of `glimpse serve-ray`: engine replicas, the affinity router, the board.
+"""Step 4 on Ray Serve, the replica side of `glimpse serve-ray`: the engine replicas and the affinity router.
 
 `EngineReplica` is the Serve deployment: one `LLMEngine` driven by the `EngineCore` loop of
 glimpse/engine/core.py through an `AsyncEngine` (a thread of the replica, or with --engine-process its
 own child process). `generate(request_id, ProcessedPrompt, SamplingParams, preprocess_seconds,
 affinity=keys)` streams plain tuples (kind, replica, value): ("added", replica, None) once the engine
 took the request, then ("outputs", replica, RequestOutput) per step (prompt ids left out, as the core
-sends them), or ("error", replica, ErrorInfo) in place of either. `AffinityRouter` is Serve's request-router extension point: a request
-goes to the replica that owns one of its affinity keys (media content hashes, then a prompt-prefix
-hash), else to the least-loaded replica. `row()` is a replica's counters, which the ingress collects from
-every replica at once (`handle.broadcast`) for /health and /metrics.
+sends them), or ("error", replica, ErrorInfo) in place of either. `AffinityRouter` plugs into Serve's
+request-router extension point: a request goes to the replica that owns one of its affinity keys
+(media content hashes, then a prompt-prefix hash), else to the least-loaded replica. `row()` is a
+replica's counters, which the ingress collects from every replica at once (`handle.broadcast`) for
+/health and /metrics.
 """
 
 from __future__ import annotations

@@ -34,17 +34,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="engine replicas (default: 1; with autoscaling: the number to start with, default "
                           "--min-replicas)")  # fmt: skip
     ray.add_argument("--min-replicas", type=int, default=None, metavar="N",
-                     help="autoscaling (on when this or --max-replicas is given): fewest replicas (default: 1)")  # fmt: skip
+                     help="autoscaling (on when this or --max-replicas is given): fewest replicas "
+                          "(default: 1)")  # fmt: skip
     ray.add_argument("--max-replicas", type=int, default=None, metavar="N",
-                     help="autoscaling: most replicas (default: --num-replicas or --min-replicas, the larger)")  # fmt: skip
+                     help="autoscaling: most replicas (default: --num-replicas or --min-replicas, the "
+                          "larger)")  # fmt: skip
     ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="N",
-                     help="autoscaling: requests per replica Ray Serve scales towards (default: --max-num-seqs)")  # fmt: skip
+                     help="autoscaling: requests per replica Ray Serve scales towards (default: "
+                          "--max-num-seqs)")  # fmt: skip
     ray.add_argument("--replica-cpus", type=float, default=1.0,
                      help="CPUs Ray reserves for each replica; also its torch threads (OMP_NUM_THREADS)")  # fmt: skip
     ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica")
     ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
                      help="join this Ray cluster ('auto', or the head's host:6379) instead of starting Ray on this "
-                          "machine (default: start one, bound to --host's address when it names one)")  # fmt: skip
+                          "machine (default: start one, with --host as its node address when that is one "
+                          "non-loopback IPv4 address)")  # fmt: skip
     ray.add_argument("--ray-app-name", default="glimpse",
                      help="the Serve application's name: one per glimpse serve-ray sharing a cluster")  # fmt: skip
     ray.add_argument("--affinity-prefix-blocks", type=int, default=8, metavar="N",
@@ -86,13 +90,14 @@ def replica_plan(args: argparse.Namespace) -> tuple[int, dict | None]:
 
 
 def _node_ip(host: str) -> str | None:
-    """The address a local Ray binds to: --host's, when it is one specific IPv4 address (127.0.0.1 in tests)."""
-    host = "127.0.0.1" if host == "localhost" else host
+    """A local Ray's node address: --host's when it names one non-loopback IPv4 address (a machine with several
+    networks); otherwise Ray's choice (Ray turns a loopback address into the machine's own, so that its services
+    stay reachable from its worker processes)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
-    return str(ip) if ip.version == 4 and not ip.is_unspecified else None
+    return str(ip) if ip.version == 4 and not (ip.is_unspecified or ip.is_loopback) else None
 
 
 def start_replicas(args: argparse.Namespace, config, replicas: int, autoscaling: dict | None):
@@ -131,29 +136,31 @@ def start_replicas(args: argparse.Namespace, config, replicas: int, autoscaling:
     try:
         if local:
             have = ray.cluster_resources()
-            for flag, key, each in (("--replica-cpus", "CPU", args.replica_cpus), ("--replica-gpus", "GPU", args.replica_gpus)):
+            for flag, key, each in (("--replica-cpus", "CPU", args.replica_cpus),
+                                    ("--replica-gpus", "GPU", args.replica_gpus)):  # fmt: skip
                 if replicas * each > have.get(key, 0):
-                    raise InvalidInputError(f"{replicas} replicas x {flag} {each:g} need {replicas * each:g} {key}s but "
-                                            f"this machine's Ray has {have.get(key, 0):g}; lower --num-replicas or "
-                                            f"{flag} (fractions such as 0.5 are allowed)")  # fmt: skip
+                    raise InvalidInputError(f"{replicas} replicas x {flag} {each:g} need {replicas * each:g} {key}s "
+                                            f"but this machine's Ray has {have.get(key, 0):g}; lower --num-replicas "
+                                            f"or {flag} (fractions such as 0.5 are allowed)")  # fmt: skip
         serve.start(proxy_location="Disabled", logging_config={"log_level": logging.getLevelName(quiet)})
         options = dict(
             name=DEPLOYMENT, ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
             max_ongoing_requests=args.max_concurrent_requests, health_check_period_s=2.0,
             graceful_shutdown_timeout_s=max(args.shutdown_timeout, 1.0), max_constructor_retry_count=1,
             logging_config={"log_level": logging.getLevelName(quiet), "enable_access_log": False},
-            request_router_config=RequestRouterConfig(request_router_class=AffinityRouter,
-                                                      request_router_kwargs={"max_imbalance": args.affinity_max_imbalance}))  # fmt: skip
+            request_router_config=RequestRouterConfig(request_router_class=AffinityRouter, request_router_kwargs={
+                "max_imbalance": args.affinity_max_imbalance}))  # fmt: skip
         if autoscaling is None:
             options["num_replicas"] = replicas
         else:
             options["autoscaling_config"] = autoscaling
-        app = serve.deployment(EngineReplica, **options).bind(config, args.engine_process,
-                                                               args.max_concurrent_requests, args.log_level)  # fmt: skip
+        replica = serve.deployment(EngineReplica, **options)
+        app = replica.bind(config, args.engine_process, args.max_concurrent_requests, args.log_level)
         try:
             handle = serve.run(app, name=args.ray_app_name, route_prefix=None)
         except RuntimeError as exc:  # a replica that could not even be constructed (Serve's message names why)
-            raise EngineStartError(f"the engine replicas failed to start: {str(exc).strip().splitlines()[-1]}") from None
+            why = str(exc).strip().splitlines()[-1]
+            raise EngineStartError(f"the engine replicas failed to start: {why}") from None
         answer = handle.ready.remote().result()  # ("ready", CoreInfo) or ("fatal", ErrorInfo), as the engine core's
         if answer[0] != "ready":
             raise answer[1].rebuild() or EngineStartError(f"the engine replicas failed to start: {answer[1]}")
