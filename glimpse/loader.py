@@ -173,7 +173,9 @@ def load_weights(
                         if target in state and (slot is None or target not in filled):
                             raise CheckpointError(f"{file.name}: {target} is given both whole and in slices ({key})")
                         if slot is None:
-                            state[target] = tensor.to(device=device, dtype=to)
+                            # safetensors hands out views of its file mapping (`_base` set): copied, as one view
+                            # kept would keep the whole file mapped, every page read counted in RSS a second time
+                            state[target] = tensor.to(device=device, dtype=to, copy=tensor._base is not None)
                         else:
                             if target not in state:
                                 state[target] = torch.empty(expected[target].shape, dtype=to, device=device)

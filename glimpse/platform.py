@@ -84,6 +84,23 @@ def distributed_backend(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def check_rank_devices(device: str | torch.device, size: int) -> None:
+    """Refuse `size` tensor-parallel ranks on GPUs this machine does not have (one GPU per rank)."""
+    from glimpse.errors import InvalidInputError
+
+    if torch.device(device).type == "cuda" and size > torch.cuda.device_count():
+        raise InvalidInputError(f"tensor_parallel_size {size} needs {size} GPUs (one per rank); this machine has "
+                                f"{torch.cuda.device_count()}")  # fmt: skip
+
+
+def rank_device(device: str | torch.device, rank: int) -> str:
+    """The device of tensor-parallel rank `rank`: GPU `rank` (made this process's current one), or the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank)
+        return f"cuda:{rank}"
+    return str(device)
+
+
 def memory_bytes() -> int:
     """MemTotal from /proc/meminfo (0 where there is none)."""
     try:

@@ -23,7 +23,7 @@ from conftest import IMAGES, VIDEOS
 from test_server import MODEL, ServerProcess
 
 from glimpse import LLM, SamplingParams, StructuredOutputsParams
-from glimpse.errors import CheckpointError, InvalidInputError
+from glimpse.errors import InvalidInputError
 
 # each layout once through the engine, with the encoder mode (or expert parallelism) it is run with
 LAYOUTS = [
@@ -89,11 +89,14 @@ def test_bad_parallel_options_are_named(tiny_checkpoint):
         LLM(path, tensor_parallel_size=0)
     with pytest.raises(InvalidInputError, match="mm_encoder_tp_mode"):
         LLM(path, tensor_parallel_size=2, mm_encoder_tp_mode="heads")
-    with pytest.raises(CheckpointError, match="vision_config.num_heads is 2, not divisible by tensor_parallel_size 3; "
-                                              "choose a tensor_parallel_size that divides it or --mm-encoder-tp-mode data"):
+    with pytest.raises(InvalidInputError, match=r"vision_config.num_heads is 2, not divisible by tensor_parallel_size "
+                                                r"\(--tensor-parallel-size\) 3; choose a size that divides it or "
+                                                "--mm-encoder-tp-mode data"):  # fmt: skip
         LLM(path, tensor_parallel_size=3)
-    with pytest.raises(CheckpointError, match="num_attention_heads is 4, not divisible by tensor_parallel_size 3"):
+    with pytest.raises(InvalidInputError, match=r"num_attention_heads is 4, not divisible by tensor_parallel_size"):
         LLM(path, tensor_parallel_size=3, mm_encoder_tp_mode="data")
+    with pytest.raises(InvalidInputError, match="encoder_graph 'on'"):
+        LLM(path, tensor_parallel_size=2, encoder_graph="on")
 
 
 def test_cli_refuses_bad_parallel_flags(tiny_checkpoint):
@@ -154,3 +157,28 @@ def test_served_with_two_ranks_and_a_rank_killed(tiny_checkpoint):
         assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
     finally:
         server.stop()
+
+
+def test_a_rank_that_cannot_start_is_named_not_waited_for(tiny_checkpoint, tmp_path):
+    """The common mistake: a script that makes a tensor-parallel LLM without the main guard. Its spawned rank
+    re-imports the script and dies at once; the driver names that (and the fix) instead of waiting."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"from glimpse import LLM\nLLM({str(tiny_checkpoint('glm4v'))!r}, tensor_parallel_size=2)\n")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "tensor-parallel rank 1 exited while starting" in run.stderr and "__main__" in run.stderr, run.stderr[-2000:]
+    assert time.monotonic() - started < 120
+
+
+def test_engine_start_failure_leaves_no_rank_behind(tiny_checkpoint):
+    """A start that fails after the ranks are up (a KV cache too small for max_model_len) stops them, and the
+    next tensor-parallel engine of this process starts."""
+    import torch.distributed as dist
+
+    path = tiny_checkpoint("glm4v")
+    with pytest.raises(InvalidInputError, match="kv_cache_memory"):
+        LLM(path, tensor_parallel_size=2, kv_cache_memory="64KiB", max_model_len=4096)
+    assert not dist.is_initialized()
+    with LLM(path, tensor_parallel_size=2) as llm:
+        assert len(llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2

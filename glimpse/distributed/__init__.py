@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from glimpse.errors import CheckpointError, InvalidInputError
+from glimpse.errors import InvalidInputError
 
 ENCODER_MODES = ("weights", "data")
 # How long a rank waits for the others inside a collective. A dead rank's sockets close at once, so
@@ -48,8 +49,8 @@ class TensorParallel:
     def share(self, n: int, what: str, other_way: str = "") -> tuple[int, int]:
         """(start, count) of this rank's equal share of `n` things (heads, MLP rows, experts)."""
         if n % self.size:
-            raise CheckpointError(f"{what} is {n}, not divisible by tensor_parallel_size {self.size}; "
-                                  f"choose a tensor_parallel_size that divides it{other_way}")  # fmt: skip
+            raise InvalidInputError(f"{what} is {n}, not divisible by tensor_parallel_size (--tensor-parallel-size) "
+                                    f"{self.size}; choose a size that divides it{other_way}")  # fmt: skip
         count = n // self.size
         return self.rank * count, count
 
@@ -59,8 +60,9 @@ class TensorParallel:
         if num_kv_heads >= self.size:
             return self.share(num_kv_heads, "num_key_value_heads")
         if self.size % num_kv_heads:
-            raise CheckpointError(f"num_key_value_heads {num_kv_heads} is fewer than tensor_parallel_size "
-                                  f"{self.size} and does not divide it; choose a size it divides")  # fmt: skip
+            raise InvalidInputError(f"num_key_value_heads {num_kv_heads} is fewer than tensor_parallel_size "
+                                    f"(--tensor-parallel-size) {self.size} and does not divide it; choose a size "
+                                    "it divides")  # fmt: skip
         return self.rank // (self.size // num_kv_heads), 1
 
     @property
@@ -68,11 +70,13 @@ class TensorParallel:
         """The group the vision tower is split over: this one in "weights" mode, none in "data" mode."""
         return self if self.encoder_mode == "weights" else SINGLE
 
-    # ---- collectives (no-ops on one rank) ----
+    # ---- collectives (no-ops on one rank; each one over several ranks is counted in `COLLECTIVES`) ----
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place."""
         if self.size > 1:
+            start = time.perf_counter()
             dist.all_reduce(x, group=self.group)
+            COLLECTIVES.add(x.nbytes, start)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -80,7 +84,9 @@ class TensorParallel:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
+        start = time.perf_counter()
         dist.all_gather(parts, x.contiguous(), group=self.group)
+        COLLECTIVES.add(x.nbytes, start)
         return torch.cat(parts, dim)
 
     def all_gather_rows(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
@@ -91,10 +97,36 @@ class TensorParallel:
         padded = x.new_zeros(longest, *x.shape[1:])
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.size)]
+        start = time.perf_counter()
         dist.all_gather(parts, padded, group=self.group)
+        COLLECTIVES.add(padded.nbytes, start)
         return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)])
 
 
+@dataclass
+class CollectiveCounter:
+    """The collectives this process ran over more than one rank: how many, the seconds spent inside them
+    (waiting for the slowest rank included) and the bytes this rank put in. Process-local: each rank
+    counts its own. `glimpse bench tensor-parallel` reads it around engine steps; nothing else does.
+    On GPUs (NCCL queues the collective and returns) the seconds are the launch only."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def add(self, nbytes: int, start: float) -> None:
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        self.bytes += nbytes
+
+    def snapshot(self) -> CollectiveCounter:
+        return CollectiveCounter(self.calls, self.seconds, self.bytes)
+
+    def reset(self) -> None:
+        self.calls, self.seconds, self.bytes = 0, 0.0, 0
+
+
+COLLECTIVES = CollectiveCounter()
 SINGLE = TensorParallel()
 _current = SINGLE
 
@@ -115,7 +147,7 @@ def building(tp: TensorParallel) -> Iterator[None]:
         _current = saved
 
 
-def check_parallel_options(size: int, expert_parallel: bool, encoder_mode: str) -> None:
+def check_parallel_options(size: int, encoder_mode: str) -> None:
     """The user's tensor-parallel options, checked before anything starts (the messages name the knobs)."""
     if size < 1:
         raise InvalidInputError(f"tensor_parallel_size (--tensor-parallel-size) is {size}; it must be >= 1")
@@ -126,7 +158,7 @@ def check_parallel_options(size: int, expert_parallel: bool, encoder_mode: str) 
 
 def from_process_group(size: int, expert_parallel: bool = False, encoder_mode: str = "weights") -> TensorParallel:
     """This process's rank in the default process group, which must span `size` ranks (size 1: SINGLE)."""
-    check_parallel_options(size, expert_parallel, encoder_mode)
+    check_parallel_options(size, encoder_mode)
     if size == 1:
         return TensorParallel(expert_parallel=expert_parallel, encoder_mode=encoder_mode)
     if not dist.is_available() or not dist.is_initialized():
@@ -183,5 +215,6 @@ class ShardSpec:
         return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "ENCODER_MODES", "SINGLE", "ShardSpec", "TensorParallel", "building",
-           "check_parallel_options", "current", "from_process_group", "init_process_group", "start_store"]  # fmt: skip
+__all__ = ["COLLECTIVES", "COLLECTIVE_TIMEOUT", "ENCODER_MODES", "SINGLE", "CollectiveCounter", "ShardSpec",
+           "TensorParallel", "building", "check_parallel_options", "current", "from_process_group",
+           "init_process_group", "start_store"]  # fmt: skip

@@ -21,7 +21,9 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
@@ -34,31 +36,54 @@ from glimpse.errors import GlimpseError, InvalidInputError, RankDiedError
 
 log = logging.getLogger("glimpse.engine")
 
-# How long a worker may take to load its share and report ready (seconds).
-READY_TIMEOUT = 1800.0
+# How long a worker may take to start and join the group (seconds); loading its share has no bound of its
+# own here (the driver loads its own share meanwhile, and a worker that dies is seen at once).
+START_TIMEOUT = 300.0
+MAIN_GUARD_HINT = ("a script that makes an LLM with tensor_parallel_size > 1 must do so under "
+                   "`if __name__ == \"__main__\":` (the ranks are spawned processes that import it)")  # fmt: skip
 
 
 def threads_per_rank(size: int) -> int:
-    """torch threads for each of `size` ranks on this machine: the cores split between them."""
-    return max(1, (os.cpu_count() or 1) // size)
+    """torch threads for each of `size` ranks: the cores this process may run on, split between them."""
+    return max(1, len(os.sched_getaffinity(0)) // size)
 
 
 class Workers:
     """Ranks 1..N-1 of an engine (processes), and the pipes the driver sends steps on."""
 
-    def __init__(self, procs: list, conns: list[Connection], store) -> None:
+    def __init__(self, procs: list, conns: list[Connection], store, saved_threads: int) -> None:
         self.procs, self.conns, self._store = procs, conns, store
+        self._saved_threads = saved_threads
         self._closed = False
 
     def driving(self, runner: ModelRunner) -> ParallelRunner:
         return ParallelRunner(runner, self)
 
     def send(self, message: tuple) -> None:
+        payload = ForkingPickler.dumps(message)  # once for all workers
         for rank, conn in enumerate(self.conns, start=1):
             try:
-                conn.send(message)
-            except (BrokenPipeError, ConnectionResetError, OSError):
+                conn.send_bytes(payload)
+            except OSError:
                 raise RankDiedError(self.describe_dead() or f"tensor-parallel rank {rank} stopped") from None
+
+    def wait(self, expected: str, timeout: float | None) -> None:
+        """Until every worker has sent `expected` ("up": started; "ready": loaded), naming any that failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), start=1):
+            while not conn.poll(0.1):
+                if proc.exitcode is not None:
+                    hint = f"; {MAIN_GUARD_HINT}" if expected == "up" else ""
+                    raise RankDiedError(f"tensor-parallel rank {rank} exited while starting (exit code "
+                                        f"{proc.exitcode}){hint}")  # fmt: skip
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RankDiedError(f"tensor-parallel rank {rank} did not start within {timeout:g} s")
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                raise RankDiedError(f"tensor-parallel rank {rank} exited while starting") from None
+            if message[0] == "error":
+                raise RankDiedError(f"tensor-parallel rank {rank} failed to start: {message[1]}")
 
     def describe_dead(self) -> str | None:
         """A line naming the workers that exited (None: all alive)."""
@@ -68,14 +93,17 @@ class Workers:
         return "tensor-parallel rank(s) stopped: " + ", ".join(f"rank {r} (exit code {c})" for r, c in dead)
 
     def close(self) -> None:
+        """Stop the workers (at most ~15 s), leave the process group and give back the thread count."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         for conn in self.conns:
             try:
                 conn.send(("stop",))
             except OSError:
                 pass
+            conn.close()  # a worker still inside a step reads end of file next and exits
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
@@ -83,6 +111,8 @@ class Workers:
                 p.join(timeout=5)
         if dist.is_initialized():  # this engine's group: another engine of this process may make its own
             dist.destroy_process_group()
+        self._store = None
+        torch.set_num_threads(self._saved_threads)
 
 
 class ParallelRunner:
@@ -91,23 +121,31 @@ class ParallelRunner:
     def __init__(self, runner: ModelRunner, workers: Workers) -> None:
         self.runner, self.workers = runner, workers
         self._sampled: tuple[list[str], list[int]] = ([], [])  # last step's tokens, not yet sent to the workers
+        self._broken: str | None = None  # why no step can run any more
 
     def __getattr__(self, name: str):  # num_forwards, requests, encoder_cache, ... are the driver runner's
         return getattr(self.runner, name)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        if (dead := self.workers.describe_dead()) is not None:
-            raise RankDiedError(dead)
+        if self._broken is None and (dead := self.workers.describe_dead()) is not None:
+            self._broken = dead
+        if self._broken is not None:
+            raise RankDiedError(self._broken)
         self.workers.send(("step", _for_workers(sched), self._sampled))
+        self._sampled = ([], [])
         try:
             out = self.runner.execute(sched)
-        except Exception as exc:
-            # A collective failed because a rank died (its sockets closed), or this rank failed part-way through
-            # a step the others may still be in: either way the ranks are out of step, and no step can follow.
-            if (dead := self.workers.describe_dead()) is not None:
-                raise RankDiedError(dead) from exc
-            raise RankDiedError(f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); the "
-                                "ranks cannot continue in step") from exc  # fmt: skip
+        except BaseException as exc:
+            if self.runner.sampling and isinstance(exc, Exception):
+                raise  # past the last collective: the ranks are in step; the engine fails this step's requests
+            # A collective failed because a rank died (its sockets closed), or this rank stopped part-way through
+            # a step the others may still be in (an error, Ctrl-C): the ranks are out of step for good.
+            self._broken = self.workers.describe_dead() or (
+                f"a tensor-parallel step stopped on rank 0 ({type(exc).__name__}: {exc}); the ranks are out of step")
+            self.workers.close()
+            if isinstance(exc, Exception):
+                raise RankDiedError(self._broken) from exc
+            raise
         self._sampled = (out.req_ids, out.sampled_token_ids)
         return out
 
@@ -122,13 +160,17 @@ def _for_workers(sched: SchedulerOutput) -> SchedulerOutput:
 
 
 def start_workers(config) -> Workers:
-    """Spawn ranks 1..N-1 for `config` (an EngineConfig), join the process group as rank 0 and return them."""
+    """Spawn ranks 1..N-1 for `config` (an EngineConfig) and join the process group with them as rank 0.
+    The caller loads rank 0's share, then `wait("ready", None)`s for theirs."""
+    from glimpse import platform
+
     size = config.tensor_parallel_size
     if dist.is_initialized():
         raise InvalidInputError(
             "tensor_parallel_size > 1: this process already has a torch.distributed process group (another "
             "engine still open: call its close(); or torchrun's: then call glimpse.load_model(..., "
             "tensor_parallel_size=N) on every rank instead)")  # fmt: skip
+    platform.check_rank_devices(config.device, size)
     ctx = mp.get_context("spawn")
     store = distributed.start_store()
     procs, conns = [], []
@@ -142,11 +184,12 @@ def start_workers(config) -> Workers:
         theirs.close()
         procs.append(proc)
         conns.append(ours)
-    workers = Workers(procs, conns, store)
+    workers = Workers(procs, conns, store, torch.get_num_threads())
     atexit.register(workers.close)  # before multiprocessing's own exit hook, which would wait for them forever
     try:
+        workers.wait("up", START_TIMEOUT)  # a worker that cannot even start is named now, not at a timeout
         torch.set_num_threads(threads_per_rank(size))
-        distributed.init_process_group(0, size, "127.0.0.1", store.port, config.device)
+        distributed.init_process_group(0, size, "127.0.0.1", store.port, platform.rank_device(config.device, 0))
     except BaseException:
         workers.close()
         raise
@@ -156,21 +199,29 @@ def start_workers(config) -> Workers:
 def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     """Rank `rank`: load this share, then run the driver's steps until it says stop (or is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when ranks stop
+    from glimpse import platform
     from glimpse.engine.encoder_cache import EncoderCache
     from glimpse.engine.llm_engine import _parallel_kwargs, _resolve_dtype, kv_cache_blocks, make_kv_cache
     from glimpse.loader import load_model
 
+    conn.send(("up",))
     size = config.tensor_parallel_size
     torch.set_num_threads(threads_per_rank(size))
-    distributed.init_process_group(rank, size, "127.0.0.1", port, config.device)
-    dtype = _resolve_dtype(config)
+    device = platform.rank_device(config.device, rank)
+    distributed.init_process_group(rank, size, "127.0.0.1", port, device)
     try:
-        model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+        dtype = _resolve_dtype(config)
+        model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=device,
                            seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
-    except GlimpseError:  # the driver loads the same checkpoint and reports the same error
+        kv_cache = make_kv_cache(dataclasses.replace(config, device=device), model,
+                                 kv_cache_blocks(config, model, dtype), dtype)  # fmt: skip
+        runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
+    except Exception as exc:  # named by the driver (a bug keeps its traceback in this rank's log)
+        if not isinstance(exc, GlimpseError):
+            log.exception("tensor-parallel rank %d failed to load", rank)
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    kv_cache = make_kv_cache(config, model, kv_cache_blocks(config, model, dtype), dtype)
-    runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
+    conn.send(("ready",))
     while True:
         try:
             message = conn.recv()

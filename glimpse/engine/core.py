@@ -238,3 +238,5 @@ def run_core_process(config: EngineConfig, commands: Connection, outputs: Connec
         with contextlib.suppress(OSError):
             outputs.send(("fatal", ErrorInfo.of(exc)))
         raise SystemExit(1) from None
+    finally:
+        engine.close()  # its tensor-parallel ranks, before this process exits (which would wait for them)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,8 @@ class LLMEngine:
         if config.max_prefill_tokens is not None and config.max_prefill_tokens < 1:
             raise InvalidInputError(f"max_prefill_tokens (--max-prefill-tokens) is {config.max_prefill_tokens}; it must "
                                     "be >= 1 (set it to max_num_batched_tokens for no limit of its own)")  # fmt: skip
+        if config.encoder_graph not in ("on", "off"):
+            raise InvalidInputError(f"encoder_graph={config.encoder_graph!r}; use 'on' or 'off'")
         dtype = _resolve_dtype(config)
         check_parallel_config(config)
         self.workers = None
@@ -166,12 +169,19 @@ class LLMEngine:
             check_tensor_parallel(config.model, **_parallel_kwargs(config), **config.model_kwargs)
             self.workers = start_workers(config)  # ranks 1..N-1 load their shares while this process loads rank 0's
         try:
-            self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
-                                    seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+            self._build(config, dtype)
         except BaseException:
-            if self.workers is not None:
-                self.workers.close()
+            self.close()  # a failed start leaves no process behind
             raise
+        if self.workers is not None:  # an engine dropped without close() still stops its ranks
+            weakref.finalize(self, self.workers.close)
+
+    def _build(self, config: EngineConfig, dtype: torch.dtype) -> None:
+        """The model (this rank's share), processor, KV cache, scheduler and runner."""
+        self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
+                                seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
+        if self.workers is not None:
+            self.workers.wait("ready", None)  # their shares are loaded too (or the rank that failed is named)
         self.model_config: ModelConfig = self.model.glimpse_config
         from glimpse.processing.processor import load_processor
 
@@ -202,11 +212,6 @@ class LLMEngine:
                                 encoder_budget=max(config.max_num_batched_tokens, 4096),
                                 max_prefill_tokens=config.max_prefill_tokens)  # fmt: skip
         self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
-        if config.encoder_graph not in ("on", "off"):
-            raise InvalidInputError(f"encoder_graph={config.encoder_graph!r}; use 'on' or 'off'")
-        if config.encoder_graph == "on" and config.tensor_parallel_size > 1:
-            raise InvalidInputError("encoder_graph 'on' (--encoder-graph on) is not supported with tensor_parallel_size "
-                                    "> 1 yet; use --encoder-graph off")  # fmt: skip
         encoder_runner = None
         if config.encoder_graph == "on":
             from glimpse.vision.runner import EncoderRunner
@@ -566,9 +571,13 @@ def _head_dim(text_cfg) -> int:
 
 
 def check_parallel_config(config: EngineConfig) -> None:
+    """The tensor-parallel options, before any process starts or any weight is read."""
     from glimpse.distributed import check_parallel_options
 
-    check_parallel_options(config.tensor_parallel_size, config.enable_expert_parallel, config.mm_encoder_tp_mode)
+    check_parallel_options(config.tensor_parallel_size, config.mm_encoder_tp_mode)
+    if config.encoder_graph == "on" and config.tensor_parallel_size > 1:
+        raise InvalidInputError("encoder_graph 'on' (--encoder-graph on) is not supported with tensor_parallel_size "
+                                "> 1 yet; use --encoder-graph off")  # fmt: skip
 
 
 def _parallel_kwargs(config: EngineConfig) -> dict:

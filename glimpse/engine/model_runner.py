@@ -25,7 +25,7 @@ from glimpse.engine.sampler import RequestSamplingState, TopLogprobs, sample
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.engine.scheduler import NewRequestData, SchedulerOutput
 from glimpse.engine.structured import OutputConstraint, bitmask_width
-from glimpse.models.base import VisionLanguageModel
+from glimpse.models.base import IMAGE, VIDEO, VisionLanguageModel
 from glimpse.models.evs import PrunedVideo, prune_video
 from glimpse.platform import one_row_matmuls
 from glimpse.processing.inputs import MediaItem
@@ -100,6 +100,7 @@ class ModelRunner:
         every forward with the driver but takes the sampled tokens from it (`append_sampled`)."""
         self.model = model
         self.sample = sample
+        self.sampling = False  # inside a step's sampling, past its last collective (tensor parallelism)
         self.encoder_runner = encoder_runner  # glimpse.vision.runner.EncoderRunner, or None: eager tower calls
         self.kv_cache = kv_cache
         self.encoder_cache = encoder_cache
@@ -154,9 +155,13 @@ class ModelRunner:
         t2 = time.perf_counter()
         if not sampled or not self.sample:
             return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)
-        bitmask, masked = self._bitmask(sampled, logits.shape[1])
-        out = sample(logits, [s.sampling_params for s in sampled], [s.sampling_state for s in sampled],
-                     self.eos_token_ids, self.generator, bitmask, masked)  # fmt: skip
+        self.sampling = True
+        try:
+            bitmask, masked = self._bitmask(sampled, logits.shape[1])
+            out = sample(logits, [s.sampling_params for s in sampled], [s.sampling_state for s in sampled],
+                         self.eos_token_ids, self.generator, bitmask, masked)  # fmt: skip
+        finally:
+            self.sampling = False
         ended = []
         for state, token in zip(sampled, out.token_ids, strict=True):
             state.token_ids.append(token)
@@ -208,13 +213,14 @@ class ModelRunner:
             done = list(zip(todo, feats, strict=True))
         else:
             done = []
-            for kind, encode in (("image", self.model.encode_images), ("video", self.model.encode_videos)):
-                group = [m for m in todo if m.kind == kind]
+            for kind in (IMAGE, VIDEO):
+                group = [m for m in todo if m.kind == ("image" if kind == IMAGE else "video")]
                 if not group:
                     continue
                 pixels = torch.cat([m.pixel_values for m in group]).to(self.device, self.model.dtype)
                 grids = torch.tensor([m.grid_thw for m in group], dtype=torch.long, device=self.device)
-                done += zip(group, encode(pixels, grids).split([m.num_encoded_tokens for m in group]), strict=True)
+                embeddings = self.model.encode_media(kind, pixels, grids)  # split between ranks in data mode
+                done += zip(group, embeddings.split([m.num_encoded_tokens for m in group]), strict=True)
         for item, emb in done:
             if item.pruning_rate:
                 entry = prune_video(emb, item.grid_thw, self.model.spatial_merge_size, item.pruning_rate)

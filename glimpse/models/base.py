@@ -9,6 +9,7 @@ Inputs use the HF processor's key names so processor output can be passed straig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +19,16 @@ from glimpse.errors import PromptError
 from glimpse.models.layers import ContiguousKVCache, KVCache
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+
+
+class WeightSlot(NamedTuple):
+    """Where a checkpoint tensor that fills part of a stacked parameter goes: parameter `target`, at `index`
+    (None: a part another tensor-parallel rank holds, not read here); `source`: the part of the tensor to
+    read (None: all of it)."""
+
+    target: str
+    index: tuple | None
+    source: ShardSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -86,9 +97,8 @@ class VisionLanguageModel(nn.Module):
         """True for checkpoint tensors glimpse deliberately does not run (e.g. declared MTP draft layers)."""
         return False
 
-    def packed_weight_slot(self, name: str) -> tuple | None:
-        """(parameter, index, part of the tensor to read or None) for a checkpoint tensor that is one slice
-        of a stacked parameter (index None: another rank's slice); None if whole."""
+    def packed_weight_slot(self, name: str) -> WeightSlot | None:
+        """Where a checkpoint tensor that is one slice of a stacked parameter goes; None if it loads whole."""
         return None
 
     def checkpoint_shard(self, name: str) -> ShardSpec | None:

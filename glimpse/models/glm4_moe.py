@@ -22,6 +22,7 @@ from torch import nn
 from glimpse import distributed
 from glimpse.distributed import ShardSpec, TensorParallel
 from glimpse.errors import CheckpointError
+from glimpse.models.base import WeightSlot
 from glimpse.models.layers import SwiGluMLP
 
 MOE_TEXT_TYPES = ("glm4v_moe_text",)
@@ -155,11 +156,13 @@ class Glm4MoeExperts(nn.Module):
         token_of_pair = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         rows = x.index_select(0, token_of_pair)
-        out = torch.zeros_like(rows)  # pairs routed to another rank's experts add nothing here
+        held = self.gate_up_proj.shape[0]
+        # pairs routed to another rank's experts (expert parallel) add nothing here
+        out = torch.zeros_like(rows) if held < self.num_experts else torch.empty_like(rows)
         start = 0
         for expert, n in enumerate(counts):
             local = expert - self.first_expert
-            if n and 0 <= local < self.gate_up_proj.shape[0]:
+            if n and 0 <= local < held:
                 gate, up = F.linear(rows[start : start + n], self.gate_up_proj[local]).chunk(2, dim=-1)
                 out[start : start + n] = F.linear(self.act(gate) * up, self.down_proj[local])
             start += n
@@ -192,9 +195,8 @@ def make_moe_text_mlp(tc, layer_idx: int) -> nn.Module:
 
 
 def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int,
-                       tp: TensorParallel = distributed.SINGLE) -> tuple | None:  # fmt: skip
-    """Per-expert checkpoint name -> (stacked parameter name, index into it, the part of the tensor to read
-    or None for all of it); None for other names; index None for an expert another rank holds.
+                       tp: TensorParallel = distributed.SINGLE) -> WeightSlot | None:  # fmt: skip
+    """Per-expert checkpoint name -> its `WeightSlot` in the stacked parameter; None for other names.
 
     `...mlp.experts.3.gate_proj.weight` -> (`...mlp.experts.gate_up_proj`, (3, rows [0, I)), None);
     `up_proj` fills rows [I, 2I) (HF's MergeModulelist + Concatenate(dim=1) layout); `down_proj`
@@ -211,15 +213,15 @@ def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int,
     if tp.size > 1 and tp.expert_parallel:
         first, held = tp.share(num_experts, "text_config.n_routed_experts (with --enable-expert-parallel)")
         if not first <= expert < first + held:
-            return (f"{prefix}.down_proj" if part == "down_proj" else f"{prefix}.gate_up_proj"), None, None
+            return WeightSlot(f"{prefix}.down_proj" if part == "down_proj" else f"{prefix}.gate_up_proj", None)
         expert -= first
     elif tp.size > 1:
         first, i = tp.share(moe_intermediate_size, "text_config.moe_intermediate_size")
         source = ShardSpec(1 if part == "down_proj" else 0, moe_intermediate_size, ((first, i),))
     if part == "down_proj":
-        return f"{prefix}.down_proj", (expert,), source
+        return WeightSlot(f"{prefix}.down_proj", (expert,), source)
     rows = slice(0, i) if part == "gate_proj" else slice(i, 2 * i)
-    return f"{prefix}.gate_up_proj", (expert, rows), source
+    return WeightSlot(f"{prefix}.gate_up_proj", (expert, rows), source)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ from torch import nn
 from glimpse import distributed
 from glimpse.distributed.layers import column_linear, embedding, head_ranges, lm_head, row_linear
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
-from glimpse.models.base import MultimodalInputs, VisionLanguageModel
+from glimpse.models.base import MultimodalInputs, VisionLanguageModel, WeightSlot
 from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
 from glimpse.models.layers import (
     KVCache,
@@ -249,7 +249,6 @@ class Glm4vVisionAttention(nn.Module):
         self.proj = row_linear(dim, dim, variant.proj_bias, tp, [heads[0]])
         self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
         if variant.ocr:  # per-head RMSNorm of q and k before the rotary
-            head_dim = vc.hidden_size // vc.num_heads
             self.q_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
         self.qk_norm = variant.ocr
@@ -579,8 +578,8 @@ class Glm4vModel(VisionLanguageModel):
         match = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
         return match is not None and int(match[1]) in self.mtp_layers
 
-    def packed_weight_slot(self, name: str) -> tuple | None:
-        """Per-expert checkpoint tensor -> (stacked parameter, index, part to read); None if `name` is loaded whole."""
+    def packed_weight_slot(self, name: str) -> WeightSlot | None:
+        """Per-expert checkpoint tensor -> its slot in the stacked parameter; None if `name` is loaded whole."""
         if not self.num_experts:
             return None
         return expert_weight_slot(name, self.num_experts, self.moe_intermediate_size, self.tp)

@@ -142,7 +142,7 @@ class AsyncEngine:
                 EngineCore(engine, self._on_message).run(commands)
             except BaseException as exc:
                 log.exception("the engine thread stopped")
-                reason = f"the engine thread stopped ({type(exc).__name__}); restart the server"
+                reason = f"the engine thread stopped ({ErrorInfo.of(exc)}); restart the server"
             self._on_core_stopped(reason, expected=stopping.is_set())
 
         thread = threading.Thread(target=run, name="glimpse-engine", daemon=True)
