@@ -29,6 +29,7 @@ BENCHES = {
     "kernels": ("glimpse.bench.kernels", "the native CPU kernels against torch's, side by side"),
     "startup": ("glimpse.bench.startup", "seconds to glimpse --help and to the first token of glimpse generate, cold and warm"),
     "structured": ("glimpse.bench.structured", "decode throughput with a JSON schema per request against none, side by side"),
+    "tensor-parallel": ("glimpse.bench.tensor_parallel", "tp=1 against tp=2: collectives per decode step, and each rank's memory"),
 }
 # The checkpoint factory's choices (glimpse.testing imports torch); tests/test_cli_usage.py keeps them equal.
 FAMILIES = ("glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe", "glm_ocr", "qwen2_5_vl")

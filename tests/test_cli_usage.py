@@ -267,7 +267,7 @@ def test_every_flag_shows_its_default(command, capsys):
 
 def test_bench_names_load_their_module_only_when_run():
     assert set(cli.BENCHES) == {"rope-index", "preprocess", "throughput", "serve", "compare", "offline-compare",
-                                "mm-encoder", "kernels", "startup", "structured"}  # fmt: skip
+                                "mm-encoder", "kernels", "startup", "structured", "tensor-parallel"}  # fmt: skip
     args = cli.build_parser().parse_args(["bench", "rope-index", "--repeats", "2"])
     assert args.repeats == 2 and args.func.__module__ == "glimpse.bench.rope_index"
 
