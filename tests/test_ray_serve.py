@@ -125,6 +125,28 @@ def test_bad_replica_flags_are_one_line_errors(argv, message, capsys):
     assert message in error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("argv,plan", [
+    ([], (1, None)),
+    (["--num-replicas", "3"], (3, None)),
+    (["--min-replicas", "2", "--max-replicas", "5"],
+     (2, {"min_replicas": 2, "max_replicas": 5, "initial_replicas": 2, "target_ongoing_requests": 32})),
+    (["--max-replicas", "4", "--num-replicas", "3", "--target-ongoing-requests", "6"],
+     (3, {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 3, "target_ongoing_requests": 6})),
+    (["--min-replicas", "2", "--max-num-seqs", "8"],
+     (2, {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2, "target_ongoing_requests": 8})),
+])  # fmt: skip
+def test_replica_flags_become_serves_autoscaling_config(argv, plan):
+    """The autoscaling bounds reach Serve's `autoscaling_config` as worked out by hand (defaults: min 1, max the
+    larger of --num-replicas and min, start at --num-replicas else min, target --max-num-seqs, 32 by default)."""
+    import argparse
+
+    from glimpse.server import ray_serve
+
+    parser = argparse.ArgumentParser()
+    ray_serve.add_arguments(parser)
+    assert ray_serve.replica_plan(parser.parse_args(argv)) == plan
+
+
 def test_serve_flags_are_checked_as_serve_checks_them(capsys):
     assert cli.main(["serve-ray", "--num-replicas", "2", "--max-queue", "-1"]) == 2
     assert error_line(capsys.readouterr().err) == "glimpse: error: --max-queue must be >= 0"
