@@ -89,6 +89,16 @@ class TensorParallel:
         COLLECTIVES.add(x.nbytes, start)
         return torch.cat(parts, dim)
 
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """The ranks' equal-shaped `x` side by side along `dim` on rank 0 (None on the others)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
+        start = time.perf_counter()
+        dist.gather(x.contiguous(), parts, dst=0, group=self.group)
+        COLLECTIVES.add(x.nbytes, start)
+        return torch.cat(parts, dim) if parts is not None else None
+
     def all_gather_rows(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """Rank r's [rows[r], ...] tensors stacked in rank order (padded to the longest for the collective)."""
         if self.size == 1:

@@ -120,6 +120,7 @@ class ParallelRunner:
 
     def __init__(self, runner: ModelRunner, workers: Workers) -> None:
         self.runner, self.workers = runner, workers
+        only_driver_samples(runner.model)
         self._sampled: tuple[list[str], list[int]] = ([], [])  # last step's tokens, not yet sent to the workers
         self._broken: str | None = None  # why no step can run any more
 
@@ -148,6 +149,14 @@ class ParallelRunner:
             raise
         self._sampled = (out.req_ids, out.sampled_token_ids)
         return out
+
+
+def only_driver_samples(model) -> None:
+    """The LM head's logits go to rank 0 alone (the engine's ranks: only the driver samples)."""
+    from glimpse.distributed.layers import ParallelLMHead
+
+    if isinstance(model.lm_head, ParallelLMHead):
+        model.lm_head.only_driver_samples = True
 
 
 def _for_workers(sched: SchedulerOutput) -> SchedulerOutput:
@@ -216,6 +225,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
         kv_cache = make_kv_cache(dataclasses.replace(config, device=device), model,
                                  kv_cache_blocks(config, model, dtype), dtype)  # fmt: skip
         runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
+        only_driver_samples(model)
     except Exception as exc:  # named by the driver (a bug keeps its traceback in this rank's log)
         if not isinstance(exc, GlimpseError):
             log.exception("tensor-parallel rank %d failed to load", rank)

@@ -103,7 +103,11 @@ def embedding(vocab_size: int, dim: int, tp: TensorParallel = SINGLE) -> nn.Embe
 
 
 class ParallelLMHead(Linear):
-    """The LM head over this rank's vocabulary rows; every rank gets the full [T, vocab] logits."""
+    """The LM head over this rank's vocabulary rows; every rank gets the full [T, vocab] logits, or with
+    `only_driver_samples` (the engine, where rank 0 alone samples) rank 0 does and the others keep their own
+    rows: half the traffic of an all-gather on 2 ranks (e.g. 64 rows x 152k ids in bf16: 19 MB a step)."""
+
+    only_driver_samples = False
 
     def __init__(self, hidden: int, vocab_size: int, tp: TensorParallel) -> None:
         start, held, per = _vocab_share(vocab_size, tp)
@@ -112,7 +116,11 @@ class ParallelLMHead(Linear):
         self.checkpoint_shards = {"weight": ShardSpec(0, vocab_size, ((start, held),))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(super().forward(x), dim=-1)[..., : self.vocab_size]
+        local = super().forward(x)
+        if self.only_driver_samples:
+            full = self.tp.gather(local, dim=-1)
+            return local if full is None else full[..., : self.vocab_size]
+        return self.tp.all_gather(local, dim=-1)[..., : self.vocab_size]
 
 
 def lm_head(hidden: int, vocab_size: int, tp: TensorParallel = SINGLE) -> Linear:
