@@ -182,3 +182,16 @@ def test_engine_start_failure_leaves_no_rank_behind(tiny_checkpoint):
     assert not dist.is_initialized()
     with LLM(path, tensor_parallel_size=2) as llm:
         assert len(llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_four_ranks_through_the_engine(tiny_checkpoint):
+    """Three workers get every step (one message pickled for all of them, tensors by value): the same greedy
+    tokens as one process, 2 KV heads over 4 ranks, media split between the ranks."""
+    path = tiny_checkpoint("glm4v")
+    conversations = _conversations()[:3]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with LLM(path, dtype="float32") as llm:
+        one = [o.outputs[0].token_ids for o in llm.chat(conversations, params, use_tqdm=False)]
+    with LLM(path, dtype="float32", tensor_parallel_size=4, mm_encoder_tp_mode="data") as llm:
+        four = [o.outputs[0].token_ids for o in llm.chat(conversations, params, use_tqdm=False)]
+    assert four == one

@@ -20,10 +20,10 @@ import atexit
 import dataclasses
 import logging
 import os
+import pickle
 import signal
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,9 @@ class Workers:
         return ParallelRunner(runner, self)
 
     def send(self, message: tuple) -> None:
-        payload = ForkingPickler.dumps(message)  # once for all workers
+        # Once for all workers, and by value: multiprocessing's own pickler would hand each tensor over as a file
+        # descriptor that only the first worker to ask can fetch.
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(payload)
@@ -234,7 +236,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     conn.send(("ready",))
     while True:
         try:
-            message = conn.recv()
+            message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the driver is gone
         if message[0] == "stop":
