@@ -90,9 +90,7 @@ def load_model(
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format {load_format!r} is not supported; use auto, safetensors or dummy")
     tp = distributed.from_process_group(tensor_parallel_size, enable_expert_parallel, mm_encoder_tp_mode)
-    with torch.device("meta"), distributed.building(tp):
-        model = model_class(config)(config.hf_config, **model_kwargs)
-    model.tp = tp
+    model = _build_on_meta(config, tp, model_kwargs)
     if load_format == "dummy":
         _fill_dummy(model, config, seed, torch_dtype, device)
     else:
@@ -112,10 +110,14 @@ def check_tensor_parallel(path: str | Path, tensor_parallel_size: int, enable_ex
                           mm_encoder_tp_mode: str = "weights", **model_kwargs) -> None:
     """Refuse a split the checkpoint's shapes do not allow (heads, MLP rows, experts), before any process
     starts or any weight is read: the model is built on the meta device with rank 0's shapes."""
-    config = load_config(path)
     tp = distributed.TensorParallel(0, tensor_parallel_size, None, enable_expert_parallel, mm_encoder_tp_mode)
+    _build_on_meta(load_config(path), tp, model_kwargs)
+
+
+def _build_on_meta(config: ModelConfig, tp: distributed.TensorParallel, model_kwargs: dict) -> VisionLanguageModel:
+    """The family model with `tp`'s share of every layer, its parameters on the meta device (shapes only)."""
     with torch.device("meta"), distributed.building(tp):
-        model_class(config)(config.hf_config, **model_kwargs)
+        return model_class(config)(config.hf_config, **model_kwargs)  # (the family keeps `tp` as model.tp)
 
 
 def _attention_head_dims(hf_config) -> tuple[int, int]:
@@ -216,7 +218,7 @@ def _read(f, key: str, spec: distributed.ShardSpec | None, want: tuple[int, ...]
         raise CheckpointError(f"{file_name}: tensor {key} has shape {shape}, the model expects {full} "
                               f"(of which this tensor-parallel rank holds {want})")  # fmt: skip
     if spec.zero:
-        return torch.zeros(want, dtype=_safetensors_dtype(part))
+        return torch.zeros(want)  # (cast to the model's dtype by the caller)
     return _pad_to(spec.take(part), want, spec.dim)
 
 
@@ -228,11 +230,6 @@ def _pad_to(tensor: torch.Tensor, want: tuple[int, ...], dim: int) -> torch.Tens
     pad = list(tensor.shape)
     pad[dim] = short
     return torch.cat([tensor, tensor.new_zeros(pad)], dim)
-
-
-def _safetensors_dtype(part) -> torch.dtype:
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    return names.get(part.get_dtype(), torch.float32)
 
 
 def _progress_bar(files: list[Path]) -> tqdm:

@@ -226,7 +226,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
                            seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
         kv_cache = make_kv_cache(dataclasses.replace(config, device=device), model,
                                  kv_cache_blocks(config, model, dtype), dtype)  # fmt: skip
-        runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, sample=False)
+        runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, samples=False)
         only_driver_samples(model)
     except Exception as exc:  # named by the driver (a bug keeps its traceback in this rank's log)
         if not isinstance(exc, GlimpseError):

@@ -44,6 +44,27 @@ def head_ranges(first: int, count: int, head_dim: int, offset: int = 0) -> tuple
     return offset + first * head_dim, count * head_dim
 
 
+def attention_projections(hidden: int, heads: int, kv_heads: int, head_dim: int, qkv_bias: bool,
+                          tp: TensorParallel = SINGLE) -> tuple[int, int, Linear, Linear, Linear, Linear]:  # fmt: skip
+    """A decoder's (this rank's heads, its KV heads, q_proj, k_proj, v_proj, o_proj under HF's names): q/k/v
+    by heads (KV heads shared by ranks when fewer than them), o_proj over the same heads' columns (no bias)."""
+    q_first, hq = tp.share(heads, "text_config.num_attention_heads")
+    kv_first, hkv = tp.kv_head_share(kv_heads)
+    q_rows, kv_rows = [head_ranges(q_first, hq, head_dim)], [head_ranges(kv_first, hkv, head_dim)]
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    return (hq, hkv, column_linear(hidden, q_out, qkv_bias, tp, q_rows), column_linear(hidden, kv_out, qkv_bias, tp, kv_rows),
+            column_linear(hidden, kv_out, qkv_bias, tp, kv_rows), row_linear(q_out, hidden, False, tp, q_rows))  # fmt: skip
+
+
+def packed_qkv_projections(dim: int, heads: int, qkv_bias: bool, proj_bias: bool,
+                           tp: TensorParallel = SINGLE) -> tuple[int, Linear, Linear]:  # fmt: skip
+    """A vision block's (this rank's heads, qkv, proj): HF's `qkv` packs q, k and v one after the other, so a
+    rank takes its heads' rows of each; `proj` the same heads' columns."""
+    first, held = tp.share(heads, "vision_config.num_heads", " or --mm-encoder-tp-mode data")
+    rows = [head_ranges(first, held, dim // heads, offset=part * dim) for part in range(3)]
+    return held, column_linear(dim, 3 * dim, qkv_bias, tp, rows), row_linear(dim, dim, proj_bias, tp, [rows[0]])
+
+
 class RowParallelLinear(Linear):
     """y = sum over ranks of x[:, my columns] @ W[:, my columns].T, + bias (held by rank 0).
 

@@ -95,11 +95,11 @@ class CachedRequestState:
 class ModelRunner:
     def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, encoder_cache: EncoderCache,
                  encoder_runner=None, eos_token_ids: frozenset[int] = frozenset(), seed: int = 0,
-                 sample: bool = True) -> None:  # fmt: skip
-        """`sample=False`: a tensor-parallel worker's runner (glimpse/distributed/executor.py), which runs
+                 samples: bool = True) -> None:  # fmt: skip
+        """`samples=False`: a tensor-parallel worker's runner (glimpse/distributed/executor.py), which runs
         every forward with the driver but takes the sampled tokens from it (`append_sampled`)."""
         self.model = model
-        self.sample = sample
+        self.samples = samples
         self.sampling = False  # inside a step's sampling, past its last collective (tensor parallelism)
         self.encoder_runner = encoder_runner  # glimpse.vision.runner.EncoderRunner, or None: eager tower calls
         self.kv_cache = kv_cache
@@ -153,7 +153,7 @@ class ModelRunner:
         with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample
             logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
         t2 = time.perf_counter()
-        if not sampled or not self.sample:
+        if not sampled or not self.samples:
             return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)
         self.sampling = True
         try:
@@ -213,8 +213,8 @@ class ModelRunner:
             done = list(zip(todo, feats, strict=True))
         else:
             done = []
-            for kind in (IMAGE, VIDEO):
-                group = [m for m in todo if m.kind == ("image" if kind == IMAGE else "video")]
+            for kind, name in ((IMAGE, "image"), (VIDEO, "video")):
+                group = [m for m in todo if m.kind == name]
                 if not group:
                     continue
                 pixels = torch.cat([m.pixel_values for m in group]).to(self.device, self.model.dtype)

@@ -115,6 +115,16 @@ class Glm4MoeRouter(nn.Module):
                             self.top_k, self.norm_topk_prob, self.routed_scaling_factor)  # fmt: skip
 
 
+def expert_share(num_experts: int, intermediate: int, tp: TensorParallel) -> tuple[int, int, int, int]:
+    """(first expert, experts, first intermediate row, rows) this rank holds: every expert with its share of the
+    rows, or (expert parallel) its share of the experts with all their rows."""
+    if tp.expert_parallel:
+        first, held = tp.share(num_experts, "text_config.n_routed_experts (with --enable-expert-parallel)")
+        return first, held, 0, intermediate
+    first_row, rows = tp.share(intermediate, "text_config.moe_intermediate_size")
+    return 0, num_experts, first_row, rows
+
+
 class Glm4MoeExperts(nn.Module):
     """Stacked routed experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
 
@@ -125,13 +135,8 @@ class Glm4MoeExperts(nn.Module):
         super().__init__()
         e, h, i = tc.n_routed_experts, tc.hidden_size, tc.moe_intermediate_size
         tp = distributed.current()
-        self.num_experts, self.intermediate = e, i
-        if tp.expert_parallel:
-            self.first_expert, local_e = tp.share(e, "text_config.n_routed_experts (with --enable-expert-parallel)")
-            self.first_row, local_i = 0, i
-        else:
-            self.first_expert, local_e = 0, e
-            self.first_row, local_i = tp.share(i, "text_config.moe_intermediate_size")
+        self.num_experts = e
+        self.first_expert, local_e, first_row, local_i = expert_share(e, i, tp)
         self.gate_up_proj = nn.Parameter(torch.empty(local_e, 2 * local_i, h))
         self.down_proj = nn.Parameter(torch.empty(local_e, h, local_i))
         self.act = _activation(tc.hidden_act)
@@ -140,7 +145,7 @@ class Glm4MoeExperts(nn.Module):
                 experts = ShardSpec(0, e, ((self.first_expert, local_e),))
                 self.checkpoint_shards = {"gate_up_proj": experts, "down_proj": experts}
             else:
-                rows = (self.first_row, local_i)
+                rows = (first_row, local_i)
                 self.checkpoint_shards = {"gate_up_proj": ShardSpec(1, 2 * i, (rows, (i + rows[0], local_i))),
                                           "down_proj": ShardSpec(2, i, (rows,))}  # fmt: skip
 
@@ -209,15 +214,12 @@ def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int,
     expert, part, prefix = int(match["expert"]), match["part"], match["prefix"]
     if expert >= num_experts:
         raise CheckpointError(f"tensor {name}: expert {expert} is out of range (text_config.n_routed_experts {num_experts})")
-    i, source = moe_intermediate_size, None
-    if tp.size > 1 and tp.expert_parallel:
-        first, held = tp.share(num_experts, "text_config.n_routed_experts (with --enable-expert-parallel)")
-        if not first <= expert < first + held:
-            return WeightSlot(f"{prefix}.down_proj" if part == "down_proj" else f"{prefix}.gate_up_proj", None)
-        expert -= first
-    elif tp.size > 1:
-        first, i = tp.share(moe_intermediate_size, "text_config.moe_intermediate_size")
-        source = ShardSpec(1 if part == "down_proj" else 0, moe_intermediate_size, ((first, i),))
+    first, held, first_row, i = expert_share(num_experts, moe_intermediate_size, tp)
+    if not first <= expert < first + held:  # expert parallel: another rank's
+        return WeightSlot(f"{prefix}.down_proj" if part == "down_proj" else f"{prefix}.gate_up_proj", None)
+    expert -= first
+    source = None if i == moe_intermediate_size else ShardSpec(1 if part == "down_proj" else 0, moe_intermediate_size,
+                                                               ((first_row, i),))  # fmt: skip
     if part == "down_proj":
         return WeightSlot(f"{prefix}.down_proj", (expert,), source)
     rows = slice(0, i) if part == "gate_proj" else slice(i, 2 * i)
@@ -226,5 +228,5 @@ def expert_weight_slot(name: str, num_experts: int, moe_intermediate_size: int,
 
 __all__ = [
     "MOE_TEXT_TYPES", "check_moe_config", "route_tokens", "Glm4MoeMLP", "Glm4MoeRouter", "Glm4MoeExperts",
-    "Glm4MoeSparseBlock", "make_moe_text_mlp", "expert_weight_slot",
+    "Glm4MoeSparseBlock", "make_moe_text_mlp", "expert_share", "expert_weight_slot",
 ]  # fmt: skip

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse import distributed
-from glimpse.distributed.layers import column_linear, embedding, head_ranges, lm_head, row_linear
+from glimpse.distributed.layers import (
+    attention_projections,
+    column_linear,
+    embedding,
+    lm_head,
+    packed_qkv_projections,
+    row_linear,
+)
 from glimpse.errors import CheckpointError, InvalidInputError, PromptError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel, WeightSlot
 from glimpse.models.glm4_moe import MOE_TEXT_TYPES, check_moe_config, expert_weight_slot, make_moe_text_mlp
@@ -240,15 +247,11 @@ class Glm4vVisionEmbeddings(nn.Module):
 class Glm4vVisionAttention(nn.Module):
     def __init__(self, vc, variant: VisionVariant) -> None:
         super().__init__()
-        tp, dim = distributed.current().vision, vc.hidden_size
-        first, self.num_heads = tp.share(vc.num_heads, "vision_config.num_heads", " or --mm-encoder-tp-mode data")
-        head_dim = dim // vc.num_heads
-        # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
-        heads = [head_ranges(first, self.num_heads, head_dim, offset=part * dim) for part in range(3)]
-        self.qkv = column_linear(dim, 3 * dim, vc.attention_bias, tp, heads)
-        self.proj = row_linear(dim, dim, variant.proj_bias, tp, [heads[0]])
+        self.num_heads, self.qkv, self.proj = packed_qkv_projections(
+            vc.hidden_size, vc.num_heads, vc.attention_bias, variant.proj_bias, distributed.current().vision)
         self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
         if variant.ocr:  # per-head RMSNorm of q and k before the rotary
+            head_dim = vc.hidden_size // vc.num_heads
             self.q_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, eps=vc.rms_norm_eps)
         self.qk_norm = variant.ocr
@@ -430,15 +433,9 @@ class Glm4vTextAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = d = variant.head_dim
         self.neox = variant.neox_rotary
-        tp = distributed.current()
-        q_first, hq = tp.share(tc.num_attention_heads, "text_config.num_attention_heads")
-        kv_first, hkv = tp.kv_head_share(tc.num_key_value_heads)
+        hq, hkv, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, d, variant.qkv_bias, distributed.current())
         self.heads = (hq, hkv)  # this rank's
-        q_out, kv_out, h, bias = tc.num_attention_heads * d, tc.num_key_value_heads * d, tc.hidden_size, variant.qkv_bias
-        self.q_proj = column_linear(h, q_out, bias, tp, [head_ranges(q_first, hq, d)])
-        self.k_proj = column_linear(h, kv_out, bias, tp, [head_ranges(kv_first, hkv, d)])
-        self.v_proj = column_linear(h, kv_out, bias, tp, [head_ranges(kv_first, hkv, d)])
-        self.o_proj = row_linear(q_out, h, False, tp, [head_ranges(q_first, hq, d)])
         self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
 
     def fuse_projections(self) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse import distributed
-from glimpse.distributed.layers import column_linear, embedding, head_ranges, lm_head, row_linear
+from glimpse.distributed.layers import attention_projections, embedding, lm_head, packed_qkv_projections
 from glimpse.errors import CheckpointError, InvalidInputError
 from glimpse.models.base import MultimodalInputs, VisionLanguageModel
 from glimpse.models.layers import (
@@ -173,12 +173,8 @@ class Qwen2_5_VisionPatchEmbed(nn.Module):
 class Qwen2_5_VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        tp = distributed.current().vision
-        first, self.num_heads = tp.share(num_heads, "vision_config.num_heads", " or --mm-encoder-tp-mode data")
-        # this rank's heads of each of q, k and v (packed one after the other in HF's `qkv`)
-        heads = [head_ranges(first, self.num_heads, dim // num_heads, offset=part * dim) for part in range(3)]
-        self.qkv = column_linear(dim, dim * 3, True, tp, heads)
-        self.proj = row_linear(dim, dim, True, tp, [heads[0]])
+        self.num_heads, self.qkv, self.proj = packed_qkv_projections(dim, num_heads, True, True,
+                                                                     distributed.current().vision)  # fmt: skip
         self.varlen = VarlenAttention()  # its backend is bound by the loader (glimpse/backends)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -376,14 +372,9 @@ class Qwen2Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = d = tc.hidden_size // tc.num_attention_heads
-        tp = distributed.current()
-        q_first, self.num_heads = tp.share(tc.num_attention_heads, "text_config.num_attention_heads")
-        kv_first, self.num_kv_heads = tp.kv_head_share(tc.num_key_value_heads)  # this rank's
-        h, q_out, kv_out = tc.hidden_size, tc.num_attention_heads * d, tc.num_key_value_heads * d
-        self.q_proj = column_linear(h, q_out, True, tp, [head_ranges(q_first, self.num_heads, d)])
-        self.k_proj = column_linear(h, kv_out, True, tp, [head_ranges(kv_first, self.num_kv_heads, d)])
-        self.v_proj = column_linear(h, kv_out, True, tp, [head_ranges(kv_first, self.num_kv_heads, d)])
-        self.o_proj = row_linear(q_out, h, False, tp, [head_ranges(q_first, self.num_heads, d)])
+        # this rank's heads and projections
+        self.num_heads, self.num_kv_heads, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, d, True, distributed.current())
         self.qkv_proj: Linear | None = None  # q_proj + k_proj + v_proj, set by fuse_projections()
 
     def fuse_projections(self) -> None:
