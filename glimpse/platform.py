@@ -3,7 +3,8 @@
 `detect(device) -> Platform`: the device kind ("cpu" or "cuda"), the CPU's feature flags (from
 /proc/cpuinfo), torch's thread count and whether the native CPU kernels (glimpse/kernels.py) run
 here. `one_row_matmuls(rows, dtype, device)` is the one process-wide switch the engine flips (oneDNN
-off for one-row reduced-precision matmuls). Nothing else in glimpse names a device or a CPU feature;
+off for one-row reduced-precision matmuls). `ThreadBinding` pins torch's compute threads to cores
+(`GLIMPSE_CPU_BIND`). Nothing else in glimpse names a device or a CPU feature;
 tests/test_platform_seam.py keeps it so.
 """
 
@@ -23,6 +24,7 @@ NATIVE_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "av
 NATIVE_COMPILER_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
 NATIVE_KERNELS_ENV = "GLIMPSE_NATIVE_KERNELS"  # "0" turns the native kernels off
 PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": never pack; "1": always; unset: while they fit (below)
+CPU_BIND_ENV = "GLIMPSE_CPU_BIND"  # "auto" (unset), "off", or CPU lists per rank: "0-3|4-7" (ThreadBinding)
 
 
 @dataclass(frozen=True)
@@ -167,3 +169,102 @@ def one_row_matmuls(rows: int, dtype: torch.dtype, device: torch.device) -> Iter
             _one_row_depth -= 1
             if _one_row_depth == 0:
                 torch.backends.mkldnn.enabled = _one_row_saved
+
+
+# ----------------------------------------------------------------------------------------
+# Compute threads pinned to cores
+# ----------------------------------------------------------------------------------------
+
+
+def cpu_binding_plan(rank: int = 0, size: int = 1, threads: int | None = None,
+                     setting: str | None = None) -> list[int] | None:  # fmt: skip
+    """The CPUs that tensor-parallel rank `rank` of `size` pins its `threads` torch threads to, one each
+    (None: leave them floating), from `setting` (default: GLIMPSE_CPU_BIND, unset meaning "auto").
+
+    "auto": the CPUs this process may run on, in order, `threads` per rank (rank r takes the r-th run of
+    them), as long as they suffice for every rank's threads; "off": never; otherwise one CPU list per
+    rank separated by "|", each like "0-3,8" (the rank then runs one thread per CPU listed). Raises
+    InvalidInputError, naming GLIMPSE_CPU_BIND, for a list that does not parse, does not match the ranks,
+    or names a CPU this process may not use."""
+    from glimpse.errors import InvalidInputError
+
+    setting = (os.environ.get(CPU_BIND_ENV, "auto") if setting is None else setting).strip() or "auto"
+    if setting == "off" or not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if setting == "auto":
+        threads = threads or torch.get_num_threads()
+        return allowed[rank * threads : (rank + 1) * threads] if threads * size <= len(allowed) else None
+    lists = setting.split("|")
+    if len(lists) != size:
+        raise InvalidInputError(f"{CPU_BIND_ENV}={setting!r} gives {len(lists)} CPU list(s) for {size} "
+                                "tensor-parallel rank(s); give one per rank, separated by '|', or 'auto' or 'off'")  # fmt: skip
+    cpus = parse_cpu_list(lists[rank], f"{CPU_BIND_ENV}={setting!r}")
+    if outside := sorted(set(cpus) - set(allowed)):
+        raise InvalidInputError(f"{CPU_BIND_ENV}={setting!r} names CPU(s) {outside} this process may not run on "
+                                f"(allowed: {format_cpu_list(allowed)})")  # fmt: skip
+    return cpus
+
+
+def parse_cpu_list(text: str, what: str) -> list[int]:
+    """"0-3,8" -> [0, 1, 2, 3, 8] (no repeats, ascending ranges); `what` names the setting in errors."""
+    from glimpse.errors import InvalidInputError
+
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise InvalidInputError(f"{what}: {part.strip()!r} is not a CPU number or range like 0-3") from None
+        if lo < 0 or hi < lo:
+            raise InvalidInputError(f"{what}: {part.strip()!r} is not an ascending range of CPU numbers")
+        cpus.extend(range(lo, hi + 1))
+    if len(set(cpus)) != len(cpus):
+        raise InvalidInputError(f"{what}: a CPU is listed twice")
+    return cpus
+
+
+def format_cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+class ThreadBinding:
+    """Pins the compute threads of whichever thread runs the steps: torch's OpenMP thread i to core
+    `cpus[i]`, as vLLM-CPU binds its own. Floating threads migrate between cores and lose their caches;
+    measured +5% tok/s offline (docs/benchmarks.md, session 9). OpenMP keeps one team per thread that
+    starts parallel work, so `ensure()` is called before every step and binds again when the stepping
+    thread changes. The stepping thread itself (OpenMP's thread 0) keeps all of `cpus`: the Python
+    threads it starts later inherit its mask and should not all share one core.
+
+    Needs the native CPU kernels (glimpse/kernels.py); without them, or for a plan of None, a no-op."""
+
+    def __init__(self, device: str | torch.device, rank: int = 0, size: int = 1, setting: str | None = None,
+                 threads: int | None = None) -> None:  # fmt: skip
+        """Rank `rank` of `size` with `threads` torch threads (None: torch's count); `setting` as in
+        `cpu_binding_plan`. Raises InvalidInputError for a bad setting, before anything is loaded."""
+        on_cpu = torch.device(device).type == "cpu"
+        self.cpus = cpu_binding_plan(rank, size, threads, setting) if on_cpu else None
+        self._thread: int | None = None
+
+    def ensure(self) -> None:
+        if self.cpus is None or self._thread == threading.get_ident():
+            return
+        self._thread = threading.get_ident()
+        from glimpse import kernels
+
+        module = kernels.cpu_kernels()
+        if module is None:
+            self.cpus = None
+            return
+        if len(self.cpus) != torch.get_num_threads():  # an explicit list sets the thread count
+            torch.set_num_threads(len(self.cpus))
+        module.bind_threads([[c] for c in self.cpus])
+        os.sched_setaffinity(0, self.cpus)

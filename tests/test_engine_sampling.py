@@ -121,7 +121,8 @@ def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_chec
         # the tiny tower's heads (16) are not a native head dim either
         prefill = set() if platform.detect().amx else {"segment_attention_bf16"}
         elementwise = {"rms_norm_bf16", "silu_mul_bf16", "text_rotary_bf16_", "vision_rotary_bf16"}  # every step
-        assert set(kernel_spy.calls) == {"decode_attention_bf16", "linear_one_row_bf16"} | prefill | elementwise
+        computed = set(kernel_spy.calls) - {"bind_threads"}  # the engine's first step pins its threads
+        assert computed == {"decode_attention_bf16", "linear_one_row_bf16"} | prefill | elementwise
     assert seen[0][0] > 1 and seen[0][1] is True  # the prompt: oneDNN
     assert [enabled for rows, enabled in seen[1:]] == [False] * 11 and all(rows == 1 for rows, _ in seen[1:])
     assert torch.backends.mkldnn.enabled  # restored

@@ -77,3 +77,32 @@ def test_buckets_bound_padding_and_size(monkeypatch):
     assert [[lens[i] for i in b] for b in buckets] == [
         [2000], [900], [700], [690], [500, 400], [399, 300], [300, 300, 300], [300], [5],
     ]  # fmt: skip
+
+
+def test_metadata_slots_follow_the_block_tables():
+    """Every slot the metadata names, against the definition worked out per position: position p of a
+    sequence lives in slot table[p // block] * block + p % block; the step's new tokens are the last
+    query_len positions of each sequence, rows back to back in sequence order."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        block = rng.choice([1, 4, 16])
+        tables, done, lens = [], [], []
+        for _ in range(rng.randint(1, 9)):
+            d, q = rng.randint(0, 50), rng.choice([1, 1, rng.randint(1, 40)])
+            tables.append(rng.sample(range(1000), -(-(d + q) // block)))
+            done.append(d)
+            lens.append(q)
+        meta = AttentionMetadata.build(block, tables, done, lens)
+        expected_ctx = [[t[p // block] * block + p % block for p in range(d + q)]
+                        for t, d, q in zip(tables, done, lens, strict=True)]  # fmt: skip
+        assert [s.tolist() for s in meta.context_slots] == expected_ctx
+        assert meta.slot_mapping.tolist() == [s for ctx, d in zip(expected_ctx, done, strict=True) for s in ctx[d:]]
+        assert meta.query_starts == [sum(lens[:i]) for i in range(len(lens))]
+        assert meta.decode_seqs == tuple(i for i, q in enumerate(lens) if q == 1)
+        for seqs, name in ((meta.decode_seqs, "decode_tables"), (meta.prefill_seqs, "prefill_tables")):
+            if seqs:  # the native kernels' tables: the chosen sequences' slots back to back, and their offsets
+                slots, offsets = getattr(meta, name)[-2:]
+                assert slots.tolist() == [s for i in seqs for s in expected_ctx[i]]
+                assert offsets.tolist() == [sum(len(expected_ctx[i]) for i in seqs[:j]) for j in range(len(seqs) + 1)]

@@ -25,10 +25,12 @@
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -229,6 +231,18 @@ inline __m512 sum_lanes16(const __m512* a) {
                        _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// K and V rows are read through the slots, one head's D values at a time (a head's row lies Hkv * D
+// values from the next slot's): the hardware prefetcher does not follow that, so each row is
+// requested kPrefetch keys ahead. Measured on a 2-core AMX Xeon, 64 sequences x 213 keys, 12 query on 4 KV
+// heads of 64, 12 layers: 16.5 -> 8.4-9.4 ms with the KV in cache (10 -> 18-20 GB/s), 17.2 -> 11.0-11.8 ms
+// after a 512 MiB flush; 8 and 32-64 keys ahead were slower than 16.
+constexpr int64_t kPrefetch = 16;
+
+template <int64_t D>
+inline void prefetch_row(const at::BFloat16* p) {
+  for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
 template <int ND>  // D / 16
 void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t kv_stride,
                   const int64_t* slots, int64_t ctx, float scale, float* scores, at::BFloat16* out) {
@@ -254,6 +268,7 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
       const int64_t nk = std::min<int64_t>(16, ctx - j0);
       for (int64_t i = 0; i < nk; ++i) {
         const at::BFloat16* kr = kc + slots[j0 + i] * kv_stride;
+        if (j0 + i + kPrefetch < ctx) prefetch_row<D>(kc + slots[j0 + i + kPrefetch] * kv_stride);
         __m512bh kv[NC];
         for (int c = 0; c < NC; ++c) kv[c] = as_bh(load_chunk(kr, c));
         for (int64_t g = 0; g < ng; ++g) {
@@ -270,6 +285,7 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
       }
     }
   }
+  for (int64_t j = 0; j < std::min(ctx, kPrefetch); ++j) prefetch_row<D>(vc + slots[j] * kv_stride);  // V's first rows
   for (int64_t g = 0; g < G; ++g) {  // softmax of each head's scores, in place
     float* s = scores + g * ctx;
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -303,6 +319,7 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
         for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + (g0 + g) * D + 16 * c);
       for (int64_t j = j0; j < j1; ++j) {
         const at::BFloat16* vr = vc + slots[j] * kv_stride;
+        if (g0 == 0 && j + kPrefetch < ctx) prefetch_row<D>(vc + slots[j + kPrefetch] * kv_stride);
         __m512 vf[ND];
         for (int c = 0; c < ND; ++c)
           vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -759,6 +776,31 @@ void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Ten
   });
 }
 
+
+// Pins torch's intra-op threads: OpenMP thread i of the calling thread's team (the caller is thread 0)
+// to the CPUs cpus[i]. OpenMP's own binding (OMP_PROC_BIND, OMP_PLACES) is read once, when the runtime
+// loads, before glimpse knows which cores a process should have; here each thread binds itself with
+// sched_setaffinity, and as the OpenMP pool keeps its threads, the binding lasts. A failure raises.
+void bind_threads(const std::vector<std::vector<int64_t>>& cpus) {
+  const int64_t n = at::get_num_threads();
+  TORCH_CHECK(int64_t(cpus.size()) >= n, n, " threads need as many CPU sets, got ", cpus.size());
+  std::atomic<int> failed{0}, ran{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num();
+    if (t < 0 || t >= n) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (const int64_t c : cpus[t]) {
+      if (c < 0 || c >= CPU_SETSIZE) { failed.store(EINVAL); return; }
+      CPU_SET(int(c), &set);
+    }
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) failed.store(errno);
+    ran.fetch_add(1);
+  });
+  TORCH_CHECK(failed.load() == 0, "sched_setaffinity failed: ", std::strerror(failed.load()));
+  TORCH_CHECK(ran.load() == n, "only ", ran.load(), " of ", n, " threads ran the binding");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;  // no Python object is touched past argument conversion
   m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch",
@@ -773,4 +815,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("vision_rotary_bf16", &vision_rotary_bf16, "float32 NeoX rotary of q and k from a [N, 3, heads, D] qkv",
         release());
+  m.def("bind_threads", &bind_threads, "pin torch's intra-op thread i to the CPUs cpus[i]", release());
 }

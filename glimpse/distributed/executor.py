@@ -221,6 +221,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     device = platform.rank_device(config.device, rank)
     distributed.init_process_group(rank, size, "127.0.0.1", port, device)
     try:
+        binding = platform.ThreadBinding(device, rank, size, config.cpu_binding, threads_per_rank(size))
         dtype = _resolve_dtype(config)
         model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=device,
                            seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
@@ -243,6 +244,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
             return
         _, sched, (req_ids, tokens) = message
         try:
+            binding.ensure()
             runner.append_sampled(req_ids, tokens)
             runner.execute(sched)
         except Exception:

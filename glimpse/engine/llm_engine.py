@@ -42,6 +42,7 @@ from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
+from glimpse.platform import ThreadBinding
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
 
@@ -86,6 +87,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     mm_encoder_tp_mode: str = "weights"
+    # Compute threads pinned to cores (glimpse.platform.ThreadBinding): None reads GLIMPSE_CPU_BIND ("auto" when
+    # unset: this process's cores in order, split between the ranks), "off", or CPU lists per rank ("0-3|4-7").
+    cpu_binding: str | None = None
 
 
 @dataclass
@@ -162,7 +166,16 @@ class LLMEngine:
         dtype = _resolve_dtype(config)
         check_parallel_config(config)
         self.workers = None
-        if config.tensor_parallel_size > 1:
+        size = config.tensor_parallel_size
+        threads = None
+        if size > 1:
+            from glimpse.distributed.executor import threads_per_rank
+
+            threads = threads_per_rank(size)
+        # checked for every rank before anything loads; each worker rank binds its own threads
+        bindings = [ThreadBinding(config.device, rank, size, config.cpu_binding, threads) for rank in range(size)]
+        self.binding = bindings[0]
+        if size > 1:
             from glimpse.distributed.executor import start_workers
             from glimpse.loader import check_tensor_parallel
 
@@ -387,6 +400,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; [] when nothing could be scheduled (see `ran_last_step`) or when the
         batch only prefilled (no request got a token)."""
+        self.binding.ensure()  # on the thread that steps (once; again if another thread takes over)
         if self._compiling:
             self._poll_grammars()
         sched = self.scheduler.schedule()

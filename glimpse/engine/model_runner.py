@@ -124,18 +124,27 @@ class ModelRunner:
         t1 = time.perf_counter()
 
         ids, positions, sample_rows, sampled = [], [], [], []
+        decoding: list[int] = []  # positions of consecutive decode tokens, made one tensor (not one per request)
         row = 0
         for state, n in zip(states, counts, strict=True):
             start = state.num_computed_tokens
-            for item in state.media_in(start, start + n):
-                if item.pruning_rate:  # EVS: positions of the kept tokens, known now that they are encoded
-                    state.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
             ids.extend(state.token_ids[start : start + n])
-            positions.append(state.positions(start, start + n))
             row += n
+            if n == 1 and start >= state.num_prompt_tokens:  # a decode token: position start + delta on every axis
+                decoding.append(start + state.mrope_delta)
+            else:
+                for item in state.media_in(start, start + n):
+                    if item.pruning_rate:  # EVS: positions of the kept tokens, known now that they are encoded
+                        state.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
+                if decoding:
+                    positions.append(torch.tensor(decoding, dtype=torch.long).expand(3, -1))
+                    decoding = []
+                positions.append(state.positions(start, start + n))
             if start + n == len(state.token_ids):
                 sample_rows.append(row - 1)
                 sampled.append(state)
+        if decoding:
+            positions.append(torch.tensor(decoding, dtype=torch.long).expand(3, -1))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.model.embed_tokens(input_ids)
         self._merge_media(states, counts, embeds)
@@ -147,7 +156,8 @@ class ModelRunner:
             self.device,
         )
         with one_row_matmuls(input_ids.shape[0], self.model.dtype, self.device):
-            hidden = self.model.decode(embeds, torch.cat(positions, dim=1).to(self.device), StepKV(self.kv_cache, meta))
+            positions_t = positions[0] if len(positions) == 1 else torch.cat(positions, dim=1)
+            hidden = self.model.decode(embeds, positions_t.to(self.device), StepKV(self.kv_cache, meta))
         self.num_forwards += 1
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import ipaddress
 import logging
@@ -112,6 +113,9 @@ def start_replicas(args: argparse.Namespace, config, replicas: int, autoscaling:
     from glimpse.server.ray_replica import AffinityRouter, EngineReplica
 
     quiet = max(logging.WARNING, logging.getLevelName(args.log_level.upper()))
+    # Several replicas share a node and Ray gives none of them a set of cores: pinning each one's threads
+    # from the node's first core would stack them, so replicas leave their threads floating.
+    config = dataclasses.replace(config, cpu_binding="off")
     own_ray = not ray.is_initialized()
     sigterm = signal.getsignal(signal.SIGTERM)
     try:

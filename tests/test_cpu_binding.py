@@ -1,0 +1,124 @@
+"""Compute threads pinned to cores (glimpse.platform.ThreadBinding, GLIMPSE_CPU_BIND).
+
+The plan is checked against hand-worked CPU sets; the binding itself against what the kernel reports:
+each thread's `Cpus_allowed_list` in /proc/self/task/*/status, read in a subprocess (a pinned pool
+would otherwise stay pinned in the test process) after an engine has run a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from glimpse import platform
+from glimpse.errors import InvalidInputError
+from glimpse.platform import cpu_binding_plan, format_cpu_list, parse_cpu_list
+
+ALLOWED = sorted(os.sched_getaffinity(0))
+
+
+def test_auto_takes_this_process_cores_in_order_split_between_ranks():
+    assert cpu_binding_plan(0, 1, 1, "auto") == ALLOWED[:1]
+    assert cpu_binding_plan(0, 1, len(ALLOWED), None if "GLIMPSE_CPU_BIND" not in os.environ else "auto") == ALLOWED
+    if len(ALLOWED) >= 2:
+        assert cpu_binding_plan(0, 2, 1, "auto") == ALLOWED[:1]
+        assert cpu_binding_plan(1, 2, 1, "auto") == ALLOWED[1:2]
+    # more threads than this process has cores: pinning would stack them, so nothing is pinned
+    assert cpu_binding_plan(0, 1, len(ALLOWED) + 1, "auto") is None
+    assert cpu_binding_plan(0, 2, len(ALLOWED), "auto") is None
+    assert cpu_binding_plan(0, 1, 1, "off") is None
+
+
+def test_explicit_lists_one_per_rank():
+    first = ALLOWED[0]
+    assert cpu_binding_plan(0, 1, None, f"{first}") == [first]
+    assert cpu_binding_plan(0, 2, None, f"{first}|{first}") == [first]
+    assert parse_cpu_list("0-3,8", "x") == [0, 1, 2, 3, 8]
+    assert format_cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+@pytest.mark.parametrize(("setting", "size", "words"), [
+    ("0-a", 1, ["GLIMPSE_CPU_BIND", "'0-a'", "CPU number or range"]),
+    ("3-1", 1, ["GLIMPSE_CPU_BIND", "ascending"]),
+    ("0,0", 1, ["GLIMPSE_CPU_BIND", "twice"]),
+    ("0|1", 1, ["GLIMPSE_CPU_BIND", "2 CPU list(s) for 1", "'|'"]),
+    ("0", 2, ["GLIMPSE_CPU_BIND", "1 CPU list(s) for 2"]),
+    ("100000", 1, ["GLIMPSE_CPU_BIND", "[100000]", "may not run on", f"allowed: {format_cpu_list(ALLOWED)}"]),
+])  # fmt: skip
+def test_bad_settings_are_named(setting, size, words):
+    with pytest.raises(InvalidInputError) as err:
+        cpu_binding_plan(0, size, None, setting)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_a_bad_setting_stops_the_engine_before_it_loads(tiny_checkpoint, monkeypatch, tmp_path):
+    """An engine reads GLIMPSE_CPU_BIND before loading anything: the error names it, even for a folder
+    that holds no checkpoint at all (loading would fail there)."""
+    from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+
+    monkeypatch.setenv("GLIMPSE_CPU_BIND", "zero")
+    with pytest.raises(InvalidInputError, match="GLIMPSE_CPU_BIND='zero'"):
+        LLMEngine(EngineConfig(model=tmp_path))
+
+
+def test_the_cli_names_a_bad_setting_in_one_line(tiny_checkpoint):
+    env = {**os.environ, "GLIMPSE_CPU_BIND": "1-0"}
+    ckpt = tiny_checkpoint("glm4v")
+    proc = subprocess.run([sys.executable, "-m", "glimpse.cli", "generate", str(ckpt), "hi", "--max-tokens", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("glimpse: error:") and "GLIMPSE_CPU_BIND='1-0'" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+THREAD_MASKS = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(int(sys.argv[2]))
+    from glimpse import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype="bfloat16", kv_cache_memory="64MiB")
+    llm.generate(["hello there"], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
+    masks = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
+        masks[tid] = line.split(":", 1)[1].strip()
+    print(json.dumps({"main": masks[str(os.getpid())], "threads": sorted(masks.values())}))
+""")
+
+
+def thread_masks(ckpt, threads: int, setting: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIMPSE_CPU_BIND"}
+    if setting is not None:
+        env["GLIMPSE_CPU_BIND"] = setting
+    proc = subprocess.run([sys.executable, "-c", THREAD_MASKS, str(ckpt), str(threads)], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning two threads needs two cores")
+def test_an_engine_pins_its_compute_threads(tiny_checkpoint, native_kernels):
+    """Two torch threads on this process's first two cores: after a step the OpenMP worker is pinned to the
+    second core, the stepping (main) thread keeps both; with GLIMPSE_CPU_BIND=off nothing is pinned."""
+    ckpt = tiny_checkpoint("glm4v")
+    both = format_cpu_list(ALLOWED[:2])
+    bound = thread_masks(ckpt, 2, None)
+    assert bound["main"] == both
+    assert str(ALLOWED[1]) in bound["threads"], bound  # the worker alone on the second core
+    everything = format_cpu_list(ALLOWED)
+    free = thread_masks(ckpt, 2, "off")
+    assert free["main"] == everything and set(free["threads"]) == {everything}, free
+    explicit = thread_masks(ckpt, 2, str(ALLOWED[1]))  # one CPU listed: one thread, on it
+    assert explicit["main"] == str(ALLOWED[1]), explicit
+
+
+def test_binding_is_a_no_op_off_the_cpu_and_when_off():
+    assert platform.ThreadBinding("cpu", setting="off").cpus is None
+    assert platform.ThreadBinding("meta", setting="auto").cpus is None
+    platform.ThreadBinding("cpu", setting="off").ensure()  # nothing to do, nothing raised
