@@ -4,12 +4,13 @@
 /proc/cpuinfo), torch's thread count and whether the native CPU kernels (glimpse/kernels.py) run
 here. `one_row_matmuls(rows, dtype, device)` is the one process-wide switch the engine flips (oneDNN
 off for one-row reduced-precision matmuls). `ThreadBinding` pins torch's compute threads to cores
-(`GLIMPSE_CPU_BIND`). Nothing else in glimpse names a device or a CPU feature;
+(`GLIMPSE_CPU_BIND`); `tune_allocator` keeps freed memory for reuse. Nothing else in glimpse names a device or a CPU feature;
 tests/test_platform_seam.py keeps it so.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import threading
@@ -24,6 +25,7 @@ NATIVE_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "av
 NATIVE_COMPILER_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
 NATIVE_KERNELS_ENV = "GLIMPSE_NATIVE_KERNELS"  # "0" turns the native kernels off
 PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": never pack; "1": always; unset: while they fit (below)
+MALLOC_ENV = "GLIMPSE_MALLOC_TUNING"  # "0": leave glibc malloc's thresholds as they are (tune_allocator)
 CPU_BIND_ENV = "GLIMPSE_CPU_BIND"  # "auto" (unset), "off", or CPU lists per rank: "0-3|4-7" (ThreadBinding)
 
 
@@ -268,3 +270,27 @@ class ThreadBinding:
             torch.set_num_threads(len(self.cpus))
         module.bind_threads([[c] for c in self.cpus])
         os.sched_setaffinity(0, self.cpus)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+@functools.cache
+def tune_allocator(device: str | torch.device = "cpu") -> bool:
+    """Make glibc malloc keep freed memory for reuse in this process (CPU engines; GLIMPSE_MALLOC_TUNING=0:
+    leave it). A step's activations are large tensors made and freed every layer; by default glibc
+    serves many of them from fresh mappings (or trims its heap after them), and the kernel then zeroes
+    every page again on first touch: 130-170k page faults, ~7% of an offline run of 64 image chats in the
+    kernel's clear_page (perf), measured on a 2-core Xeon. Allocations up to 32 MiB (glibc's ceiling for
+    this threshold) now come from the heap, which keeps up to 512 MiB free before trimming: 52k faults,
+    +3% tok/s (8 of 10 alternating runs faster). vLLM-CPU gets the same by preloading tcmalloc.
+    True if the thresholds were set (glibc on a CPU device)."""
+    if torch.device(device).type != "cpu" or os.environ.get(MALLOC_ENV, "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's; other C libraries have none
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 512 << 20), (_M_TOP_PAD, 64 << 20))
+    return all(mallopt(param, value) == 1 for param, value in settings)

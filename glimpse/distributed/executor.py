@@ -222,6 +222,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     distributed.init_process_group(rank, size, "127.0.0.1", port, device)
     try:
         binding = platform.ThreadBinding(device, rank, size, config.cpu_binding, threads_per_rank(size))
+        platform.tune_allocator(device)
         dtype = _resolve_dtype(config)
         model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=device,
                            seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip

@@ -42,7 +42,7 @@ from glimpse.errors import InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
-from glimpse.platform import ThreadBinding
+from glimpse.platform import ThreadBinding, tune_allocator
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
 
@@ -175,6 +175,7 @@ class LLMEngine:
         # checked for every rank before anything loads; each worker rank binds its own threads
         bindings = [ThreadBinding(config.device, rank, size, config.cpu_binding, threads) for rank in range(size)]
         self.binding = bindings[0]
+        tune_allocator(config.device)
         if size > 1:
             from glimpse.distributed.executor import start_workers
             from glimpse.loader import check_tensor_parallel

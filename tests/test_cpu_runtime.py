@@ -1,4 +1,5 @@
-"""Compute threads pinned to cores (glimpse.platform.ThreadBinding, GLIMPSE_CPU_BIND).
+"""How a CPU engine sets up its process: compute threads pinned to cores (glimpse.platform.ThreadBinding,
+GLIMPSE_CPU_BIND) and glibc malloc told to keep freed memory (glimpse.platform.tune_allocator).
 
 The plan is checked against hand-worked CPU sets; the binding itself against what the kernel reports:
 each thread's `Cpus_allowed_list` in /proc/self/task/*/status, read in a subprocess (a pinned pool
@@ -122,3 +123,37 @@ def test_binding_is_a_no_op_off_the_cpu_and_when_off():
     assert platform.ThreadBinding("cpu", setting="off").cpus is None
     assert platform.ThreadBinding("meta", setting="auto").cpus is None
     platform.ThreadBinding("cpu", setting="off").ensure()  # nothing to do, nothing raised
+
+
+ALLOCATIONS = textwrap.dedent("""
+    import ctypes, sys, torch
+    from glimpse import platform
+    tuned = platform.tune_allocator("cpu") if sys.argv[1] == "tune" else False
+    class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t counters
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd  # bytes in mappings of their own
+    x = torch.ones(12 << 20, dtype=torch.bfloat16)  # a 24 MiB activation
+    print(tuned, (mallinfo2().hblkhd - before) >> 20)
+""")
+
+
+def mapped_for_activation(mode: str, env: dict | None = None) -> tuple[str, int]:
+    """(whether tuned, MiB of fresh mappings glibc made for one 24 MiB tensor)."""
+    proc = subprocess.run([sys.executable, "-c", ALLOCATIONS, mode], capture_output=True, text=True, timeout=300,
+                          env=env or os.environ)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tuned, mib = proc.stdout.split()
+    return tuned, int(mib)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt and mallinfo2 are glibc's")
+def test_tuned_malloc_serves_activations_from_its_heap():
+    """glibc's defaults serve a 24 MiB tensor from a mapping of its own (the threshold starts at 128 KiB),
+    which goes back to the kernel when freed and is zeroed page by page when made again; tuned, it comes
+    from the heap, whose freed memory glibc keeps for the next one. GLIMPSE_MALLOC_TUNING=0 leaves glibc alone."""
+    assert mapped_for_activation("plain") == ("False", 24)
+    assert mapped_for_activation("tune") == ("True", 0)
+    assert mapped_for_activation("tune", {**os.environ, "GLIMPSE_MALLOC_TUNING": "0"}) == ("False", 24)
