@@ -243,7 +243,7 @@ class LLM:
         ids = []
         try:
             for (prompt, prep), p in zip(prompts, params, strict=True):
-                ids.append(self.engine.add_request(None, prompt, p, preprocess_seconds=prep))
+                ids.append(self.engine.add_request(None, prompt, p, preprocess_seconds=prep, final_only=True))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)

@@ -138,3 +138,36 @@ def test_stream_reports_each_finish_once(engine, monkeypatch, endpoint):
     for c in final.outputs:
         assert text[c.index] == c.text
         assert logprobs[c.index] == [e.logprob for e in c.logprobs]
+
+
+def test_final_only_requests_report_once_with_the_same_result(engine, monkeypatch):
+    """`final_only` (what `LLM.generate` asks for): no output and no completion built until the request
+    finishes, then one output equal to the streamed request's last one (same seed, so the same tokens),
+    while a streamed request beside it keeps its per-step outputs."""
+    params = SamplingParams(n=2, max_tokens=6, temperature=0.8, seed=7, ignore_eos=True)
+    streamed = _run(engine, "streamed", params, monkeypatch)
+    assert sum(s["out"] is not None for s in streamed) > 1
+
+    built = Counter()
+
+    class CountedCompletion(llm_engine.CompletionOutput):
+        def __init__(self, *args, **kwargs) -> None:
+            built["n"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llm_engine, "CompletionOutput", CountedCompletion)
+    prompt = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    engine.add_request("final", prompt, params, final_only=True)
+    engine.add_request("beside", prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+    seen: dict[str, list] = defaultdict(list)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [o.finished for o in seen["final"]] == [True]
+    assert len(seen["beside"]) == 3  # one output per token
+    assert built["n"] == 2 + 3  # the final request's two completions, once; the other's three outputs
+    final, last = seen["final"][0], streamed[-1]["out"]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in final.outputs] == [
+        (c.token_ids, c.text, c.finish_reason) for c in last.outputs
+    ]
+    assert [c.delta_token_ids for c in final.outputs] == [c.token_ids for c in final.outputs]

@@ -148,6 +148,7 @@ class _Group:
     num_preemptions: int = 0
     grammar: Future | None = None  # the structured-output grammar being compiled (the group waits outside the scheduler)
     grammar_since: float = 0.0  # time.monotonic() when its compile was asked for
+    final_only: bool = False  # step() returns this group's output once, when it has finished
 
     @property
     def finished(self) -> bool:
@@ -254,8 +255,12 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: ProcessedPrompt | list[int] | str,
-                    params: SamplingParams | None = None, preprocess_seconds: float = 0.0) -> str:  # fmt: skip
-        """Queue one request (fanned out into `params.n` sequences); returns its id."""
+                    params: SamplingParams | None = None, preprocess_seconds: float = 0.0,
+                    final_only: bool = False) -> str:  # fmt: skip
+        """Queue one request (fanned out into `params.n` sequences); returns its id. `final_only`: step()
+        returns no output for it until it has finished (a batch caller that reads only final outputs
+        spares the engine an output object per request and step; the text is still decoded as tokens
+        come, for stop strings)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._counter))
         seq_ids = [f"{request_id}-{i}" for i in range(params.n)] if params.n > 1 else [request_id]
@@ -304,7 +309,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)  # fmt: skip
             seqs.append(_Sequence(req, detok, i))
-        group = _Group(request_id, prompt, params, seqs, list(prompt.input_ids), params.n)
+        group = _Group(request_id, prompt, params, seqs, list(prompt.input_ids), params.n, final_only=final_only)
         if grammar is not None and not grammar.done():
             group.grammar, group.grammar_since = grammar, time.monotonic()
             self._compiling[request_id] = group
@@ -489,6 +494,8 @@ class LLMEngine:
         outputs = []
         for gid, seqs in by_group.items():
             group = self.groups[gid]
+            if group.final_only and not group.finished:
+                continue
             if group.finished:
                 del self.groups[gid]
                 seqs = group.seqs  # the final output lists all n
