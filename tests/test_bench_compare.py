@@ -122,7 +122,7 @@ def test_rounds_alternate_with_fresh_images_and_ratios(fakes, tmp_path, capsys):
     out = tmp_path / "compare.json"
     args = _args("--url", _url(slow), "--other-url", _url(fast), "--concurrency", "1,2", "--rounds", "3",
                  "--requests-per-round", "2", "--output-len", "4", "--input-len", "8", "--warmup-requests", "1",
-                 "--json", str(out))  # fmt: skip
+                 "--settle", "0", "--json", str(out))  # fmt: skip
     report = compare.run(args)
     assert json.loads(out.read_text()) == report
     assert [r["concurrency"] for r in report["results"]] == [1, 2] and report["model"] == "same-model"
@@ -157,6 +157,7 @@ def test_rounds_alternate_with_fresh_images_and_ratios(fakes, tmp_path, capsys):
         assert res["ratio"]["tpot"] == pytest.approx(g["median_tpot_ms"] / o["median_tpot_ms"])
         for r in g["rounds"] + o["rounds"]:
             assert r["output_tokens"] == 8 and r["output_tok_s"] == pytest.approx(8 / r["duration_s"])
+            assert r["settle_s"] == 0 and r["quiet"] is True  # --settle 0: no wait
     # 3 rounds of 2: too few requests for --min-requests 16, and never 2 x concurrency 2 in flight.
     assert not any("round(s) per server" in w for w in report["warnings"])
     assert any("6 measured requests" in w for w in report["warnings"])
@@ -263,3 +264,41 @@ def test_two_real_glimpse_servers(tiny_checkpoint, tmp_path, capsys):
         assert 0 < m["glimpse_time_to_first_token_seconds_sum"] <= client_ttft / 1e3
     finally:
         other.stop()
+
+
+def _scripted_cpu(monkeypatch, idle_shares: list[float]) -> None:
+    """compare.cpu_times reads a machine whose CPUs were idle for these shares of each window in turn
+    (the last share repeats): 100 jiffies per window."""
+    state = {"idle": 0, "total": 0, "i": 0}
+
+    def cpu_times():
+        share = idle_shares[min(state["i"], len(idle_shares) - 1)]
+        now = (state["idle"], state["total"])
+        state["idle"] += round(100 * share)
+        state["total"] += 100
+        state["i"] += 1
+        return now
+
+    monkeypatch.setattr(compare, "cpu_times", cpu_times)
+
+
+def test_settle_waits_for_a_quiet_machine(monkeypatch):
+    """Two busy windows (one core of two spinning), then a quiet one: three windows waited, quiet."""
+    _scripted_cpu(monkeypatch, [0.5, 0.5, 0.95])
+    waited, quiet = asyncio.run(compare.settle(10.0))
+    assert quiet and 3 * compare.QUIET_WINDOW <= waited < 10.0
+    _scripted_cpu(monkeypatch, [0.5])  # never quiet: gives up once --settle has passed
+    waited, quiet = asyncio.run(compare.settle(0.5))
+    assert not quiet and 0.5 <= waited < 0.5 + 3 * compare.QUIET_WINDOW
+    assert asyncio.run(compare.settle(0)) == (0.0, True)
+    assert compare.cpu_times() is None or compare.cpu_times()[1] > 0  # the real reader, where /proc/stat exists
+
+
+def test_rounds_started_on_a_busy_machine_are_named(fakes, monkeypatch):
+    a, b = fakes("m", first=0.01, gap=0.001), fakes("m", first=0.01, gap=0.001)
+    _scripted_cpu(monkeypatch, [0.5])
+    report = compare.run(_args("--url", _url(a), "--other-url", _url(b), "--concurrency", "1", "--rounds", "3",
+                               "--output-len", "2", "--warmup-requests", "0", "--settle", "0.2"))  # fmt: skip
+    assert all(not r["quiet"] and r["settle_s"] >= 0.2 for side in ("glimpse", "other")
+               for r in report["results"][0][side]["rounds"])  # fmt: skip
+    assert any("3 glimpse round(s) started on a busy machine" in w and "--settle 0.2" in w for w in report["warnings"])

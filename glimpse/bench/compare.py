@@ -7,6 +7,11 @@ hits), asks for 32 tokens with ignore_eos and streams with usage. Per round: out
 TTFT (send -> first chunk carrying generated text, not a role-only chunk) and mean TPOT
 ((latency - TTFT) / (usage completion_tokens - 1)). Prints the medians over rounds and the ratios
 glimpse/other per concurrency as a table, and all rounds as JSON (`--json FILE`).
+
+Before each round the harness waits until the machine is quiet (`--settle`): a server whose threads
+keep spinning after its round (vLLM-CPU's keep one of two cores busy for ~0.9 s, measured) would
+otherwise slow the first requests of the other server's round (a glimpse request sent inside that
+window took 0.58-0.78 s to its first token instead of 0.1 s).
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_media_workload(run_)
     run_.add_argument("--output-len", type=serve._int_min(2), default=32, help="max_tokens, with ignore_eos")
     run_.add_argument("--timeout", type=serve._positive, default=600.0, help="seconds per request")
+    run_.add_argument("--settle", type=serve._non_negative, default=10.0, metavar="SECONDS",
+                      help="before each round, wait up to this long for the CPUs to be 90%% idle over 0.2 s "
+                           "(0: no wait)")  # fmt: skip
     run_.add_argument("--start-timeout", type=serve._positive, default=900.0,
                       help="seconds the glimpse serve this starts may take to become healthy")  # fmt: skip
     run_.add_argument("--seed", type=serve._int_min(0), default=None,
@@ -257,7 +265,8 @@ async def _compare(args: argparse.Namespace, urls: dict[str, str], model: str) -
                 for i in (0, 1) if r % 2 == 0 else (1, 0):
                     side = SIDES[i]
                     bodies = _bodies(args, model, n, (args.seed, c, r, i, 0))
-                    rounds[side].append(await _round(clients[side], bodies, c))
+                    waited, quiet = await settle(args.settle)
+                    rounds[side].append(await _round(clients[side], bodies, c) | {"settle_s": waited, "quiet": quiet})
             results.append(_medians(c, n, rounds))
     finally:
         for client in clients.values():
@@ -268,6 +277,40 @@ async def _compare(args: argparse.Namespace, urls: dict[str, str], model: str) -
               "workload": workload, "results": results}  # fmt: skip
     report["warnings"] = warnings(report, args)
     return report
+
+
+QUIET_IDLE = 0.9  # the share of all CPUs' time idle over a window that counts as quiet
+QUIET_WINDOW = 0.2  # seconds
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies over all CPUs since boot, from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait; up to steal
+
+
+async def settle(max_seconds: float) -> tuple[float, bool]:
+    """Wait until the CPUs were at least QUIET_IDLE idle over one QUIET_WINDOW, or `max_seconds` passed.
+    Returns (seconds waited, whether it got quiet); (0, True) without waiting where /proc/stat is missing
+    or `max_seconds` is 0."""
+    start = time.perf_counter()
+    before = cpu_times()
+    if before is None or max_seconds <= 0:
+        return 0.0, True
+    while True:
+        await asyncio.sleep(QUIET_WINDOW)
+        after = cpu_times()
+        idle, total = after[0] - before[0], after[1] - before[1]
+        waited = time.perf_counter() - start
+        if total > 0 and idle >= QUIET_IDLE * total:
+            return waited, True
+        if waited >= max_seconds:
+            return waited, False
+        before = after
 
 
 def _bodies(args: argparse.Namespace, model: str, n: int, seed: tuple[int, ...]) -> list[bytes]:
@@ -333,6 +376,9 @@ def warnings(report: dict, args: argparse.Namespace) -> list[str]:
                        "(--requests-per-round >= 2 x concurrency)")  # fmt: skip
         for side in SIDES:
             rs = res[side]["rounds"]
+            if noisy := sum(not r.get("quiet", True) for r in rs):
+                out.append(f"concurrency {c}: {noisy} {side} round(s) started on a busy machine (not 90% idle "
+                           f"within --settle {args.settle} s): something else is using the CPUs")  # fmt: skip
             if res[side]["failed"]:
                 out.append(f"concurrency {c}: {res[side]['failed']} {side} request(s) failed, e.g. "
                            f"{next(e for r in rs for e in r['errors'])}")  # fmt: skip
