@@ -303,8 +303,8 @@ def make_llm(model: str | None, args: argparse.Namespace):
                encoder_cache_memory=args.encoder_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                seed=args.seed, load_format=args.load_format, encoder_graph=args.encoder_graph,
                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
-               mm_encoder_tp_mode=args.mm_encoder_tp_mode,
-               encoder_budgets=args.encoder_budgets)  # fmt: skip
+               mm_encoder_tp_mode=args.mm_encoder_tp_mode, encoder_budgets=args.encoder_budgets,
+               warmup=False)  # one prompt: a warm-up step would only add its own time  # fmt: skip
 
 
 def _params(llm, args: argparse.Namespace):

@@ -10,6 +10,11 @@ checkpoint with RANDOM weights is made on first use and cached.
 A step's prompt tokens may fill the whole default `max_num_batched_tokens` budget
 (`max_prefill_tokens=2048`): larger prefill matmuls read each weight once for more rows (64 image
 chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md).
+
+`warmup=True` (the default) runs one full prefill step at start-up and forgets it
+(`LLMEngine.warm_up`), as vLLM's start-up profiling run does: later calls do not pay for compiling
+kernels and growing memory. A single batch takes about as long either way; `warmup=False` saves the
+start-up step for one-off use.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class LLM:
                  video_pruning_rate: float = 0.0, structured_output_max_bytes: int = 64 * 1024,
                  structured_output_max_depth: int = 24, structured_output_compile_timeout: float = 10.0,
                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 mm_encoder_tp_mode: str = "weights", **model_kwargs: Any) -> None:  # fmt: skip
+                 mm_encoder_tp_mode: str = "weights", warmup: bool = True, **model_kwargs: Any) -> None:  # fmt: skip
         self.is_demo = model is None
         if model is None:
             model = demo_checkpoint()
@@ -71,7 +76,7 @@ class LLM:
                               structured_output_max_depth=structured_output_max_depth,
                               structured_output_compile_timeout=structured_output_compile_timeout,
                               tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
-                              mm_encoder_tp_mode=mm_encoder_tp_mode, model_kwargs=model_kwargs)  # fmt: skip
+                              mm_encoder_tp_mode=mm_encoder_tp_mode, warmup=warmup, model_kwargs=model_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)
         self.processor = self.engine.processor
 

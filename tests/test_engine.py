@@ -236,3 +236,32 @@ def test_encoder_graph_engine_equals_eager(family, tiny_checkpoint):
     assert graph_llm.engine.runner.encoder_runner.compiled_graphs >= 1
     graph = graph_llm.chat(convs, GREEDY, use_tqdm=False, mm_processor_kwargs=kwargs)
     assert _tokens(graph) == _tokens(eager)
+
+
+def test_warm_up_runs_one_full_step_and_leaves_nothing_behind(tiny_checkpoint, monkeypatch):
+    """`warmup=True`: one step as full as the prefill budget (an image chat plus a filler prompt), then an
+    engine in the state of a fresh one: no request, every KV block free, nothing in the prefix cache; its
+    greedy answers equal those of an engine that did not warm up."""
+    from glimpse.engine.model_runner import ModelRunner
+    from glimpse.errors import InvalidInputError
+
+    steps = []
+    execute = ModelRunner.execute
+
+    def spy(self, sched):
+        steps.append((sum(sched.num_scheduled_tokens.values()), len(sched.encode)))
+        return execute(self, sched)
+
+    monkeypatch.setattr(ModelRunner, "execute", spy)
+    path = tiny_checkpoint("glm46v")
+    warm = LLM(path, dtype="float32", max_num_batched_tokens=256, max_prefill_tokens=200)
+    assert steps[0] == (200, 1)  # the budget's 200 prompt tokens, the image encoded in the same step
+    engine = warm.engine
+    assert not engine.has_unfinished_requests() and not engine.blocks.cached
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    cold = LLM(path, dtype="float32", max_num_batched_tokens=256, max_prefill_tokens=200, warmup=False)
+    convs = _conversations(2)[:4]
+    assert _tokens(warm.chat(convs, GREEDY, use_tqdm=False)) == _tokens(cold.chat(convs, GREEDY, use_tqdm=False))
+    engine.add_request("busy", "Hello", SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidInputError, match="before the first request"):
+        engine.warm_up()

@@ -162,6 +162,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"),
                      help="dummy: seeded random weights instead of the folder's safetensors (benchmarks of a "
                           "config-only checkpoint, as vLLM's --load-format dummy)")  # fmt: skip
+    eng.add_argument("--warmup", choices=("on", "off"), default="on",
+                     help="before serving, run one full prefill step (an image chat and a prompt filling the "
+                          "prefill budget) and forget it, so the first requests do not pay for compiling kernels "
+                          "and growing memory")  # fmt: skip
     eng.add_argument("--encoder-graph", choices=("on", "off"), default=None,
                      help="vision encoder in token budgets with one compiled graph each: measured faster on CPU, "
                           "at the cost of compiling at start-up (see docs/benchmarks.md); off: eager tower calls "
@@ -465,7 +469,8 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           structured_output_max_bytes=parse_bytes(args.structured_output_max_bytes,
                                                                   "--structured-output-max-bytes"),
                           structured_output_max_depth=args.structured_output_max_depth,
-                          structured_output_compile_timeout=args.structured_output_compile_timeout)  # fmt: skip
+                          structured_output_compile_timeout=args.structured_output_compile_timeout,
+                          warmup=args.warmup == "on")  # fmt: skip
     if start_engine is not None:
         engine = start_engine(config)
     elif args.engine_process:
