@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ PACKED_WEIGHTS_ENV = "GLIMPSE_PACKED_WEIGHTS"  # "0": never pack; "1": always; u
 MALLOC_ENV = "GLIMPSE_MALLOC_TUNING"  # "0": leave glibc malloc's thresholds as they are (tune_allocator)
 CPU_BIND_ENV = "GLIMPSE_CPU_BIND"  # "auto" (unset), "off", or CPU lists per rank: "0-3|4-7" (ThreadBinding)
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Platform:
@@ -183,8 +186,9 @@ def cpu_binding_plan(rank: int = 0, size: int = 1, threads: int | None = None,
     """The CPUs that tensor-parallel rank `rank` of `size` pins its `threads` torch threads to, one each
     (None: leave them floating), from `setting` (default: GLIMPSE_CPU_BIND, unset meaning "auto").
 
-    "auto": the CPUs this process may run on, in order, `threads` per rank (rank r takes the r-th run of
-    them), as long as they suffice for every rank's threads; "off": never; otherwise one CPU list per
+    "auto": when the ranks' threads use exactly the CPUs this process may run on (the default thread
+    count: one per core), each rank takes its run of them in order (rank r the r-th); with fewer threads
+    nothing is pinned, since other processes on the machine would pin to the same first cores; "off": never; otherwise one CPU list per
     rank separated by "|", each like "0-3,8" (the rank then runs one thread per CPU listed). Raises
     InvalidInputError, naming GLIMPSE_CPU_BIND, for a list that does not parse, does not match the ranks,
     or names a CPU this process may not use."""
@@ -196,7 +200,7 @@ def cpu_binding_plan(rank: int = 0, size: int = 1, threads: int | None = None,
     allowed = sorted(os.sched_getaffinity(0))
     if setting == "auto":
         threads = threads or torch.get_num_threads()
-        return allowed[rank * threads : (rank + 1) * threads] if threads * size <= len(allowed) else None
+        return allowed[rank * threads : (rank + 1) * threads] if threads * size == len(allowed) else None
     lists = setting.split("|")
     if len(lists) != size:
         raise InvalidInputError(f"{CPU_BIND_ENV}={setting!r} gives {len(lists)} CPU list(s) for {size} "
@@ -244,9 +248,11 @@ class ThreadBinding:
     measured +5% tok/s offline (docs/benchmarks.md, session 9). OpenMP keeps one team per thread that
     starts parallel work, so `ensure()` is called before every step and binds again when the stepping
     thread changes. The stepping thread itself (OpenMP's thread 0) keeps all of `cpus`: the Python
-    threads it starts later inherit its mask and should not all share one core.
+    threads it starts later inherit its mask and should not all share one core. `release()` (the
+    engine's close) gives that thread and its OpenMP team back the CPUs they had.
 
-    Needs the native CPU kernels (glimpse/kernels.py); without them, or for a plan of None, a no-op."""
+    Needs the native CPU kernels (glimpse/kernels.py); without them (logged for an explicit list), or
+    for a plan of None, a no-op."""
 
     def __init__(self, device: str | torch.device, rank: int = 0, size: int = 1, setting: str | None = None,
                  threads: int | None = None) -> None:  # fmt: skip
@@ -255,21 +261,45 @@ class ThreadBinding:
         on_cpu = torch.device(device).type == "cpu"
         self.cpus = cpu_binding_plan(rank, size, threads, setting) if on_cpu else None
         self._thread: int | None = None
+        self._saved: set[int] = set()  # the stepping thread's CPUs before it was pinned
 
     def ensure(self) -> None:
         if self.cpus is None or self._thread == threading.get_ident():
             return
-        self._thread = threading.get_ident()
         from glimpse import kernels
 
         module = kernels.cpu_kernels()
         if module is None:
+            if os.environ.get(CPU_BIND_ENV, "auto").strip() not in ("", "auto", "off"):
+                logger.warning("%s is ignored: pinning threads needs the native CPU kernels, which do not run "
+                               "here", CPU_BIND_ENV)  # fmt: skip
             self.cpus = None
             return
+        self._thread, self._saved = threading.get_ident(), os.sched_getaffinity(0)
         if len(self.cpus) != torch.get_num_threads():  # an explicit list sets the thread count
             torch.set_num_threads(len(self.cpus))
-        module.bind_threads([[c] for c in self.cpus])
-        os.sched_setaffinity(0, self.cpus)
+        try:
+            module.bind_threads([[c] for c in self.cpus])
+            os.sched_setaffinity(0, self.cpus)
+        except (RuntimeError, OSError) as exc:  # e.g. a CPU taken offline since start-up
+            logger.warning("compute threads left floating: pinning them to CPUs %s failed (%s); %s=off skips "
+                           "it", format_cpu_list(self.cpus), exc, CPU_BIND_ENV)  # fmt: skip
+            self.release()
+            self.cpus = None
+
+    def release(self) -> None:
+        """Give the stepping thread and its OpenMP team back the CPUs the thread had before `ensure`
+        (from that thread only: another thread's team is not this one)."""
+        if self._thread is None or self._thread != threading.get_ident():
+            return
+        from glimpse import kernels
+
+        saved = sorted(self._saved)
+        self._thread = None
+        try:
+            kernels.cpu_kernels().bind_threads([saved] * torch.get_num_threads())
+        finally:
+            os.sched_setaffinity(0, saved)
 
 
 # glibc's mallopt parameters (malloc.h)

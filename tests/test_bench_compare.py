@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -266,37 +267,39 @@ def test_two_real_glimpse_servers(tiny_checkpoint, tmp_path, capsys):
         other.stop()
 
 
-def _scripted_cpu(monkeypatch, idle_shares: list[float]) -> None:
-    """compare.cpu_times reads a machine whose CPUs were idle for these shares of each window in turn
-    (the last share repeats): 100 jiffies per window."""
-    state = {"idle": 0, "total": 0, "i": 0}
+def _scripted_cpu(monkeypatch, *cpus: list[float]) -> None:
+    """compare.cpu_times reads a machine of len(cpus) CPUs, CPU i idle for the shares cpus[i] of each
+    window in turn (its last share repeats): 100 jiffies per window."""
+    state = {"t": 0, "idle": [0] * len(cpus)}
 
     def cpu_times():
-        share = idle_shares[min(state["i"], len(idle_shares) - 1)]
-        now = (state["idle"], state["total"])
-        state["idle"] += round(100 * share)
-        state["total"] += 100
-        state["i"] += 1
+        now = {i: (state["idle"][i], 100 * state["t"]) for i in range(len(cpus))}
+        for i, shares in enumerate(cpus):
+            state["idle"][i] += round(100 * shares[min(state["t"], len(shares) - 1)])
+        state["t"] += 1
         return now
 
     monkeypatch.setattr(compare, "cpu_times", cpu_times)
 
 
 def test_settle_waits_for_a_quiet_machine(monkeypatch):
-    """Two busy windows (one core of two spinning), then a quiet one: three windows waited, quiet."""
-    _scripted_cpu(monkeypatch, [0.5, 0.5, 0.95])
+    """One core of two spinning for two windows (the machine as a whole half idle), then both quiet:
+    three windows waited, quiet. A single busy core of many is not quiet either."""
+    _scripted_cpu(monkeypatch, [1.0], [0.0, 0.0, 1.0])
     waited, quiet = asyncio.run(compare.settle(10.0))
     assert quiet and 3 * compare.QUIET_WINDOW <= waited < 10.0
-    _scripted_cpu(monkeypatch, [0.5])  # never quiet: gives up once --settle has passed
-    waited, quiet = asyncio.run(compare.settle(0.5))
+    _scripted_cpu(monkeypatch, *([[1.0]] * 15), [0.0])  # 15 idle CPUs, one spinning: 94% idle in all
+    waited, quiet = asyncio.run(compare.settle(0.5))  # gives up once --settle has passed
     assert not quiet and 0.5 <= waited < 0.5 + 3 * compare.QUIET_WINDOW
     assert asyncio.run(compare.settle(0)) == (0.0, True)
-    assert compare.cpu_times() is None or compare.cpu_times()[1] > 0  # the real reader, where /proc/stat exists
+    monkeypatch.undo()
+    real = compare.cpu_times()  # the real reader, where /proc/stat exists: this process's CPUs
+    assert real is None or set(real) == set(os.sched_getaffinity(0))
 
 
 def test_rounds_started_on_a_busy_machine_are_named(fakes, monkeypatch):
     a, b = fakes("m", first=0.01, gap=0.001), fakes("m", first=0.01, gap=0.001)
-    _scripted_cpu(monkeypatch, [0.5])
+    _scripted_cpu(monkeypatch, [1.0], [0.0])
     report = compare.run(_args("--url", _url(a), "--other-url", _url(b), "--concurrency", "1", "--rounds", "3",
                                "--output-len", "2", "--warmup-requests", "0", "--settle", "0.2"))  # fmt: skip
     assert all(not r["quiet"] and r["settle_s"] >= 0.2 for side in ("glimpse", "other")

@@ -106,3 +106,10 @@ def test_metadata_slots_follow_the_block_tables():
                 slots, offsets = getattr(meta, name)[-2:]
                 assert slots.tolist() == [s for i in seqs for s in expected_ctx[i]]
                 assert offsets.tolist() == [sum(len(expected_ctx[i]) for i in seqs[:j]) for j in range(len(seqs) + 1)]
+
+
+def test_metadata_refuses_a_block_table_too_short_for_its_tokens():
+    with pytest.raises(ValueError, match="sequence 1: 9 tokens need 3 blocks, its table has 2"):
+        AttentionMetadata.build(4, [[0, 1, 2], [3, 4]], [8, 8], [1, 1])
+    meta = AttentionMetadata.build(4, [[0, 1, 2, 7], [3, 4, 5]], [8, 8], [1, 1])  # longer tables are fine
+    assert meta.slot_mapping.tolist() == [8, 20]

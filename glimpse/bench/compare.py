@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--output-len", type=serve._int_min(2), default=32, help="max_tokens, with ignore_eos")
     run_.add_argument("--timeout", type=serve._positive, default=600.0, help="seconds per request")
     run_.add_argument("--settle", type=serve._non_negative, default=10.0, metavar="SECONDS",
-                      help="before each round, wait up to this long for the CPUs to be 90%% idle over 0.2 s "
+                      help="before each round, wait up to this long for each CPU to be 90%% idle over 0.2 s "
                            "(0: no wait)")  # fmt: skip
     run_.add_argument("--start-timeout", type=serve._positive, default=900.0,
                       help="seconds the glimpse serve this starts may take to become healthy")  # fmt: skip
@@ -283,19 +283,27 @@ QUIET_IDLE = 0.9  # the share of all CPUs' time idle over a window that counts a
 QUIET_WINDOW = 0.2  # seconds
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """(idle, total) jiffies over all CPUs since boot, from /proc/stat (None where there is none)."""
+def cpu_times() -> dict[int, tuple[int, int]] | None:
+    """(idle, total) jiffies since boot of each CPU this process may run on, from /proc/stat's `cpuN`
+    lines (None where there is no such file)."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+    except OSError:
         return None
-    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait; up to steal
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    out = {}
+    for fields in lines:
+        cpu, values = int(fields[0][3:]), [int(x) for x in fields[1:9]]
+        if mine is None or cpu in mine:
+            out[cpu] = (values[3] + values[4], sum(values))  # idle + iowait, of everything up to steal
+    return out
 
 
 async def settle(max_seconds: float) -> tuple[float, bool]:
-    """Wait until the CPUs were at least QUIET_IDLE idle over one QUIET_WINDOW, or `max_seconds` passed.
-    Returns (seconds waited, whether it got quiet); (0, True) without waiting where /proc/stat is missing
+    """Wait until each CPU this process may use was at least QUIET_IDLE idle over one QUIET_WINDOW (one
+    spinning core is enough to slow the next round), or `max_seconds` passed. Returns (seconds waited,
+    whether it got quiet); (0, True) without waiting where /proc/stat is missing (`warnings` says so)
     or `max_seconds` is 0."""
     start = time.perf_counter()
     before = cpu_times()
@@ -304,9 +312,9 @@ async def settle(max_seconds: float) -> tuple[float, bool]:
     while True:
         await asyncio.sleep(QUIET_WINDOW)
         after = cpu_times()
-        idle, total = after[0] - before[0], after[1] - before[1]
         waited = time.perf_counter() - start
-        if total > 0 and idle >= QUIET_IDLE * total:
+        deltas = [(after[c][0] - before[c][0], after[c][1] - before[c][1]) for c in after if c in before]
+        if deltas and all(total > 0 and idle >= QUIET_IDLE * total for idle, total in deltas):
             return waited, True
         if waited >= max_seconds:
             return waited, False
@@ -364,6 +372,8 @@ def _medians(concurrency: int, per_round: int, rounds: dict[str, list[dict]]) ->
 def warnings(report: dict, args: argparse.Namespace) -> list[str]:
     """What makes this run's figures weak: too few rounds or requests, failures, ignored settings."""
     out = []
+    if args.settle > 0 and cpu_times() is None:
+        out.append("--settle needs /proc/stat (Linux): rounds started without waiting for a quiet machine")
     if report["rounds"] < MIN_ROUNDS:
         out.append(f"only {report['rounds']} round(s) per server: medians need >= {MIN_ROUNDS} (--rounds)")
     for res in report["results"]:

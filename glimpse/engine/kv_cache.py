@@ -151,6 +151,10 @@ class AttentionMetadata:
         decode step of 64 sequences took ~6 small ops per sequence)."""
         n = len(block_tables)
         context_lens = [d + q for d, q in zip(num_computed, query_lens, strict=True)]
+        for i, (table, ctx) in enumerate(zip(block_tables, context_lens, strict=True)):
+            if len(table) * block_size < ctx:  # the padded table below would silently point at block 0
+                raise ValueError(f"sequence {i}: {ctx} tokens need {-(-ctx // block_size)} blocks, its table has "
+                                 f"{len(table)}")  # fmt: skip
         starts = [0] * n
         for i in range(1, n):
             starts[i] = starts[i - 1] + query_lens[i - 1]

@@ -38,7 +38,7 @@ from glimpse.engine.sampler import TopLogprobs, sequence_seed
 from glimpse.engine.sampling_params import Logprob, SamplingParams, logprob_dict
 from glimpse.engine.scheduler import Scheduler, SchedulerConfig
 from glimpse.engine.structured import DEAD_END, THINKING_FAMILIES, StructuredLimits, StructuredOutputs
-from glimpse.errors import InvalidInputError, PromptError
+from glimpse.errors import GlimpseError, InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
@@ -190,7 +190,11 @@ class LLMEngine:
         try:
             self._build(config, dtype)
             if config.warmup:
-                self.warm_up()
+                try:
+                    self.warm_up()
+                except GlimpseError as exc:
+                    raise type(exc)(f"the start-up warm-up step failed: {exc} (warmup=False / --warmup off "
+                                    "skips it)") from exc  # fmt: skip
         except BaseException:
             self.close()  # a failed start leaves no process behind
             raise
@@ -286,12 +290,15 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         self.blocks.reset_prefix_cache()
+        self._reset_counters()
         seconds = time.perf_counter() - t0
         log.info("warm-up step ran in %.2f s", seconds)
         return seconds
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes (if any); the engine cannot step afterwards."""
+        """Stop the tensor-parallel worker processes (if any) and unpin this thread's compute threads (from
+        the thread that stepped); the engine cannot step afterwards."""
+        self.binding.release()
         if self.workers is not None:
             self.workers.close()
 
@@ -587,6 +594,12 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) for i in prompt):
             return ProcessedPrompt(list(prompt))
         raise InvalidInputError(f"a prompt must be a string, a list of token ids or a ProcessedPrompt, not {type(prompt).__name__}")
+
+    def _reset_counters(self) -> None:
+        """The since-start counters that /metrics reports, back to zero (after the warm-up step)."""
+        self.blocks.queries = self.blocks.hits = 0
+        self.encoder_cache.lookups = self.encoder_cache.hits = 0
+        getattr(self.runner, "runner", self.runner).num_forwards = 0  # the driver's runner under tensor parallelism
 
     def stats(self) -> dict:
         return {
