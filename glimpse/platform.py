@@ -247,9 +247,9 @@ class ThreadBinding:
     `cpus[i]`, as vLLM-CPU binds its own. Floating threads migrate between cores and lose their caches;
     measured +5% tok/s offline (docs/benchmarks.md, session 9). OpenMP keeps one team per thread that
     starts parallel work, so `ensure()` is called before every step and binds again when the stepping
-    thread changes. The stepping thread itself (OpenMP's thread 0) keeps all of `cpus`: the Python
-    threads it starts later inherit its mask and should not all share one core. `release()` (the
-    engine's close) gives that thread and its OpenMP team back the CPUs they had.
+    thread changes. The stepping thread itself (OpenMP's thread 0) keeps the CPUs it had: it is the
+    caller's thread (the user's, with `LLM`), and the threads and processes it starts later inherit its
+    mask. `release()` (the engine's close) gives its OpenMP team back those CPUs too.
 
     Needs the native CPU kernels (glimpse/kernels.py); without them (logged for an explicit list), or
     for a plan of None, a no-op."""
@@ -280,7 +280,7 @@ class ThreadBinding:
             torch.set_num_threads(len(self.cpus))
         try:
             module.bind_threads([[c] for c in self.cpus])
-            os.sched_setaffinity(0, self.cpus)
+            os.sched_setaffinity(0, self._saved)  # thread 0 is the stepping thread: it keeps its own CPUs
         except (RuntimeError, OSError) as exc:  # e.g. a CPU taken offline since start-up
             logger.warning("compute threads left floating: pinning them to CPUs %s failed (%s); %s=off skips "
                            "it", format_cpu_list(self.cpus), exc, CPU_BIND_ENV)  # fmt: skip
@@ -288,8 +288,8 @@ class ThreadBinding:
             self.cpus = None
 
     def release(self) -> None:
-        """Give the stepping thread and its OpenMP team back the CPUs the thread had before `ensure`
-        (from that thread only: another thread's team is not this one)."""
+        """Give the stepping thread's OpenMP team back the CPUs that thread has (from that thread only:
+        another thread's team is not this one)."""
         if self._thread is None or self._thread != threading.get_ident():
             return
         from glimpse import kernels

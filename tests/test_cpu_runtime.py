@@ -92,9 +92,15 @@ THREAD_MASKS = textwrap.dedent("""
         with open(f"/proc/self/task/{tid}/status") as f:
             line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
         masks[tid] = line.split(":", 1)[1].strip()
+    before = masks
     llm.close()  # unpins
-    after = open(f"/proc/self/task/{os.getpid()}/status").read().split("Cpus_allowed_list:")[1].split()[0]
-    print(json.dumps({"main": masks[str(os.getpid())], "threads": sorted(masks.values()), "after_close": after}))
+    masks = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
+        masks[tid] = line.split(":", 1)[1].strip()
+    after = {"main": masks[str(os.getpid())], "threads": sorted(masks.values())}
+    print(json.dumps({"main": before[str(os.getpid())], "threads": sorted(before.values()), "after_close": after}))
 """)
 
 
@@ -111,8 +117,8 @@ def thread_masks(ckpt, threads: int, setting: str | None) -> dict:
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning threads to separate cores needs two cores")
 def test_an_engine_pins_its_compute_threads(tiny_checkpoint, native_kernels):
     """One torch thread per core of this process: after a step each OpenMP worker is pinned to its own
-    core, the stepping (main) thread keeps them all; with GLIMPSE_CPU_BIND=off nothing is pinned; the
-    engine's close() gives the main thread all of the process's CPUs back."""
+    core while the stepping (main) thread keeps all of them (the caller's thread is never narrowed); with
+    GLIMPSE_CPU_BIND=off nothing is pinned; the engine's close() unpins the workers."""
     ckpt = tiny_checkpoint("glm4v")
     everything = format_cpu_list(ALLOWED)
     bound = thread_masks(ckpt, len(ALLOWED), None)
@@ -120,9 +126,12 @@ def test_an_engine_pins_its_compute_threads(tiny_checkpoint, native_kernels):
     assert all(str(c) in bound["threads"] for c in ALLOWED[1:]), bound  # the workers, one core each
     free = thread_masks(ckpt, len(ALLOWED), "off")
     assert free["main"] == everything and set(free["threads"]) == {everything}, free
-    explicit = thread_masks(ckpt, len(ALLOWED), str(ALLOWED[1]))  # one CPU listed: one thread, on it
-    assert explicit["main"] == str(ALLOWED[1]), explicit
-    assert explicit["after_close"] == bound["after_close"] == everything  # close() gives the CPUs back
+    explicit = thread_masks(ckpt, len(ALLOWED), f"{ALLOWED[1]},{ALLOWED[0]}")  # two CPUs listed, in this order
+    assert explicit["main"] == everything and str(ALLOWED[1]) not in explicit["threads"], explicit
+    assert str(ALLOWED[0]) in explicit["threads"]  # the one worker, on the second CPU listed
+    for masks in (bound, explicit):
+        after = masks["after_close"]
+        assert after["main"] == everything and set(after["threads"]) == {everything}, after
 
 
 def test_binding_is_a_no_op_off_the_cpu_and_when_off():
