@@ -32,6 +32,7 @@ CPU_BIND_ENV = "GLIMPSE_CPU_BIND"  # "auto" (unset), "off", or CPU lists per ran
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Platform:
     """What the backends are selected from; made once at start-up by `detect`."""
@@ -188,13 +189,14 @@ def cpu_binding_plan(rank: int = 0, size: int = 1, threads: int | None = None,
 
     "auto": when the ranks' threads use exactly the CPUs this process may run on (the default thread
     count: one per core), each rank takes its run of them in order (rank r the r-th); with fewer threads
-    nothing is pinned, since other processes on the machine would pin to the same first cores; "off": never; otherwise one CPU list per
-    rank separated by "|", each like "0-3,8" (the rank then runs one thread per CPU listed). Raises
+    nothing is pinned, since other processes on the machine would pin to the same first cores; "off":
+    never; otherwise one CPU list per rank separated by "|", each like "0-3,8" (the rank then runs one
+    thread per CPU listed). Raises
     InvalidInputError, naming GLIMPSE_CPU_BIND, for a list that does not parse, does not match the ranks,
     or names a CPU this process may not use."""
     from glimpse.errors import InvalidInputError
 
-    setting = (os.environ.get(CPU_BIND_ENV, "auto") if setting is None else setting).strip() or "auto"
+    setting = cpu_bind_setting(setting)
     if setting == "off" or not hasattr(os, "sched_getaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
@@ -210,6 +212,11 @@ def cpu_binding_plan(rank: int = 0, size: int = 1, threads: int | None = None,
         raise InvalidInputError(f"{CPU_BIND_ENV}={setting!r} names CPU(s) {outside} this process may not run on "
                                 f"(allowed: {format_cpu_list(allowed)})")  # fmt: skip
     return cpus
+
+
+def cpu_bind_setting(setting: str | None) -> str:
+    """`setting`, or GLIMPSE_CPU_BIND where it is None, stripped; "auto" when empty or unset."""
+    return (os.environ.get(CPU_BIND_ENV, "auto") if setting is None else setting).strip() or "auto"
 
 
 def parse_cpu_list(text: str, what: str) -> list[int]:
@@ -260,6 +267,7 @@ class ThreadBinding:
         `cpu_binding_plan`. Raises InvalidInputError for a bad setting, before anything is loaded."""
         on_cpu = torch.device(device).type == "cpu"
         self.cpus = cpu_binding_plan(rank, size, threads, setting) if on_cpu else None
+        self.explicit = cpu_bind_setting(setting) not in ("auto", "off")  # CPU lists the user gave
         self._thread: int | None = None
         self._saved: set[int] = set()  # the stepping thread's CPUs before it was pinned
 
@@ -270,7 +278,7 @@ class ThreadBinding:
 
         module = kernels.cpu_kernels()
         if module is None:
-            if os.environ.get(CPU_BIND_ENV, "auto").strip() not in ("", "auto", "off"):
+            if self.explicit:
                 logger.warning("%s is ignored: pinning threads needs the native CPU kernels, which do not run "
                                "here", CPU_BIND_ENV)  # fmt: skip
             self.cpus = None

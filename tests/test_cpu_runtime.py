@@ -85,22 +85,20 @@ THREAD_MASKS = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(int(sys.argv[2]))
     from glimpse import LLM, SamplingParams
+
+    def masks():  # the main thread's CPU list and every thread's, as the kernel reports them
+        lists = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/status") as f:
+                line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
+            lists[tid] = line.split(":", 1)[1].strip()
+        return {"main": lists[str(os.getpid())], "threads": sorted(lists.values())}
+
     llm = LLM(model=sys.argv[1], dtype="bfloat16", kv_cache_memory="64MiB")
     llm.generate(["hello there"], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
-    masks = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/status") as f:
-            line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
-        masks[tid] = line.split(":", 1)[1].strip()
-    before = masks
+    stepped = masks()
     llm.close()  # unpins
-    masks = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/status") as f:
-            line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
-        masks[tid] = line.split(":", 1)[1].strip()
-    after = {"main": masks[str(os.getpid())], "threads": sorted(masks.values())}
-    print(json.dumps({"main": before[str(os.getpid())], "threads": sorted(before.values()), "after_close": after}))
+    print(json.dumps({**stepped, "after_close": masks()}))
 """)
 
 

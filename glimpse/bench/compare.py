@@ -279,7 +279,7 @@ async def _compare(args: argparse.Namespace, urls: dict[str, str], model: str) -
     return report
 
 
-QUIET_IDLE = 0.9  # the share of all CPUs' time idle over a window that counts as quiet
+QUIET_IDLE = 0.9  # the share of each CPU's time idle over a window that counts as quiet
 QUIET_WINDOW = 0.2  # seconds
 
 

@@ -29,8 +29,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -775,7 +775,6 @@ void text_rotary_bf16_(const torch::Tensor& qkv, int64_t heads, const torch::Ten
     }
   });
 }
-
 
 // Pins torch's intra-op threads: OpenMP thread i of the calling thread's team (the caller is thread 0)
 // to the CPUs cpus[i]. OpenMP's own binding (OMP_PROC_BIND, OMP_PLACES) is read once, when the runtime

@@ -281,9 +281,7 @@ class LLMEngine:
             used = len(chat.input_ids)
         except PromptError:  # the image's tokens do not fit this engine's max_model_len or encoder cache
             used = 0
-        budget = min(self.config.max_prefill_tokens or self.config.max_num_batched_tokens,
-                     self.config.max_num_batched_tokens)  # fmt: skip
-        filler = min(budget - used, self.max_model_len - 2)
+        filler = min(self.scheduler.config.prefill_budget - used, self.max_model_len - 2)
         if filler > 0:
             words = self.tokenizer.encode(" warm up", add_special_tokens=False) or [0]
             self.add_request("glimpse-warmup-text", (words * (filler // len(words) + 1))[:filler], once)

@@ -125,6 +125,12 @@ class ModelRunner:
 
         ids, positions, sample_rows, sampled = [], [], [], []
         decoding: list[int] = []  # positions of consecutive decode tokens, made one tensor (not one per request)
+
+        def flush_decoding() -> None:
+            if decoding:
+                positions.append(torch.tensor(decoding, dtype=torch.long).expand(3, -1))
+                decoding.clear()
+
         row = 0
         for state, n in zip(states, counts, strict=True):
             start = state.num_computed_tokens
@@ -136,15 +142,12 @@ class ModelRunner:
                 for item in state.media_in(start, start + n):
                     if item.pruning_rate:  # EVS: positions of the kept tokens, known now that they are encoded
                         state.place_kept(item, self.encoder_cache.get(item.content_hash).kept)
-                if decoding:
-                    positions.append(torch.tensor(decoding, dtype=torch.long).expand(3, -1))
-                    decoding = []
+                flush_decoding()
                 positions.append(state.positions(start, start + n))
             if start + n == len(state.token_ids):
                 sample_rows.append(row - 1)
                 sampled.append(state)
-        if decoding:
-            positions.append(torch.tensor(decoding, dtype=torch.long).expand(3, -1))
+        flush_decoding()
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.model.embed_tokens(input_ids)
         self._merge_media(states, counts, embeds)

@@ -40,6 +40,11 @@ class SchedulerConfig:
     encoder_budget: int = 4096  # vision embedding tokens encoded per step
     max_prefill_tokens: int | None = None  # prefill tokens per step (None: max_num_batched_tokens)
 
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens one step may take: max_prefill_tokens, within max_num_batched_tokens."""
+        return min(self.max_prefill_tokens or self.max_num_batched_tokens, self.max_num_batched_tokens)
+
 
 @dataclass(frozen=True)
 class NewRequestData:
@@ -118,7 +123,7 @@ class Scheduler:
         step: dict[Request, int] = {}  # requests hash by identity; insertion order is batch order
         encoding: dict[str, MediaItem] = {}
         tokens = self.config.max_num_batched_tokens
-        prefill = min(self.config.max_prefill_tokens or tokens, tokens)
+        prefill = self.config.prefill_budget
 
         for decode in (True, False):  # passes 1 and 2 over the running requests
             i = 0
