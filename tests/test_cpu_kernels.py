@@ -36,10 +36,22 @@ def _check(out, q, k_cache, v_cache, slots, n, causal):
     assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
+@pytest.fixture(params=["avx512-bf16", "amx-tiles"])
+def segment_path(request, native_kernels):
+    """Segment attention on each of its two paths: AVX512-BF16 dot products, and AMX tiles where the CPU
+    has them (the kernel picks the tiles by itself there; the other path is asked for)."""
+    tiles = request.param == "amx-tiles"
+    if tiles and not native_kernels.use_tile_attention():
+        pytest.skip("this CPU has no AMX-BF16 tiles (or the OS does not grant them): only the AVX512-BF16 path runs")
+    native_kernels.use_tile_attention(tiles)
+    yield native_kernels
+    native_kernels.use_tile_attention(True)
+
+
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (4, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_matches_float32_attention(native_kernels, head_dim, heads, kv_heads, causal):
+def test_kernel_matches_float32_attention(segment_path, head_dim, heads, kv_heads, causal):
     # (query start, queries, keys): single rows, a block edge (63/64/65), a causal chunk after
     # cached keys, a long segment, an odd tail of a 32-row query block.
     segments = [(0, 1, 1), (1, 63, 63), (64, 1, 70), (65, 65, 65), (130, 60, 300), (190, 777, 777), (967, 33, 100)]
@@ -51,8 +63,8 @@ def test_kernel_matches_float32_attention(native_kernels, head_dim, heads, kv_he
     out = torch.full_like(q, 7.0)
     offsets = torch.tensor([0] + [ctx for *_, ctx in segments]).cumsum(0)
     starts, lens = (torch.tensor(col) for col in list(zip(*segments, strict=True))[:2])
-    native_kernels.segment_attention_bf16(q, k_cache, v_cache, starts, lens, torch.cat(slot_lists), offsets, causal,
-                                  head_dim**-0.5, out)  # fmt: skip
+    segment_path.segment_attention_bf16(q, k_cache, v_cache, starts, lens, torch.cat(slot_lists), offsets, causal,
+                                        head_dim**-0.5, out)  # fmt: skip
     covered = torch.zeros(rows, dtype=torch.bool)
     for (start, n, _), slots in zip(segments, slot_lists, strict=True):
         covered[start : start + n] = True
@@ -80,7 +92,7 @@ def test_decode_kernel_matches_float32_attention(native_kernels, head_dim, heads
     assert (out[6] == 7).all()  # a row no sequence names is left alone
 
 
-def test_causal_rows_never_see_later_keys(native_kernels):
+def test_causal_rows_never_see_later_keys(segment_path):
     """Keys after a query's position carry V = 1000: any leak shows in the output's size. Rows
     0-15 of the chunk sit at positions 240-255 and see nothing of the block from 256 on."""
     ctx, n = 300, 60
@@ -92,8 +104,8 @@ def test_causal_rows_never_see_later_keys(native_kernels):
     for last in range(ctx - n, ctx):  # the keys after each row's position, one row at a time
         v_leaky = v.clone()
         v_leaky[last + 1 :] = 1000
-        native_kernels.segment_attention_bf16(q, k, v_leaky, torch.tensor([0]), torch.tensor([n]), torch.arange(ctx),
-                                      torch.tensor([0, ctx]), True, 0.125, out)  # fmt: skip
+        segment_path.segment_attention_bf16(q, k, v_leaky, torch.tensor([0]), torch.tensor([n]), torch.arange(ctx),
+                                            torch.tensor([0, ctx]), True, 0.125, out)  # fmt: skip
         row = last - (ctx - n)
         assert out[row].abs().max() <= 1, (row, out[row].abs().max())
 

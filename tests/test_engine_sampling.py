@@ -7,7 +7,7 @@ import torch
 from conftest import IMAGES, KernelSpy
 from hf_oracle import hf_model
 
-from glimpse import kernels, platform
+from glimpse import kernels
 from glimpse.engine.sampling_params import SamplingParams
 from glimpse.llm import LLM
 
@@ -117,12 +117,10 @@ def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_chec
     conv = _conv("Describe the cup.")
     out = llm.chat(conv, SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True), use_tqdm=False)[0]
     if native is not None:
-        # with AMX the decoder's prefill attention runs on torch's SDPA (glimpse/backends/native_cpu.py);
-        # the tiny tower's heads (16) are not a native head dim either
-        prefill = set() if platform.detect().amx else {"segment_attention_bf16"}
+        # the tiny tower's heads (16) are not a native head dim: its attention is torch's SDPA
         elementwise = {"rms_norm_bf16", "silu_mul_bf16", "text_rotary_bf16_", "vision_rotary_bf16"}  # every step
         computed = set(kernel_spy.calls) - {"bind_threads"}  # the engine's first step pins its threads
-        assert computed == {"decode_attention_bf16", "linear_one_row_bf16"} | prefill | elementwise
+        assert computed == {"decode_attention_bf16", "segment_attention_bf16", "linear_one_row_bf16"} | elementwise
     assert seen[0][0] > 1 and seen[0][1] is True  # the prompt: oneDNN
     assert [enabled for rows, enabled in seen[1:]] == [False] * 11 and all(rows == 1 for rows, _ in seen[1:])
     assert torch.backends.mkldnn.enabled  # restored

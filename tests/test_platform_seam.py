@@ -117,8 +117,8 @@ def test_selection_follows_platform_dtype_and_head_dim():
         "torch",
     )
     amx = platform.Platform("cpu", frozenset(platform.NATIVE_CPU_FLAGS) | {"amx_tile", "amx_bf16"}, 2, True)
-    assert names(backends.select_backends(amx, torch.bfloat16, 128, 80))[:2] == ("native-decode+sdpa", "native-cpu-bf16")
-    assert names(backends.select_backends(amx, torch.bfloat16, 128, 72))[:2] == ("native-decode+sdpa", "torch-sdpa")
+    assert names(backends.select_backends(amx, torch.bfloat16, 128, 80))[:2] == ("native-cpu-bf16", "native-cpu-bf16")
+    assert names(backends.select_backends(amx, torch.bfloat16, 128, 72))[:2] == ("native-cpu-bf16", "torch-sdpa")
     packed = platform.Platform("cpu", frozenset(platform.NATIVE_CPU_FLAGS), 2, True, packed_weights=True)
     assert names(backends.select_backends(packed, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16+native-one-row"
     assert names(backends.select_backends(packed, torch.float32, 128, 80))[2] == "torch"
@@ -175,8 +175,7 @@ def test_native_kernels_off_selects_torch_and_decodes_the_same(tiny_checkpoint):
     on = _engine_run(path, conv, native=True)
     # the decoder's head dim (32) is one the kernels are built for; the tiny tower's is not (torch's SDPA)
     linear = "onednn-packed-bf16+native-one-row" if platform.detect().packed_weights else "native-cpu-one-row-bf16"
-    attention = "native-decode+sdpa" if platform.detect().amx else "native-cpu-bf16"
-    assert on["backends"] == [attention, "torch-sdpa", linear] and on["kv_cache"]
+    assert on["backends"] == ["native-cpu-bf16", "torch-sdpa", linear] and on["kv_cache"]
 
     # the float32 model (torch's kernels, no rounding to speak of) scores each path's tokens
     llm32 = LLM(path, dtype="float32")

@@ -23,7 +23,7 @@ from torch import nn
 from glimpse.backends.base import AttentionBackend, GraphCapture, LinearMethod
 from glimpse.backends.compiled_graphs import CompiledGraphs
 from glimpse.backends.cuda import CudaAttention, CudaGraphs
-from glimpse.backends.native_cpu import NativeCpuAttention, NativeDecodeSdpaAttention, NativeOneRowLinear
+from glimpse.backends.native_cpu import NativeCpuAttention, NativeOneRowLinear
 from glimpse.backends.onednn_packed import PackedOneDnnLinear
 from glimpse.backends.torch_linear import TorchLinear
 from glimpse.backends.torch_sdpa import TorchAttention
@@ -59,17 +59,14 @@ def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None
     else:
         native = platform.native_kernels and dtype == torch.bfloat16
 
-        def attention_for(dim: int | None, decoder: bool) -> AttentionBackend:
-            if not native or dim not in NATIVE_HEAD_DIMS:
-                return TorchAttention()
-            return NativeDecodeSdpaAttention() if decoder and platform.amx else NativeCpuAttention()
+        def attention_for(dim: int | None) -> AttentionBackend:
+            return NativeCpuAttention() if native and dim in NATIVE_HEAD_DIMS else TorchAttention()
 
         if dtype == torch.bfloat16 and platform.pack_weights(linear_weight_bytes):
             linear = PackedOneDnnLinear(NativeOneRowLinear() if native else None)
         else:
             linear = NativeOneRowLinear() if native else TorchLinear()
-        backends = Backends(attention_for(head_dim, True), attention_for(vision_head_dim, False), linear,
-                            CompiledGraphs())  # fmt: skip
+        backends = Backends(attention_for(head_dim), attention_for(vision_head_dim), linear, CompiledGraphs())
     logger.info("backends for %s on %s: %s", dtype, platform.describe(), backends.describe())
     return backends
 

@@ -2,7 +2,10 @@
 
 Attention: one call over all vision segments; in the paged cache one call for every decode row
 and one for every prefill chunk, K and V read through each sequence's slots (no gather), float32
-softmax; 2.5-2.8x torch's SDPA here. Linear: one-row GEMV (batch-1 decode), 1.04-1.6x the weight
+softmax; 2.5-2.8x torch's SDPA on an AVX512-BF16 EPYC. On CPUs with AMX the segment kernel runs its
+two products on AMX tiles (the kernel decides, glimpse/csrc/cpu_kernels.cpp): vision segments 3.1x
+its AVX512-BF16 path, and a 64-chat offline run 15% faster than with the decoder's prefill on
+torch's SDPA (docs/benchmarks.md, session 10). Linear: one-row GEMV (batch-1 decode), 1.04-1.6x the weight
 bandwidth of torch's and oneDNN's one-row kernels here (`glimpse bench kernels`); other shapes,
 autograd and torch.compile tracing go to `F.linear`. Selected only for a bf16 model on a CPU that
 runs the kernels, with head dims in `NATIVE_HEAD_DIMS` (glimpse/backends/__init__.py).
@@ -18,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from glimpse import kernels
-from glimpse.backends.torch_sdpa import TorchAttention
 
 if TYPE_CHECKING:
     from glimpse.engine.kv_cache import AttentionMetadata
@@ -52,21 +54,6 @@ class NativeCpuAttention:
         """The prefill chunks' attention (q contiguous), written into their rows of `out`."""
         if meta.prefill_seqs:
             _ops().segment_attention_bf16(q, k_cache, v_cache, *meta.prefill_tables, True, q.shape[-1] ** -0.5, out)
-
-
-class NativeDecodeSdpaAttention(NativeCpuAttention):
-    """The decoder's attention on CPUs with AMX: decode rows on the native kernel (it reads K and V
-    through the slots, no gather), prefill chunks on torch's SDPA, whose flash kernel runs its bf16
-    matmuls on AMX tiles: 1.8-2.6x faster than the native kernel on 256-1024-token causal prefill
-    (12 query / 4 KV heads of 64; a 2-core AMX-BF16 Xeon). Without AMX the native kernel is the
-    faster one (2.5-2.8x SDPA on an AVX512-BF16 EPYC), hence `NativeCpuAttention` there.
-    Vision segments stay on the native kernel (`varlen`, inherited) even though SDPA runs them
-    3.6-4.3x faster here: its bf16 rounding put Qwen2.5-VL's logits past 1.25x HF's own bf16
-    error against float32 (tests/test_model_parity.py::test_bfloat16_close), the native
-    kernel's float32 softmax and sums keep them within it."""
-
-    name = "native-decode+sdpa"
-    paged_prefill = staticmethod(TorchAttention.paged_prefill)
 
 
 @torch.library.custom_op("glimpse::native_varlen_attention", mutates_args=())

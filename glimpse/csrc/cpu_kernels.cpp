@@ -14,9 +14,12 @@
 //
 // Why it exists: torch's CPU flash attention converts bf16 to float32 and runs float32 GEMMs on
 // machines without AMX (~175 GFLOP/s here); on AVX512-BF16 dot products the segment kernel runs
-// 2.5-4.3x faster (`glimpse bench kernels`). Numerics: scores, softmax and sums in float32; the
-// segment kernel rounds the probabilities to bf16 for the product with V (as torch's flash kernel
-// does), the decode kernel keeps them and V in float32.
+// 2.5-4.3x faster (`glimpse bench kernels`). Where the CPU has AMX-BF16 (and Linux grants the
+// tiles), the segment kernel's two products run on AMX tiles instead: 3.1x its AVX512-BF16 path on
+// vision segments, faster than torch's flash kernel on the decoder's prefill chunks once that one's
+// K/V gather is counted; `use_tile_attention(False)` asks for the AVX512-BF16 path. Numerics:
+// scores, softmax and sums in float32; the segment kernel rounds the probabilities to bf16 for the
+// product with V (as torch's flash kernel does), the decode kernel keeps them and V in float32.
 //
 // Every entry point checks its tables and raises (a Python RuntimeError) on a bad one; none reads
 // outside the tensors it is given. They release the GIL while they run.
@@ -24,8 +27,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -102,6 +108,37 @@ void pack_kv(const at::BFloat16* k, const at::BFloat16* v, int64_t kv_stride, in
   }
 }
 
+// Online softmax of one query row over one block of kBlockK scores, the first `visible` of them
+// valid: scales them, raises the running max m, adds the block's exponentials to the running sum l,
+// writes them to p as bf16 pairs (invalid ones 0) and returns the factor for the row's earlier sums.
+inline float softmax_row(const float* scores, int64_t visible, float scale, float& m, float& l, uint32_t* p) {
+  __mmask16 valid[4];
+  for (int c = 0; c < 4; ++c) {
+    const int64_t left = std::clamp<int64_t>(visible - 16 * c, 0, 16);
+    valid[c] = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 s[4];
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int c = 0; c < 4; ++c) {
+    s[c] = _mm512_mul_ps(_mm512_load_ps(scores + 16 * c), vscale);
+    mx = _mm512_mask_max_ps(mx, valid[c], mx, s[c]);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(mx));  // finite: key 0 is in the first block
+  const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
+  const __m512 vm = _mm512_set1_ps(m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < 4; ++c) {
+    s[c] = _mm512_maskz_mov_ps(valid[c], exp_ps(_mm512_sub_ps(s[c], vm)));
+    sum = _mm512_add_ps(sum, s[c]);
+  }
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  _mm512_store_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(s[1], s[0])));
+  _mm512_store_si512(p + 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(s[3], s[2])));
+  return alpha;
+}
+
 // One work item: rows [q0, q0 + nq) of a segment, one head, against all its keys.
 // Causal: query row i of the segment sits at position ctx - n + i and sees keys 0..ctx - n + i.
 template <int ND>  // D / 16
@@ -143,32 +180,9 @@ void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, 
           _mm512_store_ps(S[i + 1] + 48, b3);
     }
     // Online softmax: running max m and sum l per row; probabilities rounded to bf16 pairs.
-    const __m512 vscale = _mm512_set1_ps(lay.scale);
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t visible = lay.causal ? std::min(nk, offset + q0 + i - j0 + 1) : nk;  // may be <= 0 (causal)
-      __mmask16 valid[4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t left = std::clamp<int64_t>(visible - 16 * c, 0, 16);
-        valid[c] = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      }
-      __m512 s[4];
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int c = 0; c < 4; ++c) {
-        s[c] = _mm512_mul_ps(_mm512_load_ps(S[i] + 16 * c), vscale);
-        mx = _mm512_mask_max_ps(mx, valid[c], mx, s[c]);
-      }
-      const float m_new = std::max(m[i], _mm512_reduce_max_ps(mx));  // finite: key 0 is in the first block
-      alpha[i] = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-      const __m512 vm = _mm512_set1_ps(m_new);
-      __m512 sum = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        s[c] = _mm512_maskz_mov_ps(valid[c], exp_ps(_mm512_sub_ps(s[c], vm)));
-        sum = _mm512_add_ps(sum, s[c]);
-      }
-      l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(sum);
-      m[i] = m_new;
-      _mm512_store_si512(Pp[i], reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(s[1], s[0])));
-      _mm512_store_si512(Pp[i] + 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(s[3], s[2])));
+      alpha[i] = softmax_row(S[i], visible, lay.scale, m[i], l[i], Pp[i]);
     }
     // O = alpha O + P V, two rows at a time.
     const int64_t npairs = (nk + 1) / 2;
@@ -207,6 +221,157 @@ void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, 
 
 using BlockFn = void (*)(const at::BFloat16*, const Layout&, const Segment&, int64_t, int64_t, const uint32_t*,
                          const uint32_t*, at::BFloat16*);
+
+// ---- The same block on AMX tiles (Intel since Sapphire Rapids) ----
+// S = Q K^T and P V as tile products (TDPBF16PS: bf16 pairs, float32 sums) on the packed K and V
+// above, which are already in the tiles' pair layout; the softmax is softmax_row's, so the result
+// differs from attend_block's only in the order of each dot product's float32 additions. Tile
+// registers, one configuration for both products: 0-3 the float32 results (16 x 16), 4 and 5 a
+// 16 x 32 bf16 operand and its 32 x 16 partner, 6 and 7 the same for a last 16 of the head dim
+// when D is an odd multiple of 16.
+#define GLIMPSE_TILES __attribute__((target("amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+GLIMPSE_TILES void tiles_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  cfg.rows[6] = 16, cfg.colsb[6] = 32;  // Q: 16 rows x the last 16 bf16 of the head dim
+  cfg.rows[7] = 8, cfg.colsb[7] = 64;   // K: those 16 dims as 8 pair rows x 16 keys
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 does not see ldtilecfg read cfg and drops the stores
+  _tile_loadconfig(&cfg);
+}
+
+GLIMPSE_TILES void tiles_release() { _tile_release(); }
+
+GLIMPSE_TILES inline void tile_zero(int t) {
+  switch (t) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
+  }
+}
+
+GLIMPSE_TILES inline void tile_store(int t, void* p, int64_t stride) {
+  switch (t) {
+    case 0: _tile_stored(0, p, stride); break;
+    case 1: _tile_stored(1, p, stride); break;
+    case 2: _tile_stored(2, p, stride); break;
+    default: _tile_stored(3, p, stride); break;
+  }
+}
+
+// tile t += tile 4 x (the 32 x 16 pairs at p, rows `stride` bytes apart, loaded into tile 5)
+GLIMPSE_TILES inline void tile_madd(int t, const void* p, int64_t stride) {
+  _tile_loadd(5, p, stride);
+  switch (t) {
+    case 0: _tile_dpbf16ps(0, 4, 5); break;
+    case 1: _tile_dpbf16ps(1, 4, 5); break;
+    case 2: _tile_dpbf16ps(2, 4, 5); break;
+    default: _tile_dpbf16ps(3, 4, 5); break;
+  }
+}
+
+// tile t += tile 6 x (the 16 x 16 pairs at p, loaded into tile 7)
+GLIMPSE_TILES inline void tile_madd_tail(int t, const void* p, int64_t stride) {
+  _tile_loadd(7, p, stride);
+  switch (t) {
+    case 0: _tile_dpbf16ps(0, 6, 7); break;
+    case 1: _tile_dpbf16ps(1, 6, 7); break;
+    case 2: _tile_dpbf16ps(2, 6, 7); break;
+    default: _tile_dpbf16ps(3, 6, 7); break;
+  }
+}
+
+// Rows [q0, q0 + nq) of a segment, nq <= 16, one head; the calling thread has configured its tiles.
+template <int ND>
+GLIMPSE_TILES void attend_rows_tiles(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0,
+                                     int64_t nq, const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
+  constexpr int64_t D = ND * 16, kChunks = D / 32;
+  alignas(64) at::BFloat16 Q[16][D];  // the rows, zero past nq: one tile operand per 32 dims
+  alignas(64) float S[16][kBlockK];
+  alignas(64) uint32_t Pp[16][kBlockK / 2];
+  alignas(64) float O[16][D], Ob[16][D];  // running sums; this block's P V
+  float m[16], l[16], alpha[16];
+  std::memset(Q, 0, sizeof(Q));
+  std::memset(Pp, 0, sizeof(Pp));
+  std::memset(O, 0, sizeof(O));
+  for (int64_t i = 0; i < 16; ++i) m[i] = -INFINITY, l[i] = 0.f;
+  for (int64_t i = 0; i < nq; ++i) std::memcpy(Q[i], q + (seg.q_start + q0 + i) * lay.q_stride, D * sizeof(at::BFloat16));
+
+  const int64_t offset = lay.causal ? seg.ctx - seg.n : 0;
+  const int64_t key_end = lay.causal ? offset + q0 + nq : seg.ctx;
+  const int64_t kt_stride = seg.padded * 4;  // bytes from one pair row of packed K to the next
+  for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+    const int64_t nk = std::min(kBlockK, seg.ctx - j0);
+    for (int t = 0; t < 4; ++t) tile_zero(t);
+    for (int64_t c = 0; c < kChunks; ++c) {
+      _tile_loadd(4, &Q[0][32 * c], D * 2);
+      for (int t = 0; t < 4; ++t) tile_madd(t, kt + 16 * c * seg.padded + j0 + 16 * t, kt_stride);
+    }
+    if constexpr (ND % 2 == 1) {
+      _tile_loadd(6, &Q[0][32 * kChunks], D * 2);
+      for (int t = 0; t < 4; ++t) tile_madd_tail(t, kt + 16 * kChunks * seg.padded + j0 + 16 * t, kt_stride);
+    }
+    for (int t = 0; t < 4; ++t) tile_store(t, &S[0][16 * t], kBlockK * 4);
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t visible = lay.causal ? std::min(nk, offset + q0 + i - j0 + 1) : nk;
+      alpha[i] = softmax_row(S[i], visible, lay.scale, m[i], l[i], Pp[i]);
+    }
+    const int64_t halves = nk > 32 ? 2 : 1;  // keys past nk have probability 0
+    for (int g0 = 0; g0 < ND; g0 += 4) {
+      const int ng = std::min(4, ND - g0);
+      for (int t = 0; t < ng; ++t) tile_zero(t);
+      for (int64_t h = 0; h < halves; ++h) {
+        _tile_loadd(4, &Pp[0][16 * h], kBlockK * 2);
+        for (int t = 0; t < ng; ++t) tile_madd(t, vp + (j0 / 2 + 16 * h) * D + 16 * (g0 + t), D * 4);
+      }
+      for (int t = 0; t < ng; ++t) tile_store(t, &Ob[0][16 * (g0 + t)], D * 4);
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const __m512 a = _mm512_set1_ps(alpha[i]);
+      for (int c = 0; c < ND; ++c)
+        _mm512_store_ps(O[i] + 16 * c, _mm512_fmadd_ps(_mm512_load_ps(O[i] + 16 * c), a, _mm512_load_ps(Ob[i] + 16 * c)));
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+    at::BFloat16* o = out + (seg.q_start + q0 + i) * lay.q_stride;
+    for (int c = 0; c < ND; ++c) {
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O[i] + 16 * c), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), reinterpret_cast<__m256i>(r));
+    }
+  }
+}
+
+template <int ND>
+void attend_block_tiles(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0, int64_t nq,
+                        const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
+  for (int64_t r = 0; r < nq; r += 16) attend_rows_tiles<ND>(q, lay, seg, q0 + r, std::min<int64_t>(16, nq - r), kt, vp, out);
+}
+
+// Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers (Linux asks
+// each process to request them once). Decided on first use.
+bool tiles_available() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;    // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+std::atomic<bool> tiles_wanted{true};  // use_tile_attention(false): the AVX512-BF16 path (tests, benchmarks)
+
+bool tiles_on() { return tiles_wanted.load(std::memory_order_relaxed) && tiles_available(); }
 
 // Decode: one query row per sequence, K and V read straight from the cache through the slots (a
 // single query cannot amortise packing). Per (sequence, kv head), each query head of the group
@@ -470,11 +635,14 @@ uint32_t* scratch(size_t words) {
 // Runs fn(i) for i in [0, n) on torch's threads, each taking the next item when it is free: work
 // items of very different cost (causal blocks late in a segment, long contexts) stay balanced,
 // where at::parallel_for would give each thread one fixed contiguous range.
+// tiles: each thread configures its AMX tile registers before its first item and releases them after its last.
 template <typename Fn>
-void for_each_item(int64_t n, const Fn& fn) {
+void for_each_item(int64_t n, const Fn& fn, bool tiles = false) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    if (tiles) tiles_configure();
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    if (tiles) tiles_release();
   });
 }
 
@@ -515,7 +683,9 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
                             const torch::Tensor& kv_offsets, bool causal, double scale, const torch::Tensor& out) {
   check_attention(q, k, v, out);
   const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2);
-  const BlockFn fn = for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value>; });
+  const bool tiles = tiles_on();
+  const BlockFn fn = tiles ? for_head_dim(D, [](auto nd) -> BlockFn { return attend_block_tiles<decltype(nd)::value>; })
+                           : for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value>; });
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
   check_tables({&q_starts, &q_lens, &kv_slots, &kv_offsets});
   const int64_t S = q_starts.numel();
@@ -564,7 +734,14 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
     const int64_t h = w % H, base = (h / group) * head_words + packed_at[it.s] * D / 2;
     const Segment& seg = segs[it.s];
     fn(qp + h * D, lay, seg, it.q0, std::min(kBlockQ, seg.n - it.q0), kt + base, vp + base, op + h * D);
-  });
+  }, tiles);
+}
+
+// Whether segment attention runs on AMX tiles; `enable` (when given) asks for them or for the
+// AVX512-BF16 path. Tiles are used only where the CPU has them and the OS grants them.
+bool use_tile_attention(std::optional<bool> enable) {
+  if (enable.has_value()) tiles_wanted.store(*enable);
+  return tiles_on();
 }
 
 void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -804,6 +981,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;  // no Python object is touched past argument conversion
   m.def("segment_attention_bf16", &segment_attention_bf16, "bf16 attention inside each segment of a flat batch",
         release());
+  m.def("use_tile_attention", &use_tile_attention,
+        "whether segment attention runs on AMX tiles (where the CPU has them); enable=False: AVX512-BF16",
+        py::arg("enable") = py::none());
   m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence", release());
   m.def("linear_one_row_bf16", &linear_one_row_bf16, "bf16 linear layer of one input row", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none(), release());
