@@ -137,6 +137,24 @@ def test_pixel_arrays_must_be_uint8_rgb(llms):
         run(np.dstack([pixels, pixels[..., :1]]))
 
 
+def test_a_batch_is_preprocessed_on_threads_in_order(llms):
+    """A list of prompts is preprocessed on a small thread pool: each output is the one its prompt gets
+    alone, in input order, and of two bad prompts the first in input order is the one reported."""
+    llm = llms("glm46v")
+    pixels = np.asarray(Image.open(IMAGE).convert("RGB"))
+    prompts = [{"prompt": f"{llm.image_placeholder} Picture {i}.", "multi_modal_data": {"image": pixels[:, : 200 + 60 * i]}}
+               for i in range(4)]  # fmt: skip
+    together = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, together, strict=True):
+        same(llm.generate(prompt, GREEDY, use_tqdm=False)[0], out)
+    assert len({tuple(o.prompt_token_ids) for o in together}) == 4  # four widths, four prompts
+    bad = [prompts[0], {**prompts[1], "multi_modal_data": {"image": pixels.astype(np.float32)}},
+           {**prompts[2], "multi_modal_data": {"image": np.dstack([pixels, pixels[..., :1]])}}]  # fmt: skip
+    with pytest.raises(InvalidInputError, match="must be uint8 .*got float32"):
+        llm.generate(bad, GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
 # ---- 2. mm_processor_kwargs and chat_template_kwargs ---------------------------------------------
 
 
