@@ -4,7 +4,8 @@ Each row times both on the same bf16 inputs (median of `--repeats` >= 3 after wa
 rate each reaches (GFLOP/s for attention, GB/s of weights or K/V for the memory-bound kernels)
 and the speed-up of the medians with its spread (torch's fastest run over glimpse's slowest, to
 torch's slowest over glimpse's fastest):
-- vision attention: one image of L patches, 6 heads of 64 (the `small` checkpoint's tower);
+- vision attention: one image of L patches, 6 heads of 64 (the `small` checkpoint's tower); the
+  segment kernel runs on AMX tiles where the CPU has them (the output names the path);
 - causal prefill: one 700-token chunk, 12 query heads on 4 kv heads;
 - decode attention: 64 sequences of 400-760 cached tokens in a paged cache, one query row each,
   against the bucketed path torch runs (gather + SDPA);
@@ -214,10 +215,13 @@ def run(args: argparse.Namespace) -> int:
             rows += _linear_rows(native, args.repeats)
         probe, flops = read_bandwidth(), compute_rate()
         sweep = _row_sweep(native, args.repeats, probe, flops)
-    result = {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows,
+    segment_path = "AMX tiles" if native.use_tile_attention() else "AVX512-BF16 dot products"
+    result = {"threads": torch.get_num_threads(), "repeats": args.repeats, "segment_attention_path": segment_path,
+              "rows": rows,
               "read_bandwidth_bytes_per_s": probe,
               "compute_flop_per_s": flops, "linear_by_rows": sweep}  # fmt: skip
     if not args.json:
+        print(f"native segment attention (vision, causal prefill) on {segment_path}")
         print(f"{'kernel':44s} {'unit':16s} {'native':>8s} {'torch':>8s} {'speed-up (spread)':>20s}")
         for r in rows:
             print(f"{r['kernel']:44s} {r['unit']:16s} {r['native']:8.1f} {r['torch']:8.1f} {format_speedup(r):>20s}")
