@@ -229,6 +229,14 @@ using BlockFn = void (*)(const at::BFloat16*, const Layout&, const Segment&, int
 // registers, one configuration for both products: 0-3 the float32 results (16 x 16), 4 and 5 a
 // 16 x 32 bf16 operand and its 32 x 16 partner, 6 and 7 the same for a last 16 of the head dim
 // when D is an odd multiple of 16.
+// Compilers without AMX intrinsics (GCC < 11, Clang < 12) build the AVX512-BF16 path alone.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define GLIMPSE_HAVE_TILES 1
+#else
+#define GLIMPSE_HAVE_TILES 0
+#endif
+
+#if GLIMPSE_HAVE_TILES
 #define GLIMPSE_TILES __attribute__((target("amx-tile,amx-bf16")))
 
 struct alignas(64) TileConfig {
@@ -356,9 +364,20 @@ void attend_block_tiles(const at::BFloat16* q, const Layout& lay, const Segment&
   for (int64_t r = 0; r < nq; r += 16) attend_rows_tiles<ND>(q, lay, seg, q0 + r, std::min<int64_t>(16, nq - r), kt, vp, out);
 }
 
+#else  // no AMX intrinsics: never used (tiles_available() is false)
+void tiles_configure() {}
+void tiles_release() {}
+template <int ND>
+void attend_block_tiles(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0, int64_t nq,
+                        const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
+  attend_block<ND>(q, lay, seg, q0, nq, kt, vp, out);
+}
+#endif
+
 // Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers (Linux asks
 // each process to request them once). Decided on first use.
 bool tiles_available() {
+  if (!GLIMPSE_HAVE_TILES) return false;
   static const bool ok = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
