@@ -139,6 +139,21 @@ inline float softmax_row(const float* scores, int64_t visible, float scale, floa
   return alpha;
 }
 
+// Output rows i < nq: the float32 sums O[i] (rows ND * 16 floats apart) over their softmax sums l[i], rounded
+// to bf16 at out + i * stride.
+template <int ND>
+inline void store_rows(const float* O, const float* l, int64_t nq, at::BFloat16* out, int64_t stride) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+    const float* row = O + i * ND * 16;
+    at::BFloat16* o = out + i * stride;
+    for (int c = 0; c < ND; ++c) {
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(row + 16 * c), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), reinterpret_cast<__m256i>(r));
+    }
+  }
+}
+
 // One work item: rows [q0, q0 + nq) of a segment, one head, against all its keys.
 // Causal: query row i of the segment sits at position ctx - n + i and sees keys 0..ctx - n + i.
 template <int ND>  // D / 16
@@ -209,14 +224,7 @@ void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, 
       }
     }
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
-    at::BFloat16* o = out + (seg.q_start + q0 + i) * lay.q_stride;
-    for (int c = 0; c < ND; ++c) {
-      const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O[i] + 16 * c), inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), reinterpret_cast<__m256i>(r));
-    }
-  }
+  store_rows<ND>(O[0], l, nq, out + (seg.q_start + q0) * lay.q_stride, lay.q_stride);
 }
 
 using BlockFn = void (*)(const at::BFloat16*, const Layout&, const Segment&, int64_t, int64_t, const uint32_t*,
@@ -257,44 +265,33 @@ GLIMPSE_TILES void tiles_configure() {
 
 GLIMPSE_TILES void tiles_release() { _tile_release(); }
 
-GLIMPSE_TILES inline void tile_zero(int t) {
-  switch (t) {
-    case 0: _tile_zero(0); break;
-    case 1: _tile_zero(1); break;
-    case 2: _tile_zero(2); break;
-    default: _tile_zero(3); break;
+// Tile numbers are immediates in the instructions: OP(i) for result tile t in 0-3.
+#define GLIMPSE_ON_TILE(t, OP) \
+  switch (t) {                 \
+    case 0: OP(0); break;      \
+    case 1: OP(1); break;      \
+    case 2: OP(2); break;      \
+    default: OP(3); break;     \
   }
-}
+#define GLIMPSE_ZERO(i) _tile_zero(i)
+#define GLIMPSE_STORE(i) _tile_stored(i, p, stride)
+#define GLIMPSE_MADD(i) _tile_dpbf16ps(i, 4, 5)
+#define GLIMPSE_MADD_TAIL(i) _tile_dpbf16ps(i, 6, 7)
 
-GLIMPSE_TILES inline void tile_store(int t, void* p, int64_t stride) {
-  switch (t) {
-    case 0: _tile_stored(0, p, stride); break;
-    case 1: _tile_stored(1, p, stride); break;
-    case 2: _tile_stored(2, p, stride); break;
-    default: _tile_stored(3, p, stride); break;
-  }
-}
+GLIMPSE_TILES inline void tile_zero(int t) { GLIMPSE_ON_TILE(t, GLIMPSE_ZERO) }
+
+GLIMPSE_TILES inline void tile_store(int t, void* p, int64_t stride) { GLIMPSE_ON_TILE(t, GLIMPSE_STORE) }
 
 // tile t += tile 4 x (the 32 x 16 pairs at p, rows `stride` bytes apart, loaded into tile 5)
 GLIMPSE_TILES inline void tile_madd(int t, const void* p, int64_t stride) {
   _tile_loadd(5, p, stride);
-  switch (t) {
-    case 0: _tile_dpbf16ps(0, 4, 5); break;
-    case 1: _tile_dpbf16ps(1, 4, 5); break;
-    case 2: _tile_dpbf16ps(2, 4, 5); break;
-    default: _tile_dpbf16ps(3, 4, 5); break;
-  }
+  GLIMPSE_ON_TILE(t, GLIMPSE_MADD)
 }
 
 // tile t += tile 6 x (the 16 x 16 pairs at p, loaded into tile 7)
 GLIMPSE_TILES inline void tile_madd_tail(int t, const void* p, int64_t stride) {
   _tile_loadd(7, p, stride);
-  switch (t) {
-    case 0: _tile_dpbf16ps(0, 6, 7); break;
-    case 1: _tile_dpbf16ps(1, 6, 7); break;
-    case 2: _tile_dpbf16ps(2, 6, 7); break;
-    default: _tile_dpbf16ps(3, 6, 7); break;
-  }
+  GLIMPSE_ON_TILE(t, GLIMPSE_MADD_TAIL)
 }
 
 // Rows [q0, q0 + nq) of a segment, nq <= 16, one head; the calling thread has configured its tiles.
@@ -348,14 +345,7 @@ GLIMPSE_TILES void attend_rows_tiles(const at::BFloat16* q, const Layout& lay, c
         _mm512_store_ps(O[i] + 16 * c, _mm512_fmadd_ps(_mm512_load_ps(O[i] + 16 * c), a, _mm512_load_ps(Ob[i] + 16 * c)));
     }
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
-    at::BFloat16* o = out + (seg.q_start + q0 + i) * lay.q_stride;
-    for (int c = 0; c < ND; ++c) {
-      const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(O[i] + 16 * c), inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), reinterpret_cast<__m256i>(r));
-    }
-  }
+  store_rows<ND>(O[0], l, nq, out + (seg.q_start + q0) * lay.q_stride, lay.q_stride);
 }
 
 template <int ND>
