@@ -155,6 +155,19 @@ def test_a_batch_is_preprocessed_on_threads_in_order(llms):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_one_lazily_opened_image_in_many_prompts(llms):
+    """The same `Image.open` object (not yet decoded) in several prompts of one call: PIL cannot decode one
+    image from two threads at once, so the batch must still give each prompt what it gets alone."""
+    llm = llms("glm46v")
+    alone = llm.generate({"prompt": f"{llm.image_placeholder} Describe.", "multi_modal_data": {"image": Image.open(IMAGE)}},
+                         GREEDY, use_tqdm=False)[0]  # fmt: skip
+    shared = Image.open(IMAGE)
+    outs = llm.generate([{"prompt": f"{llm.image_placeholder} Describe.", "multi_modal_data": {"image": shared}}] * 4,
+                        GREEDY, use_tqdm=False)  # fmt: skip
+    for out in outs:
+        same(alone, out)
+
+
 # ---- 2. mm_processor_kwargs and chat_template_kwargs ---------------------------------------------
 
 

@@ -233,7 +233,8 @@ using BlockFn = void (*)(const at::BFloat16*, const Layout&, const Segment&, int
 // ---- The same block on AMX tiles (Intel since Sapphire Rapids) ----
 // S = Q K^T and P V as tile products (TDPBF16PS: bf16 pairs, float32 sums) on the packed K and V
 // above, which are already in the tiles' pair layout; the softmax is softmax_row's, so the result
-// differs from attend_block's only in the order of each dot product's float32 additions. Tile
+// differs from attend_block's only in float32 rounding: the order of each dot product's additions,
+// and a block's P V summed apart before it is added to the rescaled running sums. Tile
 // registers, one configuration for both products: 0-3 the float32 results (16 x 16), 4 and 5 a
 // 16 x 32 bf16 operand and its 32 x 16 partner, 6 and 7 the same for a last 16 of the head dim
 // when D is an odd multiple of 16.
@@ -309,6 +310,8 @@ GLIMPSE_TILES void attend_rows_tiles(const at::BFloat16* q, const Layout& lay, c
   std::memset(O, 0, sizeof(O));
   for (int64_t i = 0; i < 16; ++i) m[i] = -INFINITY, l[i] = 0.f;
   for (int64_t i = 0; i < nq; ++i) std::memcpy(Q[i], q + (seg.q_start + q0 + i) * lay.q_stride, D * sizeof(at::BFloat16));
+  // GCC's tile loads are asm without a memory operand: the barriers keep the writes to Q and Pp before them.
+  asm volatile("" ::: "memory");
 
   const int64_t offset = lay.causal ? seg.ctx - seg.n : 0;
   const int64_t key_end = lay.causal ? offset + q0 + nq : seg.ctx;
@@ -329,6 +332,7 @@ GLIMPSE_TILES void attend_rows_tiles(const at::BFloat16* q, const Layout& lay, c
       const int64_t visible = lay.causal ? std::min(nk, offset + q0 + i - j0 + 1) : nk;
       alpha[i] = softmax_row(S[i], visible, lay.scale, m[i], l[i], Pp[i]);
     }
+    asm volatile("" ::: "memory");
     const int64_t halves = nk > 32 ? 2 : 1;  // keys past nk have probability 0
     for (int g0 = 0; g0 < ND; g0 += 4) {
       const int ng = std::min(4, ND - g0);
