@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from glimpse.device_names import DEVICE_HELP, parse_device_name
 from glimpse.errors import InvalidInputError
 from glimpse.units import int_at_least
 
@@ -117,6 +118,14 @@ def _budgets(text: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--encoder-budgets ")) from None
 
 
+def device_name(text: str) -> str:
+    """--device's syntax (glimpse/device_names.py); whether that GPU exists is checked as the engine starts."""
+    name = parse_device_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_HELP}")
+    return name
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weight and activation dtype (auto: the checkpoint's)")  # fmt: skip
@@ -134,6 +143,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the engine (dummy weights, default sampling)")  # fmt: skip
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"),
                    help="dummy: seeded random weights instead of the folder's safetensors")  # fmt: skip
+    p.add_argument("--device", type=device_name, default="auto", metavar="DEVICE", help=DEVICE_HELP)
     p.add_argument("--encoder-graph", choices=("on", "off"), default="off",
                    help="vision encoder in token budgets with one compiled graph each (faster encoder, ~1 min "
                         "of compilation at start with a cold inductor cache)")  # fmt: skip
@@ -304,7 +314,7 @@ def make_llm(model: str | None, args: argparse.Namespace):
                seed=args.seed, load_format=args.load_format, encoder_graph=args.encoder_graph,
                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                mm_encoder_tp_mode=args.mm_encoder_tp_mode, encoder_budgets=args.encoder_budgets,
-               warmup=False)  # one prompt: a warm-up step would only add its own time  # fmt: skip
+               device=args.device, warmup=False)  # one prompt: a warm-up step would only add its own time  # fmt: skip
 
 
 def _params(llm, args: argparse.Namespace):

@@ -63,7 +63,8 @@ class LLM:
                  video_pruning_rate: float = 0.0, structured_output_max_bytes: int = 64 * 1024,
                  structured_output_max_depth: int = 24, structured_output_compile_timeout: float = 10.0,
                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 mm_encoder_tp_mode: str = "weights", warmup: bool = True, **model_kwargs: Any) -> None:  # fmt: skip
+                 mm_encoder_tp_mode: str = "weights", warmup: bool = True, device: str = "auto",
+                 **model_kwargs: Any) -> None:  # fmt: skip
         self.is_demo = model is None
         if model is None:
             model = demo_checkpoint()
@@ -78,7 +79,8 @@ class LLM:
                               structured_output_max_depth=structured_output_max_depth,
                               structured_output_compile_timeout=structured_output_compile_timeout,
                               tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
-                              mm_encoder_tp_mode=mm_encoder_tp_mode, warmup=warmup, model_kwargs=model_kwargs)  # fmt: skip
+                              mm_encoder_tp_mode=mm_encoder_tp_mode, warmup=warmup, device=device,
+                              model_kwargs=model_kwargs)  # fmt: skip
         self.engine = LLMEngine(config)
         self.processor = self.engine.processor
 

@@ -87,6 +87,26 @@ def detect(device: str | torch.device = "cpu") -> Platform:
     return Platform(kind, cpu_flags(), torch.get_num_threads(), native, packed, memory_bytes())
 
 
+def resolve_device(device: str | torch.device = "auto") -> str:
+    """The device an engine asked for `device` runs on: "cpu", "cuda" or "cuda:N" as given, "auto" a GPU
+    where torch sees one, else the CPU. Raises InvalidInputError for anything else and for a GPU this
+    machine does not have, before any weight is read."""
+    from glimpse.device_names import DEVICE_HELP, parse_device_name
+    from glimpse.errors import InvalidInputError
+
+    name = parse_device_name(str(device))
+    if name is None:
+        raise InvalidInputError(f"device {str(device)!r} is not supported; use {DEVICE_HELP}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (torch.device(name).index or 0) >= count:
+            raise InvalidInputError(f"device {device!r}: this machine has {count} CUDA GPU(s) that torch can use "
+                                    "(--device cpu runs on the CPU)")  # fmt: skip
+    return name
+
+
 def distributed_backend(device: str | torch.device) -> str:
     """The torch.distributed backend for tensor-parallel ranks on `device`: NCCL between GPUs, gloo on CPUs."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"

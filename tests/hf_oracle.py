@@ -9,7 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import transformers
@@ -18,6 +17,7 @@ from transformers.video_utils import VideoMetadata
 
 
 def read_all_frames(path: Path) -> tuple[np.ndarray, VideoMetadata]:
+    import av  # here, not at the top: tests/test_cuda.py runs on GPU machines without PyAV
     with av.open(str(path)) as c:
         s = c.streams.video[0]
         frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
@@ -82,7 +82,7 @@ def qwen_reference_rope(model):
             i += t * hh * ww
         positions = torch.tensor(pos, dtype=torch.long).T[:, None, :]
         delta = positions.max() + 1 - len(types)
-        return positions, torch.tensor([[delta]])
+        return positions.to(input_ids.device), torch.tensor([[delta]], device=input_ids.device)
 
     inner.get_rope_index = reference
     try:

@@ -161,7 +161,8 @@ def test_media_paths_are_checked_before_loading(flag, path, message, monkeypatch
 
 
 @pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"),
-                                         ("--max-tokens", "0"), ("--kv-cache-memory", "lots")])  # fmt: skip
+                                         ("--max-tokens", "0"), ("--kv-cache-memory", "lots"),
+                                         ("--device", "tpu"), ("--device", "cuda:x")])  # fmt: skip
 def test_bad_flag_values_are_usage_errors(flag, value, no_model, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["generate", "hi", flag, value])
@@ -176,6 +177,19 @@ def corrupt_checkpoint(tmp_path_factory) -> Path:
     path = make_checkpoint("glm4v", "tiny", tmp_path_factory.mktemp("corrupt") / "ck")
     (path / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
     return path
+
+
+def test_a_gpu_this_machine_lacks_is_refused_before_the_weights_are_read(corrupt_checkpoint):
+    import torch
+
+    if torch.cuda.device_count() > 1:
+        pytest.skip("this machine has the GPUs the test asks for")
+    wanted = "cuda" if not torch.cuda.is_available() else "cuda:1"
+    done, _ = run_cli("generate", str(corrupt_checkpoint), "Describe", "--device", wanted, "--max-tokens", "2")
+    assert done.returncode == 1
+    assert error_line(done.stderr) == (f"glimpse: error: device '{wanted}': this machine has "
+                                       f"{torch.cuda.device_count()} CUDA GPU(s) that torch can use (--device cpu "
+                                       "runs on the CPU)")  # fmt: skip
 
 
 def test_media_errors_come_before_the_weights_are_read(corrupt_checkpoint):
@@ -225,7 +239,8 @@ def torch_import_seconds() -> float:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["generate", "--help"], ["chat", "--help"],
-                                  ["bench", "--help"], ["generate", "hi", "--top-p", "0"], ["serve", "--bogus"]])  # fmt: skip
+                                  ["bench", "--help"], ["generate", "hi", "--top-p", "0"], ["serve", "--bogus"],
+                                  ["generate", "hi", "--device", "npu"]])  # fmt: skip
 def test_help_version_and_usage_errors_do_not_import_torch(args, torch_import_seconds):
     done, seconds = run_cli(*args, importtime=True)
     assert done.returncode in (0, 2)

@@ -1,4 +1,4 @@
-"""The device seam: only glimpse/platform.py and glimpse/backends/ name devices and CPU features, and
+"""The device seam: only glimpse/platform.py, glimpse/device_names.py and glimpse/backends/ name devices and CPU features, and
 the backends are chosen once at start-up (glimpse/backends/__init__.py).
 
 The scan reads code, not prose: it tokenizes each module (`tokenize`), drops comments and docstrings
@@ -33,7 +33,8 @@ from glimpse.engine.sampling_params import SamplingParams
 from glimpse.llm import LLM
 
 PACKAGE = Path(__file__).resolve().parents[1] / "glimpse"
-ALLOWED = (PACKAGE / "platform.py", PACKAGE / "backends")
+# device_names.py: the device names alone, torch-free, so that the command line can check --device as it parses
+ALLOWED = (PACKAGE / "platform.py", PACKAGE / "backends", PACKAGE / "device_names.py")
 DEVICE_WORD = re.compile(r"\b(?:is_cuda|cuda\w*|mkldnn\w*|avx\w*|amx\w*)\b")
 
 
@@ -73,7 +74,7 @@ def f(t):
 def test_only_platform_and_backends_name_devices():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path == ALLOWED[0] or ALLOWED[1] in path.parents:
+        if path in (ALLOWED[0], ALLOWED[2]) or ALLOWED[1] in path.parents:
             continue
         offenders += [
             f"{path.relative_to(PACKAGE.parent)}:{line}: {word}"
@@ -261,3 +262,25 @@ def test_no_cuda_home_warning_on_a_cpu_machine(tmp_path):
     control = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert "No CUDA runtime is found" in control.stderr
+
+
+def test_devices_resolve_by_what_torch_sees(monkeypatch):
+    from glimpse.errors import InvalidInputError
+    from glimpse.platform import resolve_device
+
+    for seen in (0, 2):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda seen=seen: seen > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda seen=seen: seen)
+        assert resolve_device("auto") == ("cuda" if seen else "cpu")
+        assert resolve_device(" CPU ") == "cpu"
+        for name in ("cuda", "cuda:1"):
+            if seen:
+                assert resolve_device(name) == name
+            else:
+                with pytest.raises(InvalidInputError, match=f"device '{name}': this machine has 0 CUDA GPU"):
+                    resolve_device(name)
+    with pytest.raises(InvalidInputError, match="this machine has 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    for bad in ("tpu", "cuda:", "cuda:-1", "mps", ""):
+        with pytest.raises(InvalidInputError, match="is not supported; use auto"):
+            resolve_device(bad)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from glimpse.device_names import DEVICE_HELP
 from glimpse.media.video import VideoMetadata, probe_video, read_frames
 
 MEDIA = Path(__file__).resolve().parents[2] / "examples" / "media"
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-decode", action="store_true", help="skip part 2 (batch-1 decode vs bandwidth)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both systems (default: torch's)")
+    p.add_argument("--device", default="cpu", help=f"where both systems run: {DEVICE_HELP} (default cpu)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
 
@@ -77,12 +79,13 @@ def _messages(img: Image.Image, prompt: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": prompt}]}]
 
 
-def run_glimpse(path: Path, items, output_len: int, dtype: str, caches: bool, encoder_graph: str = "off") -> dict:
+def run_glimpse(path: Path, items, output_len: int, dtype: str, caches: bool, encoder_graph: str = "off",
+                device: str = "cpu") -> dict:  # fmt: skip
     from glimpse import LLM, SamplingParams
 
     # encoder_graph="on" compiles one vision graph per token budget here, before the clock starts
     llm = LLM(path, dtype=dtype, max_num_seqs=len(items), max_num_batched_tokens=4096, enable_prefix_caching=caches,
-              enable_encoder_cache=caches, encoder_graph=encoder_graph)  # fmt: skip
+              enable_encoder_cache=caches, encoder_graph=encoder_graph, device=device)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     warm = Image.new("RGB", (97, 61), (120, 30, 200))  # not in the workload: warms kernels, not caches
     llm.chat(_messages(warm, "warm up"), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -97,17 +100,17 @@ def run_glimpse(path: Path, items, output_len: int, dtype: str, caches: bool, en
             "tokens_per_s": tokens / seconds, "prompt_tokens_min": min(prompt_tokens), "prompt_tokens_max": max(prompt_tokens)}  # fmt: skip
 
 
-def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int) -> dict:
+def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int, device: str = "cpu") -> dict:
     import transformers
 
     proc = transformers.AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
-    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(device)
 
     def batch(chunk):
         texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
                                           add_generation_prompt=True, tokenize=False) for _, p in chunk]  # fmt: skip
-        inputs = proc(text=texts, images=[img for img, _ in chunk], padding=True, return_tensors="pt")
+        inputs = proc(text=texts, images=[img for img, _ in chunk], padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
@@ -122,15 +125,15 @@ def run_hf(path: Path, items, output_len: int, dtype: str, batch_size: int) -> d
             "tokens_per_s": tokens / seconds}  # fmt: skip
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s of `torch.sum` over a float32 tensor much larger than the caches, on torch's current
-    threads (median of `repeats` after one untimed pass)."""
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    x.sum()
+    threads or on the GPU `device` (median of `repeats` after one untimed pass)."""
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
+    float(x.sum())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        float(x.sum())  # float(): waits for a GPU's result
         times.append(time.perf_counter() - t0)
     return x.nbytes / statistics.median(times)
 
@@ -138,7 +141,7 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 DECODE_WINDOWS = 3  # decode windows, each right after its own bandwidth probe
 
 
-def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
+def run_decode(workdir: Path, family: str, n_tokens: int, device: str = "cpu") -> dict:
     """Batch-1 decode tokens/s against the read bandwidth measured just before, in DECODE_WINDOWS
     alternating (probe, decode window) pairs: this shared machine's bandwidth drifts between runs,
     so each window is compared with its own probe; the median window is reported."""
@@ -146,7 +149,7 @@ def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
     from glimpse.testing import make_checkpoint
 
     path = make_checkpoint(family, "medium", workdir / f"{family}-medium", weights=False)
-    llm = LLM(path, dtype="bfloat16", load_format="dummy", max_num_seqs=1, kv_cache_memory="512MiB")
+    llm = LLM(path, dtype="bfloat16", load_format="dummy", max_num_seqs=1, kv_cache_memory="512MiB", device=device)
     params_count = sum(p.numel() for p in llm.engine.model.parameters())
     weight_bytes = params_count * 2
     engine = llm.engine
@@ -156,7 +159,7 @@ def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
     engine.step()  # first decode step (warm-up)
     windows = []
     for _ in range(DECODE_WINDOWS):
-        bw = read_bandwidth()
+        bw = read_bandwidth(device=device)
         t0 = time.perf_counter()
         for _ in range(n_tokens):
             if not engine.has_unfinished_requests():
@@ -172,8 +175,10 @@ def run_decode(workdir: Path, family: str, n_tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from glimpse.platform import resolve_device
     from glimpse.testing import make_checkpoint
 
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workload == "video":
@@ -184,19 +189,20 @@ def run(args: argparse.Namespace) -> int:
     items = workload(args.num_requests)
     # oneDNN JIT-compiles kernels per shape on first use and keeps them process-wide: one untimed
     # pass over the same workload first, so no measured system pays that cost for the others.
-    run_glimpse(path, workload(args.num_requests, seed_offset=1), args.output_len, args.dtype, caches=False)
-    rows = [run_glimpse(path, items, args.output_len, args.dtype, caches=False),
-            run_glimpse(path, items, args.output_len, args.dtype, caches=False, encoder_graph="on"),
-            run_glimpse(path, items, args.output_len, args.dtype, caches=True, encoder_graph="on")]  # fmt: skip
+    dev = args.device
+    run_glimpse(path, workload(args.num_requests, seed_offset=1), args.output_len, args.dtype, caches=False, device=dev)
+    rows = [run_glimpse(path, items, args.output_len, args.dtype, caches=False, device=dev),
+            run_glimpse(path, items, args.output_len, args.dtype, caches=False, encoder_graph="on", device=dev),
+            run_glimpse(path, items, args.output_len, args.dtype, caches=True, encoder_graph="on", device=dev)]  # fmt: skip
     if not args.skip_hf:
-        rows.append(run_hf(path, items, args.output_len, args.dtype, args.hf_batch_size))
-    result = {"family": args.family, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        rows.append(run_hf(path, items, args.output_len, args.dtype, args.hf_batch_size, dev))
+    result = {"family": args.family, "dtype": args.dtype, "device": dev, "threads": torch.get_num_threads(),
               "num_requests": args.num_requests, "output_len": args.output_len, "rows": rows}  # fmt: skip
     if not args.skip_hf:
         hf = rows[-1]["tokens_per_s"]
         result["speedup"] = {r["key"]: round(r["tokens_per_s"] / hf, 3) for r in rows[:-1]}
     if not args.skip_decode:
-        result["decode_batch1"] = run_decode(workdir, args.family, args.decode_tokens)
+        result["decode_batch1"] = run_decode(workdir, args.family, args.decode_tokens, dev)
     if not args.json:
         print(f"{'system':40s} {'seconds':>9s} {'out tokens':>10s} {'tok/s':>9s}")
         for r in rows:

@@ -16,6 +16,7 @@ whose grammar is ready and fails those whose compile failed or timed out, report
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -42,7 +43,7 @@ from glimpse.errors import GlimpseError, InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
-from glimpse.platform import ThreadBinding, tune_allocator
+from glimpse.platform import ThreadBinding, resolve_device, tune_allocator
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
 
@@ -74,7 +75,7 @@ class EngineConfig:
     encoder_budgets: tuple[int, ...] | None = None
     seed: int = 0
     load_format: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # "auto" (a GPU where torch sees one, else the CPU), "cpu", "cuda", "cuda:N"
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"video_position_rule": "hf"} for Qwen2.5-VL
     video_pruning_rate: float = 0.0  # EVS (Qwen2.5-VL): fraction of each video's tokens dropped after encoding
     # Structured output: bounds checked before a constraint compiles (a request over one is refused, HTTP 400).
@@ -161,6 +162,7 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config = dataclasses.replace(config, device=resolve_device(config.device))
         self.config = config
         check_pruning_rate(config.video_pruning_rate)
         if config.max_prefill_tokens is not None and config.max_prefill_tokens < 1:

@@ -159,6 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "a GIL with HTTP and preprocessing; --no-engine-process: a thread of the API process")  # fmt: skip
     eng.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="weight and activation dtype (auto: the checkpoint's)")  # fmt: skip
+    from glimpse.device_names import DEVICE_HELP
+    from glimpse.entrypoints import add_parallel_arguments, device_name
+
+    eng.add_argument("--device", type=device_name, default="auto", metavar="DEVICE", help=DEVICE_HELP)
     eng.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"),
                      help="dummy: seeded random weights instead of the folder's safetensors (benchmarks of a "
                           "config-only checkpoint, as vLLM's --load-format dummy)")  # fmt: skip
@@ -171,8 +175,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "start-up); off: eager tower calls per step, which serve more tokens/s since the native "
                           "kernels (concurrency 64: 0.92x vLLM-CPU's against 0.79x with graphs, docs/benchmarks.md); "
                           "on is refused with --tensor-parallel-size > 1")  # fmt: skip
-    from glimpse.entrypoints import add_parallel_arguments
-
     add_parallel_arguments(eng)
     eng.add_argument("--encoder-budgets", default=None,
                      help="comma-separated merged-token budgets (default: powers of two from 64 up to "
@@ -418,6 +420,9 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                                 f"{args.max_image_pixels} or --max-video-frame-pixels {args.max_video_frame_pixels}: "
                                 "an item within those limits could never be decoded")  # fmt: skip
     check_pruning_rate(args.video_pruning_rate, "--video-pruning-rate")
+    from glimpse.platform import resolve_device
+
+    args.device = resolve_device(args.device)  # a GPU this machine lacks is refused before anything loads
     model_arg = model_argument(args)
     cors = cors_options(args)
     api_key = resolve_api_key(args.api_key, os.environ)
@@ -455,7 +460,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           kv_cache_memory=args.kv_cache_memory,
                           encoder_cache_memory=args.encoder_cache_memory, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                          load_format=args.load_format,
+                          load_format=args.load_format, device=args.device,
                           video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
