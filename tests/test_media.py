@@ -48,6 +48,8 @@ def test_image_sources_agree():
         bytearray(data),
         b64,
         f"data:image/jpeg;base64,{b64}",
+        "data:image/jpeg;base64," + "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)),  # MIME line breaks
+        " " + b64[:100] + " \r\n\t" + b64[100:] + "\n",
         Image.open(path),
     ):
         image = load_image(src)

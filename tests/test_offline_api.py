@@ -415,3 +415,20 @@ def test_a_forced_call_offline_reads_back_with_the_servers_parser(llms):
     content, calls = GlmToolParser(functions).parse(out.text)
     assert content == "" and [c.name for c in calls] == ["get_weather"]
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+
+
+def test_a_bf16_engine_keeps_pixels_in_bf16_rounded_as_the_tower_would(tiny_checkpoint, llms):
+    """The processor of a bf16 engine hands over bf16 pixel values: exactly the float32 values (HF's
+    processor output, tests/test_preprocess_parity.py) rounded to bf16, which the tower did itself
+    before; a float32 engine keeps float32. Images and videos; the content hashes differ by dtype."""
+    path = tiny_checkpoint("qwen2_5_vl")
+    f32 = llms("qwen2_5_vl").processor
+    bf16 = LLM(path, dtype="bfloat16", kv_cache_memory="64MiB", warmup=False).processor
+    conv = user({"type": "image_url", "image_url": {"url": rgb(IMAGES / "astronaut.png")}},
+                {"type": "video_url", "video_url": {"url": str(VIDEO)}})  # fmt: skip
+    ours, ref = bf16(conv), f32(conv)
+    assert ours.input_ids == ref.input_ids
+    for mine, theirs in zip(ours.media, ref.media, strict=True):
+        assert theirs.pixel_values.dtype == torch.float32 and mine.pixel_values.dtype == torch.bfloat16
+        assert torch.equal(mine.pixel_values, theirs.pixel_values.to(torch.bfloat16))
+        assert mine.content_hash != theirs.content_hash

@@ -212,7 +212,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when ranks stop
     from glimpse import platform
     from glimpse.engine.encoder_cache import EncoderCache
-    from glimpse.engine.llm_engine import _parallel_kwargs, _resolve_dtype, kv_cache_blocks, make_kv_cache
+    from glimpse.engine.llm_engine import _parallel_kwargs, kv_cache_blocks, make_kv_cache, resolve_model_dtype
     from glimpse.loader import load_model
 
     conn.send(("up",))
@@ -223,7 +223,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     try:
         binding = platform.ThreadBinding(device, rank, size, config.cpu_binding, threads_per_rank(size))
         platform.tune_allocator(device)
-        dtype = _resolve_dtype(config)
+        dtype = resolve_model_dtype(config)
         model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=device,
                            seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
         kv_cache = make_kv_cache(dataclasses.replace(config, device=device), model,

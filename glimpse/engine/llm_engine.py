@@ -170,7 +170,7 @@ class LLMEngine:
                                     "be >= 1 (set it to max_num_batched_tokens for no limit of its own)")  # fmt: skip
         if config.encoder_graph not in ("on", "off"):
             raise InvalidInputError(f"encoder_graph={config.encoder_graph!r}; use 'on' or 'off'")
-        dtype = _resolve_dtype(config)
+        dtype = resolve_model_dtype(config)
         check_parallel_config(config)
         self.workers = None
         size = config.tensor_parallel_size
@@ -214,6 +214,7 @@ class LLMEngine:
 
         self._check_pruning_support(config.video_pruning_rate, "video_pruning_rate")
         self.processor = load_processor(config.model, video_pruning_rate=config.video_pruning_rate)
+        self.processor.pixel_dtype = pixel_dtype(dtype)
         self.tokenizer = self.processor.tokenizer
         text_cfg = self.model_config.hf_config.get_text_config()
         self.vocab_size = text_cfg.vocab_size
@@ -662,7 +663,13 @@ def _parallel_kwargs(config: EngineConfig) -> dict:
             "mm_encoder_tp_mode": config.mm_encoder_tp_mode}  # fmt: skip
 
 
-def _resolve_dtype(config: EngineConfig) -> torch.dtype:
+def pixel_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """What a processor feeding a `model_dtype` model keeps pixel values in (Processor.pixel_dtype)."""
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def resolve_model_dtype(config: EngineConfig) -> torch.dtype:
+    """The dtype an engine with `config` runs its model in (`dtype="auto"`: the checkpoint's)."""
     from glimpse.config import read_json
     from glimpse.loader import resolve_dtype
 

@@ -65,7 +65,10 @@ def _decode_text(src: str, name: str) -> bytes:
     else:
         payload = src
     try:
-        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error:  # line breaks or spaces inside (MIME-style base64): strip them, which costs a pass
+            data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError):
         raise MediaError(f"{name}: not a file path, a data URL or valid base64 image data") from None
     if not data:

@@ -58,7 +58,7 @@ def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw, second_per_gri
     h.update(f"{kind}|{tuple(int(x) for x in grid_thw)}|{second_per_grid_t}|{pixel_values.dtype}|".encode())
     if pruning_rate:  # unpruned items keep the hash they always had
         h.update(f"evs={float(pruning_rate)!r}|".encode())
-    h.update(pixel_values.contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(pixel_values.contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 

@@ -389,7 +389,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
     from jinja2 import TemplateSyntaxError
 
     from glimpse.config import load_config
-    from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+    from glimpse.engine.llm_engine import EngineConfig, LLMEngine, pixel_dtype, resolve_model_dtype
     from glimpse.engine.structured import StructuredLimits
     from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
@@ -470,6 +470,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           structured_output_max_depth=args.structured_output_max_depth,
                           structured_output_compile_timeout=args.structured_output_compile_timeout,
                           warmup=args.warmup == "on")  # fmt: skip
+    processor.pixel_dtype = pixel_dtype(resolve_model_dtype(config))  # as the engine's own processor
     if start_engine is not None:
         engine = start_engine(config)
     elif args.engine_process:
