@@ -134,6 +134,33 @@ def test_kernel_refuses_bad_tables(native_kernels):
         native_kernels.segment_attention_bf16(q40, kv40, kv40, *one, torch.arange(4), torch.tensor([0, 4]), True, 0.125, q40.clone())
 
 
+@pytest.mark.parametrize("head_dim", [48, 64, 128])
+@pytest.mark.parametrize(("heads", "kv_heads", "sequences"), [(12, 4, 64), (32, 1, 6), (16, 2, 9), (6, 2, 1)])
+def test_decode_by_sequence_gives_the_bits_of_decode_by_head(native_kernels, head_dim, heads, kv_heads, sequences):
+    """Whole sequences as work items (every KV head of a slot row in one pass) compute each head in the
+    same order as (sequence, KV head) items: the outputs are equal bit for bit. One sequence stays on
+    per-head items (two threads need two items)."""
+    gen = torch.Generator().manual_seed(head_dim * heads + sequences)
+    contexts = [1 + (37 * i) % 400 for i in range(sequences)]
+    num_slots = sum(contexts) + 64
+    q = (2 * torch.randn(sequences, heads, head_dim, generator=gen)).bfloat16()
+    k_cache, v_cache = ((2 * torch.randn(num_slots, kv_heads, head_dim, generator=gen)).bfloat16() for _ in range(2))
+    slots = torch.randperm(num_slots, generator=gen)[: sum(contexts)]
+    offsets = torch.tensor([0, *contexts]).cumsum(0)
+    rows = torch.randperm(sequences, generator=gen)
+    outs = []
+    try:
+        for by_sequence in (True, False):
+            native_kernels.use_sequence_decode(by_sequence)
+            out = torch.zeros_like(q)
+            native_kernels.decode_attention_bf16(q, k_cache, v_cache, rows, slots, offsets, head_dim**-0.5, out)
+            outs.append(out)
+    finally:
+        native_kernels.use_sequence_decode(True)
+    assert torch.equal(outs[0], outs[1])
+    _check(outs[0][rows[0] : rows[0] + 1], q[rows[0] : rows[0] + 1], k_cache, v_cache, slots[: contexts[0]], 1, False)
+
+
 def test_decode_kernel_refuses_bad_tables(native_kernels):
     q = torch.zeros(2, 2, 64, dtype=torch.bfloat16)
     kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)

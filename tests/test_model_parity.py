@@ -151,7 +151,24 @@ def test_bfloat16_close(family, models):
             break
         assert got[step] == ref_tokens[step], f"step {step}"
         checked += 1
-    assert checked >= 4, "too few decisive steps for the greedy check to mean anything"
+    if family in MOE_FAMILIES and checked < 4:
+        # A router's top-k in bf16 picks another expert where two scores round together, which moves that
+        # position's logits by whole units: on an AMD EPYC (no AMX) HF's own bf16 error here is 6.2 against
+        # float32 and the flip margin 11.6, so no step's margin clears it (on an AMX Xeon some did). The
+        # greedy check then asks for what such a flip cannot explain away: the first 4 tokens equal to
+        # HF's (a wrong model does not hit 4 of ~600 tokens in a row), and the first difference at a step
+        # whose HF margin is within the flip margin (glimpse matched the first 6 there, through margins
+        # as small as 0.28).
+        first_difference = next((i for i, (a, b) in enumerate(zip(got, ref_tokens, strict=False)) if a != b), None)
+        assert first_difference is None or first_difference >= 4, f"greedy tokens differ at step {first_difference}"
+        if first_difference is not None:
+            top2 = out.logits[first_difference][0].float().topk(2).values
+            assert float(top2[0] - top2[1]) <= flip_margin
+    else:
+        assert checked >= 4, "too few decisive steps for the greedy check to mean anything"
+
+
+MOE_FAMILIES = ("glm4v_moe", "glm46v_moe")
 
 
 def test_qwen_hf_video_rule_option_equals_unmodified_hf(tiny_checkpoint, models):

@@ -517,6 +517,116 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + g * D + 16 * c))));
 }
 
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
+// Decode, one sequence per call: every KV head of its slots at once. The same arithmetic as
+// decode_group, head by head and in the same order (so the same bits), but each slot's row of all KV
+// heads (Hkv * D values, contiguous) is read in one pass, in slot order: decode_group's
+// (sequence, KV head) items each read D of every Hkv * D, a strided walk the hardware prefetcher
+// does not follow. Measured on a 2-core AMD EPYC (AVX512-BF16), 64 sequences x ~210 keys, 12 query
+// on 4 KV heads of 64, 12 layers: see docs/benchmarks.md "Session 11".
+constexpr int64_t kSeqHeadsMax = 64;  // query heads one call handles (more: decode_group per KV head)
+
+template <int ND>  // D / 16
+void decode_seq(const at::BFloat16* q, int64_t Hkv, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc,
+                const int64_t* slots, int64_t ctx, float scale, float* scores, at::BFloat16* out) {
+  // q, out: the sequence's row, [Hkv * G, D]; kc, vc: the caches' first slot, rows Hkv * D apart.
+  constexpr int64_t D = ND * 16;
+  constexpr int NC = (ND + 1) / 2;
+  auto load_chunk = [](const at::BFloat16* p, int c) {
+    return (ND % 2 && c == NC - 1) ? _mm512_maskz_loadu_epi16(__mmask32(0xFFFF), p + 32 * c)
+                                   : _mm512_loadu_si512(p + 32 * c);
+  };
+  const int64_t H = Hkv * G, row = Hkv * D;
+  __m512i qv[kSeqHeadsMax][NC];
+  for (int64_t hh = 0; hh < H; ++hh)
+    for (int c = 0; c < NC; ++c) qv[hh][c] = load_chunk(q + hh * D, c);
+  alignas(64) float part[kSeqHeadsMax][16][16];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < ctx; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, ctx - j0);
+    for (int64_t i = 0; i < nk; ++i) {
+      const at::BFloat16* kr = kc + slots[j0 + i] * row;
+      if (j0 + i + kPrefetch < ctx) prefetch_bytes(kc + slots[j0 + i + kPrefetch] * row, row * 2);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        __m512bh kv[NC];
+        for (int c = 0; c < NC; ++c) kv[c] = as_bh(load_chunk(kr + h * D, c));
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int c = 0; c < NC; ++c) acc = _mm512_dpbf16_ps(acc, kv[c], as_bh(qv[h * G + g][c]));
+          _mm512_store_ps(part[h * G + g][i], acc);
+        }
+      }
+    }
+    const __mmask16 m = nk == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nk) - 1);
+    for (int64_t hh = 0; hh < H; ++hh) {
+      __m512 rows[16];
+      for (int64_t i = 0; i < 16; ++i) rows[i] = i < nk ? _mm512_load_ps(part[hh][i]) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(scores + hh * ctx + j0, m, _mm512_mul_ps(sum_lanes16(rows), vscale));
+    }
+  }
+  for (int64_t j = 0; j < std::min(ctx, kPrefetch); ++j) prefetch_bytes(vc + slots[j] * row, row * 2);
+  for (int64_t hh = 0; hh < H; ++hh) {  // softmax of each head's scores, in place (as decode_group)
+    float* s = scores + hh * ctx;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < ctx; j += 16) {
+      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
+    }
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ctx; j += 16) {
+      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax)));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
+  }
+  // O = P V over tiles of keys, each KV head's query heads in passes of kHeads (decode_group's order);
+  // the first pass over a tile prefetches whole slot rows, so the other heads' passes read V from cache.
+  constexpr int64_t kHeads = ND <= 4 ? 4 : 2;
+  constexpr int64_t kTile = 64;
+  float* sums = scores + H * ctx;
+  std::fill(sums, sums + H * D, 0.f);
+  for (int64_t j0 = 0; j0 < ctx; j0 += kTile) {
+    const int64_t j1 = std::min(ctx, j0 + kTile);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+        const int64_t ng = std::min(kHeads, G - g0);
+        const int64_t first = h * G + g0;  // query head of this pass's first accumulator
+        __m512 acc[kHeads][ND];
+        for (int64_t g = 0; g < ng; ++g)
+          for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + (first + g) * D + 16 * c);
+        for (int64_t j = j0; j < j1; ++j) {
+          const at::BFloat16* vr = vc + slots[j] * row + h * D;
+          if (h == 0 && g0 == 0 && j + kPrefetch < ctx) prefetch_bytes(vc + slots[j + kPrefetch] * row, row * 2);
+          __m512 vf[ND];
+          for (int c = 0; c < ND; ++c)
+            vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
+          for (int64_t g = 0; g < ng; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[(first + g) * ctx + j]);
+            for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
+          }
+        }
+        for (int64_t g = 0; g < ng; ++g)
+          for (int c = 0; c < ND; ++c) _mm512_storeu_ps(sums + (first + g) * D + 16 * c, acc[g][c]);
+      }
+    }
+  }
+  for (int64_t hh = 0; hh < H; ++hh)
+    for (int c = 0; c < ND; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + hh * D + 16 * c),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + hh * D + 16 * c))));
+}
+
+using SeqDecodeFn = void (*)(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, const at::BFloat16*,
+                             const int64_t*, int64_t, float, float*, at::BFloat16*);
+
 using DecodeFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, const at::BFloat16*, int64_t,
                           const int64_t*, int64_t, float, float*, at::BFloat16*);
 
@@ -752,6 +862,13 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
 
 // Whether segment attention runs on AMX tiles; `enable` (when given) asks for them or for the
 // AVX512-BF16 path. Tiles are used only where the CPU has them and the OS grants them.
+std::atomic<bool> decode_by_sequence{true};  // use_sequence_decode(false): (sequence, KV head) items (tests)
+
+bool use_sequence_decode(std::optional<bool> enable) {
+  if (enable.has_value()) decode_by_sequence.store(*enable);
+  return decode_by_sequence.load();
+}
+
 bool use_tile_attention(std::optional<bool> enable) {
   if (enable.has_value()) tiles_wanted.store(*enable);
   return tiles_on();
@@ -780,6 +897,18 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const
   const auto* kp = k.data_ptr<at::BFloat16>();
   const auto* vp = v.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
+  // Whole sequences per work item once there are enough of them to keep every thread busy (the same
+  // bits either way: decode_seq is decode_group per head, in the same order).
+  if (decode_by_sequence.load(std::memory_order_relaxed) && H <= kSeqHeadsMax && B >= 2 * at::get_num_threads()) {
+    const SeqDecodeFn seq = for_head_dim(D, [](auto nd) -> SeqDecodeFn { return decode_seq<decltype(nd)::value>; });
+    for_each_item(B, [&](int64_t b) {
+      thread_local std::vector<float> scores;  // per worker thread: [H][ctx] scores, then [H][D] sums
+      if (scores.size() < size_t(H * (max_ctx + D))) scores.resize(H * (max_ctx + D));
+      const int64_t offset = rp[b] * H * D;
+      seq(qp + offset, Hkv, G, kp, vp, slots + ko[b], ko[b + 1] - ko[b], float(scale), scores.data(), op + offset);
+    });
+    return;
+  }
   for_each_item(B * Hkv, [&](int64_t w) {
     thread_local std::vector<float> scores;  // per worker thread: [G][ctx] scores, then [G][D] sums
     if (scores.size() < size_t(G * (max_ctx + D))) scores.resize(G * (max_ctx + D));
@@ -998,6 +1127,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether segment attention runs on AMX tiles (where the CPU has them); enable=False: AVX512-BF16",
         py::arg("enable") = py::none());
   m.def("decode_attention_bf16", &decode_attention_bf16, "bf16 attention of one query row per sequence", release());
+  m.def("use_sequence_decode", &use_sequence_decode,
+        "whether decode attention takes whole sequences as work items (with enough of them); enable=False: "
+        "(sequence, KV head) items", py::arg("enable") = py::none());
   m.def("linear_one_row_bf16", &linear_one_row_bf16, "bf16 linear layer of one input row", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none(), release());
   m.def("rms_norm_bf16", &rms_norm_bf16, "bf16 RMSNorm of each row, after an optional residual add", py::arg("x"),
