@@ -421,6 +421,65 @@ inline void prefetch_row(const at::BFloat16* p) {
   for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
 }
 
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
+// A head's scores -> their softmax, in place (float32; exp_ps as the segment kernels).
+inline void softmax_in_place(float* s, int64_t ctx) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < ctx; j += 16) {
+    const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
+  }
+  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < ctx; j += 16) {
+    const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
+}
+
+// sums[h] += sum over keys j in [j0, j1) of p[h][j] * V[j], for ng <= kHeads query heads sharing one KV head:
+// p the first head's probabilities (heads ctx apart), sums its [D] running sums (heads D apart), V row j at
+// vcol + slots[j] * stride. With prefetch_n > 0, key j + kPrefetch's row is requested (prefetch_n bytes from
+// its start at vcol's row: a whole slot row for decode_seq).
+template <int ND, int64_t kHeads>
+inline void pv_pass(const float* p, int64_t ctx, int64_t ng, const at::BFloat16* vcol, int64_t stride,
+                    const int64_t* slots, int64_t j0, int64_t j1, int64_t prefetch_n, float* sums) {
+  constexpr int64_t D = ND * 16;
+  __m512 acc[kHeads][ND];
+  for (int64_t g = 0; g < ng; ++g)
+    for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + g * D + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const at::BFloat16* vr = vcol + slots[j] * stride;
+    if (prefetch_n && j + kPrefetch < ctx) prefetch_bytes(vcol + slots[j + kPrefetch] * stride, prefetch_n);
+    __m512 vf[ND];
+    for (int c = 0; c < ND; ++c)
+      vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512 pv = _mm512_set1_ps(p[g * ctx + j]);
+      for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], pv, acc[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(sums + g * D + 16 * c, acc[g][c]);
+}
+
+// heads x [D] float32 sums -> bf16 rows of out (heads D apart).
+template <int ND>
+inline void store_sums(const float* sums, int64_t heads, at::BFloat16* out) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int c = 0; c < ND; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * ND * 16 + 16 * c),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + h * ND * 16 + 16 * c))));
+}
+
 template <int ND>  // D / 16
 void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t kv_stride,
                   const int64_t* slots, int64_t ctx, float scale, float* scores, at::BFloat16* out) {
@@ -464,24 +523,7 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
     }
   }
   for (int64_t j = 0; j < std::min(ctx, kPrefetch); ++j) prefetch_row<D>(vc + slots[j] * kv_stride);  // V's first rows
-  for (int64_t g = 0; g < G; ++g) {  // softmax of each head's scores, in place
-    float* s = scores + g * ctx;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < ctx; j += 16) {
-      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
-      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
-    }
-    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ctx; j += 16) {
-      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax)));
-      _mm512_mask_storeu_ps(s + j, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
-  }
+  for (int64_t g = 0; g < G; ++g) softmax_in_place(scores + g * ctx, ctx);  // each head's scores
   // O = P V over tiles of keys: every query head's pass over a tile reads V from L1, so V leaves
   // memory once however many query heads share it. Partial sums wait in `sums` ([G][D] floats).
   constexpr int64_t kHeads = ND <= 4 ? 4 : 2;  // query heads per pass (their accumulators in registers)
@@ -492,33 +534,11 @@ void decode_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
     const int64_t j1 = std::min(ctx, j0 + kTile);
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t ng = std::min(kHeads, G - g0);
-      __m512 acc[kHeads][ND];
-      for (int64_t g = 0; g < ng; ++g)
-        for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + (g0 + g) * D + 16 * c);
-      for (int64_t j = j0; j < j1; ++j) {
-        const at::BFloat16* vr = vc + slots[j] * kv_stride;
-        if (g0 == 0 && j + kPrefetch < ctx) prefetch_row<D>(vc + slots[j + kPrefetch] * kv_stride);
-        __m512 vf[ND];
-        for (int c = 0; c < ND; ++c)
-          vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
-        for (int64_t g = 0; g < ng; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[(g0 + g) * ctx + j]);
-          for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
-        }
-      }
-      for (int64_t g = 0; g < ng; ++g)
-        for (int c = 0; c < ND; ++c) _mm512_storeu_ps(sums + (g0 + g) * D + 16 * c, acc[g][c]);
+      pv_pass<ND, kHeads>(scores + g0 * ctx, ctx, ng, vc, kv_stride, slots, j0, j1, g0 == 0 ? D * 2 : 0,
+                          sums + g0 * D);
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int c = 0; c < ND; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D + 16 * c),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + g * D + 16 * c))));
-}
-
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  store_sums<ND>(sums, G, out);
 }
 
 // Decode, one sequence per call: every KV head of its slots at once. The same arithmetic as
@@ -568,24 +588,7 @@ void decode_seq(const at::BFloat16* q, int64_t Hkv, int64_t G, const at::BFloat1
     }
   }
   for (int64_t j = 0; j < std::min(ctx, kPrefetch); ++j) prefetch_bytes(vc + slots[j] * row, row * 2);
-  for (int64_t hh = 0; hh < H; ++hh) {  // softmax of each head's scores, in place (as decode_group)
-    float* s = scores + hh * ctx;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < ctx; j += 16) {
-      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
-      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
-    }
-    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ctx; j += 16) {
-      const __mmask16 m = ctx - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ctx - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmax)));
-      _mm512_mask_storeu_ps(s + j, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
-  }
+  for (int64_t hh = 0; hh < H; ++hh) softmax_in_place(scores + hh * ctx, ctx);  // each head's scores
   // O = P V over tiles of keys, each KV head's query heads in passes of kHeads (decode_group's order);
   // the first pass over a tile prefetches whole slot rows, so the other heads' passes read V from cache.
   constexpr int64_t kHeads = ND <= 4 ? 4 : 2;
@@ -598,30 +601,12 @@ void decode_seq(const at::BFloat16* q, int64_t Hkv, int64_t G, const at::BFloat1
       for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
         const int64_t ng = std::min(kHeads, G - g0);
         const int64_t first = h * G + g0;  // query head of this pass's first accumulator
-        __m512 acc[kHeads][ND];
-        for (int64_t g = 0; g < ng; ++g)
-          for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_loadu_ps(sums + (first + g) * D + 16 * c);
-        for (int64_t j = j0; j < j1; ++j) {
-          const at::BFloat16* vr = vc + slots[j] * row + h * D;
-          if (h == 0 && g0 == 0 && j + kPrefetch < ctx) prefetch_bytes(vc + slots[j + kPrefetch] * row, row * 2);
-          __m512 vf[ND];
-          for (int c = 0; c < ND; ++c)
-            vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
-          for (int64_t g = 0; g < ng; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[(first + g) * ctx + j]);
-            for (int c = 0; c < ND; ++c) acc[g][c] = _mm512_fmadd_ps(vf[c], p, acc[g][c]);
-          }
-        }
-        for (int64_t g = 0; g < ng; ++g)
-          for (int c = 0; c < ND; ++c) _mm512_storeu_ps(sums + (first + g) * D + 16 * c, acc[g][c]);
+        pv_pass<ND, kHeads>(scores + first * ctx, ctx, ng, vc + h * D, row, slots, j0, j1,
+                            h == 0 && g0 == 0 ? row * 2 : 0, sums + first * D);
       }
     }
   }
-  for (int64_t hh = 0; hh < H; ++hh)
-    for (int c = 0; c < ND; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + hh * D + 16 * c),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + hh * D + 16 * c))));
+  store_sums<ND>(sums, H, out);
 }
 
 using SeqDecodeFn = void (*)(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, const at::BFloat16*,

@@ -212,7 +212,12 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when ranks stop
     from glimpse import platform
     from glimpse.engine.encoder_cache import EncoderCache
-    from glimpse.engine.llm_engine import _parallel_kwargs, kv_cache_blocks, make_kv_cache, resolve_model_dtype
+    from glimpse.engine.llm_engine import (
+        _parallel_kwargs,
+        kv_cache_blocks,
+        make_kv_cache,
+        resolve_model_dtype,
+    )
     from glimpse.loader import load_model
 
     conn.send(("up",))
