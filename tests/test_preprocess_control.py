@@ -70,7 +70,7 @@ class RecordingBudget(PixelBudget):
 def test_budget_never_exceeds_capacity_under_threads():
     capacity, threads, rounds = 100, 8, 150
     budget = PixelBudget(capacity, max_waiters=threads)
-    lock, held, peak, errors = threading.Lock(), [0], [0], []
+    lock, held, peak, asked, errors = threading.Lock(), [0], [0], [0], []
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
@@ -80,6 +80,7 @@ def test_budget_never_exceeds_capacity_under_threads():
                 budget.acquire(n, "item")
                 with lock:  # our own count of what is held, independent of the budget's
                     held[0] += n
+                    asked[0] += n
                     peak[0] = max(peak[0], held[0])
                 time.sleep(rng.random() * 1e-4)
                 with lock:
@@ -97,6 +98,10 @@ def test_budget_never_exceeds_capacity_under_threads():
     assert peak[0] <= capacity
     assert peak[0] > capacity // 2  # the threads did contend (8 x up to 60 pixels on 100)
     assert (budget.in_use, budget.waiting) == (0, 0)
+    # the budget's own high-water mark: we count a reservation after the budget takes it and drop it
+    # before the budget releases it, so ours can only be lower
+    assert peak[0] <= budget.peak <= capacity
+    assert budget.total == asked[0]
 
 
 def test_waiters_beyond_the_cap_get_decode_busy():

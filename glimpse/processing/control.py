@@ -25,7 +25,8 @@ class PixelBudget:
 
     An item larger than the whole capacity is refused (MediaTooLargeError) rather than admitted
     alone: the bound holds strictly, and the server can keep it above --max-image-pixels.
-    Gauges for the server: `in_use` (pixels) and `waiting` (requests); both are 0 when idle.
+    Gauges for the server: `in_use` (pixels) and `waiting` (requests), both 0 when idle; `peak`, the
+    most pixels ever held at once, and `total`, every pixel ever reserved (both since start).
     """
 
     def __init__(self, capacity: int, max_waiters: int) -> None:
@@ -39,12 +40,24 @@ class PixelBudget:
         self.max_waiters = max_waiters
         self._cond = threading.Condition()
         self._in_use = 0
+        self._peak = 0
+        self._total = 0
         self._queue: deque[object] = deque()  # one ticket per waiting reservation, in arrival order
 
     @property
     def in_use(self) -> int:
         """Pixels reserved now."""
         return self._in_use
+
+    @property
+    def peak(self) -> int:
+        """The most pixels reserved at once since start (never above `capacity`)."""
+        return self._peak
+
+    @property
+    def total(self) -> int:
+        """Pixels reserved since start, summed over every reservation."""
+        return self._total
 
     @property
     def waiting(self) -> int:
@@ -64,7 +77,7 @@ class PixelBudget:
         pixels = max(pixels, 0)
         with self._cond:
             if not self._queue and self._in_use + pixels <= self.capacity:
-                self._in_use += pixels
+                self._take(pixels)
                 return
             if len(self._queue) >= self.max_waiters:
                 raise DecodeBusyError(
@@ -81,12 +94,17 @@ class PixelBudget:
                             f"{name}: the request was cancelled while waiting to decode"
                         )
                     if self._queue[0] is ticket and self._in_use + pixels <= self.capacity:
-                        self._in_use += pixels
+                        self._take(pixels)
                         return
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()  # the next in line may fit now
+
+    def _take(self, pixels: int) -> None:  # under self._cond
+        self._in_use += pixels
+        self._peak = max(self._peak, self._in_use)
+        self._total += pixels
 
     def release(self, pixels: int) -> None:
         with self._cond:

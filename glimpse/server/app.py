@@ -101,7 +101,8 @@ class ServerState:
     def server_stats(self) -> dict:
         budget = self.pixel_budget
         return {**self.engine.server_stats(), "preprocessing": self.preprocessing,
-                "decoding_pixels": budget.in_use if budget else 0, "decode_waiting": budget.waiting if budget else 0}  # fmt: skip
+                "decoding_pixels": budget.in_use if budget else 0, "decode_waiting": budget.waiting if budget else 0,
+                "decoding_pixels_peak": budget.peak if budget else 0, "decoded_pixels": budget.total if budget else 0}  # fmt: skip
 
 
 # ---- errors ------------------------------------------------------------------------------------

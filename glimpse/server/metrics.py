@@ -61,6 +61,8 @@ class _EngineCollector(Collector):
                                        s["decoding_pixels"]),
             "server_requests_waiting_to_decode": ("requests waiting for room in --max-decoding-pixels",
                                                   s["decode_waiting"]),
+            "server_decoding_pixels_peak": ("the most decoded pixels held at once since start (never above "
+                                            "--max-decoding-pixels)", s["decoding_pixels_peak"]),
         }  # fmt: skip
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"glimpse_{name}", doc, value=float(value))
@@ -70,6 +72,8 @@ class _EngineCollector(Collector):
             "encoder_cache_lookups": ("media items looked up in the encoder cache", e["encoder_cache_lookups"]),
             "encoder_cache_hits": ("media items found in the encoder cache", e["encoder_cache_hits"]),
             "server_requests_rejected_busy": ("requests refused with 429 (admission queue full)", s["rejected"]),
+            "server_decoded_pixels": ("pixels reserved for decoding since start (one image, or one video frame "
+                                      "at a time, each counted at its decoded size)", s["decoded_pixels"]),
         }  # fmt: skip
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"glimpse_{name}", doc, value=float(value))
