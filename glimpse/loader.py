@@ -31,7 +31,6 @@ from glimpse.buffers import move_to_huge_pages
 from glimpse.config import ModelConfig, load_config
 from glimpse.errors import CheckpointError
 from glimpse.models.base import VisionLanguageModel
-from glimpse.models.layers import Linear
 
 _MODEL_CLASSES = {"glm4v": ("glimpse.models.glm4v", "Glm4vModel"), "qwen2_5_vl": ("glimpse.models.qwen2_5_vl", "Qwen2_5_VLModel")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +99,7 @@ def load_model(
         move_to_huge_pages(model)
     model.glimpse_config = config
     head_dim, vision_head_dim = _attention_head_dims(config.hf_config)
-    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, Linear))
+    linear_bytes = backends.linear_weight_bytes(model)  # (decoder, vision tower): what packed copies would add
     chosen = backends.select_backends(platform.detect(device), torch_dtype, head_dim, vision_head_dim, linear_bytes)
     backends.bind_backends(model, chosen)  # once, at start-up: every layer runs on these from now on
     return model.eval()

@@ -123,13 +123,20 @@ def test_selection_follows_platform_dtype_and_head_dim():
     packed = platform.Platform("cpu", frozenset(platform.NATIVE_CPU_FLAGS), 2, True, packed_weights=True)
     assert names(backends.select_backends(packed, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16+native-one-row"
     assert names(backends.select_backends(packed, torch.float32, 128, 80))[2] == "torch"
-    # by default the packed copy may take a quarter of the RAM; GLIMPSE_PACKED_WEIGHTS=1 forces it
+    # by default the packed copies may take a quarter of the RAM, the decoder's first (decode steps run
+    # them a few rows at a time), the vision tower's too where both fit; GLIMPSE_PACKED_WEIGHTS=1 forces it
     small_ram = platform.Platform("cpu", frozenset(), 2, False, packed_weights=True, memory_bytes=4 << 30)
-    assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, 1 << 30))[2] == "onednn-packed-bf16"
-    assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (1 << 30) + 1))[2] == "torch"
+    linears = lambda b: (b.linear.name, b.tower_linear.name)  # noqa: E731
+    gib = 1 << 30
+    assert linears(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (gib // 2, gib // 2))) == (
+        "onednn-packed-bf16", "onednn-packed-bf16")  # fmt: skip
+    assert linears(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (gib // 2, gib // 2 + 1))) == (
+        "onednn-packed-bf16", "torch")  # fmt: skip
+    assert linears(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (gib + 1, 0))) == ("torch", "torch")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(platform.PACKED_WEIGHTS_ENV, "1")
-        assert names(backends.select_backends(small_ram, torch.bfloat16, 128, 80, 3 << 30))[2] == "onednn-packed-bf16"
+        assert linears(backends.select_backends(small_ram, torch.bfloat16, 128, 80, (2 * gib, gib))) == (
+            "onednn-packed-bf16", "onednn-packed-bf16")  # fmt: skip
     packed_only = platform.Platform("cpu", frozenset(), 2, False, packed_weights=True)
     assert names(backends.select_backends(packed_only, torch.bfloat16, 128, 80))[2] == "onednn-packed-bf16"
     gpu = platform.Platform("cuda", frozenset(), 2, False)  # selection only: nothing runs on it here
@@ -284,3 +291,34 @@ def test_devices_resolve_by_what_torch_sees(monkeypatch):
     for bad in ("tpu", "cuda:", "cuda:-1", "mps", ""):
         with pytest.raises(InvalidInputError, match="is not supported; use auto"):
             resolve_device(bad)
+
+
+def test_the_tower_and_the_decoder_get_their_own_linear_method(tiny_checkpoint):
+    """bind_backends gives the vision tower's Linear layers `tower_linear` and every other one (the
+    language model's, lm_head) `linear`, and prepares each for its own method: a packed copy only where
+    the method packs. linear_weight_bytes splits the weights the same way."""
+    from glimpse.backends.torch_linear import TorchLinear
+    from glimpse.loader import load_model
+    from glimpse.models.layers import Linear
+
+    class Marking(TorchLinear):
+        def __init__(self, mark: str) -> None:
+            self.name, self.mark = mark, mark
+
+        def prepare(self, layer):
+            layer.prepared_by = self.mark
+
+    model = load_model(tiny_checkpoint("qwen2_5_vl"), dtype="bfloat16")
+    chosen = model.backends
+    split = backends.Backends(chosen.attention, chosen.vision_attention, Marking("decoder"), chosen.graphs,
+                              Marking("tower"))  # fmt: skip
+    backends.bind_backends(model, split)
+    tower = set(model.model.visual.modules())
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    assert {m.prepared_by for _, m in linears if m in tower} == {"tower"}
+    assert {m.prepared_by for _, m in linears if m not in tower} == {"decoder"}
+    assert all(name.startswith("model.visual.") == (m in tower) for name, m in linears)
+    assert model.lm_head.linear_method is split.linear and model.lm_head.prepared_by == "decoder"
+    decoder_bytes, tower_bytes = backends.linear_weight_bytes(model)
+    assert tower_bytes == sum(m.weight.nbytes for name, m in linears if name.startswith("model.visual."))
+    assert decoder_bytes + tower_bytes == sum(m.weight.nbytes for _, m in linears) and min(decoder_bytes, tower_bytes) > 0

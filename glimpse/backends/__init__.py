@@ -33,25 +33,36 @@ from glimpse.platform import Platform, detect
 logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionBackend", "Backends", "GraphCapture", "LinearMethod", "backends_for", "bind_backends",
-           "select_backends"]  # fmt: skip
+           "linear_weight_bytes", "select_backends"]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Backends:
     attention: AttentionBackend  # the decoder's, over the paged KV cache
     vision_attention: AttentionBackend  # the vision tower's, over segments
-    linear: LinearMethod
+    linear: LinearMethod  # the language model's and lm_head's linear layers (decode steps: a few rows per call)
     graphs: GraphCapture  # the vision encoder's per-budget graphs
+    tower_linear: LinearMethod | None = None  # the vision tower's linear layers (None: `linear`)
+
+    def __post_init__(self) -> None:
+        if self.tower_linear is None:
+            object.__setattr__(self, "tower_linear", self.linear)
 
     def describe(self) -> str:
+        tower = "" if self.tower_linear is self.linear else f", vision linear {self.tower_linear.name}"
         return (f"attention {self.attention.name}, vision attention {self.vision_attention.name}, "
-                f"linear {self.linear.name}, encoder graphs {self.graphs.name}")  # fmt: skip
+                f"linear {self.linear.name}{tower}, encoder graphs {self.graphs.name}")  # fmt: skip
 
 
 def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None,
-                    vision_head_dim: int | None = None, linear_weight_bytes: int = 0) -> Backends:  # fmt: skip
+                    vision_head_dim: int | None = None, linear_weight_bytes: tuple[int, int] = (0, 0)) -> Backends:  # fmt: skip
     """The backends for a `dtype` model with decoder `head_dim` (None: no decoder attention), vision
-    `vision_head_dim` (None: the same) and `linear_weight_bytes` of linear weights on `platform`."""
+    `vision_head_dim` (None: the same) and (decoder, vision tower) bytes of linear weights on `platform`.
+
+    Packed bf16 weights (a second copy, `Platform.pack_weights` says how much may be kept) go first to
+    the decoder's layers, which decode steps run a few rows at a time, where oneDNN's per-call reorder
+    of a plain weight costs most (8-row steps of Qwen2.5-VL-3B's shapes: 254 -> 150 ms); the vision
+    tower's layers, which run hundreds of rows per call, get them too when both copies fit."""
     vision_head_dim = head_dim if vision_head_dim is None else vision_head_dim
     if platform.device == "cuda":
         attention = CudaAttention()
@@ -62,24 +73,45 @@ def select_backends(platform: Platform, dtype: torch.dtype, head_dim: int | None
         def attention_for(dim: int | None) -> AttentionBackend:
             return NativeCpuAttention() if native and dim in NATIVE_HEAD_DIMS else TorchAttention()
 
-        if dtype == torch.bfloat16 and platform.pack_weights(linear_weight_bytes):
+        plain = NativeOneRowLinear() if native else TorchLinear()
+        decoder_bytes, tower_bytes = linear_weight_bytes
+        linear = tower_linear = plain
+        if dtype == torch.bfloat16 and platform.pack_weights(decoder_bytes):
             linear = PackedOneDnnLinear(NativeOneRowLinear() if native else None)
-        else:
-            linear = NativeOneRowLinear() if native else TorchLinear()
-        backends = Backends(attention_for(head_dim), attention_for(vision_head_dim), linear, CompiledGraphs())
+            if platform.pack_weights(decoder_bytes + tower_bytes):
+                tower_linear = linear
+        backends = Backends(attention_for(head_dim), attention_for(vision_head_dim), linear, CompiledGraphs(),
+                            tower_linear)  # fmt: skip
     logger.info("backends for %s on %s: %s", dtype, platform.describe(), backends.describe())
     return backends
 
 
+def tower_modules(model: nn.Module) -> set[nn.Module]:
+    """The modules of `model`'s vision tower (`model.model.visual`; empty for a model without one)."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    return set(visual.modules()) if isinstance(visual, nn.Module) else set()
+
+
+def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(decoder, vision tower) bytes of `model`'s `Linear` weights: what a packed copy of each would add."""
+    from glimpse.models.layers import Linear
+
+    tower = tower_modules(model)
+    sizes = [(m in tower, m.weight.nbytes) for m in model.modules() if isinstance(m, Linear)]
+    return sum(n for t, n in sizes if not t), sum(n for t, n in sizes if t)
+
+
 def bind_backends(model: nn.Module, backends: Backends) -> None:
-    """Hand `backends` to every layer of `model` that uses one, and keep them as `model.backends`."""
+    """Hand `backends` to every layer of `model` that uses one (the vision tower's linear layers get
+    `tower_linear`, the others `linear`, each prepared for its method), and keep them as `model.backends`."""
     from glimpse.models.layers import Linear
     from glimpse.vision.attention import VarlenAttention
 
+    tower = tower_modules(model)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.linear_method = backends.linear
-            backends.linear.prepare(module)
+            module.linear_method = backends.tower_linear if module in tower else backends.linear
+            module.linear_method.prepare(module)
         elif isinstance(module, VarlenAttention):
             module.backend = backends.vision_attention
     model.backends = backends
