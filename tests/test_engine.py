@@ -117,6 +117,42 @@ FAMILIES = ["glm4v", "glm46v", "glm46v_flash", "glmga", "glm4v_moe", "glm46v_moe
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_last_layer_computes_only_the_rows_asked_for(family, tiny_checkpoint):
+    """decode(..., rows) returns the rows of the whole computation and leaves the same K/V in the cache
+    (float32; the last layer's o_proj and MLP just see fewer rows); in the engine the last layer's MLP
+    sees one row per sampling sequence: none for a prompt chunk that does not end the prompt."""
+    from glimpse.models.layers import ContiguousKVCache
+
+    llm = LLM(tiny_checkpoint(family), dtype="float32", max_num_batched_tokens=16)
+    model = llm.engine.model
+    ids = torch.randint(0, 100, (12,))
+    embeds, positions = model.embed_tokens(ids), torch.arange(12).expand(3, -1)
+    whole_kv, some_kv, none_kv = (ContiguousKVCache(model.num_decoder_layers) for _ in range(3))
+    with torch.inference_mode():
+        whole = model.decode(embeds, positions, whole_kv)
+        some = model.decode(embeds, positions, some_kv, torch.tensor([3, 11]))
+        none = model.decode(embeds, positions, none_kv, torch.tensor([], dtype=torch.long))
+    assert some.shape == (2, whole.shape[1]) and none.shape == (0, whole.shape[1])
+    torch.testing.assert_close(some, whole[[3, 11]], rtol=1e-5, atol=1e-5)
+    for kv in (some_kv, none_kv):
+        assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, whole_kv.k + whole_kv.v, strict=True))
+
+    seen = {"first": [], "last": []}
+    layers = model.model.language_model.layers
+    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, a, key=key: seen[key].append(a[0].shape[0]))
+             for i, key in ((0, "first"), (-1, "last"))]  # fmt: skip
+    try:
+        out = llm.generate(" ".join(["hello"] * 20), SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    prompt = len(out.prompt_token_ids)
+    assert prompt > 16 and sum(seen["first"][:-2]) == prompt and seen["first"][-2:] == [1, 1]
+    chunks = len(seen["first"]) - 2
+    assert seen["last"] == [0] * (chunks - 1) + [1, 1, 1]  # the prompt's last chunk samples, then 2 decode steps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_engine_equals_hf_generate(family, tiny_checkpoint):
     """Batched, chunked engine output == HF generate on each prompt, token for token."""
     path = tiny_checkpoint(family)

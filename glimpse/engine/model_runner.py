@@ -158,13 +158,16 @@ class ModelRunner:
             counts,
             self.device,
         )
+        # Only the rows that sample leave the last layer (its o_proj, MLP and the LM head skip the rest:
+        # a prefill chunk samples its last token at most); a step of decode tokens keeps every row.
+        every_row = len(sample_rows) == row
+        rows = None if every_row else torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with one_row_matmuls(input_ids.shape[0], self.model.dtype, self.device):
             positions_t = positions[0] if len(positions) == 1 else torch.cat(positions, dim=1)
-            hidden = self.model.decode(embeds, positions_t.to(self.device), StepKV(self.kv_cache, meta))
+            hidden = self.model.decode(embeds, positions_t.to(self.device), StepKV(self.kv_cache, meta), rows)
         self.num_forwards += 1
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample
-            logits = self.model.lm_logits(hidden.index_select(0, rows)).float() if sample_rows else hidden.new_empty(0, 0)
+            logits = self.model.lm_logits(hidden).float() if sample_rows else hidden.new_empty(0, 0)
         t2 = time.perf_counter()
         if not sampled or not self.samples:
             return ModelRunnerOutput([], [], [], t1 - t0, t2 - t1)

@@ -73,8 +73,12 @@ class VisionLanguageModel(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """[T, hidden] embeddings, [3, T] positions -> [T, hidden] final-normed hidden states."""
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+               rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """[T, hidden] embeddings, [3, T] positions -> [T, hidden] final-normed hidden states; with
+        `rows` ([R] indices into T), [R, hidden]: those rows only. Every token's K/V goes to `kv` either
+        way; the last layer runs its o_proj and MLP on `rows` alone (nothing reads the other rows' output:
+        a prefill chunk samples at most its last token)."""
         raise NotImplementedError
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from glimpse.models.layers import (
     RMSNorm,
     SwiGluMLP,
     fuse_linears,
+    keep_rows,
     native_matmul_ok,
     rotate_half,
     rotate_text_qk,
@@ -442,7 +443,10 @@ class Glm4vTextAttention(nn.Module):
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """[T, H] -> [T, H]; with `rows`, every token's K/V still goes to the cache but only those
+        rows come out (o_proj runs on them alone)."""
         t, (hq, hkv) = x.shape[0], self.heads
         if self.qkv_proj is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -451,7 +455,7 @@ class Glm4vTextAttention(nn.Module):
         qkv = qkv.view(t, hq + 2 * hkv, self.head_dim)
         # q and k heads side by side take one rotary pass (the same per-head arithmetic as two)
         q, k = rotate_text_qk(qkv, hq + hkv, cos, sin, self.neox).split([hq, hkv], dim=1)
-        return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
+        return self.o_proj(keep_rows(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1), rows))
 
 
 class Glm4vTextMLP(nn.Module):
@@ -490,10 +494,11 @@ class Glm4vTextDecoderLayer(nn.Module):
             self.post_self_attn_layernorm = RMSNorm(tc.hidden_size, eps=eps)
             self.post_mlp_layernorm = RMSNorm(tc.hidden_size, eps=eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, rows)
         attn = self.post_self_attn_layernorm(attn) if self.sandwich else attn
-        x, h = self.post_attention_layernorm.add(x, attn)  # x + attn, and its norm
+        x, h = self.post_attention_layernorm.add(keep_rows(x, rows), attn)  # x + attn, and its norm
         mlp = self.mlp(h)
         return x + (self.post_mlp_layernorm(mlp) if self.sandwich else mlp)
 
@@ -513,13 +518,14 @@ class Glm4vTextModel(nn.Module):
         self.layers = nn.ModuleList(Glm4vTextDecoderLayer(tc, i, variant) for i in range(tc.num_hidden_layers))
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         cos, sin = mrope_cos_sin(
             positions, self.theta, self.rotary_dim, self.mrope_section, inputs_embeds.dtype, self.neox
         )
-        x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, kv)
+        x, last = inputs_embeds, len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv, rows if i == last else None)
         return self.norm(x)
 
 
@@ -634,8 +640,9 @@ class Glm4vModel(VisionLanguageModel):
             )
         return self.model.language_model.embed_tokens(input_ids)
 
-    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        return self.model.language_model(inputs_embeds, positions, kv)
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+               rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self.model.language_model(inputs_embeds, positions, kv, rows)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -58,6 +58,11 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
+def keep_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x's rows `rows` (all of x when None): where a decoder's last layer drops the rows no one reads."""
+    return x if rows is None else x.index_select(0, rows)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """NeoX pairing: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
     x1, x2 = x.chunk(2, dim=-1)

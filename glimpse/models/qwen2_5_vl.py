@@ -25,6 +25,7 @@ from glimpse.models.layers import (
     RMSNorm,
     SwiGluMLP,
     fuse_linears,
+    keep_rows,
     rotate_text_qk,
     rotate_vision_qk,
 )
@@ -381,7 +382,10 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """[T, H] -> [T, H]; with `rows`, every token's K/V still goes to the cache but only those
+        rows come out (o_proj runs on them alone)."""
         t, hq, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         if self.qkv_proj is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -391,7 +395,7 @@ class Qwen2Attention(nn.Module):
         # Rotary in the activation dtype with cos/sin already cast to it, as HF does; q and k heads
         # side by side take one pass (the same per-head arithmetic as two).
         q, k = rotate_text_qk(qkv, hq + hkv, cos, sin, neox=True).split([hq, hkv], dim=1)
-        return self.o_proj(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1))
+        return self.o_proj(keep_rows(kv.attend(self.layer_idx, q, k, qkv[:, hq + hkv :]).reshape(t, -1), rows))
 
 
 class Qwen2MLP(SwiGluMLP):
@@ -408,8 +412,10 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.mlp = Qwen2MLP(tc)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        x, h = self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), cos, sin, kv))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, rows)
+        x, h = self.post_attention_layernorm.add(keep_rows(x, rows), attn)
         return x + self.mlp(h)
 
 
@@ -514,13 +520,14 @@ class Qwen2_5_VLModel(VisionLanguageModel):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.embed_tokens(input_ids)
 
-    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+               rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         lm = self.model.language_model
         inv_freq = text_inv_freq(self.head_dim, self.rope_theta)
         cos, sin = mrope_cos_sin(positions, inv_freq, self.mrope_section, inputs_embeds.dtype)
-        x = inputs_embeds
-        for layer in lm.layers:
-            x = layer(x, cos, sin, kv)
+        x, last = inputs_embeds, len(lm.layers) - 1
+        for i, layer in enumerate(lm.layers):
+            x = layer(x, cos, sin, kv, rows if i == last else None)
         return lm.norm(x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
