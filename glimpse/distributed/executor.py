@@ -235,6 +235,7 @@ def _worker_main(config, rank: int, port: int, conn: Connection) -> None:
                                  kv_cache_blocks(config, model, dtype), dtype)  # fmt: skip
         runner = ModelRunner(model, kv_cache, EncoderCache(), None, frozenset(), config.seed, samples=False)
         only_driver_samples(model)
+        platform.keep_large_allocations(device)
     except Exception as exc:  # named by the driver (a bug keeps its traceback in this rank's log)
         if not isinstance(exc, GlimpseError):
             log.exception("tensor-parallel rank %d failed to load", rank)

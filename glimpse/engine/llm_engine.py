@@ -43,7 +43,7 @@ from glimpse.errors import GlimpseError, InvalidInputError, PromptError
 from glimpse.loader import load_model
 from glimpse.models.base import MultimodalInputs
 from glimpse.models.evs import PrunedVideoSlots, check_pruning_rate, pruned_prompt_positions
-from glimpse.platform import ThreadBinding, resolve_device, tune_allocator
+from glimpse.platform import ThreadBinding, keep_large_allocations, resolve_device, tune_allocator
 from glimpse.processing.inputs import ProcessedPrompt
 from glimpse.units import parse_bytes
 
@@ -191,6 +191,7 @@ class LLMEngine:
             self.workers = start_workers(config)  # ranks 1..N-1 load their shares while this process loads rank 0's
         try:
             self._build(config, dtype)
+            keep_large_allocations(config.device)  # the weights and KV cache are in: reuse big activations' memory
             if config.warmup:
                 try:
                     self.warm_up()
