@@ -141,7 +141,8 @@ def test_binding_is_a_no_op_off_the_cpu_and_when_off():
 ALLOCATIONS = textwrap.dedent("""
     import ctypes, sys, torch
     from glimpse import platform
-    tuned = platform.tune_allocator("cpu") if sys.argv[1] == "tune" else False
+    mode, mib = sys.argv[1], int(sys.argv[2])
+    tuned = {"tune": platform.tune_allocator, "keep": platform.keep_large_allocations}.get(mode, lambda d: False)("cpu")
     class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t counters
         _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                                          "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -151,15 +152,15 @@ ALLOCATIONS = textwrap.dedent("""
         raise SystemExit(0)
     mallinfo2.restype = MallInfo2
     before = mallinfo2().hblkhd  # bytes in mappings of their own
-    x = torch.ones(12 << 20, dtype=torch.bfloat16)  # a 24 MiB activation
+    x = torch.ones(mib << 19, dtype=torch.bfloat16)  # an activation of `mib` MiB
     print(tuned, (mallinfo2().hblkhd - before) >> 20)
 """)
 
 
-def mapped_for_activation(mode: str, env: dict | None = None) -> tuple[str, int]:
-    """(whether tuned, MiB of fresh mappings glibc made for one 24 MiB tensor)."""
-    proc = subprocess.run([sys.executable, "-c", ALLOCATIONS, mode], capture_output=True, text=True, timeout=300,
-                          env=env or os.environ)  # fmt: skip
+def mapped_for_activation(mode: str, env: dict | None = None, mib: int = 24) -> tuple[str, int]:
+    """(whether tuned, MiB of fresh mappings glibc made for one `mib` MiB tensor)."""
+    proc = subprocess.run([sys.executable, "-c", ALLOCATIONS, mode, str(mib)], capture_output=True, text=True,
+                          timeout=300, env=env or os.environ)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     tuned, mib = proc.stdout.split()
     if mib == "none":
@@ -175,3 +176,13 @@ def test_tuned_malloc_serves_activations_from_its_heap():
     assert mapped_for_activation("plain") == ("False", 24)
     assert mapped_for_activation("tune") == ("True", 0)
     assert mapped_for_activation("tune", {**os.environ, "GLIMPSE_MALLOC_TUNING": "0"}) == ("False", 24)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt and mallinfo2 are glibc's")
+def test_large_activations_come_from_the_heap_once_the_model_is_in():
+    """Above 32 MiB (glibc's ceiling for the mmap threshold) a tensor gets a mapping of its own even when
+    tuned; after keep_large_allocations (what the engine calls once its weights and KV cache are in) a
+    96 MiB one comes from the heap too. GLIMPSE_MALLOC_TUNING=0 leaves glibc alone here as well."""
+    assert mapped_for_activation("tune", mib=96) == ("True", 96)
+    assert mapped_for_activation("keep", mib=96) == ("True", 0)
+    assert mapped_for_activation("keep", {**os.environ, "GLIMPSE_MALLOC_TUNING": "0"}, mib=96) == ("False", 96)
