@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,23 +279,31 @@ def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
 
 
 def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtype: torch.dtype, device) -> None:
-    from glimpse.testing.checkpoints import _init_tensor
+    """Seeded random weights from the factory's distributions (`init_distribution`), drawn straight in
+    the model dtype by one generator per tensor (seeded from `seed` and the tensor's name), on as many
+    threads as torch computes with: a 3.75B-parameter model in ~10 s on 2 cores instead of ~40 s drawn
+    one tensor after another in float32. The same seed gives the same weights on every rank."""
+    from glimpse.testing.checkpoints import init_distribution
 
-    gen = torch.Generator().manual_seed(seed)
     hidden = config.hf_config.get_text_config().hidden_size
     keep_fp32 = model.float32_weight_names()
-    state = {}
-    for name, p in sorted(model.state_dict().items()):
-        if name in _tied_names(model):
-            continue
+    tied = _tied_names(model)
+
+    def draw(name: str, p: torch.Tensor) -> torch.Tensor:
         to = torch.float32 if name in keep_fp32 else dtype
         spec = model.checkpoint_shard(name)  # split over ranks: every rank draws the whole tensor, keeps its part
-        if spec is None:
-            tensor = _init_tensor(name, tuple(p.shape), gen, hidden)
-        else:
-            tensor = _init_tensor(name, spec.full_shape(p.shape), gen, hidden)
-            tensor = torch.zeros(p.shape) if spec.zero else _pad_to(spec.take(tensor), tuple(p.shape), spec.dim)
-        state[name] = tensor.to(device=device, dtype=to)
+        shape = tuple(p.shape) if spec is None else spec.full_shape(p.shape)
+        mean, std = init_distribution(name, shape, hidden)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        tensor = torch.empty(shape, dtype=to).normal_(mean, std, generator=gen)
+        if spec is not None:
+            tensor = torch.zeros(p.shape, dtype=to) if spec.zero else _pad_to(spec.take(tensor), tuple(p.shape), spec.dim)
+        return tensor.to(device=device)
+
+    params = [(name, p) for name, p in sorted(model.state_dict().items()) if name not in tied]
+    with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="glimpse-dummy") as pool:
+        tensors = list(pool.map(lambda item: draw(*item), params))
+    state = {name: t for (name, _), t in zip(params, tensors, strict=True)}
     model.load_state_dict(state, strict=False, assign=True)
-    if _tied_names(model):
+    if tied:
         model.tie_weights()

@@ -300,3 +300,12 @@ def test_warm_up_runs_one_full_step_and_leaves_nothing_behind(tiny_checkpoint, m
     steps.clear()  # an engine too short for the image warms up on text alone, as long as it allows
     LLM(path, dtype="float32", max_model_len=48, kv_cache_memory="16MiB")
     assert steps[0] == (46, 0)
+    # the warm-up's decoder work is capped (a real-size model would spend many seconds on a full budget):
+    # 2 x decoder parameters x tokens <= WARMUP_MAX_FLOPS, counted here from the parameters by hand
+    import glimpse.engine.llm_engine as llm_engine
+
+    decoder = sum(p.numel() for name, p in engine.model.named_parameters() if not name.startswith("model.visual."))
+    monkeypatch.setattr(llm_engine, "WARMUP_MAX_FLOPS", 2 * decoder * 120)
+    steps.clear()
+    LLM(path, dtype="float32", max_num_batched_tokens=256, max_prefill_tokens=200)
+    assert steps[0] == (120, 1)

@@ -49,6 +49,9 @@ from glimpse.units import parse_bytes
 
 log = logging.getLogger("glimpse.engine")
 
+# The most decoder work the start-up warm-up step does (2 x parameters x tokens): ~1 s on a 2-core CPU.
+WARMUP_MAX_FLOPS = 1e12
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -270,6 +273,9 @@ class LLMEngine:
         of them and the whole batch ran 4-5% slower than a batch after a warm one (small glm4v, 2 cores,
         docs/benchmarks.md). vLLM pays the same once at start-up (its profiling run). Afterwards the
         prefix cache is emptied; the image's embedding stays in the encoder cache until evicted.
+        The filler stops at WARMUP_MAX_FLOPS of decoder work: a full 2048-token step of Qwen2.5-VL-3B
+        took 13 of a 61 s start-up on 2 cores, for faults and kernel compiles that a few hundred tokens
+        already bring (the small checkpoints still warm up on a whole budget).
         Returns the seconds it took. Call it with no request in flight."""
         from PIL import Image
 
@@ -285,7 +291,10 @@ class LLMEngine:
             used = len(chat.input_ids)
         except PromptError:  # the image's tokens do not fit this engine's max_model_len or encoder cache
             used = 0
-        filler = min(self.scheduler.config.prefill_budget - used, self.max_model_len - 2)
+        # 2 FLOPs per decoder parameter per token (the vision tower's are not: the image ran above)
+        decoder_params = sum(p.numel() for name, p in self.model.named_parameters() if not name.startswith("model.visual."))
+        affordable = max(1, int(WARMUP_MAX_FLOPS // (2 * max(decoder_params, 1))) - used)
+        filler = min(self.scheduler.config.prefill_budget - used, self.max_model_len - 2, affordable)
         if filler > 0:
             words = self.tokenizer.encode(" warm up", add_special_tokens=False) or [0]
             self.add_request("glimpse-warmup-text", (words * (filler // len(words) + 1))[:filler], once)

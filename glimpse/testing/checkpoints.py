@@ -460,31 +460,35 @@ def _random_weights(config: dict, seed: int, dtype: torch.dtype) -> dict[str, to
     return tensors
 
 
-def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden: int) -> torch.Tensor:
-    def normal(std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std
-
+def init_distribution(name: str, shape: tuple[int, ...], hidden: int) -> tuple[float, float]:
+    """(mean, std) of the normal distribution a parameter of this name and shape is drawn from."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "e_score_correction_bias":
-        return normal(0.1)  # on the scale of sigmoid score gaps, so it changes some expert choices
+        return 0.0, 0.1  # on the scale of sigmoid score gaps, so it changes some expert choices
     is_norm = any(k in name for k in ("norm", "ln_q")) and "proj" not in name.rsplit(".", 2)[-2]
     if is_norm or name.endswith("post_projection_norm.weight"):
-        return 1.0 + normal(0.1) if leaf == "weight" else normal(0.02)
+        return (1.0, 0.1) if leaf == "weight" else (0.0, 0.02)
     if leaf == "bias":
-        return normal(0.02)
+        return 0.0, 0.02
     if "embed_tokens" in name:
-        return normal(1.0)
+        return 0.0, 1.0
     if "position_embedding" in name:
-        return normal(0.5)
+        return 0.0, 0.5
     if name == "lm_head.weight":
-        return normal(2.0 / math.sqrt(hidden))
+        return 0.0, 2.0 / math.sqrt(hidden)
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
     if ".mlp.experts." in name and len(shape) == 3:  # stacked experts [E, out, in]: per-expert fan-in
         fan_in = shape[-1]
     std = 1.0 / math.sqrt(fan_in)
     if any(k in name for k in ("q_proj", "k_proj")):
         std *= 2.0  # sharper attention patterns than a plain fan-in init
-    return normal(std)
+    return 0.0, std
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, hidden: int) -> torch.Tensor:
+    mean, std = init_distribution(name, shape, hidden)
+    tensor = torch.randn(shape, generator=gen) * std
+    return mean + tensor if mean else tensor
 
 
 def _moe_on_disk(tensors: dict[str, torch.Tensor], moe_inter: int, per_expert: bool) -> dict[str, torch.Tensor]:  # fmt: skip
