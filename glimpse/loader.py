@@ -281,7 +281,7 @@ def _checkpoint_files(path: Path) -> dict[Path, list[str] | None]:
 def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtype: torch.dtype, device) -> None:
     """Seeded random weights from the factory's distributions (`init_distribution`), drawn straight in
     the model dtype by one generator per tensor (seeded from `seed` and the tensor's name), on as many
-    threads as torch computes with: a 3.75B-parameter model in ~10 s on 2 cores instead of ~40 s drawn
+    threads as torch computes with: a 3.75B-parameter model in 15-19 s on 2 cores instead of 41 s drawn
     one tensor after another in float32. The same seed gives the same weights on every rank."""
     from glimpse.testing.checkpoints import init_distribution
 
