@@ -300,10 +300,9 @@ def _fill_dummy(model: VisionLanguageModel, config: ModelConfig, seed: int, dtyp
             tensor = torch.zeros(p.shape, dtype=to) if spec.zero else _pad_to(spec.take(tensor), tuple(p.shape), spec.dim)
         return tensor.to(device=device)
 
-    params = [(name, p) for name, p in sorted(model.state_dict().items()) if name not in tied]
+    params = {name: p for name, p in sorted(model.state_dict().items()) if name not in tied}
     with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="glimpse-dummy") as pool:
-        tensors = list(pool.map(lambda item: draw(*item), params))
-    state = {name: t for (name, _), t in zip(params, tensors, strict=True)}
+        state = dict(zip(params, pool.map(draw, params, params.values()), strict=True))
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()

@@ -359,9 +359,10 @@ def keep_large_allocations(device: str | torch.device = "cpu") -> bool:
     from the heap as well (glibc's M_MMAP_MAX = 0; its mmap threshold cannot go higher), after handing
     back to the kernel what loading freed (malloc_trim: the per-projection weights `fuse_projections`
     replaced). Above 32 MiB glibc maps every allocation afresh and unmaps it when freed, so each
-    large activation (a vision tower's qkv output over 16k patches: 37 MB; Qwen2.5-VL-3B's gate_up
-    over a 1.5k-token prefill: 68 MB) is zeroed page by page on every call: a 16k-row bf16 matmul
-    with K = 384 ran at 570 GFLOP/s on fresh output against 910 on reused memory (AMD EPYC, 2 cores).
+    large activation (Qwen2.5-VL-3B's gate_up over a 1.5k-token prefill: 68 MB per layer) is zeroed
+    page by page on every call. Worst on cheap matmuls with large outputs: a 16k-row bf16 matmul with
+    K = 384 ran at 570 GFLOP/s into fresh output against 910 into reused memory (AMD EPYC, 2 cores);
+    the 3B prefill gained 2%, the small checkpoint (activations under 32 MiB) nothing.
     Not before loading: freed weights would then stay in the middle of the heap. Applies to the
     main heap, where the engine's step runs (the offline engine's thread, the engine-core process);
     GLIMPSE_MALLOC_TUNING=0 leaves glibc alone. True if set."""
