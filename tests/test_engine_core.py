@@ -114,6 +114,37 @@ def test_error_info_crosses_the_boundary_as_plain_data():
     assert other.rebuild() is None and str(other) == "Unpicklable: 1/2"
 
 
+def test_small_pixels_cross_inline_and_large_ones_in_shared_memory():
+    """What the API process writes down the command pipe, read back by the core's side of a real pipe: an
+    image's pixels as a writable tensor of the core's own (not a shared-memory file), a tensor past
+    INLINE_TENSOR_BYTES through torch's shared memory; equal values either way, views made contiguous."""
+    import multiprocessing
+
+    import torch
+    import torch.multiprocessing  # noqa: F401  (torch's shared-memory reductions, as the API process has them)
+
+    from glimpse.processing.inputs import MediaItem, ProcessedPrompt
+    from glimpse.server.async_engine import INLINE_TENSOR_BYTES, dumps_command
+
+    image = torch.randn(256, 1176).bfloat16()
+    large = torch.randn(INLINE_TENSOR_BYTES // 4 + 1)  # one float32 past the limit
+    view = torch.arange(200.0).view(10, 20)[:, ::2]
+    prompt = ProcessedPrompt([1, 2, 3], (MediaItem("image", image, (1, 16, 16), ((3, 67),), 64, "hash"),))
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    commands = (("add", "r1", prompt, None, 0.0), ("probe", large, view))
+    sender = threading.Thread(target=lambda: [writer.send_bytes(dumps_command(c)) for c in commands])
+    sender.start()  # a pipe holds less than the image: the writer waits for the reader
+    got = reader.recv()[2].media[0].pixel_values
+    assert got.dtype == torch.bfloat16 and torch.equal(got, image) and not got.is_shared()
+    assert got.data_ptr() != image.data_ptr()
+    got.add_(1)  # writable memory of its own
+    assert torch.equal(image, prompt.media[0].pixel_values)
+    _, got_large, got_view = reader.recv()
+    assert got_large.is_shared() and torch.equal(got_large, large)
+    assert got_view.is_contiguous() and torch.equal(got_view, view)
+    sender.join()
+
+
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 def test_core_process_gives_the_offline_greedy_tokens(server, llm, tok, with_image):
     from glimpse import SamplingParams

@@ -3,8 +3,8 @@
 The loop drains commands, runs `engine.step()`, sends the outputs and, once no request is left,
 blocks on its command source (an idle core sleeps in a read, it does not poll). Commands and
 messages are tuples of plain picklable data, so the same loop runs in `glimpse serve`'s
-engine-core process (`run_core_process`, two pipes; media pixels travel in shared memory) and in
-its in-thread mode (a queue):
+engine-core process (`run_core_process`, two pipes; an image's pixels travel inside the message,
+a long video's in shared memory) and in its in-thread mode (a queue):
 
   to the core:   ("add", request_id, ProcessedPrompt, SamplingParams, preprocess_seconds)
                  ("abort", request_id)  ("shutdown",)
