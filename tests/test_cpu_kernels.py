@@ -72,6 +72,37 @@ def test_kernel_matches_float32_attention(segment_path, head_dim, heads, kv_head
     assert (out[~covered] == 7).all()  # rows outside every segment are left alone
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_four_rows_per_pass_give_the_bits_of_two(native_kernels, head_dim, causal):
+    """The AVX512-BF16 segment path takes query rows four at a time (two for P V at head dim 128); each
+    row's sums are the same additions in the same order as with two rows per pass, so the outputs are
+    equal bit for bit, including segments whose row count is not a multiple of four (1, 2, 3, 5, 33, 63)
+    and causal chunks after cached keys. Accuracy against float32: the test above (it runs this path)."""
+    native_kernels.use_tile_attention(False)  # the AVX512-BF16 path, where AMX would be picked
+    segments = [(0, 1, 1), (1, 2, 9), (3, 3, 3), (6, 5, 70), (11, 33, 33), (44, 63, 130), (107, 256, 256)]
+    rows, num_slots, heads, kv_heads = 363, 900, 12, 4
+    gen = torch.Generator().manual_seed(head_dim + causal)
+    q = (2 * torch.randn(rows, heads, head_dim, generator=gen)).bfloat16()
+    k_cache, v_cache = ((2 * torch.randn(num_slots, kv_heads, head_dim, generator=gen)).bfloat16() for _ in range(2))
+    slots = torch.cat([torch.randperm(num_slots, generator=gen)[:ctx] for *_, ctx in segments])
+    offsets = torch.tensor([0] + [ctx for *_, ctx in segments]).cumsum(0)
+    starts, lens = (torch.tensor(col) for col in list(zip(*segments, strict=True))[:2])
+    outs = []
+    try:
+        for wide in (True, False):
+            assert native_kernels.use_wide_attention_rows(wide) == wide
+            out = torch.zeros_like(q)
+            native_kernels.segment_attention_bf16(q, k_cache, v_cache, starts, lens, slots, offsets, causal,
+                                                  head_dim**-0.5, out)  # fmt: skip
+            outs.append(out)
+    finally:
+        native_kernels.use_wide_attention_rows(True)
+        native_kernels.use_tile_attention(True)  # as the segment_path fixture leaves it
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 112, 128])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(3, 3), (12, 4), (32, 1), (20, 1), (6, 2)])
 def test_decode_kernel_matches_float32_attention(native_kernels, head_dim, heads, kv_heads):

@@ -5,7 +5,8 @@ rate each reaches (GFLOP/s for attention, GB/s of weights or K/V for the memory-
 and the speed-up of the medians with its spread (torch's fastest run over glimpse's slowest, to
 torch's slowest over glimpse's fastest):
 - vision attention: one image of L patches, 6 heads of 64 (the `small` checkpoint's tower); the
-  segment kernel runs on AMX tiles where the CPU has them (the output names the path);
+  segment kernel runs on AMX tiles where the CPU has them (the output names the path); on its
+  AVX512-BF16 path, also its query rows four at a time (the default) against two (the same bits);
 - causal prefill: one 700-token chunk, 12 query heads on 4 kv heads;
 - decode attention: 64 sequences of 400-760 cached tokens in a paged cache, one query row each,
   against the bucketed path torch runs (gather + SDPA), and the kernel's work items against each
@@ -91,9 +92,32 @@ def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict
                 torch=flops / ref.median / 1e9, **speedup(ref, ours))  # fmt: skip
 
 
+def _rows_per_pass_row(native, gen: torch.Generator, repeats: int) -> dict:
+    """The AVX512-BF16 segment path taking query rows four at a time against two (the same bits)."""
+    length = 1200
+    q, k, v = (torch.randn(length, 6, 64, generator=gen).bfloat16() for _ in range(3))
+    out = torch.empty_like(q)
+    tables = torch.tensor([0]), torch.tensor([length]), torch.arange(length), torch.tensor([0, length])
+    flops = 4 * length * length * 64 * 6
+
+    def kernel():
+        return native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out)
+
+    four = _timed(kernel, repeats)
+    try:
+        native.use_wide_attention_rows(False)
+        two = _timed(kernel, repeats)
+    finally:
+        native.use_wide_attention_rows(True)
+    return dict(kernel=f"  4 query rows per pass vs 2, L={length}", unit="GFLOP/s", against="2 rows per pass",
+                native=flops / four.median / 1e9, torch=flops / two.median / 1e9, **speedup(two, four))  # fmt: skip
+
+
 def _attention_rows(native, repeats: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = [_vision_row(native, length, gen, repeats) for length in (400, 1200, 2704)]
+    if not native.use_tile_attention():  # the AVX512-BF16 path is the one that runs here
+        rows.append(_rows_per_pass_row(native, gen, repeats))
     n = 700
     q = torch.randn(n, 12, 64, generator=gen).bfloat16()
     k, v = (torch.randn(n, 4, 64, generator=gen).bfloat16() for _ in range(2))

@@ -156,72 +156,74 @@ inline void store_rows(const float* O, const float* l, int64_t nq, at::BFloat16*
 
 // One work item: rows [q0, q0 + nq) of a segment, one head, against all its keys.
 // Causal: query row i of the segment sits at position ctx - n + i and sees keys 0..ctx - n + i.
-template <int ND>  // D / 16
+// Rows go through the two products R at a time (R x 4 score vectors, then R x ND output vectors, in
+// registers): every row's sums are the same additions in the same order whatever R is, so R changes
+// the speed, not the bits. R = 4 keeps 16 accumulators in flight, enough to cover the dot product's
+// latency on two FMA pipes (AMD Zen 5); R = 2 is the earlier kernel (`use_wide_attention_rows(False)`).
+template <int ND, int R>
 void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0, int64_t nq,
                   const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
   constexpr int64_t D = ND * 16, P = D / 2;
-  alignas(64) float S[kBlockQ + 1][kBlockK];
-  alignas(64) uint32_t Pp[kBlockQ + 1][kBlockK / 2];
-  alignas(64) float O[kBlockQ + 1][D];
-  float m[kBlockQ + 1], l[kBlockQ + 1], alpha[kBlockQ + 1];
+  constexpr int RV = ND * R <= 16 ? R : 2;  // rows per pass of P V: at most 16 accumulators (D = 128: two rows)
+  constexpr int64_t kRows = kBlockQ + R - 1;  // a last group of rows may run past nq: those repeat row nq - 1
+  alignas(64) float S[kRows][kBlockK];
+  alignas(64) uint32_t Pp[kRows][kBlockK / 2];
+  alignas(64) float O[kRows][D];
+  float m[kRows], l[kRows], alpha[kRows];
   std::memset(O, 0, sizeof(O));
   std::memset(Pp, 0, sizeof(Pp));
-  for (int64_t i = 0; i <= kBlockQ; ++i) m[i] = -INFINITY, l[i] = 0.f, alpha[i] = 0.f;
-  const at::BFloat16* qrow[kBlockQ + 1];
+  for (int64_t i = 0; i < kRows; ++i) m[i] = -INFINITY, l[i] = 0.f, alpha[i] = 0.f;
+  const at::BFloat16* qrow[kRows];
   for (int64_t i = 0; i < nq; ++i) qrow[i] = q + (seg.q_start + q0 + i) * lay.q_stride;
-  qrow[nq] = qrow[nq - 1];  // rows go in pairs; an odd last pair repeats its row and drops the result
+  for (int64_t i = nq; i < kRows; ++i) qrow[i] = qrow[nq - 1];  // computed and dropped
 
   const int64_t offset = lay.causal ? seg.ctx - seg.n : 0;  // position of query row 0 (causal)
   const int64_t key_end = lay.causal ? offset + q0 + nq : seg.ctx;  // no key past the last row's position
   for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, seg.ctx - j0);
-    // S = Q K^T for this key block, two query rows at a time.
-    for (int64_t i = 0; i < nq; i += 2) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      const at::BFloat16 *qa = qrow[i], *qb = qrow[i + 1];
+    // S = Q K^T for this key block, R query rows at a time.
+    for (int64_t i = 0; i < nq; i += R) {
+      __m512 acc[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
       const uint32_t* kb = kt + j0;
       for (int64_t p = 0; p < P; ++p, kb += seg.padded) {
         const __m512bh k0 = as_bh(_mm512_loadu_si512(kb)), k1 = as_bh(_mm512_loadu_si512(kb + 16));
         const __m512bh k2 = as_bh(_mm512_loadu_si512(kb + 32)), k3 = as_bh(_mm512_loadu_si512(kb + 48));
-        const __m512bh xa = as_bh(_mm512_set1_epi32(load_pair(qa + 2 * p)));
-        const __m512bh xb = as_bh(_mm512_set1_epi32(load_pair(qb + 2 * p)));
-        a0 = _mm512_dpbf16_ps(a0, k0, xa), a1 = _mm512_dpbf16_ps(a1, k1, xa);
-        a2 = _mm512_dpbf16_ps(a2, k2, xa), a3 = _mm512_dpbf16_ps(a3, k3, xa);
-        b0 = _mm512_dpbf16_ps(b0, k0, xb), b1 = _mm512_dpbf16_ps(b1, k1, xb);
-        b2 = _mm512_dpbf16_ps(b2, k2, xb), b3 = _mm512_dpbf16_ps(b3, k3, xb);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh x = as_bh(_mm512_set1_epi32(load_pair(qrow[i + r] + 2 * p)));
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k0, x), acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k1, x);
+          acc[r][2] = _mm512_dpbf16_ps(acc[r][2], k2, x), acc[r][3] = _mm512_dpbf16_ps(acc[r][3], k3, x);
+        }
       }
-      _mm512_store_ps(S[i], a0), _mm512_store_ps(S[i] + 16, a1), _mm512_store_ps(S[i] + 32, a2), _mm512_store_ps(S[i] + 48, a3);
-      _mm512_store_ps(S[i + 1], b0), _mm512_store_ps(S[i + 1] + 16, b1), _mm512_store_ps(S[i + 1] + 32, b2),
-          _mm512_store_ps(S[i + 1] + 48, b3);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(S[i + r] + 16 * c, acc[r][c]);
     }
     // Online softmax: running max m and sum l per row; probabilities rounded to bf16 pairs.
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t visible = lay.causal ? std::min(nk, offset + q0 + i - j0 + 1) : nk;  // may be <= 0 (causal)
       alpha[i] = softmax_row(S[i], visible, lay.scale, m[i], l[i], Pp[i]);
     }
-    // O = alpha O + P V, two rows at a time.
+    // O = alpha O + P V, RV rows at a time (rows past nq: alpha 0, P 0).
     const int64_t npairs = (nk + 1) / 2;
     const uint32_t* vb0 = vp + (j0 / 2) * D;
-    for (int64_t i = 0; i < nq; i += 2) {
-      __m512 oa[ND], ob[ND];
-      const __m512 aa = _mm512_set1_ps(alpha[i]), ab = _mm512_set1_ps(alpha[i + 1]);
-      for (int c = 0; c < ND; ++c) {
-        oa[c] = _mm512_mul_ps(_mm512_load_ps(O[i] + 16 * c), aa);
-        ob[c] = _mm512_mul_ps(_mm512_load_ps(O[i + 1] + 16 * c), ab);
+    for (int64_t i = 0; i < nq; i += RV) {
+      __m512 o[RV][ND];
+      for (int r = 0; r < RV; ++r) {
+        const __m512 a = _mm512_set1_ps(alpha[i + r]);
+        for (int c = 0; c < ND; ++c) o[r][c] = _mm512_mul_ps(_mm512_load_ps(O[i + r] + 16 * c), a);
       }
       const uint32_t* vb = vb0;
       for (int64_t jp = 0; jp < npairs; ++jp, vb += D) {
-        const __m512bh pa = as_bh(_mm512_set1_epi32(Pp[i][jp])), pb = as_bh(_mm512_set1_epi32(Pp[i + 1][jp]));
+        __m512bh pr[RV];
+        for (int r = 0; r < RV; ++r) pr[r] = as_bh(_mm512_set1_epi32(Pp[i + r][jp]));
         for (int c = 0; c < ND; ++c) {
           const __m512bh vv = as_bh(_mm512_loadu_si512(vb + 16 * c));
-          oa[c] = _mm512_dpbf16_ps(oa[c], vv, pa);
-          ob[c] = _mm512_dpbf16_ps(ob[c], vv, pb);
+          for (int r = 0; r < RV; ++r) o[r][c] = _mm512_dpbf16_ps(o[r][c], vv, pr[r]);
         }
       }
-      for (int c = 0; c < ND; ++c) {
-        _mm512_store_ps(O[i] + 16 * c, oa[c]);
-        _mm512_store_ps(O[i + 1] + 16 * c, ob[c]);
-      }
+      for (int r = 0; r < RV; ++r)
+        for (int c = 0; c < ND; ++c) _mm512_store_ps(O[i + r] + 16 * c, o[r][c]);
     }
   }
   store_rows<ND>(O[0], l, nq, out + (seg.q_start + q0) * lay.q_stride, lay.q_stride);
@@ -786,6 +788,13 @@ void check_kv_ranges(const torch::Tensor& kv_slots, const int64_t* ko, int64_t c
 
 }  // namespace
 
+std::atomic<bool> wide_attention_rows{true};  // use_wide_attention_rows(false): two rows per pass (tests)
+
+bool use_wide_attention_rows(std::optional<bool> enable) {
+  if (enable.has_value()) wide_attention_rows.store(*enable);
+  return wide_attention_rows.load();
+}
+
 void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const torch::Tensor& q_starts, const torch::Tensor& q_lens, const torch::Tensor& kv_slots,
                             const torch::Tensor& kv_offsets, bool causal, double scale, const torch::Tensor& out) {
@@ -793,7 +802,9 @@ void segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, cons
   const int64_t T = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(2);
   const bool tiles = tiles_on();
   const BlockFn fn = tiles ? for_head_dim(D, [](auto nd) -> BlockFn { return attend_block_tiles<decltype(nd)::value>; })
-                           : for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value>; });
+                    : wide_attention_rows.load()
+                        ? for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value, 4>; })
+                        : for_head_dim(D, [](auto nd) -> BlockFn { return attend_block<decltype(nd)::value, 2>; });
   TORCH_CHECK(fn != nullptr, "head dim ", D, " is not one of 32, 48, ..., 128");
   check_tables({&q_starts, &q_lens, &kv_slots, &kv_offsets});
   const int64_t S = q_starts.numel();
@@ -1115,6 +1126,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_sequence_decode", &use_sequence_decode,
         "whether decode attention takes whole sequences as work items (with enough of them); enable=False: "
         "(sequence, KV head) items", py::arg("enable") = py::none());
+  m.def("use_wide_attention_rows", &use_wide_attention_rows,
+        "whether segment attention's AVX512-BF16 path takes query rows four at a time (True) or two; the same bits",
+        py::arg("enable") = py::none());
   m.def("linear_one_row_bf16", &linear_one_row_bf16, "bf16 linear layer of one input row", py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none(), release());
   m.def("rms_norm_bf16", &rms_norm_bf16, "bf16 RMSNorm of each row, after an optional residual add", py::arg("x"),
