@@ -436,10 +436,9 @@ def _exit_description(process) -> str:
 
 
 # A tensor up to this size crosses to the engine core inside the command's bytes; a larger one (a long video's
-# pixels) through torch's shared memory, which costs a file, a copy and a descriptor handed over a socket per
-# tensor whatever its size. One 224x224 image in bf16 (602 KB): the core took 0.22 ms to receive an add
-# inline against 0.3-1.5 ms shared (and ~3 ms inside a served burst, when the API process that hands over the
-# descriptor is busy), the API side 0.4 ms to send it against 1-1.5 ms (docs/benchmarks.md, session 13).
+# pixels) through torch's shared memory, which costs a file, a copy and a descriptor handed over the API
+# process's socket per tensor whatever its size. Served rounds of 224x224 images (602 KB in bf16): the core
+# read an add in 2.3 ms shared, 0.62 ms inline (docs/benchmarks.md, session 13).
 INLINE_TENSOR_BYTES = 8 << 20
 # The command pipe's kernel buffer (Linux's default is 64 KiB, its unprivileged limit 1 MiB): a message larger
 # than the buffer crosses in turns of the writer filling and the core draining it.
