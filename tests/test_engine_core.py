@@ -315,3 +315,111 @@ def test_thread_mode_reports_a_failed_step_and_keeps_serving(llm, monkeypatch):
     assert final.finished and len(final.outputs[0].token_ids) == 4
     assert final.prompt_token_ids == prompt.input_ids
     assert running == 0 and not engine.has_unfinished_requests()
+
+
+def _first_step_size(llm, monkeypatch, feed) -> tuple[int, float]:
+    """Run the core loop in a thread on the real engine; `feed(put, t0)` puts commands. Returns how many
+    requests the first step held and when it started (seconds after the first command)."""
+    from glimpse.engine.core import EngineCore, QueueCommands
+
+    engine = llm.engine
+    real_step, first = engine.step, []
+    t0 = time.monotonic()
+
+    def step():
+        if not first:
+            first.append((len(engine.groups), time.monotonic() - t0))
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    commands, sent = QueueCommands(), []
+    core = threading.Thread(target=EngineCore(engine, sent.append).run, args=(commands,))
+    core.start()
+    try:
+        t0 = time.monotonic()
+        feed(commands.put)
+        wait_until(lambda: sum(o.finished for m in list(sent) if m[0] == "outputs" for o in m[1]) == 3, timeout=60)
+    finally:
+        commands.put(("shutdown",))
+        core.join(timeout=30)
+    return first[0]
+
+
+@pytest.mark.parametrize(("pendings", "gather"), [((2, 1, 0), 3), ((0, 0, 0), 1)], ids=["burst", "no-burst"])
+def test_an_idle_core_waits_for_the_adds_said_to_be_coming(llm, monkeypatch, pendings, gather):
+    """An add says how many admitted requests the API process has not sent yet: an idle core takes them
+    into its first step (they arrive 30 and 60 ms later here); with none announced it steps at once."""
+    from glimpse import SamplingParams
+
+    prompt = llm.processor(user("Hello there"))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def feed(put):
+        for i, pending in enumerate(pendings):
+            put(("add", f"r{i}", prompt, params, 0.0, pending))
+            time.sleep(0.03)
+
+    held, _ = _first_step_size(llm, monkeypatch, feed)
+    assert held == gather
+
+
+def test_an_idle_core_waits_no_longer_than_gather_seconds(llm, monkeypatch):
+    """Announced requests that do not come (a slow fetch, a failed preprocessing) hold the first step back
+    by GATHER_SECONDS at most."""
+    from glimpse import SamplingParams
+    from glimpse.engine import core
+
+    monkeypatch.setattr(core, "GATHER_SECONDS", 0.5)
+    prompt = llm.processor(user("Hello there"))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def feed(put):
+        put(("add", "r0", prompt, params, 0.0, 5))
+        time.sleep(1.5)  # past the wait: these two start steps of their own
+        put(("add", "r1", prompt, params, 0.0, 0))
+        put(("add", "r2", prompt, params, 0.0, 0))
+
+    held, started = _first_step_size(llm, monkeypatch, feed)
+    assert held == 1 and 0.5 <= started < 1.4
+
+
+def test_adds_count_the_admitted_requests_still_to_come(llm):
+    """`pending` in each add: the requests admitted and not yet added, the sender itself not counted; an
+    admission that ends without an add (a failed preprocessing) stops counting."""
+    from glimpse import SamplingParams
+
+    prompt = llm.processor(user("Hello there"))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def scenario() -> tuple[list[int], int]:
+        engine = AsyncEngine.in_thread(llm.engine)
+        pendings, submit = [], engine._submit
+        engine._submit = lambda c: (pendings.append(c[5]) if c[0] == "add" else None, submit(c))
+        admitted = asyncio.Event()
+        count = 0
+
+        async def request(i: int, adds: bool) -> None:
+            nonlocal count
+            async with engine.admit():
+                count += 1
+                if count == 3:
+                    admitted.set()
+                await admitted.wait()  # all three admitted before any adds
+                await asyncio.sleep(0.01 * i)  # in order
+                if adds:
+                    handle = await engine.add(f"r{i}", prompt, params)
+                    async for _ in handle.outputs():
+                        pass
+
+        try:
+            await asyncio.gather(request(0, True), request(1, True), request(2, False))
+            async with engine.admit():  # alone: nothing else on its way
+                handle = await engine.add("r3", prompt, params)
+                async for _ in handle.outputs():
+                    pass
+            return pendings, engine._preparing
+        finally:
+            engine.shutdown()
+
+    pendings, left = asyncio.run(scenario())
+    assert pendings == [2, 1, 0] and left == 0

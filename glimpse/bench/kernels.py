@@ -81,13 +81,27 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return _timed(fn, repeats).median
 
 
-def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict:
+def _timed_off(switch: Callable[[bool], object], fn: Callable[[], object], repeats: int) -> Timing:
+    """`fn` timed with one of the kernels' switches (e.g. `use_sequence_decode`) off; on again afterwards."""
+    try:
+        switch(False)
+        return _timed(fn, repeats)
+    finally:
+        switch(True)
+
+
+def _vision_case(native, length: int, gen: torch.Generator) -> tuple[Callable[[], object], tuple, float]:
+    """One image of `length` patches, 6 heads of 64: (the segment kernel on it, its q/k/v, its FLOPs)."""
     q, k, v = (torch.randn(length, 6, 64, generator=gen).bfloat16() for _ in range(3))
     out = torch.empty_like(q)
     tables = torch.tensor([0]), torch.tensor([length]), torch.arange(length), torch.tensor([0, length])
-    flops = 4 * length * length * 64 * 6
-    ours = _timed(lambda: native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out), repeats)
-    ref = _timed(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))), repeats)
+    return (lambda: native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out)), (q, k, v), 4 * length**2 * 64 * 6
+
+
+def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict:
+    kernel, qkv, flops = _vision_case(native, length, gen)
+    ours = _timed(kernel, repeats)
+    ref = _timed(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv)), repeats)
     return dict(kernel=f"vision attention, L={length}", unit="GFLOP/s", native=flops / ours.median / 1e9,
                 torch=flops / ref.median / 1e9, **speedup(ref, ours))  # fmt: skip
 
@@ -95,20 +109,9 @@ def _vision_row(native, length: int, gen: torch.Generator, repeats: int) -> dict
 def _rows_per_pass_row(native, gen: torch.Generator, repeats: int) -> dict:
     """The AVX512-BF16 segment path taking query rows four at a time against two (the same bits)."""
     length = 1200
-    q, k, v = (torch.randn(length, 6, 64, generator=gen).bfloat16() for _ in range(3))
-    out = torch.empty_like(q)
-    tables = torch.tensor([0]), torch.tensor([length]), torch.arange(length), torch.tensor([0, length])
-    flops = 4 * length * length * 64 * 6
-
-    def kernel():
-        return native.segment_attention_bf16(q, k, v, *tables, False, 0.125, out)
-
+    kernel, _, flops = _vision_case(native, length, gen)
     four = _timed(kernel, repeats)
-    try:
-        native.use_wide_attention_rows(False)
-        two = _timed(kernel, repeats)
-    finally:
-        native.use_wide_attention_rows(True)
+    two = _timed_off(native.use_wide_attention_rows, kernel, repeats)
     return dict(kernel=f"  4 query rows per pass vs 2, L={length}", unit="GFLOP/s", against="2 rows per pass",
                 native=flops / four.median / 1e9, torch=flops / two.median / 1e9, **speedup(two, four))  # fmt: skip
 
@@ -169,11 +172,7 @@ def _decode_rows(native, repeats: int) -> list[dict]:
 
     ours = _timed(kernel, repeats)
     ref = _timed(torch_path, repeats)
-    try:
-        native.use_sequence_decode(False)
-        by_head = _timed(kernel, repeats)
-    finally:
-        native.use_sequence_decode(True)
+    by_head = _timed_off(native.use_sequence_decode, kernel, repeats)
     return [dict(kernel="decode attention, 64 rows x 400-760 keys", unit="GB/s of K/V",
                  native=kv_bytes / ours.median / 1e9, torch=kv_bytes / ref.median / 1e9, **speedup(ref, ours)),
             dict(kernel="  by sequence vs by (seq, KV head) items", unit="GB/s of K/V", against="by-head items",

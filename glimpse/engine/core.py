@@ -6,12 +6,16 @@ messages are tuples of plain picklable data, so the same loop runs in `glimpse s
 engine-core process (`run_core_process`, two pipes; an image's pixels travel inside the message,
 a long video's in shared memory) and in its in-thread mode (a queue):
 
-  to the core:   ("add", request_id, ProcessedPrompt, SamplingParams, preprocess_seconds)
+  to the core:   ("add", request_id, ProcessedPrompt, SamplingParams, preprocess_seconds, pending)
                  ("abort", request_id)  ("shutdown",)
   from the core: ("ready", CoreInfo)  ("added", request_id, ErrorInfo | None)
                  ("outputs", [RequestOutput], stats | None)  ("failed", [request_id], message)
                  ("stats", stats)  ("fatal", ErrorInfo)
 
+An add's `pending` counts the requests the API process has admitted and not yet added (parsing,
+fetching, preprocessing): a core that was idle waits for them, up to GATHER_SECONDS, before its first
+step, so that a burst's first arrival is not prefilled alone while the API process is still busy
+with the rest (on a machine whose cores both processes share, that step ran 2-3x slower than alone).
 A structured-output request's ("added", ...) is sent once its grammar has compiled (or failed: the
 error then goes back as the add's answer, a 400), while the loop keeps stepping the others.
 RequestOutputs travel with an empty `prompt_token_ids`: the API process sent the prompt and
@@ -43,6 +47,10 @@ log = logging.getLogger("glimpse.engine")
 # A busy core sends a stats snapshot with its outputs at most this often (seconds); an idle one
 # sends one whenever the snapshot changed, before it blocks.
 STATS_INTERVAL = 0.1
+# How long an idle core that got an add waits for the requests the API process says are on their way
+# (seconds, from that first add): a burst of 16 image chats takes the API process ~60 ms to hand over
+# (docs/benchmarks.md, session 13); a request stuck in a slow fetch delays the others' start by no more.
+GATHER_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,8 @@ def core_info(engine: LLMEngine) -> CoreInfo:
 
 
 class CommandSource(Protocol):
-    def get(self, block: bool) -> tuple | None:
-        """The next command; None when `block` is False and none is waiting."""
+    def get(self, block: bool, timeout: float | None = None) -> tuple | None:
+        """The next command; None when `block` is False and none is waiting, or none came within `timeout` s."""
 
 
 class QueueCommands:
@@ -95,9 +103,9 @@ class QueueCommands:
     def put(self, command: tuple) -> None:
         self._queue.put(command)
 
-    def get(self, block: bool) -> tuple | None:
+    def get(self, block: bool, timeout: float | None = None) -> tuple | None:
         try:
-            return self._queue.get(block)
+            return self._queue.get(block, timeout)
         except queue.Empty:
             return None
 
@@ -109,9 +117,9 @@ class PipeCommands:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
-    def get(self, block: bool) -> tuple | None:
+    def get(self, block: bool, timeout: float | None = None) -> tuple | None:
         try:
-            if not block and not self._conn.poll():
+            if (not block or timeout is not None) and not self._conn.poll(timeout if block else 0):
                 return None
             return self._conn.recv()
         except (EOFError, ConnectionResetError):
@@ -126,6 +134,7 @@ class EngineCore:
         self._live: set[str] = set()  # requests added and not yet finished, failed or aborted
         self._sent_stats: dict | None = None
         self._stats_due = 0.0
+        self._pending = 0  # requests the API process had admitted but not added, as of its latest add
 
     def run(self, commands: CommandSource) -> None:
         """Serve until a ("shutdown",) command (or the end of the command source)."""
@@ -133,7 +142,8 @@ class EngineCore:
         while True:
             if not engine.has_unfinished_requests():
                 self._send_stats_if_changed()
-                if not self._handle(commands.get(block=True)):
+                self._pending = 0
+                if not self._handle(commands.get(block=True)) or not self._gather(commands):
                     return
             while (command := commands.get(block=False)) is not None:
                 if not self._handle(command):
@@ -141,6 +151,18 @@ class EngineCore:
             if engine.has_unfinished_requests():
                 self._step()
                 self._send_grammar_events()
+
+    def _gather(self, commands: CommandSource) -> bool:
+        """After an idle core's first command: take the adds the API process said were coming, for up to
+        GATHER_SECONDS; False for shutdown."""
+        deadline = time.monotonic() + GATHER_SECONDS
+        while self._pending > 0 and (left := deadline - time.monotonic()) > 0:
+            command = commands.get(block=True, timeout=left)
+            if command is None:
+                break
+            if not self._handle(command):
+                return False
+        return True
 
     def _send_grammar_events(self) -> None:
         """Answer the adds of requests whose grammar compiled (admitted) or failed (the error, a 400)."""
@@ -176,7 +198,7 @@ class EngineCore:
         """Apply one command; False for shutdown."""
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt, params, preprocess_seconds = command
+            _, request_id, prompt, params, preprocess_seconds, self._pending = command
             try:
                 self.engine.add_request(request_id, prompt, params, preprocess_seconds=preprocess_seconds)
             except Exception as exc:  # InvalidInputError for a bad prompt; anything else is a bug, logged

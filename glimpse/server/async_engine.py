@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -38,6 +39,10 @@ from glimpse.errors import GlimpseError, InvalidInputError
 from glimpse.processing.inputs import ProcessedPrompt
 
 log = logging.getLogger("glimpse.server")
+
+# The admission the running request is inside of: [True] until its first add (a box, so that the tasks a
+# request starts, which copy the context, clear the same one).
+_PREPARING: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("glimpse_preparing", default=None)
 
 
 class ServerBusyError(GlimpseError):
@@ -120,6 +125,7 @@ class AsyncEngine:
         self._in_flight = 0
         self._queued = 0
         self._rejected = 0
+        self._preparing = 0  # admitted requests that have not sent their first add (the core's `pending`)
 
     @classmethod
     def in_process(cls, config: EngineConfig, max_concurrent: int = 64, max_queue: int = 256,
@@ -180,12 +186,25 @@ class AsyncEngine:
         finally:
             self._queued -= 1
         self._in_flight += 1
+        self._preparing += 1
+        preparing = [True]  # until this admission's first add (`_preparing_after_add`)
+        _PREPARING.set(preparing)  # the request's own context (not reset: the exit may run in a copy of it)
         try:
             self._check_alive()  # the core may have stopped, or the requests been ended, while this one queued
             yield
         finally:
+            if preparing[0]:
+                self._preparing -= 1
             self._in_flight -= 1
             self._slots.release()
+
+    def _preparing_after_add(self) -> int:
+        """The admitted requests still to send an add, once the calling request's own add is counted out."""
+        preparing = _PREPARING.get()
+        if preparing is not None and preparing[0]:
+            preparing[0] = False
+            self._preparing -= 1
+        return self._preparing
 
     def server_stats(self) -> dict:
         return {"in_flight": self._in_flight, "queued": self._queued, "rejected": self._rejected}
@@ -216,7 +235,7 @@ class AsyncEngine:
             self._check_alive()
             # Registered before the core can answer: its outputs may arrive before this coroutine resumes.
             self._streams[request_id], self._adding[request_id] = stream, added
-        self._submit(("add", request_id, prompt, params, preprocess_seconds))
+        self._submit(("add", request_id, prompt, params, preprocess_seconds, self._preparing_after_add()))
         try:
             error: ErrorInfo | None = await asyncio.wrap_future(added)
         except asyncio.CancelledError:
@@ -397,9 +416,9 @@ class _CoreProcess:
     def _write(self) -> None:
         while (command := self._commands_out.get()) is not None:
             if command[0] == "add":  # a fresh prompt: no cached HF view (a concatenated copy of the pixels)
-                _, request_id, prompt, params, prep = command
+                _, request_id, prompt, params, prep, pending = command
                 prompt = ProcessedPrompt(prompt.input_ids, prompt.media, prompt.text)
-                command = ("add", request_id, prompt, params, prep)
+                command = ("add", request_id, prompt, params, prep, pending)
             try:
                 self._command_writer.send_bytes(dumps_command(command))
             except (OSError, ValueError):  # the core is gone; the reader reports it

@@ -48,7 +48,8 @@ class RayEngine(AsyncEngine):
     """The engine client of `glimpse serve-ray`.
 
     The seam is AsyncEngine's transport and nothing more: `_submit(command)` receives the engine core's own
-    commands (("add", id, ProcessedPrompt, SamplingParams, preprocess_s), ("abort", id); glimpse/engine/core.py)
+    commands (("add", id, ProcessedPrompt, SamplingParams, preprocess_s, pending), ("abort", id);
+    glimpse/engine/core.py; a replica's own core has no burst of this process to wait for: `pending` stays here)
     and `_on_message` takes its messages (("added", id, error), ("outputs", [RequestOutput], stats)). Here an
     add is a streaming call to the replica Serve's router picks, so admission (--max-concurrent-requests,
     --max-queue), the per-request streams, the shutdown drain and each error's HTTP status stay AsyncEngine's
@@ -67,7 +68,7 @@ class RayEngine(AsyncEngine):
     # ---- the transport (event-loop side) -------------------------------------------------
     def _send(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt, params, prep = command
+            _, request_id, prompt, params, prep, _pending = command
             # A fresh prompt: no cached HF view (a concatenated copy of the pixels) travels to the replica.
             prompt = ProcessedPrompt(prompt.input_ids, prompt.media, prompt.text)
             task = asyncio.get_running_loop().create_task(self._run(request_id, prompt, params, prep,
