@@ -317,7 +317,7 @@ def test_thread_mode_reports_a_failed_step_and_keeps_serving(llm, monkeypatch):
     assert running == 0 and not engine.has_unfinished_requests()
 
 
-def _first_step_size(llm, monkeypatch, feed) -> tuple[int, float]:
+def _first_step(llm, monkeypatch, feed) -> tuple[int, float]:
     """Run the core loop in a thread on the real engine; `feed(put, t0)` puts commands. Returns how many
     requests the first step held and when it started (seconds after the first command)."""
     from glimpse.engine.core import EngineCore, QueueCommands
@@ -363,7 +363,7 @@ def test_an_idle_core_waits_for_the_adds_said_to_be_coming(llm, monkeypatch, pen
             put(("add", f"r{i}", prompt, params, 0.0, pending))
             time.sleep(0.03)
 
-    held, _ = _first_step_size(llm, monkeypatch, feed)
+    held, _ = _first_step(llm, monkeypatch, feed)
     assert held == gather
 
 
@@ -383,7 +383,7 @@ def test_an_idle_core_waits_no_longer_than_gather_seconds(llm, monkeypatch):
         put(("add", "r1", prompt, params, 0.0, 0))
         put(("add", "r2", prompt, params, 0.0, 0))
 
-    held, started = _first_step_size(llm, monkeypatch, feed)
+    held, started = _first_step(llm, monkeypatch, feed)
     assert held == 1 and 0.5 <= started < 1.4
 
 

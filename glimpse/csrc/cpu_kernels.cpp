@@ -164,7 +164,7 @@ template <int ND, int R>
 void attend_block(const at::BFloat16* q, const Layout& lay, const Segment& seg, int64_t q0, int64_t nq,
                   const uint32_t* kt, const uint32_t* vp, at::BFloat16* out) {
   constexpr int64_t D = ND * 16, P = D / 2;
-  constexpr int RV = ND * R <= 16 ? R : 2;  // rows per pass of P V: at most 16 accumulators (D = 128: two rows)
+  constexpr int RV = ND * R <= 16 ? R : 2;  // rows per pass of P V: at most 16 accumulators (D > 64: two rows)
   constexpr int64_t kRows = kBlockQ + R - 1;  // a last group of rows may run past nq: those repeat row nq - 1
   alignas(64) float S[kRows][kBlockK];
   alignas(64) uint32_t Pp[kRows][kBlockK / 2];

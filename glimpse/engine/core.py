@@ -119,7 +119,9 @@ class PipeCommands:
 
     def get(self, block: bool, timeout: float | None = None) -> tuple | None:
         try:
-            if (not block or timeout is not None) and not self._conn.poll(timeout if block else 0):
+            if not block:
+                timeout = 0
+            if timeout is not None and not self._conn.poll(timeout):
                 return None
             return self._conn.recv()
         except (EOFError, ConnectionResetError):

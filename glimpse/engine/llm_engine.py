@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from glimpse.backends import tower_modules
 from glimpse.config import ModelConfig
 from glimpse.engine.block_manager import BlockManager
 from glimpse.engine.detokenizer import IncrementalDetokenizer
@@ -292,7 +293,8 @@ class LLMEngine:
         except PromptError:  # the image's tokens do not fit this engine's max_model_len or encoder cache
             used = 0
         # 2 FLOPs per decoder parameter per token (the vision tower's are not: the image ran above)
-        decoder_params = sum(p.numel() for name, p in self.model.named_parameters() if not name.startswith("model.visual."))
+        tower = {id(p) for m in tower_modules(self.model) for p in m.parameters(recurse=False)}
+        decoder_params = sum(p.numel() for p in self.model.parameters() if id(p) not in tower)
         affordable = max(1, int(WARMUP_MAX_FLOPS // (2 * max(decoder_params, 1))) - used)
         filler = min(self.scheduler.config.prefill_budget - used, self.max_model_len - 2, affordable)
         if filler > 0:
