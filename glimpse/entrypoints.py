@@ -147,6 +147,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-graph", choices=("on", "off"), default="off",
                    help="vision encoder in token budgets with one compiled graph each (faster encoder, ~1 min "
                         "of compilation at start with a cold inductor cache)")  # fmt: skip
+    p.add_argument("--decode-graph", choices=("on", "off"), default="off",
+                   help="decode steps through one compiled graph of the decoder (~10%% shorter steps; bf16 on a CPU "
+                        "with the native kernels; ~15-20 s of compilation at start with a cold inductor cache)")  # fmt: skip
     p.add_argument("--encoder-budgets", type=_budgets, default=None, metavar="N,N,...",
                    help="comma-separated merged-token budgets (default: powers of two from 64 up to "
                         "--max-num-batched-tokens)")  # fmt: skip
@@ -312,6 +315,7 @@ def make_llm(model: str | None, args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                encoder_cache_memory=args.encoder_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                seed=args.seed, load_format=args.load_format, encoder_graph=args.encoder_graph,
+               decode_graph=args.decode_graph,
                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
                mm_encoder_tp_mode=args.mm_encoder_tp_mode, encoder_budgets=args.encoder_budgets,
                device=args.device, warmup=False)  # one prompt: a warm-up step would only add its own time  # fmt: skip

@@ -8,6 +8,11 @@ cached per machine in torch's extension directory (`TORCH_EXTENSIONS_DIR`), abou
 time on 2 cores (a line on stderr says so before it starts). torch guards the build with a lock file
 there: a build killed midway can leave it behind, and the next build then waits until it is deleted.
 `GLIMPSE_NATIVE_KERNELS` is read once per process.
+
+The decode step's kernels are also torch operators (`torch.ops.glimpse_cpu`), so that a compiled
+decode step (glimpse/engine/decode_graph.py) keeps them as nodes of its graph: `graph_ops()` is
+that namespace behind the module's own call signatures; code traced by torch.compile calls it where
+`GRAPH_OPS.ops` holds it (the decode graph) and torch's ops where it is None (the vision tower's graphs).
 """
 
 from __future__ import annotations
@@ -51,6 +56,76 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, a failed build: torch's SDPA still works
         logger.warning("native CPU kernels unavailable (%s: %s); using torch's", type(e).__name__, e)
         return None
+
+
+class GRAPH_OPS:  # noqa: N801 - a switch read while tracing (torch.compile guards on its value)
+    ops: _GraphOps | None = None  # graph_ops(), set by glimpse.engine.decode_graph around its compiled calls
+
+
+def graph_ops() -> _GraphOps | None:
+    """The decode step's kernels as graph nodes, with `cpu_kernels()`'s signatures (None where the kernels
+    are not built). Only what a text decoder's step calls: linear_one_row_bf16, rms_norm_bf16,
+    silu_mul_bf16, text_rotary_bf16_, decode_attention_bf16."""
+    return _graph_ops() if cpu_kernels() is not None else None
+
+
+class _GraphOps:
+    def __init__(self) -> None:
+        import torch
+
+        ops = torch.ops.glimpse_cpu
+        self.linear_one_row_bf16 = ops.linear_one_row_bf16
+        self.silu_mul_bf16 = ops.silu_mul_bf16
+        self.text_rotary_bf16_ = ops.text_rotary_bf16_
+        self.decode_attention_bf16 = ops.decode_attention_bf16
+        self.write_kv_ = ops.write_kv_  # new K/V rows into their cache slots, in place
+        self.packed_linear = ops.packed_linear  # oneDNN's linear on a packed weight (onednn_packed.py)
+        self._norm, self._add_norm = ops.rms_norm_bf16, ops.add_rms_norm_bf16
+
+    def rms_norm_bf16(self, x, delta, weight, eps):  # noqa: ANN001, ANN201 - the module's signature
+        if delta is None:
+            return x, self._norm(x, weight, eps)
+        return self._add_norm(x, delta, weight, eps)
+
+
+@functools.cache
+def _graph_ops() -> _GraphOps:
+    import torch
+
+    # What each operator returns, for tracing (torch.compile runs these on shapes, not data).
+    @torch.library.register_fake("glimpse_cpu::linear_one_row_bf16")
+    def _(x, w, bias):  # noqa: ANN001, ANN202
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("glimpse_cpu::packed_linear")
+    def _(x, packed, bias):  # noqa: ANN001, ANN202
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+    @torch.library.register_fake("glimpse_cpu::rms_norm_bf16")
+    def _(x, weight, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("glimpse_cpu::add_rms_norm_bf16")
+    def _(x, delta, weight, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake("glimpse_cpu::silu_mul_bf16")
+    def _(x):  # noqa: ANN001, ANN202
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.register_fake("glimpse_cpu::text_rotary_bf16_")
+    def _(qkv, heads, cos, sin, neox):  # noqa: ANN001, ANN202
+        return None
+
+    @torch.library.register_fake("glimpse_cpu::write_kv_")
+    def _(k_cache, v_cache, layer, slots, k, v):  # noqa: ANN001, ANN202
+        return None
+
+    @torch.library.register_fake("glimpse_cpu::decode_attention_bf16")
+    def _(q, k, v, rows, kv_slots, kv_offsets, scale, out):  # noqa: ANN001, ANN202
+        return None
+
+    return _GraphOps()
 
 
 def build_pending() -> bool:

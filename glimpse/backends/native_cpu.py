@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 
 def _ops() -> ModuleType:
-    """The compiled module: built once per process (glimpse/kernels.py); selection made sure it exists."""
-    module = kernels.cpu_kernels()
+    """The compiled module: built once per process (glimpse/kernels.py); selection made sure it exists.
+    While the decode graph is traced: the same kernels as torch operators (`kernels.graph_ops()`)."""
+    module = (kernels.GRAPH_OPS.ops if torch.compiler.is_compiling() else None) or kernels.cpu_kernels()
     assert module is not None, "native CPU backend selected where the kernels do not run"
     return module
 
@@ -91,7 +92,7 @@ class NativeOneRowLinear:
     @staticmethod
     def serves(layer: nn.Linear, x: torch.Tensor) -> bool:
         """One bf16 row for this layer's bf16 weight (a bf16 model may keep some weights in float32),
-        outside autograd and torch.compile tracing (both need torch's ops)."""
+        outside autograd and torch.compile tracing (both need torch's ops), except the decode graph's."""
         weight, bias = layer.weight, layer.bias
         if x.dim() == 0 or x.numel() != weight.shape[-1] or x.shape[-1] != weight.shape[-1]:
             return False
@@ -99,7 +100,9 @@ class NativeOneRowLinear:
             return False
         if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
             return False
-        return not _records_autograd(x, weight, bias) and not torch.compiler.is_compiling()
+        if _records_autograd(x, weight, bias):
+            return False
+        return not torch.compiler.is_compiling() or kernels.GRAPH_OPS.ops is not None
 
 
 def _records_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glimpse import kernels
 from glimpse.backends.native_cpu import NativeOneRowLinear, _records_autograd
 
 # The batch size oneDNN tunes the packed layout for. From 16 up, the packed weight gives results equal
@@ -46,10 +47,12 @@ class PackedOneDnnLinear:
         if self.one_row is not None and self.one_row.serves(layer, x):
             return self.one_row.apply(layer, x)
         packed = getattr(layer, "packed_weight", None)
-        if (packed is None or x.dtype != torch.bfloat16 or torch.compiler.is_compiling()
-                or _records_autograd(x, layer.weight, layer.bias)):  # fmt: skip
+        traced = torch.compiler.is_compiling() and kernels.GRAPH_OPS.ops is None  # the decode graph keeps the packed call
+        if packed is None or x.dtype != torch.bfloat16 or traced or _records_autograd(x, layer.weight, layer.bias):
             return F.linear(x, layer.weight, layer.bias)
         bias = layer.bias
         if bias is not None and bias.dtype != torch.bfloat16:
             return F.linear(x, layer.weight, bias)
+        if kernels.GRAPH_OPS.ops is not None and torch.compiler.is_compiling():  # the decode graph
+            return kernels.GRAPH_OPS.ops.packed_linear(x.contiguous(), packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")

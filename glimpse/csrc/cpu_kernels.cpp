@@ -25,6 +25,7 @@
 // outside the tensors it is given. They release the GIL while they run.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cpuid.h>
@@ -1113,6 +1114,72 @@ void bind_threads(const std::vector<std::vector<int64_t>>& cpus) {
   });
   TORCH_CHECK(failed.load() == 0, "sched_setaffinity failed: ", std::strerror(failed.load()));
   TORCH_CHECK(ran.load() == n, "only ", ran.load(), " of ", n, " threads ran the binding");
+}
+
+// The decode step's kernels as torch operators (namespace glimpse_cpu), for a compiled decode step
+// (glimpse/engine/decode_graph.py): torch.compile keeps a registered operator as one node of its graph
+// and calls it through the dispatcher from the graph's code, where eager code calls the functions
+// above through this module. The same functions, so the same bits. Their shapes for tracing
+// (register_fake) are in glimpse/backends/native_cpu.py. RMSNorm is two operators: without a
+// residual the pybind function returns x itself as the sum, which an operator may not alias.
+torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  return rms_norm_bf16(x, c10::nullopt, weight, eps)[1];
+}
+
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_op(const torch::Tensor& x, const torch::Tensor& delta,
+                                                         const torch::Tensor& weight, double eps) {
+  auto outs = rms_norm_bf16(x, delta, weight, eps);
+  return {outs[0], outs[1]};
+}
+
+// oneDNN's linear on a weight packed once at load (glimpse/backends/onednn_packed.py), as an operator of
+// ours: inductor lowers mkldnn::_linear_pointwise only for weights that are graph constants (freezing),
+// and the decode graph takes the weights as inputs. The same oneDNN call eager code makes.
+torch::Tensor packed_linear_op(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias, std::string("none"), c10::List<c10::optional<c10::Scalar>>(),
+                          c10::optional<std::string>(std::string(""))};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// One layer's new K and V rows into their slots of the paged cache ([layers, blocks, block size, kv
+// heads, D]), in place. In a compiled graph torch's index_copy_ on a graph input becomes a copy of the
+// whole cache and a copy back; a mutating operator on the whole cache (not a view of one layer, whose
+// offset inductor 2.14 lost in a reinplaced mutation) stays in place.
+void write_kv_op(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t layer, const torch::Tensor& slots,
+                 const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && layer >= 0 && layer < k_cache.size(0),
+              "k_cache, v_cache: [layers, blocks, block size, kv heads, D]; layer ", layer);
+  k_cache.select(0, layer).flatten(0, 1).index_copy_(0, slots, k);
+  v_cache.select(0, layer).flatten(0, 1).index_copy_(0, slots, v);
+}
+
+TORCH_LIBRARY(glimpse_cpu, m) {
+  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
+  m.def("decode_attention_bf16(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor kv_slots, Tensor kv_offsets, "
+        "float scale, Tensor(a!) out) -> ()");
+  m.def("linear_one_row_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_bf16(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul_bf16(Tensor x) -> Tensor");
+  m.def("text_rotary_bf16_(Tensor(a!) qkv, int heads, Tensor cos, Tensor sin, bool neox) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(glimpse_cpu, MkldnnCPU, m) {  // the packed weight is an opaque oneDNN tensor
+  m.impl("packed_linear", &packed_linear_op);
+}
+
+TORCH_LIBRARY_IMPL(glimpse_cpu, CPU, m) {
+  m.impl("decode_attention_bf16", &decode_attention_bf16);
+  m.impl("write_kv_", &write_kv_op);
+
+  m.impl("linear_one_row_bf16", &linear_one_row_bf16);
+  m.impl("rms_norm_bf16", &rms_norm_op);
+  m.impl("add_rms_norm_bf16", &add_rms_norm_op);
+  m.impl("silu_mul_bf16", &silu_mul_bf16);
+  m.impl("text_rotary_bf16_", &text_rotary_bf16_);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

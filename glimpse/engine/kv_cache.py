@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glimpse import kernels
 from glimpse.backends import AttentionBackend, backends_for
 
 
@@ -187,7 +188,10 @@ class StepKV:
         meta = self.meta
         k_flat = self.cache.k[layer_idx].view(-1, *k.shape[1:])
         v_flat = self.cache.v[layer_idx].view(-1, *v.shape[1:])
-        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
+        if torch.compiler.is_compiling() and (ops := kernels.GRAPH_OPS.ops) is not None:  # the decode graph
+            ops.write_kv_(self.cache.k, self.cache.v, layer_idx, meta.slot_mapping, k, v)  # in place
+        else:
+            k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
+            v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
         attention = self.cache.attention or backends_for(q, q.shape[-1]).attention
         return attention.paged(q, k, v, k_flat, v_flat, meta)

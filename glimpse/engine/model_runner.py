@@ -109,6 +109,7 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)  # the draws of requests without a seed
         self.requests: dict[str, CachedRequestState] = {}
         self.num_forwards = 0  # decoder forwards run (one per non-empty step)
+        self.decode_graph = None  # glimpse.engine.decode_graph.DecodeGraph: decode-only steps compiled
         kv_cache.attention = model.backends.attention  # chosen once when the model was loaded (glimpse/backends)
 
     @torch.inference_mode()
@@ -164,7 +165,12 @@ class ModelRunner:
         rows = None if every_row else torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         with one_row_matmuls(input_ids.shape[0], self.model.dtype, self.device):
             positions_t = positions[0] if len(positions) == 1 else torch.cat(positions, dim=1)
-            hidden = self.model.decode(embeds, positions_t.to(self.device), StepKV(self.kv_cache, meta), rows)
+            positions_t = positions_t.to(self.device)
+            hidden = None
+            if self.decode_graph is not None and self.decode_graph.serves(meta, rows):
+                hidden = self.decode_graph(embeds, positions_t, meta)
+            if hidden is None:
+                hidden = self.model.decode(embeds, positions_t, StepKV(self.kv_cache, meta), rows)
         self.num_forwards += 1
         with one_row_matmuls(len(sample_rows), self.model.dtype, self.device):  # the LM head: one row to sample
             logits = self.model.lm_logits(hidden).float() if sample_rows else hidden.new_empty(0, 0)

@@ -141,8 +141,10 @@ def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
     for t in tensors:  # a loop, not any(genexpr): this runs several times per layer per step
         if t.dtype is not torch.bfloat16 or not t.is_cpu:
             return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
+    if torch.compiler.is_compiling():  # the decode graph keeps the kernels as nodes; other graphs trace torch's ops
+        return kernels.GRAPH_OPS.ops
     return kernels.cpu_kernels()  # looked up per call: tests switch the kernels off by patching it
 
 

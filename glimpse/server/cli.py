@@ -175,6 +175,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "start-up); off: eager tower calls per step, which serve more tokens/s since the native "
                           "kernels (concurrency 64: 0.92x vLLM-CPU's against 0.79x with graphs, docs/benchmarks.md); "
                           "on is refused with --tensor-parallel-size > 1")  # fmt: skip
+    eng.add_argument("--decode-graph", choices=("on", "off"), default="off",
+                     help="on: decode steps (every sequence one new token) through one compiled graph of the "
+                          "decoder, ~10%% shorter steps (bf16 on a CPU with the native kernels, one rank; compiled "
+                          "at start-up, ~15-20 s with a cold inductor cache)")  # fmt: skip
     add_parallel_arguments(eng)
     eng.add_argument("--encoder-budgets", default=None,
                      help="comma-separated merged-token budgets (default: powers of two from 64 up to "
@@ -462,6 +466,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                           load_format=args.load_format, device=args.device,
                           video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
+                          decode_graph=args.decode_graph,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
                           encoder_budgets=parse_budgets(args.encoder_budgets),

@@ -1,0 +1,92 @@
+"""The compiled decode step (glimpse/engine/decode_graph.py) against the eager one.
+
+Reference: the same engine's eager steps. The graph calls the same kernels in the same order, so
+greedy tokens and every logprob must be equal bit for bit, for one sequence and for a batch (image
+chats and text, mixed prefill/decode steps in between), on both decoder layouts (GLM's sandwich
+norms and partial rotary; Qwen2.5-VL's plain layers). One graph engine per family per module
+(compiling is the slow part: ~15-25 s each with a cold inductor cache on 2 cores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IMAGES
+from PIL import Image
+
+from glimpse import LLM, SamplingParams
+from glimpse.engine.decode_graph import DecodeGraph
+from glimpse.errors import InvalidInputError
+
+FAMILIES = ["glm4v", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def engines(native_kernels, tiny_checkpoint):
+    """family -> LLM with the decode graph on (bf16, the native kernels)."""
+    made = {}
+
+    def get(family: str) -> LLM:
+        if family not in made:
+            made[family] = LLM(tiny_checkpoint(family), dtype="bfloat16", decode_graph="on", warmup=False)
+        return made[family]
+
+    return get
+
+
+def _requests():
+    image = Image.open(IMAGES / sorted(p.name for p in IMAGES.iterdir() if p.suffix == ".jpg")[0]).convert("RGB")
+    chats = [[{"role": "user", "content": [{"type": "image", "image": image.resize((112 + 28 * i, 84))},
+                                           {"type": "text", "text": f"Describe it, {i}."}]}] for i in range(3)]  # fmt: skip
+    return chats + [[{"role": "user", "content": "Count to ten."}]]
+
+
+def _run(llm: LLM, graph: bool, chats) -> list[tuple[list[int], list]]:
+    runner = llm.engine.runner
+    saved, runner.decode_graph = runner.decode_graph, (runner.decode_graph if graph else None)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+        outs = llm.chat(chats, params, use_tqdm=False)
+    finally:
+        runner.decode_graph = saved
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_steps_give_the_eager_bits(engines, family):
+    llm = engines(family)
+    graph = llm.engine.runner.decode_graph
+    for chats in (_requests()[:1], _requests()):  # one sequence (its own graph), then four
+        before = graph.steps
+        eager, compiled = _run(llm, False, chats), _run(llm, True, chats)
+        assert graph.steps > before and graph.fallbacks == 0
+        for (tokens_e, logprobs_e), (tokens_g, logprobs_g) in zip(eager, compiled, strict=True):
+            assert tokens_g == tokens_e
+            assert logprobs_g == logprobs_e  # every top-3 logprob of every step, exactly
+
+
+def test_a_shape_the_graphs_refuse_runs_eagerly(engines):
+    """A step whose tensors the guards refuse is not compiled on the spot (seconds of stall): the call
+    returns None, the runner steps eagerly, nothing was written."""
+    llm = engines("glm4v")
+    graph = llm.engine.runner.decode_graph
+    cache_before = graph.kv_cache.k.clone()
+    embeds, positions, *tables = graph._dummy_inputs(2)
+    from glimpse.engine.kv_cache import AttentionMetadata
+
+    meta = AttentionMetadata.build(graph.kv_cache.block_size, [[0], [1]], [1, 1], [1, 1])
+    fallbacks = graph.fallbacks
+    with torch.inference_mode():
+        assert graph(embeds.float(), positions, meta) is None  # float32 rows: a dtype the graph was not built for
+    assert graph.fallbacks == fallbacks + 1
+    assert torch.equal(graph.kv_cache.k, cache_before)
+
+
+def test_the_graph_is_refused_where_it_cannot_run(native_kernels, tiny_checkpoint):
+    path = tiny_checkpoint("glm4v")
+    with pytest.raises(InvalidInputError, match=r"decode_graph 'on' \(--decode-graph on\): it runs bf16 models"):
+        LLM(path, dtype="float32", decode_graph="on", warmup=False)
+    with pytest.raises(InvalidInputError, match=r"decode_graph='sometimes' \(--decode-graph\); use 'on' or 'off'"):
+        LLM(path, dtype="bfloat16", decode_graph="sometimes", warmup=False)
+    assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 2) == "it runs on one rank (tensor_parallel_size > 1)"
+    assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 1) is None
