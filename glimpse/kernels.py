@@ -65,7 +65,8 @@ class GRAPH_OPS:  # noqa: N801 - a switch read while tracing (torch.compile guar
 def graph_ops() -> _GraphOps | None:
     """The decode step's kernels as graph nodes, with `cpu_kernels()`'s signatures (None where the kernels
     are not built). Only what a text decoder's step calls: linear_one_row_bf16, rms_norm_bf16,
-    silu_mul_bf16, text_rotary_bf16_, decode_attention_bf16."""
+    silu_mul_bf16, text_rotary_bf16_, decode_attention_bf16; and two of their own: write_kv_ (the
+    step's K/V into the cache, in place) and packed_linear (oneDNN's linear on a packed weight)."""
     return _graph_ops() if cpu_kernels() is not None else None
 
 

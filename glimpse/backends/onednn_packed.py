@@ -12,7 +12,8 @@ costs as much memory as the layer's weight. Packed copies may take at most a qua
 layers get them first (decode steps run them a few rows at a time: Qwen2.5-VL-3B's 8-row steps 254 ->
 150 ms on a 2-core AMD EPYC), the vision tower's (hundreds of rows per call) only when both fit
 (`select_backends`).
-Autograd, torch.compile tracing, other dtypes and weights that were not packed go to `F.linear`.
+Autograd, torch.compile tracing (except the decode graph's: glimpse/engine/decode_graph.py), other dtypes
+and weights that were not packed go to `F.linear`.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ class PackedOneDnnLinear:
         if self.one_row is not None and self.one_row.serves(layer, x):
             return self.one_row.apply(layer, x)
         packed = getattr(layer, "packed_weight", None)
-        traced = torch.compiler.is_compiling() and kernels.GRAPH_OPS.ops is None  # the decode graph keeps the packed call
-        if packed is None or x.dtype != torch.bfloat16 or traced or _records_autograd(x, layer.weight, layer.bias):
+        compiling = torch.compiler.is_compiling()
+        graph_ops = kernels.GRAPH_OPS.ops if compiling else None  # the decode graph keeps the packed call
+        if (packed is None or x.dtype != torch.bfloat16 or (compiling and graph_ops is None)
+                or _records_autograd(x, layer.weight, layer.bias)):  # fmt: skip
             return F.linear(x, layer.weight, layer.bias)
         bias = layer.bias
         if bias is not None and bias.dtype != torch.bfloat16:
             return F.linear(x, layer.weight, bias)
-        if kernels.GRAPH_OPS.ops is not None and torch.compiler.is_compiling():  # the decode graph
-            return kernels.GRAPH_OPS.ops.packed_linear(x.contiguous(), packed, bias)
+        if graph_ops is not None:
+            return graph_ops.packed_linear(x.contiguous(), packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
