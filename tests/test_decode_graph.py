@@ -88,5 +88,8 @@ def test_the_graph_is_refused_where_it_cannot_run(native_kernels, tiny_checkpoin
         LLM(path, dtype="float32", decode_graph="on", warmup=False)
     with pytest.raises(InvalidInputError, match=r"decode_graph='sometimes' \(--decode-graph\); use 'on' or 'off'"):
         LLM(path, dtype="bfloat16", decode_graph="sometimes", warmup=False)
+    with pytest.raises(InvalidInputError, match=r"--decode-graph on\): this model's decoder does not compile into one "
+                       r"graph \(GuardOnDataDependentSymNode: .*\); use --decode-graph off"):  # fmt: skip
+        LLM(tiny_checkpoint("glm4v_moe"), dtype="bfloat16", decode_graph="on", warmup=False)  # experts routed by data
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 2) == "it runs on one rank (tensor_parallel_size > 1)"
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 1) is None

@@ -272,7 +272,12 @@ class LLMEngine:
             if why is not None:
                 raise InvalidInputError(f"decode_graph 'on' (--decode-graph on): {why}; use --decode-graph off")
             self.runner.decode_graph = DecodeGraph(self.model, self.kv_cache)
-            self.runner.decode_graph.capture()
+            try:
+                self.runner.decode_graph.capture()
+            except Exception as exc:  # e.g. MoE routing (glm4v_moe): shapes that depend on the data
+                why = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise InvalidInputError(f"decode_graph 'on' (--decode-graph on): this model's decoder does not compile "
+                                        f"into one graph ({type(exc).__name__}: {why}); use --decode-graph off") from exc  # fmt: skip
         if self.workers is not None:  # every step runs on all ranks; this process samples
             self.runner = self.workers.driving(self.runner)
         limits = StructuredLimits(config.structured_output_max_bytes, config.structured_output_max_depth,
