@@ -93,3 +93,40 @@ def test_the_graph_is_refused_where_it_cannot_run(native_kernels, tiny_checkpoin
         LLM(tiny_checkpoint("glm4v_moe"), dtype="bfloat16", decode_graph="on", warmup=False)  # experts routed by data
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 2) == "it runs on one rank (tensor_parallel_size > 1)"
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 1) is None
+
+
+def test_the_command_line_flags_reach_the_engine(tiny_checkpoint):
+    """`glimpse serve --decode-graph on` puts it in the engine's config; `glimpse generate` refuses a float32
+    engine with the graph in one line, before loading anything."""
+    import argparse
+    import subprocess
+    import sys
+
+    from glimpse.server.cli import add_arguments, build_state
+
+    class Started(Exception):
+        pass
+
+    configs = []
+
+    def start(config):
+        configs.append(config)
+        raise Started
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    path = str(tiny_checkpoint("glm4v"))
+    with pytest.raises(Started):
+        build_state(parser.parse_args([path, "--decode-graph", "on", "--encoder-graph", "off"]), start)
+    assert configs[-1].decode_graph == "on"
+    with pytest.raises(Started):
+        build_state(parser.parse_args([path, "--encoder-graph", "off"]), start)
+    assert configs[-1].decode_graph == "off"  # the default
+
+    done = subprocess.run([sys.executable, "-m", "glimpse.cli", "generate", path, "hello", "--dtype", "float32",
+                           "--decode-graph", "on"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "glimpse: error: decode_graph 'on' (--decode-graph on): it runs bf16 models on the CPU (this engine: "
+        "torch.float32 on cpu); use --decode-graph off")
+    assert "Traceback" not in done.stderr
