@@ -6,11 +6,12 @@ one compiled graph of `model.decode` instead of the eager module calls: the grap
 `graph_ops()`: the native GEMV, RMSNorm, SwiGLU, rotary, decode attention and oneDNN's packed linear
 as torch operators, the KV write as an in-place operator), so it gives the eager step's values bit
 for bit; what it removes is the Python around them (module calls, dispatch checks, the shape
-bookkeeping of 12-36 layers). Measured on 2 AMD EPYC cores, small glm4v: 4.7 -> 4.2 ms per one-row
-step, 7.7 -> 6.9 ms at 16 rows, 11.2 -> 10.1 at 32 (docs/benchmarks.md, session 14).
+bookkeeping of 12-36 layers). Measured on 2 AMD EPYC cores, small glm4v, one engine switching it on and
+off: 4.62 -> 4.26 ms per one-row step, 9.17 -> 8.50 ms at 16 rows, 20.97 -> 19.92 at 64; served at
+concurrency 1, 7.5 -> 5.7 ms per output token (docs/benchmarks.md, "Session 14").
 
 Shapes: two graphs, compiled at start-up (`capture`): one for a single sequence and one for any number
-from two up (the row count, the context slots and the block count are symbolic). Steps with prompt
+from two up (the row count and the context slots symbolic; the cache and the weights fixed). Steps with prompt
 tokens, with rows to drop before the last layer, or of a shape the graphs do not take run eagerly.
 Where it applies: bf16 on a CPU that runs the native kernels, one rank (`DecodeGraph.unsupported`,
 `check_model`).
