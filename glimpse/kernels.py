@@ -66,7 +66,8 @@ def graph_ops() -> _GraphOps | None:
     """The decode step's kernels as graph nodes, with `cpu_kernels()`'s signatures (None where the kernels
     are not built). Only what a text decoder's step calls: linear_one_row_bf16, rms_norm_bf16,
     silu_mul_bf16, text_rotary_bf16_, decode_attention_bf16; and two of their own: write_kv_ (the
-    step's K/V into the cache, in place) and packed_linear (oneDNN's linear on a packed weight)."""
+    step's K/V into the cache, in place) and packed_linear (oneDNN's linear on a packed weight, given
+    by the handle `keep_packed` returned)."""
     return _graph_ops() if cpu_kernels() is not None else None
 
 
@@ -80,7 +81,7 @@ class _GraphOps:
         self.text_rotary_bf16_ = ops.text_rotary_bf16_
         self.decode_attention_bf16 = ops.decode_attention_bf16
         self.write_kv_ = ops.write_kv_  # new K/V rows into their cache slots, in place
-        self.packed_linear = ops.packed_linear  # oneDNN's linear on a packed weight (onednn_packed.py)
+        self.packed_linear = ops.packed_linear  # oneDNN's linear on a packed weight, by handle (onednn_packed.py)
         self._norm, self._add_norm = ops.rms_norm_bf16, ops.add_rms_norm_bf16
 
     def rms_norm_bf16(self, x, delta, weight, eps):  # noqa: ANN001, ANN201 - the module's signature
@@ -99,8 +100,8 @@ def _graph_ops() -> _GraphOps:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("glimpse_cpu::packed_linear")
-    def _(x, packed, bias):  # noqa: ANN001, ANN202
-        return x.new_empty((*x.shape[:-1], packed.shape[0]))
+    def _(x, handle, out_features, bias):  # noqa: ANN001, ANN202
+        return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("glimpse_cpu::rms_norm_bf16")
     def _(x, weight, eps):  # noqa: ANN001, ANN202

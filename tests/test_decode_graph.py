@@ -130,3 +130,28 @@ def test_the_command_line_flags_reach_the_engine(tiny_checkpoint):
         "glimpse: error: decode_graph 'on' (--decode-graph on): it runs bf16 models on the CPU (this engine: "
         "torch.float32 on cpu); use --decode-graph off")
     assert "Traceback" not in done.stderr
+
+
+def test_packed_weights_by_handle(native_kernels):
+    """The graph reaches oneDNN's packed weights through int handles (a packed tensor among a graph's inputs
+    keeps the graph out of inductor's cache): the operator gives oneDNN's eager result bit for bit, and a
+    released handle is refused by name."""
+    from glimpse import kernels
+    from glimpse.backends.onednn_packed import PackedOneDnnLinear, keep_packed_handles, release_packed_handles
+    from glimpse.models.layers import Linear
+
+    layer = Linear(96, 40, bias=True).to(torch.bfloat16)
+    method = PackedOneDnnLinear()
+    method.prepare(layer)
+    model = torch.nn.Sequential(layer)
+    (handle,) = keep_packed_handles(model)
+    assert layer.packed_handle == handle
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        by_handle = kernels.graph_ops().packed_linear(x, handle, 40, layer.bias)
+        assert torch.equal(by_handle, method.apply(layer, x))  # the eager call on the packed tensor
+        with pytest.raises(RuntimeError, match="packed weight .* has 40 outputs, not 41"):
+            kernels.graph_ops().packed_linear(x, handle, 41, layer.bias)
+        release_packed_handles([handle])
+        with pytest.raises(RuntimeError, match=f"no packed weight has handle {handle}"):
+            kernels.graph_ops().packed_linear(x, handle, 40, layer.bias)

@@ -47,15 +47,44 @@ class PackedOneDnnLinear:
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.one_row is not None and self.one_row.serves(layer, x):
             return self.one_row.apply(layer, x)
+        if torch.compiler.is_compiling():
+            return _traced(layer, x)
         packed = getattr(layer, "packed_weight", None)
-        compiling = torch.compiler.is_compiling()
-        graph_ops = kernels.GRAPH_OPS.ops if compiling else None  # the decode graph keeps the packed call
-        if (packed is None or x.dtype != torch.bfloat16 or (compiling and graph_ops is None)
-                or _records_autograd(x, layer.weight, layer.bias)):  # fmt: skip
+        if packed is None or x.dtype != torch.bfloat16 or _records_autograd(x, layer.weight, layer.bias):
             return F.linear(x, layer.weight, layer.bias)
         bias = layer.bias
         if bias is not None and bias.dtype != torch.bfloat16:
             return F.linear(x, layer.weight, bias)
-        if graph_ops is not None:
-            return graph_ops.packed_linear(x.contiguous(), packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def _traced(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Inside torch.compile: the decode graph's packed_linear operator, which reaches the packed weight by
+    handle (`keep_packed_handles`); any other graph: `F.linear` (torch.compile's own handling)."""
+    ops, handle, bias = kernels.GRAPH_OPS.ops, getattr(layer, "packed_handle", None), layer.bias
+    if (ops is None or handle is None or x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16)
+            or _records_autograd(x, layer.weight, bias)):  # fmt: skip
+        return F.linear(x, layer.weight, bias)
+    return ops.packed_linear(x.contiguous(), handle, layer.out_features, bias)
+
+
+def keep_packed_handles(model: nn.Module) -> list[int]:
+    """Hand every packed weight of `model` to the native library (`keep_packed`) and note its handle on the
+    layer (`layer.packed_handle`), for the decode graph's packed_linear operator; returns the handles, which
+    `release_packed_handles` lets go of. A packed (mkldnn) tensor among a compiled graph's inputs keeps the
+    graph out of inductor's cache; an int handle is a constant of the graph."""
+    native = kernels.cpu_kernels()
+    handles = []
+    for module in model.modules():
+        packed = getattr(module, "packed_weight", None)
+        if isinstance(module, nn.Linear) and packed is not None:
+            module.packed_handle = native.keep_packed(packed)
+            handles.append(module.packed_handle)
+    return handles
+
+
+def release_packed_handles(handles: list[int]) -> None:
+    native = kernels.cpu_kernels()
+    if native is not None:
+        for handle in handles:
+            native.release_packed(handle)

@@ -39,6 +39,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -1133,9 +1134,35 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_op(const torch::Tensor& x,
 }
 
 // oneDNN's linear on a weight packed once at load (glimpse/backends/onednn_packed.py), as an operator of
-// ours: inductor lowers mkldnn::_linear_pointwise only for weights that are graph constants (freezing),
-// and the decode graph takes the weights as inputs. The same oneDNN call eager code makes.
-torch::Tensor packed_linear_op(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias) {
+// ours that takes the packed weight by handle. Inductor lowers mkldnn::_linear_pointwise only for weights
+// that are graph constants (freezing), and a graph with a packed (mkldnn) tensor among its inputs is never
+// stored in inductor's FX graph cache ("mkldnn tensors unpickleable": ~13 s of compilation at every start);
+// an int handle is a plain constant of the graph. The same oneDNN call eager code makes.
+std::mutex packed_mutex;
+std::vector<torch::Tensor> packed_weights;  // by handle; an undefined tensor once released
+
+int64_t keep_packed(const torch::Tensor& packed) {
+  std::lock_guard<std::mutex> lock(packed_mutex);
+  packed_weights.push_back(packed);
+  return int64_t(packed_weights.size()) - 1;
+}
+
+void release_packed(int64_t handle) {  // the layer that kept it is gone (weakref.finalize)
+  std::lock_guard<std::mutex> lock(packed_mutex);
+  if (handle >= 0 && handle < int64_t(packed_weights.size())) packed_weights[handle] = torch::Tensor();
+}
+
+torch::Tensor packed_linear_op(const torch::Tensor& x, int64_t handle, int64_t out_features,
+                               const c10::optional<torch::Tensor>& bias) {
+  torch::Tensor packed;
+  {
+    std::lock_guard<std::mutex> lock(packed_mutex);
+    TORCH_CHECK(handle >= 0 && handle < int64_t(packed_weights.size()) && packed_weights[handle].defined(),
+                "no packed weight has handle ", handle);
+    packed = packed_weights[handle];
+  }
+  TORCH_CHECK(packed.size(0) == out_features, "packed weight ", handle, " has ", packed.size(0), " outputs, not ",
+              out_features);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, packed, bias, std::string("none"), c10::List<c10::optional<c10::Scalar>>(),
                           c10::optional<std::string>(std::string(""))};
@@ -1157,7 +1184,7 @@ void write_kv_op(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int
 
 TORCH_LIBRARY(glimpse_cpu, m) {
   m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
-  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
+  m.def("packed_linear(Tensor x, int handle, int out_features, Tensor? bias) -> Tensor");
   m.def("decode_attention_bf16(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor kv_slots, Tensor kv_offsets, "
         "float scale, Tensor(a!) out) -> ()");
   m.def("linear_one_row_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
@@ -1167,13 +1194,10 @@ TORCH_LIBRARY(glimpse_cpu, m) {
   m.def("text_rotary_bf16_(Tensor(a!) qkv, int heads, Tensor cos, Tensor sin, bool neox) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(glimpse_cpu, MkldnnCPU, m) {  // the packed weight is an opaque oneDNN tensor
-  m.impl("packed_linear", &packed_linear_op);
-}
-
 TORCH_LIBRARY_IMPL(glimpse_cpu, CPU, m) {
   m.impl("decode_attention_bf16", &decode_attention_bf16);
   m.impl("write_kv_", &write_kv_op);
+  m.impl("packed_linear", &packed_linear_op);
 
   m.impl("linear_one_row_bf16", &linear_one_row_bf16);
   m.impl("rms_norm_bf16", &rms_norm_op);
@@ -1205,5 +1229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("vision_rotary_bf16", &vision_rotary_bf16, "float32 NeoX rotary of q and k from a [N, 3, heads, D] qkv",
         release());
+  m.def("keep_packed", &keep_packed, "keep a packed weight for the packed_linear operator; returns its handle");
+  m.def("release_packed", &release_packed, "let go of the packed weight of a handle");
   m.def("bind_threads", &bind_threads, "pin torch's intra-op thread i to the CPUs cpus[i]", release());
 }

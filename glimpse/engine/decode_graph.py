@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from glimpse import kernels
 from glimpse.backends.native_cpu import NativeCpuAttention
+from glimpse.backends.onednn_packed import keep_packed_handles, release_packed_handles
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
 from glimpse.models.base import VisionLanguageModel
 
@@ -57,6 +59,8 @@ class DecodeGraph:
         self.kv_cache = kv_cache
         self._compiled = torch.compile(self._step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         self.ops = kernels.graph_ops()
+        handles = keep_packed_handles(model)  # the packed weights by handle: graphs inductor can cache
+        weakref.finalize(self, release_packed_handles, handles)
         self.capture_seconds = 0.0
         self.steps = 0  # decode steps the graphs ran
         self.fallbacks = 0  # decode-only steps that ran eagerly because no graph took their shapes

@@ -79,7 +79,7 @@ class EngineConfig:
     encoder_budgets: tuple[int, ...] | None = None
     # Decode steps (every sequence one new token): "on" runs them through one compiled graph of the decoder
     # (glimpse/engine/decode_graph.py: bf16 on a CPU with the native kernels, one rank; ~10% shorter steps,
-    # ~15-20 s of compilation at start when the inductor cache is cold); "off" runs every step eagerly.
+    # ~30 s of compilation at start with a cold inductor cache, ~3 s warm); "off" runs every step eagerly.
     decode_graph: str = "off"
     seed: int = 0
     load_format: str = "auto"
