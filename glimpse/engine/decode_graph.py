@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # from C++ (1-row steps 4.5 -> 4.2 ms against inductor's Python wrapper, which saved nothing over eager).
 COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
+# Dynamo keys its graphs on `_step`'s code object, shared by every DecodeGraph of a process (several engines,
+# tests): its per-code recompile limit (8 by default) must not cut the later ones off (as in glimpse/vision/runner.py).
+_RECOMPILE_LIMIT = 4096
 _RECOMPILE_REFUSED = "Detected recompile"  # how torch 2.14 words the error of set_stance("fail_on_recompile")
 
 
@@ -119,8 +122,10 @@ class DecodeGraph:
         start = time.perf_counter()
         kernels.GRAPH_OPS.ops = self.ops
         try:
-            for batch in (1, 3):
-                self._compiled(*self._dummy_inputs(batch))
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                            accumulated_recompile_limit=_RECOMPILE_LIMIT):  # fmt: skip
+                for batch in (1, 3):
+                    self._compiled(*self._dummy_inputs(batch))
         finally:
             kernels.GRAPH_OPS.ops = None
         self.capture_seconds = time.perf_counter() - start
