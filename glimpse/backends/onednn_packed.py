@@ -47,25 +47,16 @@ class PackedOneDnnLinear:
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.one_row is not None and self.one_row.serves(layer, x):
             return self.one_row.apply(layer, x)
-        if torch.compiler.is_compiling():
-            return _traced(layer, x)
-        packed = getattr(layer, "packed_weight", None)
-        if packed is None or x.dtype != torch.bfloat16 or _records_autograd(x, layer.weight, layer.bias):
-            return F.linear(x, layer.weight, layer.bias)
         bias = layer.bias
-        if bias is not None and bias.dtype != torch.bfloat16:
-            return F.linear(x, layer.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-
-
-def _traced(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Inside torch.compile: the decode graph's packed_linear operator, which reaches the packed weight by
-    handle (`keep_packed_handles`); any other graph: `F.linear` (torch.compile's own handling)."""
-    ops, handle, bias = kernels.GRAPH_OPS.ops, getattr(layer, "packed_handle", None), layer.bias
-    if (ops is None or handle is None or x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16)
-            or _records_autograd(x, layer.weight, bias)):  # fmt: skip
+        usable = (x.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
+                  and not _records_autograd(x, layer.weight, bias))  # fmt: skip
+        if torch.compiler.is_compiling():  # the decode graph reaches the packed weight by handle; other graphs: F.linear
+            ops, handle = kernels.GRAPH_OPS.ops, getattr(layer, "packed_handle", None)
+            if usable and ops is not None and handle is not None:
+                return ops.packed_linear(x.contiguous(), handle, layer.out_features, bias)
+        elif usable and (packed := getattr(layer, "packed_weight", None)) is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
-    return ops.packed_linear(x.contiguous(), handle, layer.out_features, bias)
 
 
 def keep_packed_handles(model: nn.Module) -> list[int]:

@@ -1121,7 +1121,7 @@ void bind_threads(const std::vector<std::vector<int64_t>>& cpus) {
 // (glimpse/engine/decode_graph.py): torch.compile keeps a registered operator as one node of its graph
 // and calls it through the dispatcher from the graph's code, where eager code calls the functions
 // above through this module. The same functions, so the same bits. Their shapes for tracing
-// (register_fake) are in glimpse/backends/native_cpu.py. RMSNorm is two operators: without a
+// (register_fake) are in glimpse/kernels.py. RMSNorm is two operators: without a
 // residual the pybind function returns x itself as the sum, which an operator may not alias.
 torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   return rms_norm_bf16(x, c10::nullopt, weight, eps)[1];
@@ -1147,7 +1147,7 @@ int64_t keep_packed(const torch::Tensor& packed) {
   return int64_t(packed_weights.size()) - 1;
 }
 
-void release_packed(int64_t handle) {  // the layer that kept it is gone (weakref.finalize)
+void release_packed(int64_t handle) {  // the decode graph that kept it is gone (weakref.finalize)
   std::lock_guard<std::mutex> lock(packed_mutex);
   if (handle >= 0 && handle < int64_t(packed_weights.size())) packed_weights[handle] = torch::Tensor();
 }
@@ -1198,7 +1198,6 @@ TORCH_LIBRARY_IMPL(glimpse_cpu, CPU, m) {
   m.impl("decode_attention_bf16", &decode_attention_bf16);
   m.impl("write_kv_", &write_kv_op);
   m.impl("packed_linear", &packed_linear_op);
-
   m.impl("linear_one_row_bf16", &linear_one_row_bf16);
   m.impl("rms_norm_bf16", &rms_norm_op);
   m.impl("add_rms_norm_bf16", &add_rms_norm_op);

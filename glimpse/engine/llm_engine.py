@@ -78,7 +78,7 @@ class EngineConfig:
     encoder_graph: str = "off"
     encoder_budgets: tuple[int, ...] | None = None
     # Decode steps (every sequence one new token): "on" runs them through one compiled graph of the decoder
-    # (glimpse/engine/decode_graph.py: bf16 on a CPU with the native kernels, one rank; ~10% shorter steps,
+    # (glimpse/engine/decode_graph.py: bf16 on a CPU with the native kernels, one rank; 5-8% shorter steps,
     # ~30 s of compilation at start with a cold inductor cache, ~3 s warm); "off" runs every step eagerly.
     decode_graph: str = "off"
     seed: int = 0
@@ -184,9 +184,8 @@ class LLMEngine:
         if config.decode_graph == "on":
             from glimpse.engine.decode_graph import DecodeGraph
 
-            why = DecodeGraph.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)
-            if why is not None:
-                raise InvalidInputError(f"decode_graph 'on' (--decode-graph on): {why}; use --decode-graph off")
+            if (why := DecodeGraph.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)) is not None:
+                raise _decode_graph_refused(why)
         self.workers = None
         size = config.tensor_parallel_size
         threads = None
@@ -268,16 +267,15 @@ class LLMEngine:
         if config.decode_graph == "on":
             from glimpse.engine.decode_graph import DecodeGraph
 
-            why = DecodeGraph.check_model(self.model)
-            if why is not None:
-                raise InvalidInputError(f"decode_graph 'on' (--decode-graph on): {why}; use --decode-graph off")
+            if (why := DecodeGraph.check_model(self.model)) is not None:
+                raise _decode_graph_refused(why)
             self.runner.decode_graph = DecodeGraph(self.model, self.kv_cache)
             try:
                 self.runner.decode_graph.capture()
             except Exception as exc:  # e.g. MoE routing (glm4v_moe): shapes that depend on the data
-                why = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise InvalidInputError(f"decode_graph 'on' (--decode-graph on): this model's decoder does not compile "
-                                        f"into one graph ({type(exc).__name__}: {why}); use --decode-graph off") from exc  # fmt: skip
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise _decode_graph_refused(f"this model's decoder does not compile into one graph "
+                                            f"({type(exc).__name__}: {first})") from exc  # fmt: skip
         if self.workers is not None:  # every step runs on all ranks; this process samples
             self.runner = self.workers.driving(self.runner)
         limits = StructuredLimits(config.structured_output_max_bytes, config.structured_output_max_depth,
@@ -682,6 +680,10 @@ def _kv_heads(model, text_cfg) -> int:
 
 def _head_dim(text_cfg) -> int:
     return getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+
+
+def _decode_graph_refused(why: str) -> InvalidInputError:
+    return InvalidInputError(f"decode_graph 'on' (--decode-graph on): {why}; use --decode-graph off")
 
 
 def check_parallel_config(config: EngineConfig) -> None:

@@ -177,7 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "on is refused with --tensor-parallel-size > 1")  # fmt: skip
     eng.add_argument("--decode-graph", choices=("on", "off"), default="off",
                      help="on: decode steps (every sequence one new token) through one compiled graph of the "
-                          "decoder, ~10%% shorter steps (bf16 on a CPU with the native kernels, one rank; compiled "
+                          "decoder, 5-8%% shorter steps (bf16 on a CPU with the native kernels, one rank; compiled "
                           "at start-up, ~30 s with a cold inductor cache, ~3 s warm)")  # fmt: skip
     add_parallel_arguments(eng)
     eng.add_argument("--encoder-budgets", default=None,
