@@ -149,7 +149,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "of compilation at start with a cold inductor cache)")  # fmt: skip
     p.add_argument("--decode-graph", choices=("on", "off"), default="off",
                    help="decode steps through one compiled graph of the decoder (5-8%% shorter steps; bf16 on a CPU "
-                        "with the native kernels; ~30 s of compilation at the first start, ~3 s once inductor's cache holds it)")  # fmt: skip
+                        "with the native kernels; ~30 s of compilation at the first start, ~3 s once inductor's cache holds it; on "
+                        "a GPU: graphs captured per batch and context bucket, not yet run on one)")  # fmt: skip
     p.add_argument("--encoder-budgets", type=_budgets, default=None, metavar="N,N,...",
                    help="comma-separated merged-token budgets (default: powers of two from 64 up to "
                         "--max-num-batched-tokens)")  # fmt: skip

@@ -179,3 +179,28 @@ def test_bfloat16_engine_serves_on_the_gpu(tiny_checkpoint):
     assert all(len(o.outputs[0].token_ids) == 16 for o in first)
     assert again.num_cached_tokens > 0
     assert again.outputs[0].token_ids == first[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("family", ["glm4v", "qwen2_5_vl"])
+def test_decode_cuda_graphs_equal_the_eager_steps(family, tiny_checkpoint):
+    """`decode_graph="on"` on a GPU: decode steps replayed from CUDA graphs captured per (batch, context)
+    bucket. Reference: the same float32 engine stepping eagerly. Greedy tokens equal, logprobs within float32
+    rounding (a captured step attends over its bucket's padded width), no step fell back."""
+    from glimpse.engine.decode_graph import CapturedDecodeGraphs
+
+    llm = LLM(tiny_checkpoint(family), dtype="float32", decode_graph="on", max_num_seqs=8, max_model_len=640,
+              device=GPU)  # fmt: skip
+    graphs = llm.engine.runner.decode_graph
+    assert isinstance(graphs, CapturedDecodeGraphs) and len(graphs.buckets) == 12
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    chats = _chats()
+    runner = llm.engine.runner
+    runner.decode_graph = None
+    eager = llm.chat(chats, params, use_tqdm=False)
+    runner.decode_graph = graphs
+    captured = llm.chat(chats, params, use_tqdm=False)
+    assert graphs.steps > 0 and graphs.fallbacks == 0
+    for e, g in zip(eager, captured, strict=True):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for step_e, step_g in zip(e.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):
+            assert step_g.logprob == pytest.approx(step_e.logprob, rel=1e-5, abs=1e-4)

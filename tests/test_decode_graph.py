@@ -15,7 +15,8 @@ from conftest import IMAGES
 from PIL import Image
 
 from glimpse import LLM, SamplingParams
-from glimpse.engine.decode_graph import DecodeGraph
+from glimpse.engine.decode_graph import CapturedDecodeGraphs, DecodeGraph
+from glimpse.engine.kv_cache import AttentionMetadata
 from glimpse.errors import InvalidInputError
 
 FAMILIES = ["glm4v", "qwen2_5_vl"]
@@ -155,3 +156,83 @@ def test_packed_weights_by_handle(native_kernels):
         release_packed_handles([handle])
         with pytest.raises(RuntimeError, match=f"no packed weight has handle {handle}"):
             kernels.graph_ops().packed_linear(x, handle, 40, layer.bias)
+
+
+# ---- the captured decode graphs (CUDA graphs per bucket), their device-agnostic part on the CPU ----------------
+
+
+class _EagerCaptured(CapturedDecodeGraphs):
+    """`CapturedDecodeGraphs` with a capture that replays by calling the step again: everything the GPU path
+    does but the capture itself (static buffers, bucket choice, padding rows writing to the scratch block,
+    the fixed-width masked attention), on a float32 CPU engine."""
+
+    @classmethod
+    def for_engine(cls, model, kv_cache, max_num_seqs, max_model_len):
+        return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step=lambda step: step)
+
+    @staticmethod
+    def check_model(model):
+        return None if hasattr(model.backends.attention, "padded_decode") else "no padded_decode"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_buckets_give_the_eager_tokens(tiny_checkpoint, monkeypatch, family):
+    """Reference: the same float32 engine's eager steps. Three chats and a text (four rows: the batch bucket
+    of four, then three, two and one as chats end at different lengths); a long prompt takes a context past
+    the first width (256) into the second. Greedy tokens equal, logprobs within float32 rounding (the
+    padded attention sums masked zeros too: 1e-6 relative, these tiny models' logprobs reach -60). Then one step by hand in the four-row bucket with three
+    sequences: the cache changes in their three new slots and the scratch block, nowhere else."""
+    import glimpse.engine.decode_graph as decode_graph
+
+    monkeypatch.setattr(decode_graph, "decode_graph_class", lambda device: _EagerCaptured)
+    llm = LLM(tiny_checkpoint(family), dtype="float32", decode_graph="on", warmup=False, max_num_seqs=8,
+              max_model_len=640, kv_cache_memory="64MiB")  # fmt: skip
+    graphs = llm.engine.runner.decode_graph
+    assert isinstance(graphs, _EagerCaptured)
+    assert graphs.batches == [1, 2, 4, 8] and graphs.widths == [256, 512, 640]
+    assert sorted(graphs.buckets) == [(b, w) for b in (1, 2, 4, 8) for w in (256, 512, 640)]
+    cache = llm.engine.kv_cache
+    assert cache.k.shape[1] == llm.engine.blocks.num_blocks + 1  # the scratch block, past the ones handed out
+    assert cache.scratch_slot == llm.engine.blocks.num_blocks * cache.block_size
+
+    long_text = " ".join(["seven"] * 260)
+    chats = _requests() + [[{"role": "user", "content": long_text}]]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True, logprobs=3) for i in range(len(chats))]
+
+    def run(graph: bool):
+        runner = llm.engine.runner
+        saved, runner.decode_graph = runner.decode_graph, (runner.decode_graph if graph else None)
+        try:
+            outs = llm.chat(chats, params, use_tqdm=False)
+        finally:
+            runner.decode_graph = saved
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    eager = run(False)
+    steps = graphs.steps
+    captured = run(True)
+    assert graphs.steps > steps and graphs.fallbacks == 0
+    for (tokens_e, logprobs_e), (tokens_g, logprobs_g) in zip(eager, captured, strict=True):
+        assert tokens_g == tokens_e
+        for step_e, step_g in zip(logprobs_e, logprobs_g, strict=True):
+            assert step_g.logprob == pytest.approx(step_e.logprob, rel=1e-6, abs=1e-5)
+            assert [t for t, _ in step_g.top] == [t for t, _ in step_e.top]
+            assert [p for _, p in step_g.top] == pytest.approx([p for _, p in step_e.top], rel=1e-6, abs=1e-5)
+
+    # one step by hand: three sequences of 5, 20 and 300 tokens (blocks 0, 1-2, 3-21), the fourth row padding
+    lens = [5, 20, 300]
+    tables, first = [], 0
+    for n in lens:
+        blocks = -(-n // cache.block_size)
+        tables.append(list(range(first, first + blocks)))
+        first += blocks
+    meta = AttentionMetadata.build(cache.block_size, tables, [n - 1 for n in lens], [1, 1, 1])
+    hidden = llm.engine.model_config.hf_config.get_text_config().hidden_size
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    with torch.inference_mode():
+        out = graphs(torch.randn(3, hidden), (torch.tensor(lens) - 1).expand(3, -1), meta)
+    assert out.shape == (3, hidden) and graphs.bucket_for(3, 300) == (4, 512)
+    changed = ((cache.k != before_k) | (cache.v != before_v)).flatten(3).any(-1).any(0).flatten().nonzero().flatten()
+    scratch = set(range(cache.scratch_slot, cache.scratch_slot + cache.block_size))
+    assert set(changed.tolist()) - scratch == set(meta.slot_mapping.tolist())
+    assert set(changed.tolist()) & scratch  # the padding row wrote there

@@ -54,3 +54,7 @@ class GraphCapture(Protocol):
         self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]
     ) -> Callable[..., torch.Tensor]:
         """Once per budget: run `fn` on dummy `inputs` of the budget's shapes; returns what replays it."""
+
+    # A backend whose graphs can also replay a decode step (CUDA graphs: glimpse/backends/cuda.py) has
+    #   capture_step(fn: Callable[[], Tensor]) -> Callable[[], Tensor]
+    # which runs `fn` (a decode step on static buffers) and returns what replays it.

@@ -1,5 +1,5 @@
 """CUDA backends: FlashAttention varlen for vision segments, torch's SDPA over the paged cache, and
-CUDA graphs for the vision encoder.
+CUDA graphs for the vision encoder and for decode steps.
 
 Run on an NVIDIA H200 lent for one session (docs/benchmarks.md "CUDA"): tests/test_cuda.py, which
 skips on machines without a GPU, is what was run there. CI has no GPU (`# pragma: no cover`).
@@ -45,6 +45,12 @@ class CudaAttention(TorchAttention):  # pragma: no cover - needs a GPU
         with sdpa_kernel(PAGED_SDPA_BACKENDS):
             return super().paged(q, k, v, k_cache, v_cache, meta)
 
+    @staticmethod
+    def padded_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        with sdpa_kernel(PAGED_SDPA_BACKENDS):
+            return TorchAttention.padded_decode(q, k_cache, v_cache, slots, mask)
+
     def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_seqlen: int) -> torch.Tensor:  # fmt: skip
         flash = _flash_varlen()
@@ -65,6 +71,9 @@ class CudaGraphs:  # pragma: no cover - needs a GPU
     name = "cuda-graphs"
     default_on = False  # opt in with --encoder-graph on
 
+    def __init__(self) -> None:
+        self._pool = None  # the decode graphs' shared memory pool, made at the first capture
+
     def prepare(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         return fn
 
@@ -74,6 +83,28 @@ class CudaGraphs:  # pragma: no cover - needs a GPU
         if inputs["pixel_values"].dtype not in HALF_DTYPES or _flash_varlen() is None:
             return fn
         return _CudaGraph(fn, inputs)
+
+    def capture_step(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """One decode step on static buffers (glimpse/engine/decode_graph.py `CapturedDecodeGraphs`): warmed up,
+        captured into one CUDA graph, and returned as what replays it (the output buffer is the graph's:
+        the next replay of any decode graph may overwrite it). Every decode graph of the process shares one
+        memory pool, captured largest first, so that they take the largest one's memory, not the sum."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up: kernel choice and workspaces happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = fn()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+
+        return replay
 
 
 class _CudaGraph:  # pragma: no cover - needs a GPU

@@ -32,25 +32,33 @@ class TorchAttention:
         self.paged_prefill(q, k, v, k_cache, v_cache, meta, out)
         return out
 
-    @staticmethod
-    def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    @classmethod
+    def paged_decode(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      out: torch.Tensor) -> None:  # fmt: skip
         """The decode rows' attention, written into their rows of `out`."""
-        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
-        group = num_heads // num_kv_heads
         for bucket in meta.decode_buckets:
-            # One query per sequence: the query heads of a KV group become that group's queries,
-            # [B, Hkv, G, D] against [B, Hkv, ctx, D]. Same maths as GQA attention, and it avoids
-            # CPU SDPA's slow single-query GQA path (16x faster in bf16, measured).
-            b = bucket.rows.shape[0]
-            qd = q.index_select(0, bucket.rows).view(b, num_kv_heads, group, head_dim)
             # index_select, not advanced indexing: on a large cache tensor the latter costs
             # milliseconds per call with 2 threads (measured), the former microseconds.
-            gather_shape = (b, bucket.slots.shape[1], num_kv_heads, head_dim)
-            kd = k_cache.index_select(0, bucket.slots.view(-1)).view(gather_shape).transpose(1, 2)
-            vd = v_cache.index_select(0, bucket.slots.view(-1)).view(gather_shape).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)
-            out.index_copy_(0, bucket.rows, o.reshape(b, num_heads, head_dim))
+            o = cls.padded_decode(q.index_select(0, bucket.rows), k_cache, v_cache, bucket.slots, bucket.mask)
+            out.index_copy_(0, bucket.rows, o)
+
+    @staticmethod
+    def padded_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """One query row per sequence ([B, Hq, D]) over its context slots ([B, L], padded; `mask` [B, 1, 1, L]
+        True where a key is valid, None: none padded) -> [B, Hq, D]. Fixed shapes and no host reads: a
+        captured decode step (glimpse/engine/decode_graph.py `CapturedDecodeGraphs`) calls it too."""
+        b, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[1]
+        # The query heads of a KV group become that group's queries, [B, Hkv, G, D] against [B, Hkv, L, D].
+        # Same maths as GQA attention, and it avoids CPU SDPA's slow single-query GQA path (16x faster in
+        # bf16, measured).
+        qd = q.reshape(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        gather_shape = (b, slots.shape[1], num_kv_heads, head_dim)
+        kd = k_cache.index_select(0, slots.reshape(-1)).view(gather_shape).transpose(1, 2)
+        vd = v_cache.index_select(0, slots.reshape(-1)).view(gather_shape).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+        return o.reshape(b, num_heads, head_dim)
 
     @staticmethod
     def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -15,6 +15,14 @@ from two up (the row count and the context slots symbolic; the cache and the wei
 tokens, with rows to drop before the last layer, or of a shape the graphs do not take run eagerly.
 Where it applies: bf16 on a CPU that runs the native kernels, one rank (`DecodeGraph.unsupported`,
 `check_model`).
+
+On a GPU the lever is the same, larger (session 11 measured a one-row step there as ~1200 kernel launches
+from per-layer Python: 23 ms of host time around 2.8 ms of GPU work), and the means differ:
+`CapturedDecodeGraphs` replays one graph captured per (batch, context) bucket (CUDA graphs, from the
+platform's backend: `capture_step` in glimpse/backends/cuda.py). A captured graph takes fixed shapes, so
+the step is padded: rows up to the batch bucket (the padding rows write their K/V into the cache's scratch
+block, which no sequence owns, and attend to it alone), each sequence's context slots up to the context
+bucket (masked). `decode_graph_class` picks the kind for a device.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from glimpse import kernels
 from glimpse.backends.native_cpu import NativeCpuAttention
 from glimpse.backends.onednn_packed import keep_packed_handles, release_packed_handles
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
+from glimpse.errors import InvalidInputError
 from glimpse.models.base import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,13 @@ class _DecodeMeta:
 
 
 class DecodeGraph:
+    needs_scratch_block = False  # every row of its steps is a real sequence's
+
+    @classmethod
+    def for_engine(cls, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int,
+                   max_model_len: int) -> DecodeGraph:  # fmt: skip
+        return cls(model, kv_cache)
+
     def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -147,3 +163,160 @@ class DecodeGraph:
             for t, dim in ((embeds, 0), (positions, 1), (slot_mapping, 0), (rows, 0), (offsets, 0)):
                 torch._dynamo.mark_dynamic(t, dim)
         return embeds, positions, slot_mapping, rows, slots, offsets
+
+
+def decode_graph_class(device: torch.device) -> type[DecodeGraph] | type[CapturedDecodeGraphs]:
+    """The decode graph for an engine on `device`: compiled on the CPU, captured per bucket elsewhere."""
+    return DecodeGraph if device.type == "cpu" else CapturedDecodeGraphs
+
+
+# Batch buckets of the captured graphs (up to max_num_seqs, which is always one); a step runs in the
+# smallest that holds its rows. Context buckets double from MIN_CONTEXT_WIDTH up to max_model_len.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_CONTEXT_WIDTH = 256
+# A graph gathers batch x context slots of K and V per layer: buckets past this many slots are not captured
+# (their steps run eagerly); for Qwen2.5-VL-3B's 2 KV heads of 128 in bf16, 256 MiB of gathered K and V.
+MAX_GRAPH_SLOTS = 1 << 18
+
+
+class _PaddedDecodeKV:
+    """The `KVCache` a captured decode step sees: every row writes its new K/V into `slot_mapping` (a
+    padding row: the scratch slot) and attends to its `context_slots` row ([batch, width], masked past
+    `context_lens`) through the attention backend's `padded_decode`. Fixed shapes, no host reads."""
+
+    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, context_slots: torch.Tensor,
+                 context_lens: torch.Tensor) -> None:  # fmt: skip
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.context_slots = context_slots
+        width = context_slots.shape[1]
+        self.mask = (torch.arange(width, device=context_lens.device) < context_lens[:, None])[:, None, None, :]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_flat = self.cache.k[layer_idx].view(-1, *k.shape[1:])
+        v_flat = self.cache.v[layer_idx].view(-1, *v.shape[1:])
+        k_flat.index_copy_(0, self.slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, self.slot_mapping, v.to(v_flat.dtype))
+        return self.cache.attention.padded_decode(q, k_flat, v_flat, self.context_slots, self.mask)
+
+
+class _Bucket:
+    """One captured graph: static input buffers of `batch` rows and `width` context slots, and its replay."""
+
+    def __init__(self, owner: CapturedDecodeGraphs, batch: int, width: int) -> None:
+        model, cache = owner.model, owner.kv_cache
+        device, scratch = cache.k.device, cache.scratch_slot
+        self.batch, self.width = batch, width
+        hidden = model.glimpse_config.hf_config.get_text_config().hidden_size
+        self.embeds = torch.zeros(batch, hidden, dtype=model.dtype, device=device)
+        self.positions = torch.zeros(3, batch, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((batch,), scratch, dtype=torch.long, device=device)
+        self.context_slots = torch.full((batch, width), scratch, dtype=torch.long, device=device)
+        self.context_lens = torch.ones(batch, dtype=torch.long, device=device)
+
+        def step() -> torch.Tensor:
+            kv = _PaddedDecodeKV(cache, self.slot_mapping, self.context_slots, self.context_lens)
+            return model.decode(self.embeds, self.positions, kv, None)  # type: ignore[arg-type]
+
+        self.replay = owner.capture_step(step)
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 scratch: int) -> torch.Tensor:  # fmt: skip
+        n = embeds.shape[0]
+        self.embeds[:n].copy_(embeds)
+        self.positions[:, :n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:].fill_(scratch)
+        # each sequence's context slots (back to back in meta.all_slots) into its row, the rest the scratch slot
+        lens = torch.tensor(meta.context_lens, dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(n), lens)
+        pos = torch.arange(seq.shape[0]) - meta.slot_offsets[:-1][seq]
+        device = self.context_slots.device
+        self.context_slots.fill_(scratch)
+        self.context_slots[seq.to(device), pos.to(device)] = meta.all_slots
+        self.context_lens[:n].copy_(lens)
+        self.context_lens[n:].fill_(1)
+        return self.replay()[:n].clone()  # the graph's buffer: the next replay overwrites it
+
+
+class CapturedDecodeGraphs:
+    """Decode-only steps replayed from graphs captured per (batch, context) bucket at start-up.
+
+    `capture_step(fn)` runs `fn` (a decode step on static buffers) and returns what replays it: the
+    platform's graph capture (glimpse/backends/cuda.py `CudaGraphs.capture_step`). The same interface as
+    `DecodeGraph` for the runner: `serves`, a call that returns None for a step no bucket holds (more rows
+    than max_num_seqs never happen; a context past the widest bucket captured does), `steps`, `fallbacks`."""
+
+    needs_scratch_block = True
+
+    @classmethod
+    def for_engine(cls, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int,
+                   max_model_len: int) -> CapturedDecodeGraphs:  # fmt: skip
+        capture_step = getattr(model.backends.graphs, "capture_step", None)
+        if capture_step is None:  # checked by check_model before
+            raise InvalidInputError(f"{model.backends.graphs.name} cannot capture a decode step")
+        return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step)
+
+    def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int, max_model_len: int,
+                 capture_step) -> None:  # fmt: skip
+        if kv_cache.scratch_slot is None:
+            raise ValueError("captured decode graphs need a KV cache with a scratch block (scratch_block=True)")
+        self.model = model
+        self.kv_cache = kv_cache
+        self.capture_step = capture_step
+        self.batches = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        widths, width = [], min(MIN_CONTEXT_WIDTH, max_model_len)
+        while width < max_model_len:
+            widths.append(width)
+            width *= 2
+        self.widths = [*widths, max_model_len]
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self._keys: list[tuple[int, int]] = []  # the captured buckets, smallest batch first, then width
+        self.capture_seconds = 0.0
+        self.steps = 0
+        self.fallbacks = 0
+
+    @staticmethod
+    def unsupported(device: torch.device, dtype: torch.dtype, tensor_parallel_size: int) -> str | None:
+        if tensor_parallel_size > 1:
+            return "it runs on one rank (tensor_parallel_size > 1)"
+        return None
+
+    @staticmethod
+    def check_model(model: VisionLanguageModel) -> str | None:
+        if not hasattr(model.backends.attention, "padded_decode"):
+            return f"its attention backend ({model.backends.attention.name}) has no fixed-shape decode attention"
+        if not hasattr(model.backends.graphs, "capture_step"):
+            return f"this platform's graph capture ({model.backends.graphs.name}) does not capture decode steps"
+        return None
+
+    def serves(self, meta: AttentionMetadata, rows: torch.Tensor | None) -> bool:
+        return rows is None and not meta.prefill_seqs and bool(meta.decode_seqs)
+
+    def bucket_for(self, rows: int, context: int) -> tuple[int, int] | None:
+        """The smallest captured (batch, width) that holds `rows` sequences of up to `context` tokens."""
+        for key in self._keys:
+            if key[0] >= rows and key[1] >= context:
+                return key
+        return None
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        key = self.bucket_for(embeds.shape[0], max(meta.context_lens))
+        if key is None:
+            self.fallbacks += 1
+            return None
+        self.steps += 1
+        return self.buckets[key](embeds, positions, meta, self.kv_cache.scratch_slot)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket within MAX_GRAPH_SLOTS, the largest first (they share one memory pool);
+        returns the seconds taken. Capturing writes only into the scratch block."""
+        start = time.perf_counter()
+        keys = [(b, w) for b in self.batches for w in self.widths if b * w <= MAX_GRAPH_SLOTS or w == self.widths[0]]
+        for batch, width in sorted(keys, key=lambda k: -k[0] * k[1]):
+            self.buckets[(batch, width)] = _Bucket(self, batch, width)
+        self._keys = sorted(self.buckets)
+        self.capture_seconds = time.perf_counter() - start
+        log.info("%d decode graphs captured in %.1f s", len(self.buckets), self.capture_seconds)
+        return self.capture_seconds

@@ -23,11 +23,14 @@ from glimpse.backends import AttentionBackend, backends_for
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:  # fmt: skip
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+                 dtype: torch.dtype, device: torch.device | str = "cpu", scratch_block: bool = False) -> None:  # fmt: skip
+        """`scratch_block`: one block past the `num_blocks` the block manager hands out, which no sequence
+        owns: the padding rows of a captured decode step write their K/V there (`scratch_slot`)."""
+        shape = (num_layers, num_blocks + scratch_block, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.scratch_slot = num_blocks * block_size if scratch_block else None
         self.attention: AttentionBackend | None = None  # the model's (ModelRunner binds it); None: per call
 
     @staticmethod

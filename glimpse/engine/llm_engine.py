@@ -181,10 +181,13 @@ class LLMEngine:
                 raise InvalidInputError(f"{name}={getattr(config, name)!r} (--{name.replace('_', '-')}); use 'on' or 'off'")
         dtype = resolve_model_dtype(config)
         check_parallel_config(config)
+        self._decode_graph_class = None
         if config.decode_graph == "on":
-            from glimpse.engine.decode_graph import DecodeGraph
+            from glimpse.engine.decode_graph import decode_graph_class
 
-            if (why := DecodeGraph.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)) is not None:
+            self._decode_graph_class = decode_graph_class(torch.device(config.device))
+            why = self._decode_graph_class.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)
+            if why is not None:
                 raise _decode_graph_refused(why)
         self.workers = None
         size = config.tensor_parallel_size
@@ -245,7 +248,8 @@ class LLMEngine:
             raise InvalidInputError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                                     f"{text_cfg.max_position_embeddings}")  # fmt: skip
         self.max_model_len = max_len
-        self.kv_cache = make_kv_cache(config, self.model, num_blocks, dtype)
+        graphs = self._decode_graph_class
+        self.kv_cache = make_kv_cache(config, self.model, num_blocks, dtype, graphs is not None and graphs.needs_scratch_block)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # the scheduler's half of the encoder cache (budget, pins, eviction); the runner holds the tensors
         self.encoder_cache = EncoderCacheManager(parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
@@ -264,12 +268,10 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, EncoderCache(), encoder_runner,
                                   self.eos_token_ids, config.seed)  # fmt: skip
-        if config.decode_graph == "on":
-            from glimpse.engine.decode_graph import DecodeGraph
-
-            if (why := DecodeGraph.check_model(self.model)) is not None:
+        if graphs is not None:
+            if (why := graphs.check_model(self.model)) is not None:
                 raise _decode_graph_refused(why)
-            self.runner.decode_graph = DecodeGraph(self.model, self.kv_cache)
+            self.runner.decode_graph = graphs.for_engine(self.model, self.kv_cache, config.max_num_seqs, max_len)
             try:
                 self.runner.decode_graph.capture()
             except Exception as exc:  # e.g. MoE routing (glm4v_moe): shapes that depend on the data
@@ -668,10 +670,11 @@ def kv_cache_blocks(config: EngineConfig, model, dtype: torch.dtype) -> int:
     return parse_bytes(config.kv_cache_memory, "kv_cache_memory") // per_block
 
 
-def make_kv_cache(config: EngineConfig, model, num_blocks: int, dtype: torch.dtype) -> PagedKVCache:
+def make_kv_cache(config: EngineConfig, model, num_blocks: int, dtype: torch.dtype,
+                  scratch_block: bool = False) -> PagedKVCache:  # fmt: skip
     text_cfg = model.glimpse_config.hf_config.get_text_config()
     return PagedKVCache(text_cfg.num_hidden_layers, num_blocks, config.block_size, _kv_heads(model, text_cfg),
-                        _head_dim(text_cfg), dtype, config.device)  # fmt: skip
+                        _head_dim(text_cfg), dtype, config.device, scratch_block)  # fmt: skip
 
 
 def _kv_heads(model, text_cfg) -> int:

@@ -421,8 +421,8 @@ def mrope_cos_sin(
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim))
     angles = positions[..., None].float() * inv_freq  # [3, T, rd/2]
-    axis = torch.tensor([i % 3 for i, n in enumerate(mrope_section) for _ in range(n)], device=angles.device)
-    angles = angles.gather(0, axis.expand(1, angles.shape[1], -1))[0]
+    chunks = angles[..., : sum(mrope_section)].split(list(mrope_section), dim=-1)  # slices, not a gather by an index tensor: nothing
+    angles = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # from the host (a captured step copies none)
     # (the duplication as a view: repeat_interleave costs ~0.2 ms a call on CPU, every decode step)
     angles = torch.cat([angles, angles], dim=-1) if neox else angles[..., None].expand(-1, -1, 2).flatten(-2)
     return angles.cos().to(dtype), angles.sin().to(dtype)

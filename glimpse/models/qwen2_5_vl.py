@@ -350,7 +350,7 @@ class Qwen2_5_VisionTower(nn.Module):
 
 def text_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """[head_dim/2] fp32 rotary frequencies theta^(-2j/D), computed on CPU like HF's init."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
 
 
 def mrope_cos_sin(
@@ -478,6 +478,7 @@ class Qwen2_5_VLModel(VisionLanguageModel):
             )
         tc, vc = config.text_config, config.vision_config
         self.head_dim, self.rope_theta, self.mrope_section = _check_text_config(tc)
+        self._inv_freq = text_inv_freq(self.head_dim, self.rope_theta)  # moved to the decoder's device at its first step
         if vc.out_hidden_size != tc.hidden_size:
             raise CheckpointError(
                 f"vision_config.out_hidden_size={vc.out_hidden_size} differs from text hidden_size={tc.hidden_size}"
@@ -523,8 +524,9 @@ class Qwen2_5_VLModel(VisionLanguageModel):
     def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         lm = self.model.language_model
-        inv_freq = text_inv_freq(self.head_dim, self.rope_theta)
-        cos, sin = mrope_cos_sin(positions, inv_freq, self.mrope_section, inputs_embeds.dtype)
+        if self._inv_freq.device != positions.device:  # once: a captured decode step may not copy from the host
+            self._inv_freq = self._inv_freq.to(positions.device)
+        cos, sin = mrope_cos_sin(positions, self._inv_freq, self.mrope_section, inputs_embeds.dtype)
         x, last = inputs_embeds, len(lm.layers) - 1
         for i, layer in enumerate(lm.layers):
             x = layer(x, cos, sin, kv, rows if i == last else None)

@@ -178,7 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-graph", choices=("on", "off"), default="off",
                      help="on: decode steps (every sequence one new token) through one compiled graph of the "
                           "decoder, 5-8%% shorter steps (bf16 on a CPU with the native kernels, one rank; compiled "
-                          "at start-up, ~30 s with a cold inductor cache, ~3 s warm)")  # fmt: skip
+                          "at start-up, ~30 s with a cold inductor cache, ~3 s warm); on a GPU, replayed from graphs "
+                          "captured per batch and context bucket at start-up (not yet run on a GPU)")  # fmt: skip
     add_parallel_arguments(eng)
     eng.add_argument("--encoder-budgets", default=None,
                      help="comma-separated merged-token budgets (default: powers of two from 64 up to "
