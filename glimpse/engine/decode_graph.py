@@ -38,7 +38,6 @@ from glimpse import kernels
 from glimpse.backends.native_cpu import NativeCpuAttention
 from glimpse.backends.onednn_packed import keep_packed_handles, release_packed_handles
 from glimpse.engine.kv_cache import AttentionMetadata, PagedKVCache, StepKV
-from glimpse.errors import InvalidInputError
 from glimpse.models.base import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,11 @@ class _DecodeMeta:
     decode_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     decode_seqs: tuple[int, ...] = (0,)  # non-empty: there are decode rows
     prefill_seqs: tuple[int, ...] = ()
+
+
+def decode_only(meta: AttentionMetadata, rows: torch.Tensor | None) -> bool:
+    """Whether a step is one the decode graphs run: every sequence decoding one token, every row kept."""
+    return rows is None and not meta.prefill_seqs and bool(meta.decode_seqs)
 
 
 class DecodeGraph:
@@ -109,8 +113,7 @@ class DecodeGraph:
         return self.model.decode(embeds, positions, StepKV(self.kv_cache, meta), None)  # type: ignore[arg-type]
 
     def serves(self, meta: AttentionMetadata, rows: torch.Tensor | None) -> bool:
-        """Whether this step is one the graphs run: every sequence decoding one token, every row kept."""
-        return rows is None and not meta.prefill_seqs and bool(meta.decode_seqs)
+        return decode_only(meta, rows)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """The step's final hidden states [B, hidden], or None where no compiled graph takes its shapes
@@ -206,7 +209,7 @@ class _Bucket:
     def __init__(self, owner: CapturedDecodeGraphs, batch: int, width: int) -> None:
         model, cache = owner.model, owner.kv_cache
         device, scratch = cache.k.device, cache.scratch_slot
-        self.batch, self.width = batch, width
+        self.batch, self.width, self.scratch = batch, width, scratch
         hidden = model.glimpse_config.hf_config.get_text_config().hidden_size
         self.embeds = torch.zeros(batch, hidden, dtype=model.dtype, device=device)
         self.positions = torch.zeros(3, batch, dtype=torch.long, device=device)
@@ -220,9 +223,8 @@ class _Bucket:
 
         self.replay = owner.capture_step(step)
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 scratch: int) -> torch.Tensor:  # fmt: skip
-        n = embeds.shape[0]
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n, scratch = embeds.shape[0], self.scratch
         self.embeds[:n].copy_(embeds)
         self.positions[:, :n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -252,10 +254,7 @@ class CapturedDecodeGraphs:
     @classmethod
     def for_engine(cls, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int,
                    max_model_len: int) -> CapturedDecodeGraphs:  # fmt: skip
-        capture_step = getattr(model.backends.graphs, "capture_step", None)
-        if capture_step is None:  # checked by check_model before
-            raise InvalidInputError(f"{model.backends.graphs.name} cannot capture a decode step")
-        return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step)
+        return cls(model, kv_cache, max_num_seqs, max_model_len, model.backends.graphs.capture_step)  # check_model saw it
 
     def __init__(self, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int, max_model_len: int,
                  capture_step) -> None:  # fmt: skip
@@ -291,7 +290,7 @@ class CapturedDecodeGraphs:
         return None
 
     def serves(self, meta: AttentionMetadata, rows: torch.Tensor | None) -> bool:
-        return rows is None and not meta.prefill_seqs and bool(meta.decode_seqs)
+        return decode_only(meta, rows)
 
     def bucket_for(self, rows: int, context: int) -> tuple[int, int] | None:
         """The smallest captured (batch, width) that holds `rows` sequences of up to `context` tokens."""
@@ -306,7 +305,7 @@ class CapturedDecodeGraphs:
             self.fallbacks += 1
             return None
         self.steps += 1
-        return self.buckets[key](embeds, positions, meta, self.kv_cache.scratch_slot)
+        return self.buckets[key](embeds, positions, meta)
 
     @torch.inference_mode()
     def capture(self) -> float:
