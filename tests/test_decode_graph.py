@@ -94,6 +94,14 @@ def test_the_graph_is_refused_where_it_cannot_run(native_kernels, tiny_checkpoin
         LLM(tiny_checkpoint("glm4v_moe"), dtype="bfloat16", decode_graph="on", warmup=False)  # experts routed by data
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 2) == "it runs on one rank (tensor_parallel_size > 1)"
     assert DecodeGraph.unsupported(torch.device("cpu"), torch.bfloat16, 1) is None
+    # the captured graphs (a GPU's) refuse the MoE decoder before capturing: its layers read expert counts on the host
+    from glimpse import load_model
+
+    moe = load_model(tiny_checkpoint("glm4v_moe"))
+    assert CapturedDecodeGraphs.check_model(moe) == ("its experts are routed by the data (each layer reads the "
+                                                     "per-expert token counts on the host)")  # fmt: skip
+    assert CapturedDecodeGraphs.check_model(load_model(path)) == (
+        "this platform's graph capture (torch.compile) does not capture decode steps")  # a CPU's graphs: no capture_step
 
 
 def test_the_command_line_flags_reach_the_engine(tiny_checkpoint):
@@ -168,7 +176,7 @@ class _EagerCaptured(CapturedDecodeGraphs):
 
     @classmethod
     def for_engine(cls, model, kv_cache, max_num_seqs, max_model_len):
-        return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step=lambda step: step)
+        return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step=lambda step, device: step)
 
     @staticmethod
     def check_model(model):

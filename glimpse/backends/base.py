@@ -56,5 +56,5 @@ class GraphCapture(Protocol):
         """Once per budget: run `fn` on dummy `inputs` of the budget's shapes; returns what replays it."""
 
     # A backend whose graphs can also replay a decode step (CUDA graphs: glimpse/backends/cuda.py) has
-    #   capture_step(fn: Callable[[], Tensor]) -> Callable[[], Tensor]
-    # which runs `fn` (a decode step on static buffers) and returns what replays it.
+    #   capture_step(fn: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]
+    # which runs `fn` (a decode step on static buffers on `device`) and returns what replays it.

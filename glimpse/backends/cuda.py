@@ -84,27 +84,38 @@ class CudaGraphs:  # pragma: no cover - needs a GPU
             return fn
         return _CudaGraph(fn, inputs)
 
-    def capture_step(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """One decode step on static buffers (glimpse/engine/decode_graph.py `CapturedDecodeGraphs`): warmed up,
-        captured into one CUDA graph, and returned as what replays it (the output buffer is the graph's:
-        the next replay of any decode graph may overwrite it). Every decode graph of the process shares one
-        memory pool, captured largest first, so that they take the largest one's memory, not the sum."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up: kernel choice and workspaces happen outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = fn()
+    def capture_step(self, fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+        """One decode step on static buffers on `device` (glimpse/engine/decode_graph.py `CapturedDecodeGraphs`):
+        warmed up, captured into one CUDA graph, and returned as what replays it (the output buffer is the
+        graph's: the next replay of any decode graph may overwrite it). Every decode graph of the process
+        shares one memory pool, captured largest first, so that they take the largest one's memory, not the
+        sum. Capture and replay run with `device` current: streams and graphs are the current device's, and a
+        single-rank engine on cuda:N never makes it current for the threads that step it."""
+        with torch.cuda.device(device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, output = _capture(fn, self._pool)
 
         def replay() -> torch.Tensor:
-            graph.replay()
+            with torch.cuda.device(device):
+                graph.replay()
             return output
 
         return replay
+
+
+def _capture(fn: Callable[..., torch.Tensor], pool, **inputs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:  # pragma: no cover
+    """`fn(**inputs)` warmed up on a side stream (kernel choice and workspaces happen outside the capture),
+    then captured on the current device; (the graph, its output buffer)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(**inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn(**inputs)
+    return graph, output
 
 
 class _CudaGraph:  # pragma: no cover - needs a GPU
@@ -112,17 +123,13 @@ class _CudaGraph:  # pragma: no cover - needs a GPU
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
         self.inputs = {k: v.clone() for k, v in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(**self.inputs)  # warm-up: kernel choice and workspaces happen outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(**self.inputs)
+        self.device = inputs["pixel_values"].device  # current while capturing and replaying (cuda:N, N > 0)
+        with torch.cuda.device(self.device):
+            self.graph, self.output = _capture(fn, None, **self.inputs)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         for key, value in inputs.items():
             self.inputs[key].copy_(value)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.output.clone()  # the buffer is overwritten by the next replay

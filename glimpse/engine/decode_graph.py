@@ -177,9 +177,9 @@ def decode_graph_class(device: torch.device) -> type[DecodeGraph] | type[Capture
 # smallest that holds its rows. Context buckets double from MIN_CONTEXT_WIDTH up to max_model_len.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_CONTEXT_WIDTH = 256
-# A graph gathers batch x context slots of K and V per layer: buckets past this many slots are not captured
-# (their steps run eagerly); for Qwen2.5-VL-3B's 2 KV heads of 128 in bf16, 256 MiB of gathered K and V.
-MAX_GRAPH_SLOTS = 1 << 18
+# A graph gathers batch x width slots of K and V per layer: a bucket whose gathered K and V would pass this
+# many bytes is not captured (its steps run eagerly); the graphs' shared pool holds about the largest one's.
+MAX_GATHER_BYTES = 256 << 20
 
 
 class _PaddedDecodeKV:
@@ -221,7 +221,7 @@ class _Bucket:
             kv = _PaddedDecodeKV(cache, self.slot_mapping, self.context_slots, self.context_lens)
             return model.decode(self.embeds, self.positions, kv, None)  # type: ignore[arg-type]
 
-        self.replay = owner.capture_step(step)
+        self.replay = owner.capture_step(step, device)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n, scratch = embeds.shape[0], self.scratch
@@ -229,13 +229,16 @@ class _Bucket:
         self.positions[:, :n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:].fill_(scratch)
-        # each sequence's context slots (back to back in meta.all_slots) into its row, the rest the scratch slot
-        lens = torch.tensor(meta.context_lens, dtype=torch.long)
-        seq = torch.repeat_interleave(torch.arange(n), lens)
-        pos = torch.arange(seq.shape[0]) - meta.slot_offsets[:-1][seq]
+        # Row i: sequence i's context slots (meta.all_slots[offsets[i]:offsets[i + 1]], already on the device),
+        # then the scratch slot; built on the device from the [n] lengths and offsets alone.
         device = self.context_slots.device
-        self.context_slots.fill_(scratch)
-        self.context_slots[seq.to(device), pos.to(device)] = meta.all_slots
+        lens = torch.tensor(meta.context_lens, dtype=torch.long).to(device, non_blocking=True)
+        starts = meta.slot_offsets[:-1].to(device, non_blocking=True)
+        width = torch.arange(self.width, device=device)
+        index = (starts[:, None] + width).clamp_(max=meta.all_slots.shape[0] - 1)
+        rows = torch.where(width < lens[:, None], meta.all_slots[index], scratch)
+        self.context_slots[:n].copy_(rows)
+        self.context_slots[n:].fill_(scratch)
         self.context_lens[:n].copy_(lens)
         self.context_lens[n:].fill_(1)
         return self.replay()[:n].clone()  # the graph's buffer: the next replay overwrites it
@@ -244,7 +247,7 @@ class _Bucket:
 class CapturedDecodeGraphs:
     """Decode-only steps replayed from graphs captured per (batch, context) bucket at start-up.
 
-    `capture_step(fn)` runs `fn` (a decode step on static buffers) and returns what replays it: the
+    `capture_step(fn, device)` runs `fn` (a decode step on static buffers) and returns what replays it: the
     platform's graph capture (glimpse/backends/cuda.py `CudaGraphs.capture_step`). The same interface as
     `DecodeGraph` for the runner: `serves`, a call that returns None for a step no bucket holds (more rows
     than max_num_seqs never happen; a context past the widest bucket captured does), `steps`, `fallbacks`."""
@@ -283,6 +286,8 @@ class CapturedDecodeGraphs:
 
     @staticmethod
     def check_model(model: VisionLanguageModel) -> str | None:
+        if getattr(model.glimpse_config.hf_config.get_text_config(), "n_routed_experts", 0):
+            return "its experts are routed by the data (each layer reads the per-expert token counts on the host)"
         if not hasattr(model.backends.attention, "padded_decode"):
             return f"its attention backend ({model.backends.attention.name}) has no fixed-shape decode attention"
         if not hasattr(model.backends.graphs, "capture_step"):
@@ -309,10 +314,13 @@ class CapturedDecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> float:
-        """Capture every bucket within MAX_GRAPH_SLOTS, the largest first (they share one memory pool);
-        returns the seconds taken. Capturing writes only into the scratch block."""
+        """Capture every bucket within MAX_GATHER_BYTES (and each batch's narrowest), the largest first (they
+        share one memory pool); returns the seconds taken. Capturing writes only into the scratch block."""
         start = time.perf_counter()
-        keys = [(b, w) for b in self.batches for w in self.widths if b * w <= MAX_GRAPH_SLOTS or w == self.widths[0]]
+        k = self.kv_cache.k
+        slot_bytes = 2 * k.shape[-2] * k.shape[-1] * k.element_size()  # one slot's K and V, one layer
+        keys = [(b, w) for b in self.batches for w in self.widths
+                if b * w * slot_bytes <= MAX_GATHER_BYTES or w == self.widths[0]]  # fmt: skip
         for batch, width in sorted(keys, key=lambda k: -k[0] * k[1]):
             self.buckets[(batch, width)] = _Bucket(self, batch, width)
         self._keys = sorted(self.buckets)
