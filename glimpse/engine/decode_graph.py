@@ -209,7 +209,7 @@ class _Bucket:
     def __init__(self, owner: CapturedDecodeGraphs, batch: int, width: int) -> None:
         model, cache = owner.model, owner.kv_cache
         device, scratch = cache.k.device, cache.scratch_slot
-        self.batch, self.width, self.scratch = batch, width, scratch
+        self.width, self.scratch = width, scratch
         hidden = model.glimpse_config.hf_config.get_text_config().hidden_size
         self.embeds = torch.zeros(batch, hidden, dtype=model.dtype, device=device)
         self.positions = torch.zeros(3, batch, dtype=torch.long, device=device)
@@ -234,9 +234,9 @@ class _Bucket:
         device = self.context_slots.device
         lens = torch.tensor(meta.context_lens, dtype=torch.long).to(device, non_blocking=True)
         starts = meta.slot_offsets[:-1].to(device, non_blocking=True)
-        width = torch.arange(self.width, device=device)
-        index = (starts[:, None] + width).clamp_(max=meta.all_slots.shape[0] - 1)
-        rows = torch.where(width < lens[:, None], meta.all_slots[index], scratch)
+        cols = torch.arange(self.width, device=device)
+        index = (starts[:, None] + cols).clamp_(max=meta.all_slots.shape[0] - 1)
+        rows = torch.where(cols < lens[:, None], meta.all_slots[index], scratch)
         self.context_slots[:n].copy_(rows)
         self.context_slots[n:].fill_(scratch)
         self.context_lens[:n].copy_(lens)
@@ -317,11 +317,11 @@ class CapturedDecodeGraphs:
         """Capture every bucket within MAX_GATHER_BYTES (and each batch's narrowest), the largest first (they
         share one memory pool); returns the seconds taken. Capturing writes only into the scratch block."""
         start = time.perf_counter()
-        k = self.kv_cache.k
-        slot_bytes = 2 * k.shape[-2] * k.shape[-1] * k.element_size()  # one slot's K and V, one layer
+        cache = self.kv_cache.k
+        slot_bytes = 2 * cache.shape[-2] * cache.shape[-1] * cache.element_size()  # one slot's K and V, one layer
         keys = [(b, w) for b in self.batches for w in self.widths
                 if b * w * slot_bytes <= MAX_GATHER_BYTES or w == self.widths[0]]  # fmt: skip
-        for batch, width in sorted(keys, key=lambda k: -k[0] * k[1]):
+        for batch, width in sorted(keys, key=lambda key: -key[0] * key[1]):
             self.buckets[(batch, width)] = _Bucket(self, batch, width)
         self._keys = sorted(self.buckets)
         self.capture_seconds = time.perf_counter() - start

@@ -181,12 +181,12 @@ class LLMEngine:
                 raise InvalidInputError(f"{name}={getattr(config, name)!r} (--{name.replace('_', '-')}); use 'on' or 'off'")
         dtype = resolve_model_dtype(config)
         check_parallel_config(config)
-        self._decode_graph_class = None
+        graphs = None  # the decode graph's class (compiled on the CPU, captured per bucket on a GPU)
         if config.decode_graph == "on":
             from glimpse.engine.decode_graph import decode_graph_class
 
-            self._decode_graph_class = decode_graph_class(torch.device(config.device))
-            why = self._decode_graph_class.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)
+            graphs = decode_graph_class(torch.device(config.device))
+            why = graphs.unsupported(torch.device(config.device), dtype, config.tensor_parallel_size)
             if why is not None:
                 raise _decode_graph_refused(why)
         self.workers = None
@@ -207,7 +207,7 @@ class LLMEngine:
             check_tensor_parallel(config.model, **_parallel_kwargs(config), **config.model_kwargs)
             self.workers = start_workers(config)  # ranks 1..N-1 load their shares while this process loads rank 0's
         try:
-            self._build(config, dtype)
+            self._build(config, dtype, graphs)
             keep_large_allocations(config.device)  # the weights and KV cache are in: reuse big activations' memory
             if config.warmup:
                 try:
@@ -221,8 +221,9 @@ class LLMEngine:
         if self.workers is not None:  # an engine dropped without close() still stops its ranks
             weakref.finalize(self, self.workers.close)
 
-    def _build(self, config: EngineConfig, dtype: torch.dtype) -> None:
-        """The model (this rank's share), processor, KV cache, scheduler and runner."""
+    def _build(self, config: EngineConfig, dtype: torch.dtype, graphs: type | None) -> None:
+        """The model (this rank's share), processor, KV cache, scheduler and runner (with `graphs`, the decode
+        graph's class, when decode_graph is on)."""
         self.model = load_model(config.model, dtype=dtype, load_format=config.load_format, device=config.device,
                                 seed=config.seed, **_parallel_kwargs(config), **config.model_kwargs)  # fmt: skip
         if self.workers is not None:
@@ -248,7 +249,6 @@ class LLMEngine:
             raise InvalidInputError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                                     f"{text_cfg.max_position_embeddings}")  # fmt: skip
         self.max_model_len = max_len
-        graphs = self._decode_graph_class
         self.kv_cache = make_kv_cache(config, self.model, num_blocks, dtype, graphs is not None and graphs.needs_scratch_block)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # the scheduler's half of the encoder cache (budget, pins, eviction); the runner holds the tensors
