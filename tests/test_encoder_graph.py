@@ -312,11 +312,15 @@ def test_bfloat16_graph_is_as_close_to_float32_as_eager(tiny_checkpoint, family)
 
 
 def test_frame_tables_are_computed_once_per_frame_size(tiny_checkpoint, monkeypatch):
+    """The window plan (the costly part of a Qwen2.5-VL frame's tables) is made once per frame size, however
+    many batches the runner encodes (the tower memoises its tables: glimpse/vision/tables.py)."""
+    from glimpse.models import qwen2_5_vl
+
     model = load_model(tiny_checkpoint("qwen2_5_vl"))
     runner = EncoderRunner(model, BUDGETS, 96, graph=False)
     calls = []
-    original = model.model.visual.frame_tables
-    monkeypatch.setattr(model.model.visual, "frame_tables", lambda h, w: calls.append((h, w)) or original(h, w))
+    original = qwen2_5_vl.frame_window_plan
+    monkeypatch.setattr(qwen2_5_vl, "frame_window_plan", lambda h, w, *a: calls.append((h, w)) or original(h, w, *a))
     for seed in range(3):
         runner.encode(_items(CASES["mixed"], seed=seed))
     assert sorted(calls) == sorted({g[1:] for g in CASES["mixed"]})

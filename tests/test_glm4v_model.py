@@ -160,6 +160,59 @@ def test_video_features_match_hf(pair):
     torch.testing.assert_close(ours.encode_videos(pv, grid), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_frame_tables_are_made_once_per_size_and_again_for_new_weights():
+    """An engine encodes batch after batch of same-size images: the tower's per-size tables (the position
+    embeddings resampled to the grid, the rotary angles) are made once per size (glimpse/vision/tables.py),
+    under inference mode as the engine runs. Weights loaded in place afterwards must not leave the old tables
+    in use: the features still match HF's on the new weights."""
+    hf = hf_model(tiny_config("glm4v"), seed=7)
+    ours = glimpse_model(hf)
+    made = []
+    embeddings = ours.model.visual.embeddings
+    resample = embeddings.frame_table
+    embeddings.frame_table = lambda h, w: made.append((h, w)) or resample(h, w)
+
+    def check(grids, seed):
+        pv, grid = pixels(grids, seed=seed)
+        with torch.no_grad():
+            ref = torch.cat(hf.get_image_features(pv, grid).pooler_output)
+        with torch.inference_mode():
+            torch.testing.assert_close(ours.encode_images(pv, grid), ref, atol=1e-4, rtol=1e-4)
+
+    check([[1, 6, 8], [1, 6, 8]], seed=3)
+    check([[1, 6, 8]], seed=4)
+    assert made == [(6, 8)]
+    check([[1, 4, 10], [1, 6, 8]], seed=5)
+    assert made == [(6, 8), (4, 10)]
+    new = torch.randn(hf.model.visual.embeddings.position_embedding.weight.shape)
+    with torch.no_grad():
+        hf.model.visual.embeddings.position_embedding.weight.copy_(new)
+        embeddings.position_embedding.weight.copy_(new)
+    check([[1, 6, 8]], seed=6)
+    assert made == [(6, 8), (4, 10), (6, 8)]
+
+
+def test_frame_tables_kept_within_their_byte_bound(monkeypatch):
+    """A server sees images of many sizes: a tower keeps FRAME_TABLE_BYTES of tables, least recently used out
+    first. With room for one size, going back to a size makes its tables again; with room, it does not."""
+    from glimpse.vision import tables
+
+    ours = glimpse_model(hf_model(tiny_config("glm4v"), seed=8))
+    visual = ours.model.visual
+    made = []
+    resample = visual.embeddings.frame_table
+    visual.embeddings.frame_table = lambda h, w: made.append((h, w)) or resample(h, w)
+    one = sum(t.nbytes for t in visual.frame_tables(6, 8).values())  # the largest of the three sizes
+    monkeypatch.setattr(tables, "FRAME_TABLE_BYTES", one)
+    for h, w in ((4, 6), (6, 8), (4, 6)):
+        visual.frame_tables(h, w)
+    assert made == [(6, 8), (4, 6), (6, 8), (4, 6)]
+    monkeypatch.setattr(tables, "FRAME_TABLE_BYTES", 3 * one)
+    for h, w in ((6, 8), (4, 6), (6, 8)):
+        visual.frame_tables(h, w)
+    assert made == [(6, 8), (4, 6), (6, 8), (4, 6), (6, 8)]
+
+
 # ---- logits and greedy ---------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from glimpse.models.layers import (
 )
 from glimpse.models.mrope import glm_mm_token_types, glm_mrope_positions
 from glimpse.vision.attention import VarlenAttention, pad_offsets
+from glimpse.vision.tables import per_frame_size
 
 # ----------------------------------------------------------------------------------------
 # Family check: which HF configs this file serves
@@ -328,9 +329,10 @@ class Glm4vVisionModel(nn.Module):
         self.merger = Glm4vVisionPatchMerger(vc.out_hidden_size, variant.merger_context, vc.hidden_act)
 
     # The tower runs in two parts: per-batch metadata from the grids alone (built from
-    # per-frame-size tables that a runner caches), then `forward_static`, whose shapes depend
-    # only on the row count, so one compiled graph serves every batch padded to a budget.
+    # per-frame-size tables, made once per size: glimpse/vision/tables.py), then `forward_static`,
+    # whose shapes depend only on the row count, so one compiled graph serves every batch padded to a budget.
 
+    @per_frame_size("patch_embed.proj.weight", "embeddings.position_embedding.weight")
     def frame_tables(self, h: int, w: int) -> dict[str, torch.Tensor]:
         """Tables of one (1, h, w) frame: pos_embeds [h*w, C] (weight dtype), cos/sin fp32 [h*w, D]."""
         cos, sin = vision_rotary_cos_sin(h, w, self.merge, self.head_dim, self.theta)

@@ -31,6 +31,7 @@ from glimpse.models.layers import (
 )
 from glimpse.models.mrope import qwen_mm_token_types, qwen_mrope_positions
 from glimpse.vision.attention import VarlenAttention, pad_offsets
+from glimpse.vision.tables import per_frame_size
 
 VIDEO_POSITION_RULES = ("reference", "hf")
 
@@ -269,9 +270,10 @@ class Qwen2_5_VisionTower(nn.Module):
         return grids
 
     # The tower runs in two parts: per-batch metadata from the grids alone (built from
-    # per-frame-size tables that a runner caches), then `forward_static`, whose shapes depend
-    # only on the row count, so one compiled graph serves every batch padded to a budget.
+    # per-frame-size tables, made once per size: glimpse/vision/tables.py), then `forward_static`,
+    # whose shapes depend only on the row count, so one compiled graph serves every batch padded to a budget.
 
+    @per_frame_size("patch_embed.proj.weight")
     def frame_tables(self, h: int, w: int) -> dict[str, object]:
         """Tables of one (1, h, w) frame: its window plan and fp32 cos/sin [h*w, D] in window order."""
         plan = frame_window_plan(h, w, self.spatial_merge_size, self.window_units)

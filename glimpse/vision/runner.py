@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -42,7 +41,7 @@ class VisionTower(Protocol):
     """What a family's `model.visual` offers the runner (glm4v.py and qwen2_5_vl.py implement it)."""
 
     def frame_tables(self, h: int, w: int) -> dict:
-        """Tables of one (1, h, w) frame size, reused for every frame of that size."""
+        """Tables of one (1, h, w) frame size, reused for every frame of that size (made once: vision/tables.py)."""
 
     def batch_metadata(
         self,
@@ -81,7 +80,6 @@ class EncoderRunner:
         max_items_per_batch: int | None = None,
         max_frames_per_batch: int | None = None,
         graph: bool = True,
-        table_cache_size: int = 256,
     ) -> None:
         self.tower: VisionTower = model.model.visual
         self.merge = model.spatial_merge_size
@@ -93,8 +91,6 @@ class EncoderRunner:
         self.patch_dim = weight[0].numel()
         self.backends = _bound_backends(model, weight)
         self.graph = graph
-        self._tables: OrderedDict[tuple[int, int], dict] = OrderedDict()
-        self._table_cache_size = table_cache_size
         self._graphs: dict[int, Callable[..., torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.compiled_graphs = 0
@@ -180,7 +176,7 @@ class EncoderRunner:
                 grids[-1] = (grids[-1][0] + p.frames, p.h, p.w)
             else:
                 grids.append((p.frames, p.h, p.w))
-        tables = {(h, w): self._frame_tables(h, w) for _, h, w in grids}
+        tables = {(h, w): self.tower.frame_tables(h, w) for _, h, w in grids}
         if cap is None:
             meta = self.tower.batch_metadata(grids, tables)
         else:
@@ -188,17 +184,6 @@ class EncoderRunner:
             n = sum(r.shape[0] for r in rows)
             rows.append(rows[0].new_zeros(cap.patches - n, self.patch_dim))
         return {"pixel_values": torch.cat(rows) if len(rows) > 1 else rows[0], **meta}
-
-    def _frame_tables(self, h: int, w: int) -> dict:
-        """Per-frame-size tables (position embeddings, rotary, windows), computed once per size (LRU)."""
-        key = (h, w)
-        if key in self._tables:
-            self._tables.move_to_end(key)
-        else:
-            self._tables[key] = self.tower.frame_tables(h, w)
-            if len(self._tables) > self._table_cache_size:
-                self._tables.popitem(last=False)
-        return self._tables[key]
 
     def _check_item(self, i: int, item: VisionItem) -> tuple[int, int, int]:
         if item.kind not in ("image", "video"):
