@@ -244,3 +244,24 @@ def test_captured_buckets_give_the_eager_tokens(tiny_checkpoint, monkeypatch, fa
     scratch = set(range(cache.scratch_slot, cache.scratch_slot + cache.block_size))
     assert set(changed.tolist()) - scratch == set(meta.slot_mapping.tolist())
     assert set(changed.tolist()) & scratch  # the padding row wrote there
+
+
+def test_a_capture_that_fails_is_refused_in_its_own_words(tiny_checkpoint, monkeypatch):
+    """A GPU's captured graphs that fail to capture refuse the engine naming what failed (a capture per bucket,
+    not the CPU graph's compilation) and the knob that turns them off."""
+    import glimpse.engine.decode_graph as decode_graph
+
+    class FailingCapture(_EagerCaptured):
+        @classmethod
+        def for_engine(cls, model, kv_cache, max_num_seqs, max_model_len):
+            def capture_step(step, device):
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+            return cls(model, kv_cache, max_num_seqs, max_model_len, capture_step=capture_step)
+
+    monkeypatch.setattr(decode_graph, "decode_graph_class", lambda device: FailingCapture)
+    with pytest.raises(InvalidInputError, match=r"--decode-graph on\): this model's decoder does not capture into a "
+                       r"graph per batch and context bucket \(RuntimeError: operation not permitted when stream is "
+                       r"capturing\); use --decode-graph off"):  # fmt: skip
+        LLM(tiny_checkpoint("glm4v"), dtype="float32", decode_graph="on", warmup=False, max_num_seqs=2,
+            max_model_len=256, kv_cache_memory="16MiB")  # fmt: skip

@@ -71,6 +71,7 @@ def decode_only(meta: AttentionMetadata, rows: torch.Tensor | None) -> bool:
 
 class DecodeGraph:
     needs_scratch_block = False  # every row of its steps is a real sequence's
+    makes = "compile into one graph"  # what a decoder must do for it (the refusal names it)
 
     @classmethod
     def for_engine(cls, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int,
@@ -253,6 +254,7 @@ class CapturedDecodeGraphs:
     than max_num_seqs never happen; a context past the widest bucket captured does), `steps`, `fallbacks`."""
 
     needs_scratch_block = True
+    makes = "capture into a graph per batch and context bucket"
 
     @classmethod
     def for_engine(cls, model: VisionLanguageModel, kv_cache: PagedKVCache, max_num_seqs: int,

@@ -276,7 +276,7 @@ class LLMEngine:
                 self.runner.decode_graph.capture()
             except Exception as exc:  # e.g. MoE routing (glm4v_moe): shapes that depend on the data
                 first = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise _decode_graph_refused(f"this model's decoder does not compile into one graph "
+                raise _decode_graph_refused(f"this model's decoder does not {graphs.makes} "
                                             f"({type(exc).__name__}: {first})") from exc  # fmt: skip
         if self.workers is not None:  # every step runs on all ranks; this process samples
             self.runner = self.workers.driving(self.runner)
