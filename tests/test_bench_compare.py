@@ -305,3 +305,32 @@ def test_rounds_started_on_a_busy_machine_are_named(fakes, monkeypatch):
     assert all(not r["quiet"] and r["settle_s"] >= 0.2 for side in ("glimpse", "other")
                for r in report["results"][0][side]["rounds"])  # fmt: skip
     assert any("3 glimpse round(s) started on a busy machine" in w and "--settle 0.2" in w for w in report["warnings"])
+
+
+def test_offline_ceiling_runs_glimpse_without_a_server(fakes, tiny_checkpoint, capsys):
+    """--offline-ceiling: per concurrency, glimpse's offline LLM.chat on back-to-back batches of that many chats
+    of the workload (a real worker process on the tiny checkpoint); the report holds each batch's rate, their
+    median, the share of it glimpse served and its ratio to the other server's served rate."""
+    glimpse_side, other = fakes("same-model", first=0.0, gap=0.01), fakes("same-model", first=0.0, gap=0.02)
+    args = _args("--url", _url(glimpse_side), "--other-url", _url(other), "--checkpoint", str(tiny_checkpoint("glm4v")),
+                 "--concurrency", "1,2", "--rounds", "1", "--requests-per-round", "2", "--output-len", "4",
+                 "--input-len", "8", "--warmup-requests", "0", "--settle", "0", "--offline-ceiling",
+                 "--ceiling-batches", "2", "--threads", "1")  # fmt: skip
+    report = compare.run(args)
+    ceiling = report["offline_ceiling"]
+    assert [row["concurrency"] for row in ceiling] == [1, 2]
+    for row, res in zip(ceiling, report["results"], strict=True):
+        assert row["batches"] == 2 and len(row["batch_tok_s"]) == 2 and all(r > 0 for r in row["batch_tok_s"])
+        assert row["median_tok_s"] == pytest.approx(sum(row["batch_tok_s"]) / 2)
+        assert row["glimpse_served_share"] == pytest.approx(res["glimpse"]["median_output_tok_s"] / row["median_tok_s"])
+        assert row["ceiling_over_other"] == pytest.approx(row["median_tok_s"] / res["other"]["median_output_tok_s"])
+    table = capsys.readouterr().out
+    assert "offline ceiling: glimpse LLM.chat on back-to-back batches" in table and "offline / other served" in table
+
+
+def test_offline_ceiling_needs_the_checkpoint(fakes, capsys):
+    a = fakes("m", first=0.0, gap=0.0)
+    args = _args("--url", _url(a), "--other-url", _url(a), "--offline-ceiling", "--settle", "0")
+    assert compare.run(args) == 2
+    assert "--offline-ceiling loads the model itself: give --checkpoint" in capsys.readouterr().err
+    assert not a.requests  # refused before any request

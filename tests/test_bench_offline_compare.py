@@ -26,31 +26,52 @@ from glimpse.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_worker_glimpse_side_counts_the_tokens(tiny_checkpoint):
-    ckpt = tiny_checkpoint("glm4v")
+def _glimpse_worker(ckpt, *flags: str) -> dict:
     cmd = [sys.executable, "-m", "glimpse.bench._offline_worker", "--engine", "glimpse", "--model", str(ckpt),
            "--requests", "2", "--output-len", "4", "--dtype", "float32", "--max-num-seqs", "4", "--threads", "1",
-           "--seed", "5"]  # fmt: skip
+           "--seed", "5", *flags]  # fmt: skip
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hf_prompt_tokens(ckpt, seeds: list[list[int]]) -> int:
+    """HF's processor's prompt lengths (template + image placeholders) over the chats of these seeds."""
+    proc = hf_processor(ckpt)
+    ref = 0
+    for seed in seeds:
+        for chat in _offline_worker.conversations(2, seed, 224, 64):
+            image, text = chat[0]["content"]
+            data = base64.b64decode(image["image_url"]["url"].split(",", 1)[1])
+            inputs = hf_inputs(proc, [{"type": "image"}, text], [Image.open(io.BytesIO(data)).convert("RGB")])
+            ref += inputs["input_ids"].shape[1]
+    return ref
+
+
+def test_worker_glimpse_side_counts_the_tokens(tiny_checkpoint):
+    ckpt = tiny_checkpoint("glm4v")
+    line = _glimpse_worker(ckpt)
     assert line["engine"] == "glimpse" and line["requests"] == 2 and line["seed"] == 5
     assert line["output_tokens"] == 2 * 4  # ignore_eos: every request runs to max_tokens
     assert line["seconds"] > 0 and line["load_seconds"] > 0
     assert line["output_tok_s"] == pytest.approx(8 / line["seconds"])
     # The prompts the engine saw are HF's processor's on the same chats (template + image placeholders).
-    proc = hf_processor(ckpt)
-    ref = 0
-    for chat in _offline_worker.conversations(2, [5, 0], 224, 64):
-        image, text = chat[0]["content"]
-        data = base64.b64decode(image["image_url"]["url"].split(",", 1)[1])
-        inputs = hf_inputs(proc, [{"type": "image"}, text], [Image.open(io.BytesIO(data)).convert("RGB")])
-        ref += inputs["input_ids"].shape[1]
-    assert line["prompt_tokens"] == ref
+    assert line["prompt_tokens"] == _hf_prompt_tokens(ckpt, [[5, 0]])
+
+
+def test_worker_times_back_to_back_batches_of_fresh_chats(tiny_checkpoint):
+    """--batches 3 (the offline ceiling `bench compare --offline-ceiling` measures): three timed calls, each on
+    its own two chats (the first batch's are those of one batch), every request run to max_tokens."""
+    ckpt = tiny_checkpoint("glm4v")
+    line = _glimpse_worker(ckpt, "--batches", "3")
+    assert line["batches"] == 3 and len(line["batch_tok_s"]) == 3 and all(r > 0 for r in line["batch_tok_s"])
+    assert line["output_tokens"] == 3 * 2 * 4
+    assert line["output_tok_s"] == pytest.approx(24 / line["seconds"])
+    assert line["prompt_tokens"] == _hf_prompt_tokens(ckpt, [[5, 0], [5, 0, 1], [5, 0, 2]])
 
 
 def test_conversations_are_fresh_and_reproducible():

@@ -6,6 +6,8 @@ HxW JPEG (a data URL: the form both engines' `LLM.chat` accept) and ~`--input-le
 loads the engine (timed apart), runs one untimed warm-up request from another seed, then times
 `llm.chat` on the N requests (greedy, `--output-len` tokens with ignore_eos) and prints one JSON
 line: engine, seconds, output_tokens (counted from the outputs), output_tok_s, load_seconds.
+`--batches K` times K such calls back to back, each on N fresh requests (the offline ceiling of a
+closed-loop served round, `glimpse bench compare --offline-ceiling`); batch_tok_s holds each one's rate.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, default=1, help="timed LLM.chat calls, each on its own fresh requests")
     return p.parse_args(argv)
 
 
@@ -93,20 +96,25 @@ def load(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Inputs first, outside every timer: JPEG encoding is the harness's work, not the engine's.
-    chats = conversations(args.requests, [args.seed, 0], args.image_size, args.input_len)
+    batches = [conversations(args.requests, [args.seed, 0, *([b] if b else [])], args.image_size, args.input_len)
+               for b in range(args.batches)]  # fmt: skip
     warm = conversations(1, [args.seed, 1], args.image_size, args.input_len)
     t0 = time.perf_counter()
     llm, sampling_params = load(args)
     load_seconds = time.perf_counter() - t0
     params = sampling_params(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.chat(warm, params, use_tqdm=False)
-    t0 = time.perf_counter()
-    outputs = llm.chat(chats, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    seconds, tokens, prompt_tokens, rates = 0.0, 0, 0, []
+    for chats in batches:
+        t0 = time.perf_counter()
+        outputs = llm.chat(chats, params, use_tqdm=False)
+        took = time.perf_counter() - t0
+        made = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        seconds, tokens, rates = seconds + took, tokens + made, [*rates, made / took]
+        prompt_tokens += sum(len(o.prompt_token_ids) for o in outputs)
     result = {"engine": args.engine, "requests": len(outputs), "seconds": seconds, "output_tokens": tokens,
-              "output_tok_s": tokens / seconds, "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
-              "load_seconds": load_seconds, "seed": args.seed}  # fmt: skip
+              "output_tok_s": tokens / seconds, "prompt_tokens": prompt_tokens, "load_seconds": load_seconds,
+              "seed": args.seed, "batches": args.batches, "batch_tok_s": rates}  # fmt: skip
     print(json.dumps(result), flush=True)
     return 0
 

@@ -12,6 +12,13 @@ Before each round the harness waits until the machine is quiet (`--settle`): a s
 keep spinning after its round (vLLM-CPU's keep one of two cores busy for ~0.9 s, measured) would
 otherwise slow the first requests of the other server's round (a glimpse request sent inside that
 window took 0.58-0.78 s to its first token instead of 0.1 s).
+
+`--offline-ceiling` then times glimpse's offline `LLM.chat` on back-to-back batches of `concurrency`
+chats of the same workload, without a server (a `bench offline-compare` worker with `--batches`, after
+the glimpse server this started has stopped). Every request of a round asks for the same number of
+tokens, so a closed-loop round runs in lockstep waves of `concurrency` requests: that rate is the most
+glimpse's scheduler gets out of this machine on the round's work, and `ceiling / other` is the highest
+throughput ratio over the other server that glimpse could show at that concurrency with serving free.
 """
 
 from __future__ import annotations
@@ -95,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(0: no wait)")  # fmt: skip
     run_.add_argument("--start-timeout", type=serve._positive, default=900.0,
                       help="seconds the glimpse serve this starts may take to become healthy")  # fmt: skip
+    run_.add_argument("--offline-ceiling", action="store_true",
+                      help="then time glimpse's offline LLM.chat on back-to-back batches of each concurrency's "
+                           "size of this workload, no server (needs --checkpoint)")  # fmt: skip
+    run_.add_argument("--ceiling-batches", type=serve._int_min(1), default=6,
+                      help="timed batches per concurrency for --offline-ceiling (their median is reported)")  # fmt: skip
     run_.add_argument("--seed", type=serve._int_min(0), default=None,
                       help="media and words seed (default: a random one, printed; a running server "
                            "remembers the images of an earlier run with the same seed in its caches)")  # fmt: skip
@@ -110,6 +122,9 @@ def run(args: argparse.Namespace) -> dict | int:
     if not args.url and not args.checkpoint:
         print("glimpse bench compare: give --url (a running glimpse serve) or --checkpoint (to start one)",
               file=sys.stderr)  # fmt: skip
+        return 2
+    if args.offline_ceiling and not args.checkpoint:
+        print("glimpse bench compare: --offline-ceiling loads the model itself: give --checkpoint", file=sys.stderr)
         return 2
     command = vllm_command(args)
     print(
@@ -137,6 +152,14 @@ def run(args: argparse.Namespace) -> dict | int:
         if server is not None:
             server.stop()
     report["vllm_command"] = command
+    if args.offline_ceiling:
+        from glimpse.bench.offline_compare import WorkerError  # that module reads this one's helpers
+
+        try:
+            report["offline_ceiling"] = offline_ceiling(args, report["results"])
+        except WorkerError as exc:
+            print(f"glimpse bench compare: {exc}", file=sys.stderr)
+            return 1
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -159,6 +182,25 @@ def vllm_command(args: argparse.Namespace) -> str:
 def _load_format(checkpoint: str) -> str:
     """A folder without safetensors (`make-checkpoint --no-weights`) is served with random weights."""
     return "auto" if any(Path(checkpoint).glob("*.safetensors")) else "dummy"
+
+
+def offline_ceiling(args: argparse.Namespace, results: list[dict]) -> list[dict]:
+    """Per concurrency c: glimpse's offline rate on `--ceiling-batches` back-to-back batches of c chats of this
+    workload (one worker process each), the share of it glimpse served, and its ratio to the other's served rate."""
+    from glimpse.bench.offline_compare import run_worker
+
+    out = []
+    for res in results:
+        c = res["concurrency"]
+        worker = argparse.Namespace(**{**vars(args), "requests": c, "batches": args.ceiling_batches,
+                                       "timeout": args.start_timeout + args.timeout})  # load, then the batches
+        line = run_worker(worker, "glimpse", args.seed, _load_format(args.checkpoint))
+        rate = _median(line["batch_tok_s"])
+        out.append({"concurrency": c, "batches": line["batches"], "batch_tok_s": line["batch_tok_s"],
+                    "median_tok_s": rate,
+                    "glimpse_served_share": _ratio(res["glimpse"]["median_output_tok_s"], rate),
+                    "ceiling_over_other": _ratio(rate, res["other"]["median_output_tok_s"])})  # fmt: skip
+    return out
 
 
 # ---- the glimpse server this starts ---------------------------------------------------------------
@@ -420,6 +462,15 @@ def print_table(report: dict) -> None:
               f"{_fmt(o['median_output_tok_s'], 9)} {_fmt(q['output_tok_s'], 6)} | {_fmt(g['median_ttft_ms'], 15)} "
               f"{_fmt(o['median_ttft_ms'], 9)} {_fmt(q['ttft'], 6)} | {_fmt(g['median_tpot_ms'], 15)} "
               f"{_fmt(o['median_tpot_ms'], 9)} {_fmt(q['tpot'], 6)}")  # fmt: skip
+    if ceiling := report.get("offline_ceiling"):
+        print(f"offline ceiling: glimpse LLM.chat on back-to-back batches of `conc` chats of this workload, no server "
+              f"(median of {ceiling[0]['batches']} batches)")  # fmt: skip
+        head = f"{'conc':>5} | {'offline tok/s':>13} | {'glimpse served / offline':>24} | {'offline / other served':>22}"
+        print(head)
+        print("-" * len(head))
+        for row in ceiling:
+            print(f"{row['concurrency']:>5} | {_fmt(row['median_tok_s'], 13)} | {_fmt(row['glimpse_served_share'], 24)} "
+                  f"| {_fmt(row['ceiling_over_other'], 22)}")  # fmt: skip
     for warning in report["warnings"]:
         print(f"WARNING: {warning}")
 

@@ -83,7 +83,7 @@ def worker_command(args: argparse.Namespace, side: str, seed: int, load_format: 
             str(args.output_len), "--input-len", str(args.input_len), "--image-size", str(args.image_size),
             "--seed", str(seed), "--load-format", load_format, "--max-model-len", str(args.max_model_len),
             "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype, "--kv-cache-gib",
-            str(args.kv_cache_gib), "--threads", str(args.threads)]  # fmt: skip
+            str(args.kv_cache_gib), "--threads", str(args.threads), "--batches", str(getattr(args, "batches", 1))]  # fmt: skip
 
 
 def run_worker(args: argparse.Namespace, side: str, seed: int, load_format: str) -> dict:
