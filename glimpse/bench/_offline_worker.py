@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, default=1, help="timed LLM.chat calls, each on its own fresh requests")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.batches < 1:
+        p.error(f"--requests and --batches must be >= 1 (got {args.requests}, {args.batches})")
+    return args
 
 
 def conversations(n: int, seed: list[int], image_size: int, input_words: int) -> list[list[dict]]:
