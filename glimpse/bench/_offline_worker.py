@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = llm.chat(chats, params, use_tqdm=False)
         took = time.perf_counter() - t0
         made = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-        seconds, tokens, rates = seconds + took, tokens + made, [*rates, made / took]
+        seconds, tokens = seconds + took, tokens + made
+        rates.append(made / took)
         prompt_tokens += sum(len(o.prompt_token_ids) for o in outputs)
     result = {"engine": args.engine, "requests": len(outputs), "seconds": seconds, "output_tokens": tokens,
               "output_tok_s": tokens / seconds, "prompt_tokens": prompt_tokens, "load_seconds": load_seconds,

@@ -153,11 +153,9 @@ def run(args: argparse.Namespace) -> dict | int:
             server.stop()
     report["vllm_command"] = command
     if args.offline_ceiling:
-        from glimpse.bench.offline_compare import WorkerError  # that module reads this one's helpers
-
         try:
             report["offline_ceiling"] = offline_ceiling(args, report["results"])
-        except WorkerError as exc:
+        except EndpointError as exc:
             print(f"glimpse bench compare: {exc}", file=sys.stderr)
             return 1
     print_table(report)
@@ -186,15 +184,18 @@ def _load_format(checkpoint: str) -> str:
 
 def offline_ceiling(args: argparse.Namespace, results: list[dict]) -> list[dict]:
     """Per concurrency c: glimpse's offline rate on `--ceiling-batches` back-to-back batches of c chats of this
-    workload (one worker process each), the share of it glimpse served, and its ratio to the other's served rate."""
-    from glimpse.bench.offline_compare import run_worker
+    workload (one worker process each), the share of it glimpse served, and its ratio to the other's served rate.
+    A worker that fails is an EndpointError with the tail of its stderr."""
+    from glimpse.bench.offline_compare import WorkerError, run_worker  # that module reads this one's helpers
 
     out = []
     for res in results:
         c = res["concurrency"]
-        worker = argparse.Namespace(**{**vars(args), "requests": c, "batches": args.ceiling_batches,
-                                       "timeout": args.start_timeout + args.timeout})  # load, then the batches
-        line = run_worker(worker, "glimpse", args.seed, _load_format(args.checkpoint))
+        worker = argparse.Namespace(**{**vars(args), "requests": c, "timeout": args.start_timeout + args.timeout})
+        try:  # the timeout covers the load, then the batches
+            line = run_worker(worker, "glimpse", args.seed, _load_format(args.checkpoint), args.ceiling_batches)
+        except WorkerError as exc:
+            raise EndpointError(str(exc)) from None
         rate = _median(line["batch_tok_s"])
         out.append({"concurrency": c, "batches": line["batches"], "batch_tok_s": line["batch_tok_s"],
                     "median_tok_s": rate,

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict | int:
     return report
 
 
-def worker_command(args: argparse.Namespace, side: str, seed: int, load_format: str) -> list[str]:
+def worker_command(args: argparse.Namespace, side: str, seed: int, load_format: str, batches: int = 1) -> list[str]:
     """glimpse: this python, `-m` (so the package resolves); vLLM: the other python on the file, `-P` so the
     script's folder (glimpse/bench, whose module names could shadow a library's) stays off sys.path."""
     if side == "glimpse":
@@ -83,12 +83,12 @@ def worker_command(args: argparse.Namespace, side: str, seed: int, load_format: 
             str(args.output_len), "--input-len", str(args.input_len), "--image-size", str(args.image_size),
             "--seed", str(seed), "--load-format", load_format, "--max-model-len", str(args.max_model_len),
             "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype, "--kv-cache-gib",
-            str(args.kv_cache_gib), "--threads", str(args.threads), "--batches", str(getattr(args, "batches", 1))]  # fmt: skip
+            str(args.kv_cache_gib), "--threads", str(args.threads), "--batches", str(batches)]  # fmt: skip
 
 
-def run_worker(args: argparse.Namespace, side: str, seed: int, load_format: str) -> dict:
-    """One worker process; its result line, or WorkerError with the tail of its stderr."""
-    cmd = worker_command(args, side, seed, load_format)
+def run_worker(args: argparse.Namespace, side: str, seed: int, load_format: str, batches: int = 1) -> dict:
+    """One worker process (`batches` timed calls); its result line, or WorkerError with the tail of its stderr."""
+    cmd = worker_command(args, side, seed, load_format, batches)
     root = str(Path(__file__).resolve().parents[2])  # the glimpse this harness belongs to, installed or not
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # The worker sets the threads and KV size itself (OMP_NUM_THREADS, VLLM_CPU_*) from its flags.
