@@ -8,7 +8,8 @@ vLLM and HF users hold them: paths, bytes, PIL images, uint8 arrays (NumPy `[H, 
 checkpoint with RANDOM weights is made on first use and cached.
 
 A step's prompt tokens may fill the whole default `max_num_batched_tokens` budget
-(`max_prefill_tokens=2048`): larger prefill matmuls read each weight once for more rows (64 image
+(`max_prefill_tokens` defaults to 2048, or to `max_num_batched_tokens` where that is lower; a larger
+value than the budget is refused): larger prefill matmuls read each weight once for more rows (64 image
 chats: ~300 vs ~240 output tok/s at 512 on a 2-core Xeon, docs/benchmarks.md).
 
 `warmup=True` (the default) runs one full prefill step at start-up and forgets it
@@ -55,7 +56,7 @@ def demo_checkpoint(family: str = "glm46v", size: str = "tiny") -> Path:
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = 2048,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = None,
                  kv_cache_memory: int | str = "1GiB",
                  encoder_cache_memory: int | str = "256MiB", seed: int = 0, load_format: str = "auto",
                  enable_prefix_caching: bool = True, enable_encoder_cache: bool = True, block_size: int = 16,

@@ -127,3 +127,29 @@ def test_engine_refuses_a_prefill_budget_below_one(tiny_checkpoint):
         InvalidInputError, match=r"max_prefill_tokens \(--max-prefill-tokens\) is 0; it must be >= 1"
     ):
         LLMEngine(EngineConfig(tiny_checkpoint("glm46v"), max_prefill_tokens=0))
+
+
+def test_a_prefill_budget_above_the_step_budget_is_refused_not_clamped():
+    # It used to be cut to max_num_batched_tokens without a word (`--max-prefill-tokens 4096` ran at 2048).
+    from glimpse.engine.llm_engine import prefill_budget
+    from glimpse.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"max_prefill_tokens \(--max-prefill-tokens\) is 4096, above "
+                                                r"max_num_batched_tokens \(--max-num-batched-tokens\) 2048"):
+        prefill_budget(4096, 2048)
+    assert prefill_budget(2048, 2048) == 2048 and prefill_budget(300, 2048) == 300
+    # Not given: 2048, within a smaller step budget (as before: the default never needs the other knob raised).
+    assert prefill_budget(None, 8192) == 2048 and prefill_budget(None, 512) == 512
+
+
+def test_engine_refuses_a_prefill_budget_above_the_step_budget_before_loading(tiny_checkpoint, monkeypatch):
+    from glimpse.engine import llm_engine
+    from glimpse.errors import InvalidInputError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flag was refused")
+
+    monkeypatch.setattr(llm_engine, "resolve_model_dtype", no_load)
+    with pytest.raises(InvalidInputError, match="above max_num_batched_tokens"):
+        llm_engine.LLMEngine(llm_engine.EngineConfig(tiny_checkpoint("glm46v"), max_num_batched_tokens=256,
+                                                     max_prefill_tokens=512))  # fmt: skip

@@ -54,6 +54,25 @@ log = logging.getLogger("glimpse.engine")
 WARMUP_MAX_FLOPS = 1e12
 
 
+# A step's prompt tokens when max_prefill_tokens is not given (within max_num_batched_tokens).
+DEFAULT_MAX_PREFILL_TOKENS = 2048
+
+
+def prefill_budget(max_prefill_tokens: int | None, max_num_batched_tokens: int) -> int:
+    """The prompt tokens one step may take: the given max_prefill_tokens, which must fit in a step's whole token
+    budget (a larger one could never be used), or the default within that budget."""
+    if max_prefill_tokens is None:
+        return min(DEFAULT_MAX_PREFILL_TOKENS, max_num_batched_tokens)
+    if max_prefill_tokens < 1:
+        raise InvalidInputError(f"max_prefill_tokens (--max-prefill-tokens) is {max_prefill_tokens}; it must be >= 1")
+    if max_prefill_tokens > max_num_batched_tokens:
+        raise InvalidInputError(f"max_prefill_tokens (--max-prefill-tokens) is {max_prefill_tokens}, above "
+                                f"max_num_batched_tokens (--max-num-batched-tokens) {max_num_batched_tokens}, a step's "
+                                "whole token budget, so it could never be used; raise max_num_batched_tokens too, or "
+                                "lower max_prefill_tokens")  # fmt: skip
+    return max_prefill_tokens
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | Path
@@ -61,12 +80,13 @@ class EngineConfig:
     max_model_len: int | None = None  # None: what the model and the KV cache allow
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
-    # Prompt tokens per step, after every decoding sequence's token (None: up to max_num_batched_tokens).
+    # Prompt tokens per step, after every decoding sequence's token (None: DEFAULT_MAX_PREFILL_TOKENS, or
+    # max_num_batched_tokens where that is lower; a value above max_num_batched_tokens is refused).
     # Lower shortens the steps that delay decoding sequences; higher lets a prefill matmul read each
     # weight once for more rows. 2048 against 512 (docs/benchmarks.md, small GLM, 2 threads, AMX):
     # offline 64 image chats 1.25x the tok/s; served at concurrency 16, 1.14x the tok/s, 0.72x the
     # time per output token, 1.13x the time to first token.
-    max_prefill_tokens: int | None = 2048
+    max_prefill_tokens: int | None = None
     kv_cache_memory: int | str = "1GiB"
     encoder_cache_memory: int | str = "256MiB"
     block_size: int = 16
@@ -173,9 +193,7 @@ class LLMEngine:
         config = dataclasses.replace(config, device=resolve_device(config.device))
         self.config = config
         check_pruning_rate(config.video_pruning_rate)
-        if config.max_prefill_tokens is not None and config.max_prefill_tokens < 1:
-            raise InvalidInputError(f"max_prefill_tokens (--max-prefill-tokens) is {config.max_prefill_tokens}; it must "
-                                    "be >= 1 (set it to max_num_batched_tokens for no limit of its own)")  # fmt: skip
+        prefill_budget(config.max_prefill_tokens, config.max_num_batched_tokens)
         for name in ("encoder_graph", "decode_graph"):
             if getattr(config, name) not in ("on", "off"):
                 raise InvalidInputError(f"{name}={getattr(config, name)!r} (--{name.replace('_', '-')}); use 'on' or 'off'")
@@ -257,7 +275,8 @@ class LLMEngine:
         emb_bytes = text_cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                 encoder_budget=max(config.max_num_batched_tokens, 4096),
-                                max_prefill_tokens=config.max_prefill_tokens)  # fmt: skip
+                                max_prefill_tokens=prefill_budget(config.max_prefill_tokens,
+                                                                  config.max_num_batched_tokens))  # fmt: skip
         self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
         encoder_runner = None
         if config.encoder_graph == "on":

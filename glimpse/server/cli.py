@@ -191,10 +191,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="sequences decoded at once")  # fmt: skip
     eng.add_argument("--max-num-batched-tokens", type=_count("--max-num-batched-tokens"), default=2048, metavar="N",
                      help="tokens per engine step (2k = 2000, 2K = 2048)")  # fmt: skip
-    eng.add_argument("--max-prefill-tokens", type=_count("--max-prefill-tokens"), default=2048, metavar="N",
+    eng.add_argument("--max-prefill-tokens", type=_count("--max-prefill-tokens"), default=None, metavar="N",
                      help="prompt tokens per step, after every decoding sequence's token (at most "
                           "--max-num-batched-tokens); lower shortens the steps that delay decoding sequences, "
-                          "higher makes prefill matmuls more efficient")  # fmt: skip
+                          "higher makes prefill matmuls more efficient (default: 2048, or --max-num-batched-tokens "
+                          "where lower)")  # fmt: skip
     eng.add_argument("--kv-cache-memory", type=_size("--kv-cache-memory"), default="1GiB", metavar="SIZE",
                      help="memory for the KV cache: bytes, 512MiB, 2GiB, 4G (= 4 x 2^30) or 4g "
                           "(= 4 x 10^9)")  # fmt: skip
@@ -394,7 +395,13 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
     from jinja2 import TemplateSyntaxError
 
     from glimpse.config import load_config
-    from glimpse.engine.llm_engine import EngineConfig, LLMEngine, pixel_dtype, resolve_model_dtype
+    from glimpse.engine.llm_engine import (
+        EngineConfig,
+        LLMEngine,
+        pixel_dtype,
+        prefill_budget,
+        resolve_model_dtype,
+    )
     from glimpse.engine.structured import StructuredLimits
     from glimpse.entrypoints import parse_budgets
     from glimpse.llm import demo_checkpoint
@@ -425,6 +432,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                                 f"{args.max_image_pixels} or --max-video-frame-pixels {args.max_video_frame_pixels}: "
                                 "an item within those limits could never be decoded")  # fmt: skip
     check_pruning_rate(args.video_pruning_rate, "--video-pruning-rate")
+    prefill_budget(args.max_prefill_tokens, args.max_num_batched_tokens)
     from glimpse.platform import resolve_device
 
     args.device = resolve_device(args.device)  # a GPU this machine lacks is refused before anything loads
