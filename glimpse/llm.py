@@ -163,11 +163,14 @@ class LLM:
         processed = processor(messages, chat_template_kwargs=chat_template_kwargs, tools=tools,
                               **(mm_processor_kwargs or {}))  # fmt: skip
         rid = self.engine.add_request(None, processed, sampling_params or self.get_default_sampling_params())
-        held: dict[int, list[int]] = {}  # completion index -> token ids of outputs not yielded
+        held: dict[int, CompletionOutput] = {}  # completion index -> the deltas of its outputs not yielded
 
         def with_held(c: CompletionOutput) -> CompletionOutput:
-            ids = held.pop(c.index, None)
-            return dataclasses.replace(c, delta_token_ids=ids + c.delta_token_ids) if ids else c
+            if (before := held.pop(c.index, None)) is None:
+                return c
+            logprobs = None if c.delta_logprobs is None else before.delta_logprobs + c.delta_logprobs
+            return dataclasses.replace(c, delta_token_ids=before.delta_token_ids + c.delta_token_ids,
+                                       delta_logprobs=logprobs)  # fmt: skip
 
         try:
             while self.engine.has_unfinished_requests():
@@ -183,7 +186,7 @@ class LLM:
                         if c.delta_text or c.finish_reason is not None:
                             moved.append(with_held(c))
                         else:
-                            held.setdefault(c.index, []).extend(c.delta_token_ids)
+                            held[c.index] = with_held(c)
                     if moved:
                         yield self._readable(dataclasses.replace(out, outputs=moved))
         finally:

@@ -427,3 +427,39 @@ def test_adds_count_the_admitted_requests_still_to_come(llm):
 
     pendings, left = asyncio.run(scenario())
     assert pendings == [2, 1, 0] and left == 0
+
+
+def test_output_batches_take_what_waits_and_raise_after_it():
+    # The reader thread hands a step's outputs to the event loop in one wake-up; a stream that fell behind
+    # takes every waiting output at once, in order, and an error comes after the outputs sent before it.
+    from glimpse.engine.llm_engine import RequestOutput
+    from glimpse.server.async_engine import RequestHandle, _deliver, _Stream
+
+    def out(i: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput(f"r{i}", [], [], finished)
+
+    async def main() -> tuple[list, list, list]:
+        loop = asyncio.get_running_loop()
+        a, b = _Stream(loop, asyncio.Queue(), []), _Stream(loop, asyncio.Queue(), [])
+        done = threading.Event()
+
+        def reader() -> None:  # the core's reader thread: two steps of news for both streams, then an error for b
+            _deliver([(a, out(1)), (b, out(1))])
+            _deliver([(a, out(2, finished=True)), (b, out(2))])
+            _deliver([(b, EngineStepError("boom"))])
+            done.set()
+
+        threading.Thread(target=reader).start()
+        await asyncio.to_thread(done.wait)
+        got_a = [[o.request_id for o in batch] async for batch in RequestHandle(None, "a", a).output_batches()]
+        got_b, error = [], None
+        try:
+            async for batch in RequestHandle(None, "b", b).output_batches():
+                got_b.append([o.request_id for o in batch])
+        except EngineStepError as exc:
+            error = exc
+        return got_a, got_b, [str(error)]
+
+    got_a, got_b, error = asyncio.run(main())
+    assert got_a == [["r1", "r2"]]  # both waited: one batch, ended by the finished output
+    assert got_b == [["r1", "r2"]] and error == ["boom"]

@@ -94,6 +94,68 @@ def test_n_sequences_and_streamed_deltas_concatenate(llm):
     assert streamed == full.outputs[0].text
 
 
+
+
+def test_streamed_token_and_logprob_deltas_add_up_to_the_final_output(llm):
+    # stream_chat holds back outputs that add no text (a partial character, a possible stop string): their token
+    # ids and logprobs ride with the next output it yields.
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+    outs = list(llm.stream_chat(_conv("Many"), params))
+    final = outs[-1].outputs[0]
+    assert sum((o.outputs[0].delta_token_ids for o in outs), []) == final.token_ids
+    assert sum((o.outputs[0].delta_logprobs for o in outs), []) == final.logprobs and len(final.logprobs) == 20
+
+def _run_outputs(llm, requests: list[tuple], delta: bool) -> list:
+    """Every RequestOutput of `requests` ((conversation, params) pairs run together), step by step."""
+    llm.engine.delta_outputs = delta
+    try:
+        for conv, params in requests:
+            llm.engine.add_request(None, llm.processor(conv), params)
+        steps = []
+        while llm.engine.has_unfinished_requests():
+            steps.append(llm.engine.step())
+        return steps
+    finally:
+        llm.engine.delta_outputs = False
+
+
+def test_delta_outputs_add_up_to_the_whole_outputs_at_every_step(llm):
+    # The engine core sends each request's outputs before its last as deltas only (their cost must not grow with
+    # the tokens generated so far); the API process still needs what the whole outputs say, step by step.
+    base = llm.chat(_conv("Say something"), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                    use_tqdm=False)[0].outputs[0].text  # fmt: skip
+    requests = [
+        (_conv("Many"), SamplingParams(temperature=1.0, n=2, seed=7, max_tokens=12, ignore_eos=True, logprobs=2)),
+        (_conv("Say something"), SamplingParams(temperature=0, max_tokens=24, stop=[base[5:8]], ignore_eos=True,
+                                                logprobs=0)),  # fmt: skip
+        (_conv("Plain", image=False), SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)),
+    ]
+    whole, deltas = _run_outputs(llm, requests, delta=False), _run_outputs(llm, requests, delta=True)
+    assert len(whole) == len(deltas) > 10
+    key = {}  # the two runs' request ids, in the order their first outputs appear
+    sums: dict[tuple, list] = {}
+    for step_whole, step_delta in zip(whole, deltas, strict=True):
+        assert len(step_whole) == len(step_delta)
+        for w, d in zip(step_whole, step_delta, strict=True):
+            key.setdefault(w.request_id, d.request_id)
+            assert key[w.request_id] == d.request_id and w.finished == d.finished
+            for cw, cd in zip(w.outputs, d.outputs, strict=True):
+                text, ids, lps = sums.setdefault((d.request_id, cd.index), ["", [], []])
+                sums[(d.request_id, cd.index)] = [text + cd.delta_text, ids + cd.delta_token_ids,
+                                                  lps + (cd.delta_logprobs or [])]  # fmt: skip
+                text, ids, lps = sums[(d.request_id, cd.index)]
+                assert (cd.delta_text, cd.delta_token_ids, cd.delta_logprobs) == (
+                    cw.delta_text, cw.delta_token_ids, cw.delta_logprobs)
+                assert (text, ids) == (cw.text, cw.token_ids)
+                assert lps == (cw.logprobs or [])
+                if d.finished:  # the last output is whole
+                    assert (cd.text, cd.token_ids, cd.logprobs) == (cw.text, cw.token_ids, cw.logprobs)
+                    assert (cd.finish_reason, cd.stop_reason) == (cw.finish_reason, cw.stop_reason)
+                else:
+                    assert (cd.text, cd.token_ids, cd.logprobs) == ("", [], None)
+    finals = [c for step in whole for out in step if out.finished for c in out.outputs]
+    assert {c.finish_reason for c in finals} == {"length", "stop"} and any(c.logprobs for c in finals)
+
 def test_bf16_batch1_decode_runs_on_native_kernels_as_accurately_as_hf(tiny_checkpoint, monkeypatch):
     """One-token steps in bf16 run their matmuls outside oneDNN (engine/model_runner.py), on the
     native kernels where they run (vision attention, prefill attention without AMX, decode

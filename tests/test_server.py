@@ -343,6 +343,53 @@ def test_stream_equals_non_stream_with_usage(server, client):
         assert e.startswith("data: ") and json.loads(e[len("data: ") :])["object"] == "chat.completion.chunk"
 
 
+
+def http_chunks(server, path: str, body: dict) -> list[bytes]:
+    """POST over a plain socket and return the response body's HTTP/1.1 chunks as the server framed them (one
+    chunk per write the server made; httpx and the openai client join them)."""
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {server.api_key}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(head.encode() + data)
+        raw = b""
+        while piece := sock.recv(1 << 16):
+            raw += piece
+    headers, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in headers.lower(), headers
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+def test_stream_writes_each_step_once_and_the_end_together(server):
+    # A write per SSE event is a system call and a wake-up of the client on the cores the engine computes on:
+    # the role chunk goes out alone, then one write per engine step, and the last step's content and finish
+    # chunks leave in one write with the usage chunk and [DONE] (OpenAI's wire format is unchanged).
+    body = {"model": MODEL, "messages": user("Count."), "max_tokens": 6, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    chunks = http_chunks(server, "/v1/chat/completions", body)
+    events = [[e for e in c.decode().split("\n\n") if e] for c in chunks]
+    for group in events:  # every write holds whole events
+        assert all(e.startswith("data: ") for e in group) and chunks[events.index(group)].endswith(b"\n\n")
+    role = json.loads(events[0][0][len("data: ") :])
+    assert len(events[0]) == 1 and role["choices"][0]["delta"]["role"] == "assistant"
+    last = events[-1]
+    assert last[-1] == "data: [DONE]"
+    usage, finish = (json.loads(e[len("data: ") :]) for e in last[-2:-4:-1])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+    assert finish["choices"][0]["finish_reason"] == "length"
+    # At most one write per generated token besides the role chunk's (fewer if the reader fell behind).
+    assert len(chunks) <= 1 + 6
+    texts = [json.loads(e[len("data: ") :]) for group in events for e in group if e != "data: [DONE]"]
+    assert sum(len(t["choices"]) and bool(t["choices"][0]["delta"].get("content")) for t in texts) >= 1
+
 def test_multibyte_characters_split_across_tokens(client, tok):
     seq = ids(tok, "猫", "😀")
     assert len(seq) == 7  # 3 + 4 byte-level tokens: both characters are split across tokens

@@ -19,7 +19,10 @@ with the rest (on a machine whose cores both processes share, that step ran 2-3x
 A structured-output request's ("added", ...) is sent once its grammar has compiled (or failed: the
 error then goes back as the add's answer, a 400), while the loop keeps stepping the others.
 RequestOutputs travel with an empty `prompt_token_ids`: the API process sent the prompt and
-puts its own list back, so a long prompt is not pickled again at every step.
+puts its own list back, so a long prompt is not pickled again at every step. For the same reason a
+request's outputs before its last carry only what is new (`LLMEngine.delta_outputs`: delta_text,
+delta_token_ids, delta_logprobs; text and token_ids empty, logprobs None) and its last carries the
+whole completion: the cost of a step's outputs does not grow with the tokens generated so far.
 Detokenization stays in the core: stop strings are matched on the text, and a sequence that hits
 one must end inside the step that produced it, so its KV blocks are freed at once and no token
 past the stop is computed or sent.
@@ -133,6 +136,7 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine, send: Callable[[tuple], None]) -> None:
         self.engine, self.send = engine, send
+        engine.delta_outputs = True  # outputs before a request's last carry only what is new
         self._live: set[str] = set()  # requests added and not yet finished, failed or aborted
         self._sent_stats: dict | None = None
         self._stats_due = 0.0

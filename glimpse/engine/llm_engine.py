@@ -127,6 +127,10 @@ class EngineConfig:
 
 @dataclass
 class CompletionOutput:
+    """One completion's state in a RequestOutput: `text`, `token_ids` and `logprobs` so far (except in the
+    engine core's outputs before the last, which carry only the deltas: `LLMEngine.delta_outputs`), and what is new
+    since the previous output of its request."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -135,6 +139,7 @@ class CompletionOutput:
     logprobs: list[TopLogprobs] | None = None
     delta_text: str = ""  # text new since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[TopLogprobs] | None = None  # the entries of delta_token_ids (None: none were asked for)
     # Set by `LLM` in its own process (outputs that cross processes stay light): decodes `sample_logprobs`.
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
@@ -168,6 +173,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     index: int
     emitted_tokens: int = 0
+    emitted_logprobs: int = 0
 
 
 @dataclass(eq=False)
@@ -307,6 +313,11 @@ class LLMEngine:
         self._compiling: dict[str, _Group] = {}  # groups waiting for their grammar, by request id
         self._grammar_events: list[tuple[str, InvalidInputError | None]] = []
         self.ran_last_step = False  # whether the latest step() found a batch to run (the server idles if not)
+        # True in the engine core: an output before a request's last carries only what is new (delta_text,
+        # delta_token_ids, delta_logprobs), with empty text and token_ids and no logprobs, so that a step's outputs
+        # cost the same to build, pickle and send at the 10,000th token as at the first; the last output carries
+        # everything. False (LLM, in-process): every output holds the completion so far, as vLLM's do.
+        self.delta_outputs = False
         self._counter = itertools.count()
 
     def warm_up(self) -> float:
@@ -609,16 +620,21 @@ class LLMEngine:
 
     def _make_output(self, group: _Group, seqs: list[_Sequence]) -> RequestOutput:
         comps = []
+        whole = group.finished or not self.delta_outputs
+        asked = group.params.logprobs is not None
         for seq in seqs:
             req = seq.request
             new_tokens = req.output_token_ids[seq.emitted_tokens :]
             seq.emitted_tokens = len(req.output_token_ids)
+            new_logprobs = req.logprobs[seq.emitted_logprobs :] if asked else None
+            seq.emitted_logprobs = len(req.logprobs)
             delta = seq.detok.delta(req.is_finished)
             comps.append(CompletionOutput(
-                index=seq.index, text=seq.detok.text[: seq.detok.emitted], token_ids=list(req.output_token_ids),
+                index=seq.index, text=seq.detok.text[: seq.detok.emitted] if whole else "",
+                token_ids=list(req.output_token_ids) if whole else [],
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                logprobs=list(req.logprobs) if group.params.logprobs is not None else None,
-                delta_text=delta, delta_token_ids=new_tokens))  # fmt: skip
+                logprobs=list(req.logprobs) if asked and whole else None,
+                delta_text=delta, delta_token_ids=new_tokens, delta_logprobs=new_logprobs))  # fmt: skip
         first = group.seqs[0].request
         metrics = first.timings.as_dict() | {"num_preemptions": group.num_preemptions}
         return RequestOutput(group.request_id, group.prompt_token_ids, comps, group.finished,

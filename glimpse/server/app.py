@@ -264,6 +264,10 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _sse_all(events: list[dict]) -> str:
+    return "".join(map(_sse, events))
+
+
 def _auth(state: ServerState) -> Callable:
     expected = state.api_key.encode() if state.api_key else None
 
@@ -630,26 +634,34 @@ class _Run:
         return self.fmt.full(self.prompts, finals)
 
     async def stream(self, deadline: float) -> AsyncIterator[str]:
+        """The response's server-sent events, as text to write. The events of the outputs waiting together go
+        out in one write, and the last output's with the usage chunk and [DONE]: each write is a system call
+        (and a wake-up of the client) on the cores the engine computes on (docs/benchmarks.md, session 17)."""
         prompt, handle = self.prompts[0], self.handles[0]  # streaming serves one prompt (_prepare_completion)
+        last = ""  # the final output's events, held back to go out with the usage chunk and [DONE]
         try:
             async with asyncio.timeout_at(deadline):
-                for event in self.fmt.start(prompt, self.params[0].n):
-                    yield _sse(event)
+                if start := _sse_all(self.fmt.start(prompt, self.params[0].n)):
+                    yield start
                 final = None
-                async for out in handle.outputs():
-                    self._seen(out)
-                    for event in self.fmt.step(out):
-                        yield _sse(event)
-                    final = out
+                async for outs in handle.output_batches():
+                    events = []
+                    for out in outs:
+                        self._seen(out)
+                        events += self.fmt.step(out)
+                        final = out
+                    if final is not None and final.finished:
+                        last = _sse_all(events)
+                    elif events:
+                        yield _sse_all(events)
             self._observe([final])
-            for event in self.fmt.end(prompt, final):
-                yield _sse(event)
+            last += _sse_all(self.fmt.end(prompt, final))
         except Exception as exc:  # the headers are out: report in-band, as vLLM and OpenAI do
             self.abort()
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)
-            yield _sse(error_body(err))
-        yield _sse("[DONE]")
+            last += _sse(error_body(err))
+        yield last + _sse("[DONE]")
 
 
 # ---- shutdown ------------------------------------------------------------------------------------

@@ -74,27 +74,60 @@ class _Stream:
     prompt_token_ids: list[int]  # the core sends outputs without them (see glimpse/engine/core.py)
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        _deliver([(self, item)])
+
+
+def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    """Hand items to their streams' event loops, with one wake-up per loop (from the core's reader thread: an
+    engine step's outputs for every stream it moved, in one call; a wake-up costs the loop a system call)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+    for loop, puts in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            loop.call_soon_threadsafe(_put_all, puts)
         except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
             pass
 
 
+def _put_all(puts: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for target, item in puts:
+        target.put_nowait(item)
+
+
 class RequestHandle:
-    """One queued request: iterate `outputs()`; `abort()` (idempotent) frees its KV blocks if still running."""
+    """One queued request: iterate `outputs()` (or `output_batches()`); `abort()` (idempotent) frees its KV
+    blocks if still running."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
         self._engine, self.request_id, self._stream = engine, request_id, stream
         self.finished = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
+        async for batch in self.output_batches():
+            for out in batch:
+                yield out
+
+    async def output_batches(self) -> AsyncIterator[list[RequestOutput]]:
+        """The outputs in order, every one already waiting taken together (a stream whose reader fell behind
+        catches up in one go); an error ends the iteration after the outputs that came before it."""
+        waiting = self._stream.queue
         while not self.finished:
-            item = await self._stream.queue.get()
-            if isinstance(item, BaseException):
-                self.finished = True  # the core already dropped it
-                raise item
-            self.finished = item.finished
-            yield item
+            items = [await waiting.get()]
+            while not waiting.empty():
+                items.append(waiting.get_nowait())
+            batch = []
+            for item in items:
+                if isinstance(item, BaseException):
+                    self.finished = True  # the core already dropped it
+                    if batch:
+                        yield batch
+                    raise item
+                batch.append(item)
+                self.finished = item.finished
+                if self.finished:  # the core sends nothing after a request's final output
+                    break
+            yield batch
 
     def abort(self) -> None:
         if not self.finished:
@@ -301,13 +334,15 @@ class AsyncEngine:
         kind = message[0]
         if kind == "outputs":
             _, outputs, stats = message
+            moved = []
             with self._lock:
                 for out in outputs:
                     take = self._streams.pop if out.finished else self._streams.get
                     stream = take(out.request_id, None)
                     if stream is not None:  # None: aborted, and this news crossed the abort
                         out.prompt_token_ids = stream.prompt_token_ids
-                        stream.put(out)
+                        moved.append((stream, out))
+            _deliver(moved)
             if stats is not None:
                 self._stats = stats
         elif kind == "added":

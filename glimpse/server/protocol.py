@@ -494,7 +494,6 @@ class ChatFormat(ResponseFormat):
         self.created = now()
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.parsers: dict[int, GlmReasoningParser] = {}
-        self.logprobs_sent: dict[int, int] = {}
         self.finish_sent: set[int] = set()  # choices whose finish chunk is out
         self.prompt_text: str | None = None
 
@@ -589,10 +588,8 @@ class ChatFormat(ResponseFormat):
             if parsed.boxes:
                 delta["boxes"] = parsed.boxes
             logprobs = None
-            if c.logprobs is not None and c.delta_token_ids:
-                sent = self.logprobs_sent.get(c.index, 0)
-                logprobs = chat_logprobs(c.logprobs[sent:], self.token_text)
-                self.logprobs_sent[c.index] = len(c.logprobs)
+            if c.delta_logprobs:
+                logprobs = chat_logprobs(c.delta_logprobs, self.token_text)
             if delta or logprobs:
                 events.append(self._chunk({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}))
             # One chunk per call piece: a call's name (and id) goes out in one chunk, its arguments in a later one.
@@ -620,7 +617,7 @@ class CompletionFormat(ResponseFormat):
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = now()
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.logprobs_sent: dict[int, tuple[int, bytes]] = {}  # index -> (entries sent, output bytes so far)
+        self.logprobs_prefix: dict[int, bytes] = {}  # index -> the output's bytes so far (text_offset)
         self.finish_sent: set[int] = set()  # choices whose finish chunk is out
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
@@ -648,10 +645,9 @@ class CompletionFormat(ResponseFormat):
             if c.index in self.finish_sent:
                 continue  # the final output lists every choice again, earlier-finished ones included
             lp = None
-            if c.logprobs is not None and c.delta_token_ids:
-                sent, prefix = self.logprobs_sent.get(c.index, (0, b""))
-                lp, prefix = completion_logprobs(c.logprobs[sent:], self.token_text, prefix)
-                self.logprobs_sent[c.index] = (len(c.logprobs), prefix)
+            if c.delta_logprobs:
+                prefix = self.logprobs_prefix.get(c.index, b"")
+                lp, self.logprobs_prefix[c.index] = completion_logprobs(c.delta_logprobs, self.token_text, prefix)
             if c.finish_reason is not None:
                 self.finish_sent.add(c.index)
             if c.delta_text or lp or c.finish_reason is not None:

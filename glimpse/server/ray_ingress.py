@@ -95,7 +95,7 @@ class RayEngine(AsyncEngine):
                             served_by[request_id] = replica
                         self._on_message(("added", request_id, None))  # a no-op after a retry
                     elif kind == "outputs":
-                        started = started or any(c.token_ids for c in value.outputs)
+                        started = started or any(c.delta_token_ids or c.token_ids for c in value.outputs)
                         self._on_message(("outputs", [value], None))
                     elif not started and value.type_name in ("EngineDeadError", "ServerShuttingDownError"):
                         raise _ReplicaLost(value.message)
