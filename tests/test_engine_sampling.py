@@ -235,3 +235,30 @@ def test_one_row_kernel_switch_is_restored_across_threads():
         t.join(10)
     assert seen["after_a_left"] is False
     assert torch.backends.mkldnn.enabled == before
+
+
+def test_stream_interval_reports_the_first_token_then_every_n(tiny_checkpoint):
+    # SGLang's --stream-interval: fewer outputs to build, send and write per token; nothing is lost or changed.
+    from glimpse.engine.llm_engine import EngineConfig, LLMEngine
+    from glimpse.errors import InvalidInputError
+
+    def run(interval: int) -> list:
+        engine = LLMEngine(EngineConfig(tiny_checkpoint("glm4v"), dtype="float32", stream_interval=interval))
+        rid = engine.add_request(None, "Count to ten", SamplingParams(temperature=0, max_tokens=9, ignore_eos=True,
+                                                                      logprobs=1))  # fmt: skip
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += [o for o in engine.step() if o.request_id == rid]
+        return outs
+
+    every, coarse = run(1), run(3)
+    assert [len(o.outputs[0].delta_token_ids) for o in coarse] == [1, 3, 3, 2]  # first at once, the last when done
+    final = coarse[-1].outputs[0]
+    same = every[-1].outputs[0]
+    assert (final.text, final.token_ids, final.logprobs, final.finish_reason) == (
+        same.text, same.token_ids, same.logprobs, same.finish_reason)
+    assert sum((o.outputs[0].delta_token_ids for o in coarse), []) == final.token_ids
+    assert "".join(o.outputs[0].delta_text for o in coarse) == final.text
+    assert sum((o.outputs[0].delta_logprobs for o in coarse), []) == final.logprobs
+    with pytest.raises(InvalidInputError, match=r"stream_interval \(--stream-interval\) is 0"):
+        LLMEngine(EngineConfig(tiny_checkpoint("glm4v"), stream_interval=0))

@@ -231,6 +231,7 @@ def test_bad_flag_values_are_one_line_exit_2(ckpt, tmp_path, capsys, no_engine):
         (["--allow-credentials"], "--allow-credentials has no effect without --allowed-origins"),
         (["--max-model-len", "1.5K"], "argument --max-model-len: '1.5K' is not a positive whole number"),
         (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: 'lots' is not a positive size"),
+        (["--stream-interval", "0"], "argument --stream-interval: '0' is not a positive whole number"),
         (["--max-prefill-tokens", "4096"], "max_prefill_tokens (--max-prefill-tokens) is 4096, above "
                                            "max_num_batched_tokens (--max-num-batched-tokens) 2048"),
         (["--allowed-origins", ORIGIN], "argument --allowed-origins: must be a JSON list of strings"),

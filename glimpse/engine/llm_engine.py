@@ -101,6 +101,10 @@ class EngineConfig:
     # (glimpse/engine/decode_graph.py: bf16 on a CPU with the native kernels, one rank; 5-8% shorter steps,
     # ~30 s of compilation at start with a cold inductor cache, ~3 s warm); "off" runs every step eagerly.
     decode_graph: str = "off"
+    # Tokens per streamed output after a request's first (SGLang's --stream-interval): step() reports a request
+    # once it has this many new tokens (or it finished); its first token is reported at once. Higher cuts the
+    # per-token cost of streaming (outputs built, sent, formatted and written) for coarser chunks.
+    stream_interval: int = 1
     seed: int = 0
     load_format: str = "auto"
     device: str = "auto"  # "auto" (a GPU where torch sees one, else the CPU), "cpu", "cuda", "cuda:N"
@@ -200,6 +204,9 @@ class LLMEngine:
         self.config = config
         check_pruning_rate(config.video_pruning_rate)
         prefill_budget(config.max_prefill_tokens, config.max_num_batched_tokens)
+        if not isinstance(config.stream_interval, int) or config.stream_interval < 1:
+            raise InvalidInputError(f"stream_interval (--stream-interval) is {config.stream_interval!r}; it must be a "
+                                    "whole number >= 1 (1: every token as it comes)")  # fmt: skip
         for name in ("encoder_graph", "decode_graph"):
             if getattr(config, name) not in ("on", "off"):
                 raise InvalidInputError(f"{name}={getattr(config, name)!r} (--{name.replace('_', '-')}); use 'on' or 'off'")
@@ -612,11 +619,19 @@ class LLMEngine:
             group = self.groups[gid]
             if group.final_only and not group.finished:
                 continue
+            if not group.finished and not self._due(seqs):
+                continue  # its tokens wait in the sequences (emitted_tokens, the detokenizer) for the next output
             if group.finished:
                 del self.groups[gid]
                 seqs = group.seqs  # the final output lists all n
             outputs.append(self._make_output(group, seqs))
         return outputs
+
+    def _due(self, seqs: list[_Sequence]) -> bool:
+        """Whether a running group's output goes out this step: a sequence's first token, or stream_interval new ones."""
+        interval = self.config.stream_interval
+        return interval == 1 or any(
+            s.emitted_tokens == 0 or len(s.request.output_token_ids) - s.emitted_tokens >= interval for s in seqs)
 
     def _make_output(self, group: _Group, seqs: list[_Sequence]) -> RequestOutput:
         comps = []

@@ -175,6 +175,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "start-up); off: eager tower calls per step, which serve more tokens/s since the native "
                           "kernels (concurrency 64: 0.92x vLLM-CPU's against 0.79x with graphs, docs/benchmarks.md); "
                           "on is refused with --tensor-parallel-size > 1")  # fmt: skip
+    eng.add_argument("--stream-interval", type=_count("--stream-interval"), default=1, metavar="N",
+                     help="streamed tokens per chunk after a request's first, as SGLang's flag: higher lowers the "
+                          "per-token cost of streaming (engine outputs, event-loop work, writes, client wake-ups) "
+                          "for coarser chunks; the first token and the last go out at once")  # fmt: skip
     eng.add_argument("--decode-graph", choices=("on", "off"), default="off",
                      help="on: decode steps (every sequence one new token) through one compiled graph of the "
                           "decoder, 5-8%% shorter steps (bf16 on a CPU with the native kernels, one rank; compiled "
@@ -475,7 +479,7 @@ def build_state(args: argparse.Namespace, start_engine: Callable | None = None):
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                           load_format=args.load_format, device=args.device,
                           video_pruning_rate=args.video_pruning_rate, encoder_graph=args.encoder_graph,
-                          decode_graph=args.decode_graph,
+                          decode_graph=args.decode_graph, stream_interval=args.stream_interval,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
                           encoder_budgets=parse_budgets(args.encoder_budgets),
