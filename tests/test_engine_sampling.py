@@ -262,3 +262,21 @@ def test_stream_interval_reports_the_first_token_then_every_n(tiny_checkpoint):
     assert sum((o.outputs[0].delta_logprobs for o in coarse), []) == final.logprobs
     with pytest.raises(InvalidInputError, match=r"stream_interval \(--stream-interval\) is 0"):
         LLMEngine(EngineConfig(tiny_checkpoint("glm4v"), stream_interval=0))
+
+
+def test_stream_interval_sends_a_choice_that_ends_at_once():
+    # n > 1: a choice that ends between reports goes out in the step it ends, not with the request's last output.
+    from types import SimpleNamespace
+
+    from glimpse.engine.llm_engine import LLMEngine
+
+    def seq(tokens: int, emitted: int, finished: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(emitted_tokens=emitted,
+                               request=SimpleNamespace(output_token_ids=[7] * tokens, is_finished=finished))  # fmt: skip
+
+    engine = SimpleNamespace(config=SimpleNamespace(stream_interval=4))
+    assert LLMEngine._due(engine, [seq(1, 0)])  # a first token: at once
+    assert not LLMEngine._due(engine, [seq(7, 5), seq(6, 5)])  # 2 and 1 new of 4
+    assert LLMEngine._due(engine, [seq(7, 5), seq(6, 5, finished=True)])  # one of them ended
+    assert LLMEngine._due(engine, [seq(9, 5), seq(6, 5)])  # 4 new
+    assert LLMEngine._due(SimpleNamespace(config=SimpleNamespace(stream_interval=1)), [seq(6, 5)])

@@ -136,7 +136,6 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine, send: Callable[[tuple], None]) -> None:
         self.engine, self.send = engine, send
-        engine.delta_outputs = True  # outputs before a request's last carry only what is new
         self._live: set[str] = set()  # requests added and not yet finished, failed or aborted
         self._sent_stats: dict | None = None
         self._stats_due = 0.0
@@ -144,6 +143,14 @@ class EngineCore:
 
     def run(self, commands: CommandSource) -> None:
         """Serve until a ("shutdown",) command (or the end of the command source)."""
+        engine = self.engine
+        saved, engine.delta_outputs = engine.delta_outputs, True  # outputs before a request's last: what is new
+        try:
+            self._serve(commands)
+        finally:
+            engine.delta_outputs = saved  # an engine lent to an in-thread core (tests) gets its own outputs back
+
+    def _serve(self, commands: CommandSource) -> None:
         engine = self.engine
         while True:
             if not engine.has_unfinished_requests():

@@ -628,10 +628,12 @@ class LLMEngine:
         return outputs
 
     def _due(self, seqs: list[_Sequence]) -> bool:
-        """Whether a running group's output goes out this step: a sequence's first token, or stream_interval new ones."""
+        """Whether a running group's output goes out this step: a sequence's first token, stream_interval new ones,
+        or a sequence that ended (n > 1: its choice finishes now, not when the last one does)."""
         interval = self.config.stream_interval
         return interval == 1 or any(
-            s.emitted_tokens == 0 or len(s.request.output_token_ids) - s.emitted_tokens >= interval for s in seqs)
+            s.emitted_tokens == 0 or s.request.is_finished
+            or len(s.request.output_token_ids) - s.emitted_tokens >= interval for s in seqs)  # fmt: skip
 
     def _make_output(self, group: _Group, seqs: list[_Sequence]) -> RequestOutput:
         comps = []

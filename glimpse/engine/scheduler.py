@@ -38,7 +38,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
     encoder_budget: int = 4096  # vision embedding tokens encoded per step
-    max_prefill_tokens: int | None = None  # prefill tokens per step (None: max_num_batched_tokens)
+    # Prefill tokens per step (None: max_num_batched_tokens). LLMEngine passes what llm_engine.prefill_budget makes of
+    # its own setting (refused above the step budget, 2048 within it when not given).
+    max_prefill_tokens: int | None = None
 
     @property
     def prefill_budget(self) -> int:

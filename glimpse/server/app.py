@@ -638,30 +638,28 @@ class _Run:
         out in one write, and the last output's with the usage chunk and [DONE]: each write is a system call
         (and a wake-up of the client) on the cores the engine computes on (docs/benchmarks.md, session 17)."""
         prompt, handle = self.prompts[0], self.handles[0]  # streaming serves one prompt (_prepare_completion)
-        last = ""  # the final output's events, held back to go out with the usage chunk and [DONE]
+        pending: list[dict] = []  # events made and not yet written (the last output's wait for the usage and [DONE])
         try:
             async with asyncio.timeout_at(deadline):
                 if start := _sse_all(self.fmt.start(prompt, self.params[0].n)):
                     yield start
                 final = None
                 async for outs in handle.output_batches():
-                    events = []
                     for out in outs:
                         self._seen(out)
-                        events += self.fmt.step(out)
+                        pending += self.fmt.step(out)
                         final = out
-                    if final is not None and final.finished:
-                        last = _sse_all(events)
-                    elif events:
-                        yield _sse_all(events)
+                    if pending and not final.finished:
+                        text, pending = _sse_all(pending), []
+                        yield text
             self._observe([final])
-            last += _sse_all(self.fmt.end(prompt, final))
+            pending += self.fmt.end(prompt, final)
         except Exception as exc:  # the headers are out: report in-band, as vLLM and OpenAI do
             self.abort()
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)
-            last += _sse(error_body(err))
-        yield last + _sse("[DONE]")
+            pending.append(error_body(err))
+        yield _sse_all(pending) + _sse("[DONE]")
 
 
 # ---- shutdown ------------------------------------------------------------------------------------

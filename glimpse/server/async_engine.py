@@ -342,7 +342,7 @@ class AsyncEngine:
                     if stream is not None:  # None: aborted, and this news crossed the abort
                         out.prompt_token_ids = stream.prompt_token_ids
                         moved.append((stream, out))
-            _deliver(moved)
+                _deliver(moved)  # under the lock: an error end_requests() puts after it cannot overtake it
             if stats is not None:
                 self._stats = stats
         elif kind == "added":
