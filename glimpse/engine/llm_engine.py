@@ -200,10 +200,11 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        config = dataclasses.replace(config, device=resolve_device(config.device))
+        config = dataclasses.replace(config, device=resolve_device(config.device),
+                                     max_prefill_tokens=prefill_budget(config.max_prefill_tokens,
+                                                                       config.max_num_batched_tokens))  # fmt: skip
         self.config = config
         check_pruning_rate(config.video_pruning_rate)
-        prefill_budget(config.max_prefill_tokens, config.max_num_batched_tokens)
         if not isinstance(config.stream_interval, int) or config.stream_interval < 1:
             raise InvalidInputError(f"stream_interval (--stream-interval) is {config.stream_interval!r}; it must be a "
                                     "whole number >= 1 (1: every token as it comes)")  # fmt: skip
@@ -288,8 +289,7 @@ class LLMEngine:
         emb_bytes = text_cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                 encoder_budget=max(config.max_num_batched_tokens, 4096),
-                                max_prefill_tokens=prefill_budget(config.max_prefill_tokens,
-                                                                  config.max_num_batched_tokens))  # fmt: skip
+                                max_prefill_tokens=config.max_prefill_tokens)  # fmt: skip
         self.scheduler = Scheduler(sched, self.blocks, self.encoder_cache, emb_bytes)
         encoder_runner = None
         if config.encoder_graph == "on":
