@@ -13,8 +13,10 @@ import base64
 import io
 import json
 import os
+import socket
 import struct
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -291,6 +293,59 @@ def test_queue_full_and_timeout(server):
     assert m["glimpse_kv_cache_blocks_used"] == 0 and m["glimpse_server_requests_rejected_busy_total"] >= 1
     non_stream = {**long, "stream": False}
     expect_error(server.post("/v1/chat/completions", non_stream), 504, "request_timeout")
+
+
+def test_timeout_while_the_client_is_not_reading(server):
+    """The deadline passes while the server's writes wait on a client that stopped reading (a small receive
+    buffer, then a pause): once it reads again it gets every event up to the request_timeout error and [DONE],
+    a whole chunked response, and the slot is free again."""
+    long = {"model": MODEL, "messages": user("Go on."), "max_tokens": 1000, "ignore_eos": True, "n": 48, "stream": True}
+    body = json.dumps(long).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(head + body)
+        raw = sock.recv(1024)
+        assert raw.startswith(b"HTTP/1.1 200"), raw  # admitted and streaming
+        time.sleep(7)  # the 4 s --request-timeout passes while the server's writes are backed up
+        while chunk := sock.recv(1 << 16):
+            raw += chunk
+    assert raw.endswith(b"\r\n0\r\n\r\n"), raw[-300:]  # the chunked body ended, not cut off
+    events = [line for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]", events[-2:]
+    err = json.loads(events[-2][len(b"data: ") :])["error"]
+    assert err["code"] == "request_timeout" and "--request-timeout" in err["message"]
+    m = server.wait_idle()
+    assert m["glimpse_kv_cache_blocks_used"] == 0 and m["glimpse_server_requests_in_flight"] == 0
+    assert "Exception in ASGI application" not in server.output()
+
+
+def test_a_client_that_stops_reading_is_cut_off(server):
+    """A stream whose client takes nothing more holds its slot until WRITE_GRACE_SECONDS (5) after the 4 s
+    --request-timeout, then is cut off: the slot is free again while the connection is still open."""
+    long = {"model": MODEL, "messages": user("Go on."), "max_tokens": 1000, "ignore_eos": True, "n": 48, "stream": True}
+    body = json.dumps(long).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", server.port))
+        start = time.monotonic()
+        sock.sendall(head + body)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        assert server.metrics()["glimpse_server_requests_in_flight"] == 1
+        while server.metrics()["glimpse_server_requests_in_flight"] and time.monotonic() - start < 40:
+            time.sleep(0.25)
+        freed = time.monotonic() - start
+        assert 4 + 5 <= freed < 40, freed  # not before the grace is over, and not never
+        r = chat(server, "Hi")  # the one slot serves again
+        assert r.status_code == 200, r.text
+    assert "a stream was cut off 5 s after its --request-timeout" in server.output()
+    server.wait_idle()
 
 
 # ---- afterwards: healthy, nothing leaked -----------------------------------------------------------

@@ -226,38 +226,51 @@ async def _cancel_and_wait(task: asyncio.Future) -> None:
         await asyncio.shield(task)
 
 
+# How long a stream's last events may take to leave after --request-timeout, for a client that reads slowly,
+# before the response is cut off (a client that stopped reading would otherwise hold its slot for good).
+WRITE_GRACE_SECONDS = 5.0
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events from an async iterator of strings; on client disconnect the iterator is
-    closed (aborting its engine request) and `cleanup` always runs, even if streaming never began."""
+    closed (aborting its engine request) and `cleanup` always runs, even if streaming never began.
+    At `cut_at` (the event loop's clock) the response is cut off wherever its writes stand."""
 
-    def __init__(self, events: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, events: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]], cut_at: float) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.events, self.cleanup = events, cleanup
+        self.events, self.cleanup, self.cut_at = events, cleanup, cut_at
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                        async for event in self.events:
-                            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    except OSError:  # the socket went away mid-write: same as a disconnect
-                        pass
-                    tg.cancel_scope.cancel()
-
-                async def watch() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(watch)
+            with anyio.CancelScope(deadline=self.cut_at) as cut:
+                await self._stream(receive, send)
+            if cut.cancelled_caught:
+                log.warning("a stream was cut off %g s after its --request-timeout: the client did not take its "
+                            "last events", WRITE_GRACE_SECONDS)  # fmt: skip
         finally:
             with anyio.CancelScope(shield=True):
                 await self.events.aclose()  # type: ignore[attr-defined]
                 await self.cleanup()
+
+    async def _stream(self, receive, send) -> None:
+        async with anyio.create_task_group() as tg:
+            async def stream() -> None:
+                try:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                    async for event in self.events:
+                        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except OSError:  # the socket went away mid-write: same as a disconnect
+                    pass
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            tg.start_soon(watch)
 
 
 def _sse(obj: dict | str) -> str:
@@ -578,7 +591,7 @@ async def _serve(request: Request, state: ServerState, req, t0: float, fmt: P.Re
             await _unless_disconnected(request, run.start())
         if req.stream:
             # From here the SSE response owns the admission slot and the engine requests.
-            return SSEResponse(run.stream(deadline), stack.aclose)
+            return SSEResponse(run.stream(deadline), stack.aclose, deadline + WRITE_GRACE_SECONDS)
         async with stack, asyncio.timeout_at(deadline):
             return JSONResponse(await _unless_disconnected(request, run.collect()))
     except _ClientGone:
@@ -608,6 +621,13 @@ class _Run:
             if not handle.finished:
                 self.state.metrics.aborted.inc()
             handle.abort()  # a no-op once finished; otherwise frees the request's KV blocks
+
+    def _expire(self) -> None:
+        """At a stream's deadline: stop the engine's work and end a wait for outputs with a TimeoutError."""
+        for handle in self.handles:
+            if not handle.finished:
+                self.state.metrics.aborted.inc()
+            handle.end_with(TimeoutError())
 
     def _seen(self, out: RequestOutput) -> None:
         if self.ttft is None and any(c.delta_token_ids for c in out.outputs):
@@ -639,19 +659,30 @@ class _Run:
         (and a wake-up of the client) on the cores the engine computes on (docs/benchmarks.md, session 17)."""
         prompt, handle = self.prompts[0], self.handles[0]  # streaming serves one prompt (_prepare_completion)
         pending: list[dict] = []  # events made and not yet written (the last output's wait for the usage and [DONE])
+        batches = handle.output_batches()
+        # The deadline is kept by a timer, never by a timeout around the yields: while this generator waits at a
+        # yield its task awaits a write to the client, where a cancellation would cut the stream short (SSEResponse
+        # bounds those writes). At the deadline the engine's work stops whatever the client does, and a wait for
+        # outputs ends with a TimeoutError; a stream that was writing finds the deadline passed when it resumes.
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(deadline, self._expire)
         try:
-            async with asyncio.timeout_at(deadline):
-                if start := _sse_all(self.fmt.start(prompt, self.params[0].n)):
-                    yield start
-                final = None
-                async for outs in handle.output_batches():
-                    for out in outs:
-                        self._seen(out)
-                        pending += self.fmt.step(out)
-                        final = out
-                    if pending and not final.finished:
-                        text, pending = _sse_all(pending), []
-                        yield text
+            if start := _sse_all(self.fmt.start(prompt, self.params[0].n)):
+                yield start
+            final = None
+            while True:
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                outs = await anext(batches, None)
+                if outs is None:
+                    break
+                for out in outs:
+                    self._seen(out)
+                    pending += self.fmt.step(out)
+                    final = out
+                if pending and not final.finished:
+                    text, pending = _sse_all(pending), []
+                    yield text
             self._observe([final])
             pending += self.fmt.end(prompt, final)
         except Exception as exc:  # the headers are out: report in-band, as vLLM and OpenAI do
@@ -659,6 +690,9 @@ class _Run:
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)
             pending.append(error_body(err))
+        finally:
+            expiry.cancel()
+            await batches.aclose()
         yield _sse_all(pending) + _sse("[DONE]")
 
 

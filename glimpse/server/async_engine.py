@@ -134,6 +134,13 @@ class RequestHandle:
             self.finished = True
             self._engine._abort(self.request_id)
 
+    def end_with(self, error: BaseException) -> None:
+        """Abort the request and end a waiting `output_batches()` with `error` (event-loop side; the outputs
+        already waiting come out first). A no-op once finished."""
+        if not self.finished:
+            self.abort()
+            self._stream.queue.put_nowait(error)
+
 
 class AsyncEngine:
     """The server's view of the engine core: admission, request streams, stats and liveness."""
