@@ -463,3 +463,62 @@ def test_output_batches_take_what_waits_and_raise_after_it():
     got_a, got_b, error = asyncio.run(main())
     assert got_a == [["r1", "r2"]]  # both waited: one batch, ended by the finished output
     assert got_b == [["r1", "r2"]] and error == ["boom"]
+
+
+def test_end_with_ends_the_outputs_after_what_waits():
+    # A stream's deadline (`RequestHandle.end_with`): the core is told to stop the request once, the outputs already
+    # waiting come out first, then the error, also for a reader paused between two batches; a request whose final
+    # output was already waiting ends with it, as if on time.
+    from glimpse.engine.llm_engine import RequestOutput
+    from glimpse.server.async_engine import RequestHandle, _Stream
+
+    class Core:  # the engine's abort channel, recorded
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def _abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+
+    def out(i: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput(f"r{i}", [], [], finished)
+
+    async def drain(handle: RequestHandle) -> tuple[list, str | None]:
+        got = []
+        try:
+            async for batch in handle.output_batches():
+                got.append([o.request_id for o in batch])
+        except TimeoutError:
+            return got, "timeout"
+        return got, None
+
+    async def main() -> dict:
+        loop = asyncio.get_running_loop()
+        core, seen = Core(), {}
+        waiting = RequestHandle(core, "a", _Stream(loop, asyncio.Queue(), []))  # an output waits, then the deadline
+        waiting._stream.queue.put_nowait(out(1))
+        waiting.end_with(TimeoutError())
+        seen["waiting"] = await drain(waiting)
+        waiting.abort()  # the stream's own abort afterwards: nothing more goes to the core
+        done = RequestHandle(core, "b", _Stream(loop, asyncio.Queue(), []))  # the final output waits already
+        done._stream.queue.put_nowait(out(1))
+        done._stream.queue.put_nowait(out(2, finished=True))
+        done.end_with(TimeoutError())
+        seen["done"] = await drain(done)
+        paused = RequestHandle(core, "c", _Stream(loop, asyncio.Queue(), []))  # the reader is between two batches
+        paused._stream.queue.put_nowait(out(1))
+        batches = paused.output_batches()
+        first = await anext(batches)
+        paused.end_with(TimeoutError())
+        try:
+            await anext(batches)
+            seen["paused"] = ([o.request_id for o in first], "ended without the error")
+        except TimeoutError:
+            seen["paused"] = ([o.request_id for o in first], "timeout")
+        seen["aborted"] = core.aborted
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen["waiting"] == ([["r1"]], "timeout")
+    assert seen["done"] == ([["r1", "r2"]], None)
+    assert seen["paused"] == (["r1"], "timeout")
+    assert seen["aborted"] == ["a", "b", "c"]  # once each

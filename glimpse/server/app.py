@@ -52,7 +52,7 @@ from glimpse.server.async_engine import (
     ServerBusyError,
     ServerShuttingDownError,
 )
-from glimpse.server.guard import ApiError, Guard, error_body, read_json
+from glimpse.server.guard import CLOSE_CONNECTION, ApiError, Guard, error_body, read_json
 from glimpse.server.media_fetch import MediaPolicy, fetch_media
 from glimpse.server.metrics import CONTENT_TYPE, ServerMetrics
 from glimpse.server.tool_parsers import ToolPlan, check_history, tool_plan
@@ -227,7 +227,8 @@ async def _cancel_and_wait(task: asyncio.Future) -> None:
 
 
 # How long a stream's last events may take to leave after --request-timeout, for a client that reads slowly,
-# before the response is cut off (a client that stopped reading would otherwise hold its slot for good).
+# before the response and its connection are cut off (a client that stopped reading would otherwise hold its slot
+# and its connection for good).
 WRITE_GRACE_SECONDS = 5.0
 
 
@@ -247,6 +248,9 @@ class SSEResponse(StreamingResponse):
             if cut.cancelled_caught:
                 log.warning("a stream was cut off %g s after its --request-timeout: the client did not take its "
                             "last events", WRITE_GRACE_SECONDS)  # fmt: skip
+                if (close := scope.get(CLOSE_CONNECTION)) is not None:
+                    close()  # the bytes still buffered for the client go too
+                    await asyncio.sleep(0)  # the server notes the loss before this returns
         finally:
             with anyio.CancelScope(shield=True):
                 await self.events.aclose()  # type: ignore[attr-defined]
@@ -623,10 +627,9 @@ class _Run:
             handle.abort()  # a no-op once finished; otherwise frees the request's KV blocks
 
     def _expire(self) -> None:
-        """At a stream's deadline: stop the engine's work and end a wait for outputs with a TimeoutError."""
+        """At a stream's deadline: stop the engine's work; its outputs end with a TimeoutError (counted as an
+        abort where the stream reads it, or by `abort` if it never does)."""
         for handle in self.handles:
-            if not handle.finished:
-                self.state.metrics.aborted.inc()
             handle.end_with(TimeoutError())
 
     def _seen(self, out: RequestOutput) -> None:
@@ -662,17 +665,14 @@ class _Run:
         batches = handle.output_batches()
         # The deadline is kept by a timer, never by a timeout around the yields: while this generator waits at a
         # yield its task awaits a write to the client, where a cancellation would cut the stream short (SSEResponse
-        # bounds those writes). At the deadline the engine's work stops whatever the client does, and a wait for
-        # outputs ends with a TimeoutError; a stream that was writing finds the deadline passed when it resumes.
-        loop = asyncio.get_running_loop()
-        expiry = loop.call_at(deadline, self._expire)
+        # bounds those writes). At the deadline the engine's work stops whatever the client does, and the outputs
+        # end with a TimeoutError after those made in time (none if the request had finished by then).
+        expiry = asyncio.get_running_loop().call_at(deadline, self._expire)
         try:
             if start := _sse_all(self.fmt.start(prompt, self.params[0].n)):
                 yield start
             final = None
             while True:
-                if loop.time() >= deadline:
-                    raise TimeoutError
                 outs = await anext(batches, None)
                 if outs is None:
                     break
@@ -686,6 +686,8 @@ class _Run:
             self._observe([final])
             pending += self.fmt.end(prompt, final)
         except Exception as exc:  # the headers are out: report in-band, as vLLM and OpenAI do
+            if isinstance(exc, TimeoutError):  # _expire's: the request did not finish in time
+                self.state.metrics.aborted.inc()
             self.abort()
             err = _as_api_error(exc)
             self.state.metrics.observe_error(err.status)

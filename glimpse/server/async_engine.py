@@ -102,6 +102,7 @@ class RequestHandle:
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
         self._engine, self.request_id, self._stream = engine, request_id, stream
         self.finished = False
+        self._stopped = False  # the core has been told to abort it
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         async for batch in self.output_batches():
@@ -132,14 +133,20 @@ class RequestHandle:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self._engine._abort(self.request_id)
+            self._stop()
 
     def end_with(self, error: BaseException) -> None:
-        """Abort the request and end a waiting `output_batches()` with `error` (event-loop side; the outputs
-        already waiting come out first). A no-op once finished."""
+        """Stop the request in the core and end its `output_batches()` with `error` (event-loop side): the
+        outputs already waiting come out first, and if the final output is among them the iteration ends with
+        it, as if on time. A no-op once finished."""
         if not self.finished:
-            self.abort()
+            self._stop()
             self._stream.queue.put_nowait(error)
+
+    def _stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._engine._abort(self.request_id)
 
 
 class AsyncEngine:

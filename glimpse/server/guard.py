@@ -23,6 +23,10 @@ log = logging.getLogger("glimpse.server")
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+# The scope key under which `Guard` leaves a function that drops the request's connection at once (uvicorn's
+# transport.abort: buffered bytes are discarded); absent where the server's objects do not offer it.
+CLOSE_CONNECTION = "glimpse.close_connection"
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
@@ -109,6 +113,9 @@ class Guard:
                     await send(message)
                 return
         started = False
+        transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's request cycle
+        if transport is not None and hasattr(transport, "abort"):
+            scope[CLOSE_CONNECTION] = transport.abort
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
