@@ -366,7 +366,7 @@ def test_a_client_that_stops_reading_is_cut_off(slow_deadline_server):
         r = chat(server, "Hi")  # the one slot serves again
         assert r.status_code == 200, r.text
         sock.settimeout(10)  # a connection left open fails here (socket.timeout)
-        with contextlib.suppress(ConnectionResetError):  # dropped, with what was still buffered for us
+        with contextlib.suppress(ConnectionResetError):  # the connection ends
             while sock.recv(1 << 16):
                 pass
     log = server.output()

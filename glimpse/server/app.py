@@ -249,7 +249,7 @@ class SSEResponse(StreamingResponse):
                 log.warning("a stream was cut off %g s after its --request-timeout: the client did not take its "
                             "last events", WRITE_GRACE_SECONDS)  # fmt: skip
                 if (close := scope.get(CLOSE_CONNECTION)) is not None:
-                    close()  # the bytes still buffered for the client go too
+                    close()  # at once: what the server still holds for the client is dropped
                     await asyncio.sleep(0)  # the server notes the loss before this returns
         finally:
             with anyio.CancelScope(shield=True):
