@@ -177,7 +177,6 @@ class _Sequence:
     detok: IncrementalDetokenizer
     index: int
     emitted_tokens: int = 0
-    emitted_logprobs: int = 0
 
 
 @dataclass(eq=False)
@@ -641,10 +640,9 @@ class LLMEngine:
         asked = group.params.logprobs is not None
         for seq in seqs:
             req = seq.request
-            new_tokens = req.output_token_ids[seq.emitted_tokens :]
-            seq.emitted_tokens = len(req.output_token_ids)
-            new_logprobs = req.logprobs[seq.emitted_logprobs :] if asked else None
-            seq.emitted_logprobs = len(req.logprobs)
+            start, seq.emitted_tokens = seq.emitted_tokens, len(req.output_token_ids)
+            new_tokens = req.output_token_ids[start:]
+            new_logprobs = req.logprobs[start:] if asked else None  # one entry per token when asked for
             delta = seq.detok.delta(req.is_finished)
             comps.append(CompletionOutput(
                 index=seq.index, text=seq.detok.text[: seq.detok.emitted] if whole else "",
